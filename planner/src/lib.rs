@@ -1,0 +1,16 @@
+//! Millrace planner: SQL to DataFusion plans over Millrace's catalog and tables.
+//!
+//! The server hands SQL text here; DataFusion parses, plans and optimises it against the
+//! [`Catalog`], whose tables are [`MillraceTable`] providers over the storage layer's
+//! columnar cache. (The incremental plan of materialized views will be built here as well.)
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod catalog;
+pub mod error;
+pub mod row_id;
+pub mod table;
+
+pub use catalog::Catalog;
+pub use error::{PlanError, Result};
+pub use row_id::{ROW_ID_COLUMN, RowIdTable};
+pub use table::{MillraceTable, TableDef};

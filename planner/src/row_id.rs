@@ -1,0 +1,74 @@
+//! `RowIdTable`: a table as DML sees it, with the hidden `__rowid` column appended.
+//!
+//! UPDATE and DELETE plans are rewritten to scan this provider instead of the table, so that
+//! DataFusion evaluates any WHERE clause (subqueries, joins of UPDATE ... FROM) and returns
+//! the row ids to change.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::Session;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+
+use crate::table::MillraceTable;
+
+/// Name of the hidden row-id column.
+pub const ROW_ID_COLUMN: &str = "__rowid";
+
+/// A table plus its row ids.
+#[derive(Debug)]
+pub struct RowIdTable {
+    /// The table being changed.
+    table: Arc<MillraceTable>,
+    /// The table's columns followed by `__rowid`.
+    schema: SchemaRef,
+}
+
+impl RowIdTable {
+    /// Wraps a table.
+    pub fn new(table: Arc<MillraceTable>) -> Self {
+        let mut fields: Vec<Arc<Field>> = table.def.schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(Field::new(ROW_ID_COLUMN, DataType::UInt64, false)));
+        Self {
+            table,
+            schema: Arc::new(Schema::new(fields)),
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for RowIdTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let snapshot = self.table.snapshot()?;
+        let mut batches = Vec::with_capacity(snapshot.batches.len());
+        for (batch, ids) in snapshot.batches.into_iter().zip(snapshot.row_ids) {
+            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+            columns.push(Arc::new(ids));
+            batches.push(RecordBatch::try_new(self.schema.clone(), columns)?);
+        }
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            self.schema.clone(),
+            projection.cloned(),
+        )?)
+    }
+}

@@ -1,0 +1,34 @@
+//! Command-line and environment configuration of `millrace serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Settings of a running server (`millrace serve --help`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Address the PostgreSQL protocol listens on.
+    #[arg(long, env = "MILLRACE_LISTEN", default_value = "127.0.0.1:6566")]
+    pub listen: SocketAddr,
+    /// Directory holding the durable state (RocksDB).
+    #[arg(long, env = "MILLRACE_DATA_DIR", default_value = "./millrace-data")]
+    pub data_dir: PathBuf,
+    /// Worker threads for query execution (default: number of cores).
+    #[arg(long, env = "MILLRACE_WORKERS")]
+    pub workers: Option<usize>,
+    /// Largest protocol message accepted from a client, in bytes.
+    #[arg(long, env = "MILLRACE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+impl ServeConfig {
+    /// Number of workers to use.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            })
+            .max(1)
+    }
+}

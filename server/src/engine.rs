@@ -1,0 +1,332 @@
+//! The engine: state shared by every session — the catalog, the durable store, the write
+//! path that turns table changes into committed log entries, and start-up replay.
+//!
+//! Flow of a write: a session computes [`TableChange`]s under [`Engine::write_lock`], then
+//! [`Engine::commit_changes`] validates them, syncs one `WriteSet` to RocksDB and only then
+//! applies the same entries to the tables' columnar caches.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use datafusion::arrow::array::{Array, RecordBatch};
+
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use millrace_planner::{Catalog, MillraceTable};
+use millrace_storage::{CatalogRecord, LogEntry, ObjectKind, RowId, Store, WriteSet};
+use tracing::info;
+
+use crate::config::ServeConfig;
+use crate::error::{Result, ServerError};
+use crate::exec::ddl;
+use crate::session::functions;
+
+/// Name of the database every server starts with.
+pub const DEFAULT_DATABASE: &str = "millrace";
+/// Name of the default schema of every database.
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// Rows removed from and added to one table by one statement.
+#[derive(Debug, Clone)]
+pub struct TableChange {
+    /// The table written.
+    pub table: Arc<MillraceTable>,
+    /// Its user-visible name (for error messages).
+    pub table_name: String,
+    /// Row ids to delete.
+    pub deletes: Vec<RowId>,
+    /// Rows to insert, in the table's schema.
+    pub inserts: Option<RecordBatch>,
+}
+
+/// State shared by all sessions.
+pub struct Engine {
+    /// Databases, schemas, tables and views.
+    pub catalog: Arc<Catalog>,
+    /// Serialises writers: held while a DML statement computes and commits its changes.
+    pub write_lock: tokio::sync::Mutex<()>,
+    /// DataFusion runtime (memory pool, disk manager) shared by all sessions.
+    pub runtime: Arc<RuntimeEnv>,
+    /// Partitions DataFusion uses per query.
+    pub workers: usize,
+    /// Number of open client connections.
+    pub connections: AtomicUsize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Opens the store under the configured data directory and replays the catalog.
+    pub async fn open(config: &ServeConfig) -> Result<Arc<Engine>> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            ServerError::Internal(format!(
+                "cannot create data directory {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let store = Arc::new(Store::open(&config.data_dir.join("rocksdb"))?);
+        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        let engine = Arc::new(Engine {
+            catalog: Arc::new(Catalog::new(store)),
+            write_lock: tokio::sync::Mutex::new(()),
+            runtime,
+            workers: config.workers(),
+            connections: AtomicUsize::new(0),
+        });
+        engine.replay().await?;
+        Ok(engine)
+    }
+
+    /// The durable store.
+    pub fn store(&self) -> &Arc<Store> {
+        self.catalog.store()
+    }
+
+    /// A DataFusion context for a session of `database`, with pg_catalog and our functions.
+    pub fn session_context(&self, database: &str, schema: &str) -> Result<SessionContext> {
+        let mut config = SessionConfig::new()
+            .with_default_catalog_and_schema(database, schema)
+            .with_create_default_catalog_and_schema(false)
+            .with_information_schema(true)
+            .with_target_partitions(self.workers);
+        let options = config.options_mut();
+        options.sql_parser.map_string_types_to_utf8view = false;
+        options.sql_parser.dialect = datafusion::config::Dialect::PostgreSQL;
+        options.execution.time_zone = Some("+00:00".to_string());
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(self.runtime.clone())
+            .with_catalog_list(self.catalog.provider_list())
+            .with_default_features()
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        datafusion_pg_catalog::setup_pg_catalog(&ctx, database, EmptyContextProvider)
+            .map_err(|e| ServerError::DataFusion(*e))?;
+        functions::register(&ctx);
+        Ok(ctx)
+    }
+
+    /// Commits table changes atomically: validate, sync to RocksDB, then apply to the cache.
+    /// The caller holds [`Engine::write_lock`]. Returns the number of rows touched.
+    pub fn commit_changes(&self, changes: Vec<TableChange>, mut extra: WriteSet) -> Result<usize> {
+        let mut touched = 0;
+        let mut applied: Vec<(Arc<MillraceTable>, Vec<LogEntry>)> = Vec::new();
+        for change in merge_by_table(changes)? {
+            let TableChange {
+                table,
+                table_name,
+                deletes,
+                inserts,
+            } = change;
+            let mut data = table
+                .data
+                .write()
+                .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+            let deleted: HashSet<RowId> = deletes.iter().copied().collect();
+            if deleted.len() != deletes.len() || deletes.iter().any(|id| !data.contains(*id)) {
+                return Err(ServerError::SerializationFailure);
+            }
+            let mut entries = Vec::new();
+            if !deletes.is_empty() {
+                touched += deletes.len();
+                entries.push(LogEntry::Delete {
+                    row_ids: deletes.into(),
+                });
+            }
+            if let Some(batch) = inserts.filter(|b| b.num_rows() > 0) {
+                let batch = conform_to_table(&table_name, &table.def.schema, &batch)?;
+                if data.find_duplicate_key(&deleted, &batch)?.is_some() {
+                    return Err(ServerError::UniqueViolation {
+                        constraint: format!("{table_name}_pkey"),
+                    });
+                }
+                touched += batch.num_rows();
+                entries.push(LogEntry::Insert {
+                    row_ids: data.allocate_row_ids(batch.num_rows()),
+                    batch,
+                });
+            }
+            for entry in &entries {
+                extra.append(table.id, entry.clone());
+            }
+            drop(data);
+            applied.push((table, entries));
+        }
+        self.commit_write_set(extra)?;
+        for (table, entries) in applied {
+            let mut data = table
+                .data
+                .write()
+                .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+            for entry in &entries {
+                data.apply(entry)?;
+            }
+        }
+        Ok(touched)
+    }
+
+    /// Checks a change against NOT NULL and the primary key without applying it.
+    pub fn validate(&self, change: &TableChange) -> Result<()> {
+        let Some(batch) = change.inserts.as_ref().filter(|b| b.num_rows() > 0) else {
+            return Ok(());
+        };
+        let batch = conform_to_table(&change.table_name, &change.table.def.schema, batch)?;
+        let data = change
+            .table
+            .data
+            .read()
+            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+        let deleted: HashSet<RowId> = change.deletes.iter().copied().collect();
+        if data.find_duplicate_key(&deleted, &batch)?.is_some() {
+            return Err(ServerError::UniqueViolation {
+                constraint: format!("{}_pkey", change.table_name),
+            });
+        }
+        Ok(())
+    }
+
+    /// Syncs a write set to RocksDB without blocking the async workers.
+    pub fn commit_write_set(&self, set: WriteSet) -> Result<()> {
+        let store = self.store().clone();
+        Ok(tokio::task::block_in_place(move || store.commit(set))?)
+    }
+
+    /// Rebuilds the catalog and every table's cache from the durable store.
+    async fn replay(&self) -> Result<()> {
+        let records = self.store().catalog()?;
+        if !records
+            .iter()
+            .any(|r| r.kind == ObjectKind::Database && r.name == DEFAULT_DATABASE)
+        {
+            let mut set = WriteSet::new();
+            for record in ddl::database_records(self, DEFAULT_DATABASE) {
+                set.put_catalog(record);
+            }
+            self.commit_write_set(set)?;
+        }
+        let records = self.store().catalog()?;
+        info!(objects = records.len(), "replaying catalog");
+        let mut rows = 0usize;
+        for record in records {
+            rows += self.replay_record(record).await?;
+        }
+        info!(rows, "catalog replayed; table caches rebuilt");
+        Ok(())
+    }
+
+    async fn replay_record(&self, record: CatalogRecord) -> Result<usize> {
+        match record.kind {
+            ObjectKind::Database => {
+                self.catalog.register_database(record);
+                Ok(0)
+            }
+            ObjectKind::Schema => {
+                self.catalog.register_schema(record)?;
+                Ok(0)
+            }
+            ObjectKind::Table => {
+                let ctx = self.session_context(&record.database, &record.schema)?;
+                let table = ddl::build_table(&ctx, &record).await?;
+                let log = self.store().table_log(record.id)?;
+                {
+                    let mut data = table
+                        .data
+                        .write()
+                        .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+                    for entry in &log {
+                        data.apply(entry)?;
+                    }
+                }
+                let rows = table.data.read().map(|d| d.num_rows()).unwrap_or(0);
+                info!(table = %record.name, rows, log_entries = log.len(), "table restored");
+                self.catalog
+                    .register_relation(record, table.clone(), Some(table))?;
+                Ok(rows)
+            }
+            ObjectKind::View => {
+                let ctx = self.session_context(&record.database, &record.schema)?;
+                let view = ddl::build_view(&ctx, &record).await?;
+                self.catalog.register_relation(record, view, None)?;
+                Ok(0)
+            }
+            ObjectKind::Index => {
+                self.catalog.register_index(record);
+                Ok(0)
+            }
+        }
+    }
+
+    /// Counts a new connection; returns the new total.
+    pub fn connection_opened(&self) -> usize {
+        self.connections.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Counts a closed connection.
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Folds several changes to one table into one (a transaction may write a table twice).
+fn merge_by_table(changes: Vec<TableChange>) -> Result<Vec<TableChange>> {
+    let mut out: Vec<TableChange> = Vec::new();
+    for change in changes {
+        if let Some(existing) = out.iter_mut().find(|c| c.table.id == change.table.id) {
+            existing.deletes.extend(change.deletes);
+            existing.inserts = match (existing.inserts.take(), change.inserts) {
+                (Some(a), Some(b)) => Some(datafusion::arrow::compute::concat_batches(
+                    &a.schema(),
+                    &[a.clone(), b],
+                )?),
+                (a, b) => a.or(b),
+            };
+        } else {
+            out.push(change);
+        }
+    }
+    Ok(out)
+}
+
+/// Casts a batch to a table's column types and schema, enforcing NOT NULL.
+pub fn conform_to_table(
+    table_name: &str,
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    batch: &RecordBatch,
+) -> Result<RecordBatch> {
+    if batch.num_columns() != schema.fields().len() {
+        return Err(ServerError::Internal(format!(
+            "row has {} columns, table {table_name} has {}",
+            batch.num_columns(),
+            schema.fields().len()
+        )));
+    }
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        if !field.is_nullable() && column.null_count() > 0 {
+            return Err(ServerError::NotNullViolation {
+                table: table_name.to_string(),
+                column: field.name().clone(),
+            });
+        }
+        let column = if column.data_type() == field.data_type() {
+            column.clone()
+        } else {
+            let options = datafusion::arrow::compute::CastOptions {
+                safe: false,
+                ..Default::default()
+            };
+            datafusion::arrow::compute::cast_with_options(column, field.data_type(), &options)?
+        };
+        columns.push(column);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}

@@ -1,0 +1,301 @@
+//! Server errors and their one mapping to SQLSTATE codes at the wire.
+//!
+//! Every failure a statement can meet ends up here; [`ServerError::sqlstate`] is the single
+//! exhaustive match that decides what a client sees.
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+use datafusion::sql::sqlparser::parser::ParserError;
+use millrace_planner::PlanError;
+use millrace_storage::StorageError;
+
+/// Errors a statement or connection can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The SQL text does not parse.
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    /// DataFusion failed to plan or run the statement.
+    #[error("{}", datafusion_message(.0))]
+    DataFusion(#[from] DataFusionError),
+    /// The planner or catalog refused the statement.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The durable store failed; the statement was not applied.
+    #[error("storage failure, statement not applied: {0}")]
+    Storage(#[from] StorageError),
+    /// Arrow failed on a batch.
+    #[error("{0}")]
+    Arrow(#[from] ArrowError),
+    /// A construct Millrace does not support (yet).
+    #[error("{0} is not supported")]
+    NotSupported(String),
+    /// A primary-key value would appear twice.
+    #[error("duplicate key value violates unique constraint \"{constraint}\"")]
+    UniqueViolation {
+        /// Name of the violated constraint (`<table>_pkey`).
+        constraint: String,
+    },
+    /// A NULL went into a NOT NULL column.
+    #[error(
+        "null value in column \"{column}\" of relation \"{table}\" violates not-null constraint"
+    )]
+    NotNullViolation {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// A value's text does not parse as its column type.
+    #[error("invalid input syntax: {0}")]
+    InvalidText(String),
+    /// COPY data whose shape does not match the table (column count, framing).
+    #[error("{0}")]
+    BadCopyFormat(String),
+    /// Bytes that are not valid UTF-8.
+    #[error("invalid byte sequence for encoding \"UTF8\": {0}")]
+    InvalidEncoding(String),
+    /// A statement in a transaction block that already failed.
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    InFailedTransaction,
+    /// A concurrent write changed rows this transaction wrote.
+    #[error("could not serialize access due to concurrent update")]
+    SerializationFailure,
+    /// The statement was cancelled (CancelRequest).
+    #[error("canceling statement due to user request")]
+    Canceled,
+    /// The statement ran past `statement_timeout`.
+    #[error("canceling statement due to statement timeout")]
+    StatementTimeout,
+    /// An unknown configuration parameter.
+    #[error("unrecognized configuration parameter \"{0}\"")]
+    UnknownSetting(String),
+    /// A configuration parameter got a bad value.
+    #[error("invalid value for parameter \"{name}\": \"{value}\"")]
+    InvalidSetting {
+        /// The parameter.
+        name: String,
+        /// The rejected value.
+        value: String,
+    },
+    /// The client broke the protocol (bad COPY data framing and the like).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The database named at startup does not exist.
+    #[error("database \"{0}\" does not exist")]
+    UnknownDatabase(String),
+    /// An object is still in use (DROP DATABASE of the current database).
+    #[error("{0}")]
+    ObjectInUse(String),
+    /// A bug: an invariant did not hold.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result type of the server crate.
+pub type Result<T, E = ServerError> = std::result::Result<T, E>;
+
+impl From<ParserError> for ServerError {
+    fn from(e: ParserError) -> Self {
+        ServerError::Syntax(parser_message(&e))
+    }
+}
+
+/// Whether an error is the user's doing or ours (for logs and the security log later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Bad SQL, bad data, a missing object, a constraint.
+    User,
+    /// Storage or internal failure.
+    Internal,
+}
+
+impl ServerError {
+    /// The SQLSTATE code sent to the client.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            ServerError::Syntax(_) => "42601",
+            ServerError::DataFusion(e) => datafusion_sqlstate(e),
+            ServerError::Plan(e) => match e {
+                PlanError::DataFusion(e) => datafusion_sqlstate(e),
+                PlanError::Arrow(e) => arrow_sqlstate(e),
+                PlanError::Storage(_) => "58030",
+                PlanError::UndefinedObject { kind, .. } => match *kind {
+                    "table" | "view" | "relation" => "42P01",
+                    "schema" => "3F000",
+                    "database" => "3D000",
+                    "column" => "42703",
+                    _ => "42704",
+                },
+                PlanError::DuplicateObject { kind, .. } => match *kind {
+                    "database" => "42P04",
+                    "schema" => "42P06",
+                    _ => "42P07",
+                },
+                PlanError::DependentObjects { .. } => "2BP01",
+            },
+            ServerError::Storage(_) => "58030",
+            ServerError::Arrow(e) => arrow_sqlstate(e),
+            ServerError::NotSupported(_) => "0A000",
+            ServerError::UniqueViolation { .. } => "23505",
+            ServerError::NotNullViolation { .. } => "23502",
+            ServerError::InvalidText(_) => "22P02",
+            ServerError::BadCopyFormat(_) => "22P04",
+            ServerError::InvalidEncoding(_) => "22021",
+            ServerError::InFailedTransaction => "25P02",
+            ServerError::SerializationFailure => "40001",
+            ServerError::Canceled | ServerError::StatementTimeout => "57014",
+            ServerError::UnknownSetting(_) => "42704",
+            ServerError::InvalidSetting { .. } => "22023",
+            ServerError::Protocol(_) => "08P01",
+            ServerError::UnknownDatabase(_) => "3D000",
+            ServerError::ObjectInUse(_) => "55006",
+            ServerError::Internal(_) => "XX000",
+        }
+    }
+
+    /// Whether the error is the user's doing.
+    pub fn class(&self) -> ErrorClass {
+        match self.sqlstate() {
+            "58030" | "XX000" => ErrorClass::Internal,
+            _ => ErrorClass::User,
+        }
+    }
+}
+
+fn parser_message(e: &ParserError) -> String {
+    match e {
+        ParserError::ParserError(m) | ParserError::TokenizerError(m) => m.clone(),
+        ParserError::RecursionLimitExceeded => "statement is nested too deeply".into(),
+    }
+}
+
+fn datafusion_message(e: &DataFusionError) -> String {
+    match e.find_root() {
+        DataFusionError::SQL(p, _) => parser_message(p),
+        DataFusionError::Plan(m)
+        | DataFusionError::Execution(m)
+        | DataFusionError::NotImplemented(m)
+        | DataFusionError::Configuration(m) => m.clone(),
+        DataFusionError::ArrowError(a, _) => a.to_string(),
+        DataFusionError::External(x) => x.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
+    use datafusion::common::SchemaError;
+    let root = e.find_root();
+    match root {
+        DataFusionError::SQL(_, _) => "42601",
+        DataFusionError::NotImplemented(_) => "0A000",
+        DataFusionError::SchemaError(s, _) => match s.as_ref() {
+            SchemaError::FieldNotFound { .. } => "42703",
+            SchemaError::AmbiguousReference { .. } => "42702",
+            SchemaError::DuplicateQualifiedField { .. }
+            | SchemaError::DuplicateUnqualifiedField { .. } => "42701",
+        },
+        DataFusionError::ArrowError(a, _) => arrow_sqlstate(a),
+        DataFusionError::ResourcesExhausted(_) => "53200",
+        DataFusionError::External(x) => {
+            if let Some(s) = x.downcast_ref::<ServerError>() {
+                s.sqlstate()
+            } else if let Some(a) = x.downcast_ref::<ArrowError>() {
+                arrow_sqlstate(a)
+            } else {
+                "XX000"
+            }
+        }
+        DataFusionError::Plan(m) | DataFusionError::Execution(m) => message_sqlstate(m),
+        _ => "XX000",
+    }
+}
+
+/// SQLSTATE for DataFusion errors that only carry a message.
+fn message_sqlstate(m: &str) -> &'static str {
+    let lower = m.to_ascii_lowercase();
+    if lower.contains("not found") && (lower.contains("table") || lower.contains("view")) {
+        "42P01"
+    } else if lower.contains("no field named")
+        || lower.contains("column") && lower.contains("not found")
+    {
+        "42703"
+    } else if lower.contains("divide by zero") || lower.contains("division by zero") {
+        "22012"
+    } else if lower.contains("overflow") {
+        "22003"
+    } else if lower.contains("cast")
+        || lower.contains("cannot parse")
+        || lower.contains("invalid") && lower.contains("input")
+    {
+        "22P02"
+    } else if lower.contains("invalid function") || lower.contains("no function matches") {
+        "42883"
+    } else if lower.contains("coerce")
+        || lower.contains("mismatch")
+        || lower.contains("does not support")
+        || lower.contains("cannot infer common")
+    {
+        "42804"
+    } else if lower.contains("already exists") {
+        "42P07"
+    } else if lower.contains("unsupported") {
+        "0A000"
+    } else {
+        "42000"
+    }
+}
+
+fn arrow_sqlstate(e: &ArrowError) -> &'static str {
+    match e {
+        ArrowError::DivideByZero => "22012",
+        ArrowError::ArithmeticOverflow(_) => "22003",
+        ArrowError::CastError(m) | ArrowError::ParseError(m) => {
+            if m.to_ascii_lowercase().contains("overflow") || m.contains("too large") {
+                "22003"
+            } else {
+                "22P02"
+            }
+        }
+        ArrowError::InvalidArgumentError(_) => "22023",
+        _ => "XX000",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_for_common_failures() {
+        assert_eq!(ServerError::Syntax("x".into()).sqlstate(), "42601");
+        let df = DataFusionError::Plan("table 'millrace.public.nope' not found".into());
+        assert_eq!(ServerError::from(df).sqlstate(), "42P01");
+        let cast = DataFusionError::ArrowError(
+            Box::new(ArrowError::CastError(
+                "Cannot cast string 'x' to value of Int32 type".into(),
+            )),
+            None,
+        );
+        assert_eq!(ServerError::from(cast).sqlstate(), "22P02");
+        assert_eq!(
+            ServerError::from(DataFusionError::NotImplemented("x".into())).sqlstate(),
+            "0A000"
+        );
+        let ctx = DataFusionError::Context(
+            "outer".into(),
+            Box::new(DataFusionError::ArrowError(
+                Box::new(ArrowError::DivideByZero),
+                None,
+            )),
+        );
+        assert_eq!(ServerError::from(ctx).sqlstate(), "22012");
+        assert_eq!(
+            ServerError::UniqueViolation {
+                constraint: "t_pkey".into()
+            }
+            .sqlstate(),
+            "23505"
+        );
+    }
+}

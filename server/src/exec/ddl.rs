@@ -1,0 +1,867 @@
+//! DDL: CREATE / DROP / ALTER of databases, schemas, tables, views and indexes.
+//!
+//! Each statement commits its catalog records (and any table-log rewrite) as one write set
+//! before the in-memory catalog changes, so a crash never leaves half an object behind.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::TableProvider;
+use datafusion::catalog::view::ViewTable;
+use datafusion::common::Constraint;
+use datafusion::datasource::source_as_provider;
+use datafusion::logical_expr::{CreateMemoryTable, DdlStatement, ExprSchemable, LogicalPlan};
+use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{
+    self, AlterTableOperation, ColumnOption, ObjectType, SchemaName, Statement,
+};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use millrace_planner::{MillraceTable, PlanError, TableDef};
+use millrace_storage::{CatalogRecord, ColumnarTable, ObjectKind, WriteSet};
+use tracing::info;
+
+use crate::engine::{DEFAULT_SCHEMA, Engine, TableChange};
+use crate::error::{Result, ServerError};
+use crate::exec::Output;
+use crate::exec::names::{self, QualifiedName};
+use crate::session::Session;
+
+/// The records of a new database: the database and its `public` schema.
+pub fn database_records(engine: &Engine, name: &str) -> Vec<CatalogRecord> {
+    vec![
+        CatalogRecord {
+            id: engine.store().allocate_object_id(),
+            kind: ObjectKind::Database,
+            database: name.to_string(),
+            schema: String::new(),
+            name: name.to_string(),
+            sql: format!("CREATE DATABASE \"{name}\""),
+            depends_on: vec![],
+        },
+        CatalogRecord {
+            id: engine.store().allocate_object_id(),
+            kind: ObjectKind::Schema,
+            database: name.to_string(),
+            schema: DEFAULT_SCHEMA.to_string(),
+            name: DEFAULT_SCHEMA.to_string(),
+            sql: format!("CREATE SCHEMA {DEFAULT_SCHEMA}"),
+            depends_on: vec![],
+        },
+    ]
+}
+
+/// Runs a DDL statement.
+pub async fn run(session: &mut Session, stmt: Statement) -> Result<Output> {
+    match stmt {
+        Statement::CreateTable(create) => create_table(session, create).await,
+        Statement::CreateView(view) => create_view(session, view).await,
+        Statement::CreateSchema {
+            schema_name,
+            if_not_exists,
+            ..
+        } => create_schema(session, schema_name, if_not_exists),
+        Statement::CreateDatabase {
+            db_name,
+            if_not_exists,
+            ..
+        } => create_database(session, &db_name, if_not_exists),
+        Statement::CreateIndex(index) => create_index(session, index),
+        Statement::Drop {
+            object_type,
+            if_exists,
+            names,
+            cascade,
+            ..
+        } => drop_objects(session, object_type, if_exists, &names, cascade),
+        Statement::AlterTable(alter) => alter_table(session, alter).await,
+        other => Err(ServerError::NotSupported(format!(
+            "statement {}",
+            first_words(&other.to_string())
+        ))),
+    }
+}
+
+/// The first two words of a statement, for error messages.
+pub fn first_words(sql: &str) -> String {
+    sql.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// Maps PostgreSQL column types DataFusion does not know onto ones it does.
+fn rewrite_column_types(columns: &mut [ast::ColumnDef]) {
+    for column in columns {
+        if matches!(column.data_type, ast::DataType::JSON | ast::DataType::JSONB) {
+            column.data_type = ast::DataType::Text;
+        }
+    }
+}
+
+/// Plans a CREATE TABLE statement and derives the table's definition.
+async fn plan_table(
+    ctx: &SessionContext,
+    create: &ast::CreateTable,
+) -> Result<(CreateMemoryTable, TableDef)> {
+    let plan = ctx
+        .state()
+        .statement_to_plan(DFStatement::Statement(Box::new(Statement::CreateTable(
+            create.clone(),
+        ))))
+        .await?;
+    let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(cmt)) = plan else {
+        return Err(ServerError::Internal(
+            "CREATE TABLE did not plan to a table".into(),
+        ));
+    };
+    let input_schema = cmt.input.schema().as_arrow().clone();
+    let mut primary_key = None;
+    for constraint in cmt.constraints.iter() {
+        if let Constraint::PrimaryKey(cols) = constraint {
+            primary_key = Some(cols.clone());
+        }
+    }
+    let not_null: Vec<bool> = create
+        .columns
+        .iter()
+        .map(|c| {
+            c.options
+                .iter()
+                .any(|o| matches!(o.option, ColumnOption::NotNull))
+        })
+        .collect();
+    let fields: Vec<Field> = input_schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let required = primary_key.as_ref().is_some_and(|pk| pk.contains(&i))
+                || not_null.get(i).copied().unwrap_or(false)
+                || !f.is_nullable() && create.query.is_none();
+            Field::new(f.name(), storage_type(f.data_type()), !required)
+        })
+        .collect();
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    let def = TableDef {
+        schema,
+        primary_key,
+        defaults: cmt
+            .column_defaults
+            .iter()
+            .cloned()
+            .collect::<HashMap<_, _>>(),
+        constraints: cmt.constraints.clone(),
+    };
+    Ok((cmt, def))
+}
+
+/// Types as stored: views of strings become plain strings.
+fn storage_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Null => DataType::Utf8,
+        other => other.clone(),
+    }
+}
+
+/// Rebuilds a table (empty cache) from its durable record.
+pub async fn build_table(
+    ctx: &SessionContext,
+    record: &CatalogRecord,
+) -> Result<Arc<MillraceTable>> {
+    let stmt = parse_one(&record.sql)?;
+    let Statement::CreateTable(mut create) = stmt else {
+        return Err(ServerError::Internal(format!(
+            "record {} is not CREATE TABLE",
+            record.id
+        )));
+    };
+    rewrite_column_types(&mut create.columns);
+    let (_, def) = plan_table(ctx, &create).await?;
+    new_table(record.id, def, record.sql.clone())
+}
+
+fn new_table(id: u64, def: TableDef, sql: String) -> Result<Arc<MillraceTable>> {
+    let data = ColumnarTable::try_new(def.schema.clone(), def.primary_key.clone())?;
+    Ok(Arc::new(MillraceTable {
+        id,
+        def,
+        data: Arc::new(RwLock::new(data)),
+        sql,
+    }))
+}
+
+/// Rebuilds a view from its durable record.
+pub async fn build_view(
+    ctx: &SessionContext,
+    record: &CatalogRecord,
+) -> Result<Arc<dyn TableProvider>> {
+    let plan = ctx
+        .state()
+        .statement_to_plan(DFStatement::Statement(Box::new(parse_one(&record.sql)?)))
+        .await?;
+    let LogicalPlan::Ddl(DdlStatement::CreateView(view)) = plan else {
+        return Err(ServerError::Internal(format!(
+            "record {} is not CREATE VIEW",
+            record.id
+        )));
+    };
+    Ok(Arc::new(ViewTable::new(
+        view.input.as_ref().clone(),
+        Some(record.sql.clone()),
+    )))
+}
+
+/// Parses exactly one statement.
+pub fn parse_one(sql: &str) -> Result<Statement> {
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)?;
+    match (stmts.pop(), stmts.is_empty()) {
+        (Some(stmt), true) => Ok(stmt),
+        _ => Err(ServerError::Syntax(format!(
+            "expected one statement: {sql}"
+        ))),
+    }
+}
+
+fn relation_exists(session: &Session, name: &QualifiedName) -> Option<CatalogRecord> {
+    session.engine.catalog.find(
+        &[ObjectKind::Table, ObjectKind::View],
+        &name.database,
+        &name.schema,
+        &name.name,
+    )
+}
+
+fn require_schema(session: &Session, name: &QualifiedName) -> Result<()> {
+    match session.engine.catalog.schema(&name.database, &name.schema) {
+        Some(_) => Ok(()),
+        None => Err(PlanError::UndefinedObject {
+            kind: "schema",
+            name: name.schema.clone(),
+        }
+        .into()),
+    }
+}
+
+async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Result<Output> {
+    let name = names::resolve(session, &create.name)?;
+    require_schema(session, &name)?;
+    if relation_exists(session, &name).is_some() {
+        if create.if_not_exists {
+            return Ok(Output::command("CREATE TABLE"));
+        }
+        return Err(PlanError::DuplicateObject {
+            kind: "relation",
+            name: name.name,
+        }
+        .into());
+    }
+    rewrite_column_types(&mut create.columns);
+    let (cmt, def) = plan_table(&session.ctx, &create).await?;
+    let sql = if create.query.is_some() {
+        column_ddl(&name.name, &def.schema)?
+    } else {
+        create.to_string()
+    };
+    let id = session.engine.store().allocate_object_id();
+    let record = CatalogRecord {
+        id,
+        kind: ObjectKind::Table,
+        database: name.database.clone(),
+        schema: name.schema.clone(),
+        name: name.name.clone(),
+        sql: sql.clone(),
+        depends_on: vec![],
+    };
+    let table = new_table(id, def, sql)?;
+    let mut rows = None;
+    let _write = session.engine.write_lock.lock().await;
+    let mut set = WriteSet::new();
+    set.put_catalog(record.clone());
+    if create.query.is_some() {
+        let batches = DataFrame::new(session.state(), cmt.input.as_ref().clone())
+            .collect()
+            .await?;
+        let schema = cmt.input.schema().as_arrow().clone();
+        let batch = datafusion::arrow::compute::concat_batches(&Arc::new(schema), &batches)?;
+        let batch = rename_columns(&batch, &table.def.schema)?;
+        rows = Some(batch.num_rows());
+        let change = TableChange {
+            table: table.clone(),
+            table_name: name.name.clone(),
+            deletes: vec![],
+            inserts: Some(batch),
+        };
+        session.engine.commit_changes(vec![change], set)?;
+    } else {
+        session.engine.commit_write_set(set)?;
+    }
+    session
+        .engine
+        .catalog
+        .register_relation(record, table.clone(), Some(table))?;
+    info!(table = %name.name, "created table");
+    Ok(match rows {
+        Some(n) => Output::command_rows("SELECT", n),
+        None => Output::command("CREATE TABLE"),
+    })
+}
+
+fn rename_columns(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let columns: Vec<ArrayRef> = batch.columns().to_vec();
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(batch.schema().fields())
+        .map(|(t, b)| Field::new(t.name(), b.data_type().clone(), true))
+        .collect();
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
+}
+
+/// CREATE TABLE text for a schema (used for CREATE TABLE AS, whose query is not replayed).
+fn column_ddl(name: &str, schema: &SchemaRef) -> Result<String> {
+    let mut cols = Vec::new();
+    for f in schema.fields() {
+        let ty = sql_type(f.data_type()).ok_or_else(|| {
+            ServerError::NotSupported(format!("column type {} in CREATE TABLE AS", f.data_type()))
+        })?;
+        let null = if f.is_nullable() { "" } else { " NOT NULL" };
+        cols.push(format!("\"{}\" {ty}{null}", f.name().replace('"', "\"\"")));
+    }
+    Ok(format!(
+        "CREATE TABLE \"{}\" ({})",
+        name.replace('"', "\"\""),
+        cols.join(", ")
+    ))
+}
+
+/// The SQL spelling of an Arrow type, for the types tables can hold.
+pub fn sql_type(t: &DataType) -> Option<String> {
+    Some(match t {
+        DataType::Boolean => "BOOLEAN".into(),
+        DataType::Int8 | DataType::Int16 | DataType::UInt8 => "SMALLINT".into(),
+        DataType::Int32 | DataType::UInt16 => "INTEGER".into(),
+        DataType::Int64 | DataType::UInt32 | DataType::UInt64 => "BIGINT".into(),
+        DataType::Float16 | DataType::Float32 => "REAL".into(),
+        DataType::Float64 => "DOUBLE PRECISION".into(),
+        DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => format!("NUMERIC({p},{s})"),
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 | DataType::Null => "TEXT".into(),
+        DataType::Binary | DataType::BinaryView | DataType::LargeBinary => "BYTEA".into(),
+        DataType::Date32 | DataType::Date64 => "DATE".into(),
+        DataType::Timestamp(TimeUnit::Nanosecond | TimeUnit::Microsecond, None) => {
+            "TIMESTAMP".into()
+        }
+        DataType::Timestamp(_, Some(_)) => "TIMESTAMPTZ".into(),
+        DataType::Interval(_) => "INTERVAL".into(),
+        DataType::Time64(_) | DataType::Time32(_) => "TIME".into(),
+        _ => return None,
+    })
+}
+
+async fn create_view(session: &mut Session, view: ast::CreateView) -> Result<Output> {
+    let name = names::resolve(session, &view.name)?;
+    require_schema(session, &name)?;
+    if view.materialized {
+        return Err(ServerError::NotSupported("CREATE MATERIALIZED VIEW".into()));
+    }
+    let existing = relation_exists(session, &name);
+    if let Some(existing) = &existing
+        && !(view.or_replace && existing.kind == ObjectKind::View)
+    {
+        return Err(PlanError::DuplicateObject {
+            kind: "relation",
+            name: name.name,
+        }
+        .into());
+    }
+    let sql = Statement::CreateView(view.clone()).to_string();
+    let plan = session
+        .state()
+        .statement_to_plan(DFStatement::Statement(Box::new(Statement::CreateView(
+            view,
+        ))))
+        .await?;
+    let LogicalPlan::Ddl(DdlStatement::CreateView(created)) = plan else {
+        return Err(ServerError::Internal(
+            "CREATE VIEW did not plan to a view".into(),
+        ));
+    };
+    let depends_on = relation_dependencies(session, &created.input);
+    let record = CatalogRecord {
+        id: existing
+            .as_ref()
+            .map(|e| e.id)
+            .unwrap_or_else(|| session.engine.store().allocate_object_id()),
+        kind: ObjectKind::View,
+        database: name.database,
+        schema: name.schema,
+        name: name.name,
+        sql: sql.clone(),
+        depends_on,
+    };
+    let provider = Arc::new(ViewTable::new(created.input.as_ref().clone(), Some(sql)));
+    let mut set = WriteSet::new();
+    set.put_catalog(record.clone());
+    session.engine.commit_write_set(set)?;
+    session
+        .engine
+        .catalog
+        .register_relation(record, provider, None)?;
+    Ok(Output::command("CREATE VIEW"))
+}
+
+/// Catalog ids of the tables and views a plan scans (with subqueries).
+pub fn relation_dependencies(session: &Session, plan: &LogicalPlan) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if let Ok(provider) = source_as_provider(&scan.source)
+                && let Some(t) = provider.downcast_ref::<MillraceTable>()
+            {
+                ids.push(t.id);
+            } else {
+                let r = scan
+                    .table_name
+                    .clone()
+                    .resolve(&session.database, &session.current_schema());
+                if let Some(rec) = session.engine.catalog.find(
+                    &[ObjectKind::View, ObjectKind::Table],
+                    &r.catalog,
+                    &r.schema,
+                    &r.table,
+                ) {
+                    ids.push(rec.id);
+                }
+            }
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn create_schema(
+    session: &mut Session,
+    schema_name: SchemaName,
+    if_not_exists: bool,
+) -> Result<Output> {
+    let name = match &schema_name {
+        SchemaName::Simple(n) | SchemaName::NamedAuthorization(n, _) => names::parts(n)
+            .pop()
+            .ok_or_else(|| ServerError::Syntax("missing schema name".into()))?,
+        SchemaName::UnnamedAuthorization(ident) => names::fold(ident),
+    };
+    if session
+        .engine
+        .catalog
+        .schema(&session.database, &name)
+        .is_some()
+    {
+        if if_not_exists {
+            return Ok(Output::command("CREATE SCHEMA"));
+        }
+        return Err(PlanError::DuplicateObject {
+            kind: "schema",
+            name,
+        }
+        .into());
+    }
+    let record = CatalogRecord {
+        id: session.engine.store().allocate_object_id(),
+        kind: ObjectKind::Schema,
+        database: session.database.clone(),
+        schema: name.clone(),
+        name: name.clone(),
+        sql: format!("CREATE SCHEMA \"{name}\""),
+        depends_on: vec![],
+    };
+    let mut set = WriteSet::new();
+    set.put_catalog(record.clone());
+    session.engine.commit_write_set(set)?;
+    session.engine.catalog.register_schema(record)?;
+    session.sync_settings();
+    Ok(Output::command("CREATE SCHEMA"))
+}
+
+fn create_database(
+    session: &mut Session,
+    db_name: &ast::ObjectName,
+    if_not_exists: bool,
+) -> Result<Output> {
+    let name = names::parts(db_name)
+        .pop()
+        .ok_or_else(|| ServerError::Syntax("missing database name".into()))?;
+    if session.engine.catalog.database(&name).is_some() {
+        if if_not_exists {
+            return Ok(Output::command("CREATE DATABASE"));
+        }
+        return Err(PlanError::DuplicateObject {
+            kind: "database",
+            name,
+        }
+        .into());
+    }
+    let records = database_records(&session.engine, &name);
+    let mut set = WriteSet::new();
+    for r in &records {
+        set.put_catalog(r.clone());
+    }
+    session.engine.commit_write_set(set)?;
+    for r in records {
+        match r.kind {
+            ObjectKind::Database => {
+                session.engine.catalog.register_database(r);
+            }
+            _ => session.engine.catalog.register_schema(r)?,
+        }
+    }
+    info!(database = %name, "created database");
+    Ok(Output::command("CREATE DATABASE"))
+}
+
+fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<Output> {
+    let table = names::resolve(session, &index.table_name)?;
+    let Some(table_record) = session.engine.catalog.find(
+        &[ObjectKind::Table],
+        &table.database,
+        &table.schema,
+        &table.name,
+    ) else {
+        return Err(PlanError::UndefinedObject {
+            kind: "table",
+            name: table.name,
+        }
+        .into());
+    };
+    let index_name = match &index.name {
+        Some(n) => names::parts(n)
+            .pop()
+            .ok_or_else(|| ServerError::Syntax("missing index name".into()))?,
+        None => format!(
+            "{}_idx{}",
+            table.name,
+            session.engine.store().allocate_object_id()
+        ),
+    };
+    if let Some(t) = session.engine.catalog.table(table_record.id) {
+        for col in &index.columns {
+            let col_name = col.column.expr.to_string().trim_matches('"').to_lowercase();
+            if t.def.schema.index_of(&col_name).is_err() {
+                return Err(PlanError::UndefinedObject {
+                    kind: "column",
+                    name: col_name,
+                }
+                .into());
+            }
+        }
+    }
+    if session
+        .engine
+        .catalog
+        .find(
+            &[ObjectKind::Index],
+            &table.database,
+            &table.schema,
+            &index_name,
+        )
+        .is_some()
+    {
+        if index.if_not_exists {
+            return Ok(Output::command("CREATE INDEX"));
+        }
+        return Err(PlanError::DuplicateObject {
+            kind: "relation",
+            name: index_name,
+        }
+        .into());
+    }
+    let record = CatalogRecord {
+        id: session.engine.store().allocate_object_id(),
+        kind: ObjectKind::Index,
+        database: table.database,
+        schema: table.schema,
+        name: index_name,
+        sql: Statement::CreateIndex(index).to_string(),
+        depends_on: vec![table_record.id],
+    };
+    let mut set = WriteSet::new();
+    set.put_catalog(record.clone());
+    session.engine.commit_write_set(set)?;
+    session.engine.catalog.register_index(record);
+    Ok(Output::command("CREATE INDEX"))
+}
+
+fn drop_objects(
+    session: &mut Session,
+    object_type: ObjectType,
+    if_exists: bool,
+    object_names: &[ast::ObjectName],
+    cascade: bool,
+) -> Result<Output> {
+    let (kinds, kind_name, tag): (&[ObjectKind], &'static str, &'static str) = match object_type {
+        ObjectType::Table => (&[ObjectKind::Table], "table", "DROP TABLE"),
+        ObjectType::View => (&[ObjectKind::View], "view", "DROP VIEW"),
+        ObjectType::Index => (&[ObjectKind::Index], "index", "DROP INDEX"),
+        ObjectType::Schema => (&[ObjectKind::Schema], "schema", "DROP SCHEMA"),
+        ObjectType::Database => (&[ObjectKind::Database], "database", "DROP DATABASE"),
+        other => return Err(ServerError::NotSupported(format!("DROP {other}"))),
+    };
+    let catalog = session.engine.catalog.clone();
+    let mut doomed: Vec<CatalogRecord> = Vec::new();
+    for object_name in object_names {
+        let record = match object_type {
+            ObjectType::Database => {
+                let name = names::parts(object_name).pop().unwrap_or_default();
+                if name == session.database {
+                    return Err(ServerError::ObjectInUse(
+                        "cannot drop the currently open database".into(),
+                    ));
+                }
+                catalog.find(kinds, &name, "", &name).map(|r| (r, name))
+            }
+            ObjectType::Schema => {
+                let name = names::parts(object_name).pop().unwrap_or_default();
+                catalog
+                    .find(kinds, &session.database, &name, &name)
+                    .map(|r| (r, name))
+            }
+            _ => {
+                let q = names::resolve(session, object_name)?;
+                if let Some(other) = catalog.find(
+                    &[ObjectKind::Table, ObjectKind::View, ObjectKind::Index],
+                    &q.database,
+                    &q.schema,
+                    &q.name,
+                ) && !kinds.contains(&other.kind)
+                {
+                    return Err(ServerError::NotSupported(format!(
+                        "DROP {kind_name} on \"{}\", which is not a {kind_name}",
+                        q.name
+                    )));
+                }
+                catalog
+                    .find(kinds, &q.database, &q.schema, &q.name)
+                    .map(|r| (r, q.name))
+            }
+        };
+        let Some((record, _)) = record else {
+            if if_exists {
+                continue;
+            }
+            let name = names::parts(object_name).pop().unwrap_or_default();
+            return Err(PlanError::UndefinedObject {
+                kind: kind_name,
+                name,
+            }
+            .into());
+        };
+        let mut inside = match record.kind {
+            ObjectKind::Database => catalog.contents(&record.name, None),
+            ObjectKind::Schema => catalog.contents(&record.database, Some(&record.name)),
+            _ => vec![],
+        };
+        inside.retain(|r| r.id != record.id);
+        let mut dependents = catalog.dependents(record.id);
+        for r in &inside {
+            for d in catalog.dependents(r.id) {
+                if !inside.iter().any(|i| i.id == d.id) {
+                    dependents.push(d);
+                }
+            }
+        }
+        // NOTE: a table's indexes go with it, as in PostgreSQL; only other relations block.
+        let blocking: Vec<&CatalogRecord> = dependents
+            .iter()
+            .chain(inside.iter())
+            .filter(|d| d.kind != ObjectKind::Index || record.kind != ObjectKind::Table)
+            .filter(|_| record.kind != ObjectKind::Database)
+            .collect();
+        if !blocking.is_empty() && !cascade {
+            return Err(PlanError::DependentObjects {
+                kind: kind_name,
+                name: record.name.clone(),
+                dependents: blocking
+                    .iter()
+                    .map(|d| d.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
+        }
+        for d in dependents.into_iter().chain(inside) {
+            if !doomed.iter().any(|x| x.id == d.id) {
+                doomed.push(d);
+            }
+        }
+        if !doomed.iter().any(|x| x.id == record.id) {
+            doomed.push(record);
+        }
+    }
+    let mut set = WriteSet::new();
+    for r in &doomed {
+        set.delete_catalog(r.id);
+        if r.kind == ObjectKind::Table {
+            set.drop_log(r.id);
+        }
+    }
+    session.engine.commit_write_set(set)?;
+    for r in &doomed {
+        catalog.deregister(r)?;
+    }
+    Ok(Output::command(tag))
+}
+
+async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Output> {
+    let name = names::resolve(session, &alter.name)?;
+    let Some(record) = session.engine.catalog.find(
+        &[ObjectKind::Table],
+        &name.database,
+        &name.schema,
+        &name.name,
+    ) else {
+        if alter.if_exists {
+            return Ok(Output::command("ALTER TABLE"));
+        }
+        return Err(PlanError::UndefinedObject {
+            kind: "table",
+            name: name.name,
+        }
+        .into());
+    };
+    let Some(old) = session.engine.catalog.table(record.id) else {
+        return Err(ServerError::Internal(format!(
+            "table {} has no data",
+            name.name
+        )));
+    };
+    let Statement::CreateTable(mut create) = parse_one(&record.sql)? else {
+        return Err(ServerError::Internal(
+            "stored table SQL is not CREATE TABLE".into(),
+        ));
+    };
+    let mut added = 0;
+    for op in alter.operations {
+        match op {
+            AlterTableOperation::AddColumn {
+                if_not_exists,
+                column_def,
+                ..
+            } => {
+                let col = names::fold(&column_def.name);
+                if create.columns.iter().any(|c| names::fold(&c.name) == col) {
+                    if if_not_exists {
+                        continue;
+                    }
+                    return Err(PlanError::DuplicateObject {
+                        kind: "column",
+                        name: col,
+                    }
+                    .into());
+                }
+                create.columns.push(column_def);
+                added += 1;
+            }
+            other => {
+                return Err(ServerError::NotSupported(format!(
+                    "ALTER TABLE {}",
+                    first_words(&other.to_string())
+                )));
+            }
+        }
+    }
+    if added == 0 {
+        return Ok(Output::command("ALTER TABLE"));
+    }
+    create.if_not_exists = false;
+    rewrite_column_types(&mut create.columns);
+    let (_, def) = plan_table(&session.ctx, &create).await?;
+    let sql = create.to_string();
+    let _write = session.engine.write_lock.lock().await;
+    let snapshot = old.snapshot()?;
+    let old_width = old.def.schema.fields().len();
+    let mut new_batches = Vec::with_capacity(snapshot.batches.len());
+    for batch in &snapshot.batches {
+        let mut columns = batch.columns().to_vec();
+        for field in def.schema.fields().iter().skip(old_width) {
+            columns.push(default_column(session, &def, field, batch.num_rows()).await?);
+        }
+        new_batches.push(crate::engine::conform_to_table(
+            &name.name,
+            &def.schema,
+            &RecordBatch::try_new(
+                Arc::new(Schema::new(
+                    def.schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.as_ref().clone().with_nullable(true))
+                        .collect::<Vec<_>>(),
+                )),
+                columns,
+            )?,
+        )?);
+    }
+    let table = new_table(record.id, def, sql.clone())?;
+    let mut set = WriteSet::new();
+    let new_record = CatalogRecord { sql, ..record };
+    set.put_catalog(new_record.clone());
+    set.drop_log(new_record.id);
+    let mut entries = Vec::new();
+    for (batch, row_ids) in new_batches.into_iter().zip(snapshot.row_ids) {
+        entries.push(millrace_storage::LogEntry::Insert { row_ids, batch });
+    }
+    for e in &entries {
+        set.append(new_record.id, e.clone());
+    }
+    session.engine.commit_write_set(set)?;
+    {
+        let mut data = table
+            .data
+            .write()
+            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+        for e in &entries {
+            data.apply(e)?;
+        }
+    }
+    session
+        .engine
+        .catalog
+        .register_relation(new_record, table.clone(), Some(table))?;
+    Ok(Output::command("ALTER TABLE"))
+}
+
+/// The value existing rows get for a newly added column: its default, or NULL.
+pub async fn default_column(
+    session: &Session,
+    def: &TableDef,
+    field: &Field,
+    rows: usize,
+) -> Result<ArrayRef> {
+    let Some(expr) = def.defaults.get(field.name()) else {
+        return Ok(datafusion::arrow::array::new_null_array(
+            field.data_type(),
+            rows,
+        ));
+    };
+    let batches = session
+        .ctx
+        .read_empty()?
+        .select(vec![expr.clone().cast_to(
+            field.data_type(),
+            &datafusion::common::DFSchema::empty(),
+        )?])?
+        .collect()
+        .await?;
+    let value = match batches.first() {
+        Some(b) if b.num_rows() == 1 => {
+            datafusion::common::ScalarValue::try_from_array(b.column(0), 0)?
+        }
+        _ => datafusion::common::ScalarValue::try_from(field.data_type())?,
+    };
+    Ok(value.to_array_of_size(rows)?)
+}

@@ -1,0 +1,259 @@
+//! DML: INSERT, UPDATE, DELETE and TRUNCATE become [`TableChange`]s.
+//!
+//! DataFusion plans each statement. INSERT runs the planned input (defaults and casts
+//! included); UPDATE and DELETE run their input over a [`RowIdTable`] to learn which rows to
+//! change. The engine's write lock is held from planning to commit, so a statement sees and
+//! changes one consistent state.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, RecordBatch, UInt64Array};
+use datafusion::arrow::compute::concat_batches;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, ParamValues};
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, LogicalPlanBuilder, TableScan, TableScanBuilder, WriteOp,
+};
+use datafusion::prelude::DataFrame;
+use datafusion::sql::sqlparser::ast::{self, Statement};
+use millrace_planner::{MillraceTable, ROW_ID_COLUMN, RowIdTable};
+use millrace_storage::ObjectKind;
+
+use crate::engine::TableChange;
+use crate::error::{Result, ServerError};
+use crate::exec::names;
+use crate::exec::query::{bind, check_reads, plan_statement};
+use crate::exec::{Output, txn};
+use crate::session::Session;
+
+/// Runs INSERT, UPDATE or DELETE.
+pub async fn run(
+    session: &mut Session,
+    statement: Statement,
+    plan: Option<LogicalPlan>,
+    params: Option<ParamValues>,
+) -> Result<Output> {
+    let engine = session.engine.clone();
+    let _write = engine.write_lock.lock().await;
+    let plan = match plan {
+        Some(p) => p,
+        None => plan_statement(session, statement).await?,
+    };
+    let plan = bind(plan, params)?;
+    let LogicalPlan::Dml(dml) = plan else {
+        return Err(ServerError::Internal(
+            "DML did not plan to a DML node".into(),
+        ));
+    };
+    let provider = source_as_provider(&dml.target)?;
+    let Some(target) = provider.downcast_ref::<MillraceTable>() else {
+        return Err(ServerError::NotSupported(format!(
+            "changing \"{}\", which is not a table",
+            dml.table_name
+        )));
+    };
+    let Some(table) = engine.catalog.table(target.id) else {
+        return Err(ServerError::Internal(format!(
+            "table {} is not registered",
+            dml.table_name
+        )));
+    };
+    let table_name = dml.table_name.table().to_string();
+    let input = dml.input.as_ref().clone();
+    check_reads(session, &input)?;
+    let (change, tag, rows) = match dml.op {
+        WriteOp::Insert(InsertOp::Append) => {
+            let batch = collect(session, input).await?;
+            let rows = batch.num_rows();
+            let change = TableChange {
+                table,
+                table_name,
+                deletes: vec![],
+                inserts: Some(batch),
+            };
+            (change, "INSERT", rows)
+        }
+        WriteOp::Delete => {
+            if session
+                .txn
+                .as_ref()
+                .is_some_and(|t| t.written.contains(&table.id))
+            {
+                return Err(ServerError::NotSupported(
+                    "DELETE of a table written earlier in the same transaction block".into(),
+                ));
+            }
+            let plan = with_row_ids(&table, input)?;
+            let rowid = row_id_column(&plan)?;
+            let plan = LogicalPlanBuilder::from(plan)
+                .project(vec![rowid])?
+                .build()?;
+            let batch = collect(session, plan).await?;
+            let deletes = unique_ids(batch.column(0))?;
+            let rows = deletes.len();
+            let change = TableChange {
+                table,
+                table_name,
+                deletes,
+                inserts: None,
+            };
+            (change, "DELETE", rows)
+        }
+        WriteOp::Update => {
+            if session
+                .txn
+                .as_ref()
+                .is_some_and(|t| t.written.contains(&table.id))
+            {
+                return Err(ServerError::NotSupported(
+                    "UPDATE of a table written earlier in the same transaction block".into(),
+                ));
+            }
+            let plan = with_row_ids(&table, input)?;
+            let LogicalPlan::Projection(projection) = plan else {
+                return Err(ServerError::Internal(
+                    "UPDATE input is not a projection".into(),
+                ));
+            };
+            let rowid = row_id_column(&projection.input)?;
+            let mut exprs = projection.expr.clone();
+            exprs.push(rowid);
+            let plan = LogicalPlanBuilder::from(projection.input.as_ref().clone())
+                .project(exprs)?
+                .build()?;
+            let batch = collect(session, plan).await?;
+            let width = batch.num_columns() - 1;
+            let ids = batch.column(width);
+            let ids = ids
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .ok_or_else(|| ServerError::Internal("row ids are not UInt64".into()))?;
+            // NOTE: UPDATE ... FROM can match a row several times; like PostgreSQL we apply one.
+            let mut seen = HashSet::with_capacity(ids.len());
+            let keep: Vec<bool> = ids.values().iter().map(|id| seen.insert(*id)).collect();
+            let keep = datafusion::arrow::array::BooleanArray::from(keep);
+            let batch = datafusion::arrow::compute::filter_record_batch(&batch, &keep)?;
+            let deletes = unique_ids(batch.column(width))?;
+            let rows = deletes.len();
+            let values = batch.project(&(0..width).collect::<Vec<_>>())?;
+            let change = TableChange {
+                table,
+                table_name,
+                deletes,
+                inserts: Some(values),
+            };
+            (change, "UPDATE", rows)
+        }
+        other => return Err(ServerError::NotSupported(format!("{other}"))),
+    };
+    txn::apply(session, vec![change])?;
+    Ok(match tag {
+        "INSERT" => Output::Command {
+            tag: "INSERT 0".into(),
+            rows: Some(rows),
+        },
+        _ => Output::command_rows(tag, rows),
+    })
+}
+
+/// TRUNCATE: deletes every row of the named tables.
+pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<Output> {
+    let engine = session.engine.clone();
+    let _write = engine.write_lock.lock().await;
+    let mut changes = Vec::new();
+    for target in &truncate.table_names {
+        let name = names::resolve(session, &target.name)?;
+        let Some(record) = engine.catalog.find(
+            &[ObjectKind::Table],
+            &name.database,
+            &name.schema,
+            &name.name,
+        ) else {
+            return Err(millrace_planner::PlanError::UndefinedObject {
+                kind: "table",
+                name: name.name,
+            }
+            .into());
+        };
+        let Some(table) = engine.catalog.table(record.id) else {
+            return Err(ServerError::Internal(format!(
+                "table {} has no data",
+                name.name
+            )));
+        };
+        let deletes: Vec<u64> = table
+            .snapshot()?
+            .row_ids
+            .iter()
+            .flat_map(|ids| ids.values().iter().copied())
+            .collect();
+        changes.push(TableChange {
+            table,
+            table_name: name.name,
+            deletes,
+            inserts: None,
+        });
+    }
+    txn::apply(session, changes)?;
+    Ok(Output::command("TRUNCATE TABLE"))
+}
+
+/// Runs a plan and concatenates its output.
+async fn collect(session: &Session, plan: LogicalPlan) -> Result<RecordBatch> {
+    let df = DataFrame::new(session.state(), plan);
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok(concat_batches(&schema, &batches)?)
+}
+
+/// Points every scan of `table` in `plan` at its row-id-carrying twin.
+fn with_row_ids(table: &Arc<MillraceTable>, plan: LogicalPlan) -> Result<LogicalPlan> {
+    let source = provider_as_source(Arc::new(RowIdTable::new(table.clone())));
+    let rewritten = plan.transform_up(|node| match node {
+        LogicalPlan::TableScan(scan) if scans_table(&scan, table.id) => {
+            let new = TableScanBuilder::new(scan.table_name.clone(), source.clone())
+                .with_filters(scan.filters.clone())
+                .with_fetch(scan.fetch)
+                .build()?;
+            Ok(Transformed::yes(LogicalPlan::TableScan(new)))
+        }
+        other => {
+            let recomputed = other.recompute_schema()?;
+            Ok(Transformed::yes(recomputed))
+        }
+    })?;
+    Ok(rewritten.data)
+}
+
+fn scans_table(scan: &TableScan, id: u64) -> bool {
+    source_as_provider(&scan.source)
+        .ok()
+        .and_then(|p| p.downcast_ref::<MillraceTable>().map(|t| t.id == id))
+        .unwrap_or(false)
+}
+
+/// The (first) row-id column of a plan's output, as a column expression.
+fn row_id_column(plan: &LogicalPlan) -> Result<Expr> {
+    plan.schema()
+        .iter()
+        .find(|(_, f)| f.name() == ROW_ID_COLUMN)
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .ok_or_else(|| ServerError::Internal("row id column missing from DML plan".into()))
+}
+
+fn unique_ids(array: &Arc<dyn Array>) -> Result<Vec<u64>> {
+    let ids = array
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .ok_or_else(|| ServerError::Internal("row ids are not UInt64".into()))?;
+    let mut seen = HashSet::with_capacity(ids.len());
+    Ok(ids
+        .values()
+        .iter()
+        .copied()
+        .filter(|id| seen.insert(*id))
+        .collect())
+}

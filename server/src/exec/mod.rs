@@ -1,0 +1,162 @@
+//! Statement execution: routes each parsed statement to DDL, DML, queries, COPY, settings
+//! or transaction control, and produces an [`Output`] for the wire layer to encode.
+
+pub mod copy;
+pub mod ddl;
+pub mod dml;
+pub mod names;
+pub mod query;
+pub mod set_show;
+pub mod txn;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::ParamValues;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::sqlparser::ast::Statement;
+
+use crate::error::{Result, ServerError};
+use crate::session::Session;
+
+/// What a statement produced.
+#[derive(Debug)]
+pub enum Output {
+    /// Rows to send (SELECT, EXPLAIN, SHOW).
+    Rows {
+        /// Column names and types.
+        schema: SchemaRef,
+        /// The rows.
+        batches: Vec<RecordBatch>,
+    },
+    /// A command tag such as `CREATE TABLE` or `INSERT 0 3`.
+    Command {
+        /// The tag's words.
+        tag: String,
+        /// Row count appended to the tag, if any.
+        rows: Option<usize>,
+    },
+    /// BEGIN.
+    TransactionStart(String),
+    /// COMMIT or ROLLBACK.
+    TransactionEnd(String),
+    /// COPY FROM STDIN started: the client sends data next.
+    CopyIn {
+        /// Number of columns being loaded.
+        columns: usize,
+    },
+    /// COPY TO STDOUT: the data, one chunk per row.
+    CopyOut {
+        /// Number of columns.
+        columns: usize,
+        /// Encoded rows.
+        chunks: Vec<Vec<u8>>,
+    },
+    /// An empty statement.
+    Empty,
+}
+
+impl Output {
+    /// A command tag without a row count.
+    pub fn command(tag: &str) -> Output {
+        Output::Command {
+            tag: tag.to_string(),
+            rows: None,
+        }
+    }
+
+    /// A command tag with a row count.
+    pub fn command_rows(tag: &str, rows: usize) -> Output {
+        Output::Command {
+            tag: tag.to_string(),
+            rows: Some(rows),
+        }
+    }
+}
+
+/// A statement as received, with its plan when it was prepared through the extended protocol.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The parsed statement (None for an empty query).
+    pub statement: Option<Statement>,
+    /// The DataFusion plan of a query or DML statement, with placeholders.
+    pub plan: Option<LogicalPlan>,
+}
+
+/// Runs one statement in a session.
+pub async fn execute(
+    session: &mut Session,
+    statement: Statement,
+    plan: Option<LogicalPlan>,
+    params: Option<ParamValues>,
+) -> Result<Output> {
+    if let Some(txn) = &session.txn
+        && txn.failed
+        && !matches!(
+            statement,
+            Statement::Commit { .. } | Statement::Rollback { .. }
+        )
+    {
+        return Err(ServerError::InFailedTransaction);
+    }
+    let result = dispatch(session, statement, plan, params).await;
+    if result.is_err()
+        && let Some(txn) = &mut session.txn
+    {
+        txn.failed = true;
+    }
+    result
+}
+
+async fn dispatch(
+    session: &mut Session,
+    statement: Statement,
+    plan: Option<LogicalPlan>,
+    params: Option<ParamValues>,
+) -> Result<Output> {
+    match statement {
+        Statement::Query(_) | Statement::Explain { .. } | Statement::ExplainTable { .. } => {
+            query::run(session, statement, plan, params).await
+        }
+        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
+            dml::run(session, statement, plan, params).await
+        }
+        Statement::Truncate(truncate) => dml::truncate(session, truncate).await,
+        Statement::CreateTable(_)
+        | Statement::CreateView(_)
+        | Statement::CreateSchema { .. }
+        | Statement::CreateDatabase { .. }
+        | Statement::CreateIndex(_)
+        | Statement::Drop { .. }
+        | Statement::AlterTable(_) => {
+            if session.in_transaction() {
+                return Err(ServerError::NotSupported(
+                    "DDL inside a transaction block".into(),
+                ));
+            }
+            ddl::run(session, statement).await
+        }
+        Statement::StartTransaction { .. } => txn::begin(session),
+        Statement::Commit { .. } => txn::commit(session).await,
+        Statement::Rollback {
+            savepoint: None, ..
+        } => txn::rollback(session),
+        Statement::Set(_)
+        | Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::Reset(_)
+        | Statement::Discard { .. } => set_show::run(session, statement),
+        Statement::Copy {
+            source,
+            to,
+            target,
+            options,
+            legacy_options,
+            ..
+        } => copy::start(session, source, to, target, options, legacy_options).await,
+        Statement::Deallocate { .. } => Ok(Output::command("DEALLOCATE")),
+        other => Err(ServerError::NotSupported(format!(
+            "statement {}",
+            ddl::first_words(&other.to_string())
+        ))),
+    }
+}

@@ -1,0 +1,69 @@
+//! Queries (SELECT, EXPLAIN): planned and run by DataFusion over the catalog's providers.
+
+use std::sync::Arc;
+
+use datafusion::common::ParamValues;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::DataFrame;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement;
+
+use crate::error::{Result, ServerError};
+use crate::exec::Output;
+use crate::exec::ddl::relation_dependencies;
+use crate::session::Session;
+
+/// Plans a statement with DataFusion in the session's context.
+pub async fn plan_statement(session: &Session, statement: Statement) -> Result<LogicalPlan> {
+    Ok(session
+        .state()
+        .statement_to_plan(DFStatement::Statement(Box::new(statement)))
+        .await?)
+}
+
+/// Substitutes bound parameter values into a prepared plan.
+pub fn bind(plan: LogicalPlan, params: Option<ParamValues>) -> Result<LogicalPlan> {
+    match params {
+        Some(p) => Ok(plan.with_param_values(p)?),
+        None => Ok(plan),
+    }
+}
+
+/// Refuses to read tables this session's open transaction has written: its staged writes
+/// are not visible to its own reads yet, and a silently stale answer would be wrong.
+pub fn check_reads(session: &Session, plan: &LogicalPlan) -> Result<()> {
+    let Some(txn) = &session.txn else {
+        return Ok(());
+    };
+    if txn.written.is_empty() {
+        return Ok(());
+    }
+    if relation_dependencies(session, plan)
+        .iter()
+        .any(|id| txn.written.contains(id))
+    {
+        return Err(ServerError::NotSupported(
+            "reading a table written earlier in the same transaction block".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a query and collects its rows.
+pub async fn run(
+    session: &mut Session,
+    statement: Statement,
+    plan: Option<LogicalPlan>,
+    params: Option<datafusion::common::ParamValues>,
+) -> Result<Output> {
+    let plan = match plan {
+        Some(p) => p,
+        None => plan_statement(session, statement).await?,
+    };
+    let plan = bind(plan, params)?;
+    check_reads(session, &plan)?;
+    let df = DataFrame::new(session.state(), plan);
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok(Output::Rows { schema, batches })
+}

@@ -1,0 +1,11 @@
+//! Millrace server: the PostgreSQL front end, sessions, DDL/DML execution and the catalog's
+//! durable bootstrap. `main.rs` parses the command line and calls [`server::run`].
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod exec;
+pub mod server;
+pub mod session;
+pub mod wire;

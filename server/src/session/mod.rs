@@ -1,0 +1,107 @@
+//! A client session: who is connected to which database, its settings, its DataFusion
+//! context, and its open transaction. One per connection; owned by the wire handler.
+
+pub mod functions;
+pub mod settings;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::execution::session_state::SessionState;
+use datafusion::prelude::SessionContext;
+
+use crate::engine::{DEFAULT_SCHEMA, Engine, TableChange};
+use crate::error::{Result, ServerError};
+use crate::exec::copy::CopyIn;
+pub use settings::Settings;
+
+/// Writes staged by an open `BEGIN ... COMMIT` block.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    /// Changes to apply at COMMIT, in statement order.
+    pub changes: Vec<TableChange>,
+    /// Ids of tables written in this transaction.
+    pub written: HashSet<u64>,
+    /// Set when a statement failed: everything until ROLLBACK is refused.
+    pub failed: bool,
+}
+
+/// One client's session.
+pub struct Session {
+    /// Shared engine state.
+    pub engine: Arc<Engine>,
+    /// Database the session is connected to.
+    pub database: String,
+    /// Connected user.
+    pub user: String,
+    /// DataFusion context resolving names in `database`.
+    pub ctx: SessionContext,
+    /// SET / SHOW parameters.
+    pub settings: Settings,
+    /// The open transaction block, if any.
+    pub txn: Option<Transaction>,
+    /// A COPY FROM STDIN waiting for its data.
+    pub copy_in: Option<CopyIn>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .finish()
+    }
+}
+
+impl Session {
+    /// Opens a session on `database`, which must exist.
+    pub fn new(engine: Arc<Engine>, database: &str, user: &str) -> Result<Session> {
+        if engine.catalog.database(database).is_none() {
+            return Err(ServerError::UnknownDatabase(database.to_string()));
+        }
+        let ctx = engine.session_context(database, DEFAULT_SCHEMA)?;
+        Ok(Session {
+            engine,
+            database: database.to_string(),
+            user: user.to_string(),
+            ctx,
+            settings: Settings::default(),
+            txn: None,
+            copy_in: None,
+        })
+    }
+
+    /// A snapshot of the DataFusion state (cheap: reference-counted parts).
+    pub fn state(&self) -> SessionState {
+        self.ctx.state()
+    }
+
+    /// Pushes settings that change planning (time zone, search path) into DataFusion.
+    pub fn sync_settings(&self) {
+        let schema = self
+            .settings
+            .search_path()
+            .into_iter()
+            .find(|s| self.engine.catalog.schema(&self.database, s).is_some())
+            .unwrap_or_else(|| DEFAULT_SCHEMA.to_string());
+        let tz = match self.settings.time_zone().as_str() {
+            "UTC" => "+00:00".to_string(),
+            other => other.to_string(),
+        };
+        let state = self.ctx.state_ref();
+        let mut state = state.write();
+        let options = state.config_mut().options_mut();
+        options.catalog.default_schema = schema;
+        options.execution.time_zone = Some(tz);
+    }
+
+    /// The schema unqualified names resolve to.
+    pub fn current_schema(&self) -> String {
+        self.state().config_options().catalog.default_schema.clone()
+    }
+
+    /// Whether a transaction block is open.
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+}

@@ -1,0 +1,70 @@
+//! Statement outputs to pgwire responses (rows through arrow-pg's Arrow-to-Postgres encoding).
+
+use std::sync::Arc;
+
+use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
+use futures::stream;
+use pgwire::api::portal::Format;
+use pgwire::api::results::{CopyResponse, QueryResponse, Response, Tag};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::copy::CopyData;
+
+use crate::error::ServerError;
+use crate::exec::Output;
+use crate::session::Session;
+
+/// Encodes one statement's output.
+pub fn response(session: &Session, output: Output, format: &Format) -> PgWireResult<Response> {
+    Ok(match output {
+        Output::Rows { schema, batches } => {
+            let fields = Arc::new(arrow_schema_to_pg_fields(
+                &schema,
+                format,
+                Some(session.settings.format_options()),
+            )?);
+            let rows: Vec<_> = batches
+                .into_iter()
+                .flat_map(|b| encode_recordbatch(fields.clone(), b))
+                .collect();
+            Response::Query(QueryResponse::new(fields, stream::iter(rows)))
+        }
+        Output::Command { tag, rows } => {
+            let t = if tag == "INSERT 0" {
+                Tag::new("INSERT").with_oid(0)
+            } else {
+                Tag::new(&tag)
+            };
+            Response::Execution(match rows {
+                Some(n) => t.with_rows(n),
+                None => t,
+            })
+        }
+        Output::TransactionStart(tag) => Response::TransactionStart(Tag::new(&tag)),
+        Output::TransactionEnd(tag) => Response::TransactionEnd(Tag::new(&tag)),
+        Output::CopyIn { columns } => {
+            Response::CopyIn(CopyResponse::new(0, columns, stream::empty()))
+        }
+        Output::CopyOut { columns, chunks } => {
+            let data = chunks
+                .into_iter()
+                .map(|c| Ok(CopyData::new(c.into())))
+                .collect::<Vec<_>>();
+            Response::CopyOut(CopyResponse::new(0, columns, stream::iter(data)))
+        }
+        Output::Empty => Response::EmptyQuery,
+    })
+}
+
+/// The ErrorResponse fields for a failed statement.
+pub fn error_info(e: &ServerError) -> ErrorInfo {
+    match e.class() {
+        crate::error::ErrorClass::Internal => tracing::warn!(error = %e, "statement failed"),
+        crate::error::ErrorClass::User => tracing::debug!(error = %e, "statement failed"),
+    }
+    ErrorInfo::new("ERROR".to_owned(), e.sqlstate().to_owned(), e.to_string())
+}
+
+/// A server error as a pgwire error.
+pub fn pg_error(e: ServerError) -> PgWireError {
+    PgWireError::UserError(Box::new(error_info(&e)))
+}

@@ -1,0 +1,6 @@
+//! The PostgreSQL front end: one [`handler::Connection`] per client socket implements
+//! pgwire's startup, simple query, extended query, COPY and cancel handlers.
+
+pub mod encode;
+pub mod handler;
+pub mod sql;

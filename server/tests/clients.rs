@@ -1,0 +1,60 @@
+//! Real client programs against a real server: `psql` meta-commands (`\d`, `\dt`, `\dn`,
+//! `\l`) through pg_catalog, and psycopg 3 (clients/python). Scripts live in `clients/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use millrace_sqllogictest::TestServer;
+
+fn clients_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients")
+}
+
+#[test]
+fn psql_describe_commands() {
+    let server = TestServer::start(&[]).expect("start millrace");
+    let out = Command::new("psql")
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
+        .arg(server.port.to_string())
+        .args(["-U", "millrace", "-d", "millrace", "-f"])
+        .arg(clients_dir().join("psql/describe.sql"))
+        .output()
+        .expect("run psql (install postgresql-client)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "psql failed:\n{stdout}\n{stderr}\n{}",
+        server.log()
+    );
+    // \dt lists the table; \d people shows its columns and types.
+    assert!(stdout.contains("people"), "{stdout}");
+    assert!(
+        stdout.contains("Table \"public.people\""),
+        "\\d output:\n{stdout}"
+    );
+    for needle in ["bigint", "text", "date", "name", "born"] {
+        assert!(stdout.contains(needle), "missing {needle} in:\n{stdout}");
+    }
+    // \dn lists schemas, \l lists databases.
+    assert!(stdout.contains("crm"), "{stdout}");
+    assert!(stdout.contains("millrace"), "{stdout}");
+    assert!(stdout.contains("Ada"), "{stdout}");
+}
+
+#[test]
+fn psycopg_round_trip() {
+    let server = TestServer::start(&[]).expect("start millrace");
+    let out = Command::new("python3")
+        .arg(clients_dir().join("python/test_psycopg.py"))
+        .arg(server.port.to_string())
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("psycopg: ok"),
+        "psycopg test failed:\n{stdout}\n{stderr}\n{}",
+        server.log()
+    );
+}

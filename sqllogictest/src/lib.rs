@@ -1,0 +1,9 @@
+//! Test support for Millrace: start a real `millrace` server on a free loopback port with a
+//! temporary data directory, talk to it over the PostgreSQL protocol, and run `.slt` files.
+
+pub mod db;
+pub mod runner;
+pub mod server;
+
+pub use db::MillraceDb;
+pub use server::TestServer;

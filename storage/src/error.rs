@@ -1,0 +1,34 @@
+//! Errors raised by the storage layer (RocksDB, log encoding, the columnar cache).
+
+/// Errors raised while reading or writing durable state.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// RocksDB refused an open, read or write.
+    #[error("rocksdb: {0}")]
+    RocksDb(#[from] rocksdb::Error),
+    /// An Arrow batch could not be encoded, decoded or assembled.
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A catalog record could not be (de)serialized.
+    #[error("catalog record {key}: {source}")]
+    CatalogRecord {
+        /// The RocksDB key of the record.
+        key: String,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+    /// A stored value is not in the format this version writes.
+    #[error("corrupt {what}: {detail}")]
+    Corrupt {
+        /// Which kind of value was bad.
+        what: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// A fault injected by a test (see `Store::inject_write_failures`).
+    #[error("injected storage fault: {0}")]
+    Injected(String),
+}
+
+/// Result type of the storage crate.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

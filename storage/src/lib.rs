@@ -1,0 +1,18 @@
+//! Millrace storage: the durable side of every write and the in-memory columnar cache.
+//!
+//! DML and DDL reach this crate as one [`WriteSet`] per statement (or per COMMIT); it is
+//! synced to RocksDB's WAL before the statement is acknowledged. Tables are read through the
+//! [`ColumnarTable`] cache, which is rebuilt from the durable table logs on start.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod catalog_record;
+pub mod columnar;
+pub mod db;
+pub mod error;
+pub mod log_entry;
+
+pub use catalog_record::{CatalogRecord, ObjectKind};
+pub use columnar::{ColumnarTable, RowId, TableSnapshot};
+pub use db::{Store, WriteSet};
+pub use error::{Result, StorageError};
+pub use log_entry::LogEntry;
