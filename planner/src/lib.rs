@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod error;
+pub mod pg_casts;
 pub mod row_id;
 pub mod table;
 

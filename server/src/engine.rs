@@ -112,6 +112,7 @@ impl Engine {
         datafusion_pg_catalog::setup_pg_catalog(&ctx, database, EmptyContextProvider)
             .map_err(|e| ServerError::DataFusion(*e))?;
         functions::register(&ctx);
+        ctx.add_analyzer_rule(Arc::new(millrace_planner::pg_casts::PgCasts));
         Ok(ctx)
     }
 
@@ -319,6 +320,22 @@ pub fn conform_to_table(
         }
         let column = if column.data_type() == field.data_type() {
             column.clone()
+        } else if field.data_type() == &datafusion::arrow::datatypes::DataType::Binary
+            && let Some(text) = column
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::StringArray>()
+        {
+            // NOTE: PostgreSQL reads text into bytea as `\x` hex (or the raw bytes).
+            let mut bytes = Vec::with_capacity(text.len());
+            for v in text.iter() {
+                bytes.push(match v {
+                    None => None,
+                    Some(s) => Some(crate::exec::copy::parse_bytea(s).ok_or_else(|| {
+                        ServerError::InvalidText(format!("invalid input syntax for type bytea: \"{s}\""))
+                    })?),
+                });
+            }
+            std::sync::Arc::new(datafusion::arrow::array::BinaryArray::from_iter(bytes))
         } else {
             let options = datafusion::arrow::compute::CastOptions {
                 safe: false,

@@ -214,7 +214,9 @@ fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
 /// SQLSTATE for DataFusion errors that only carry a message.
 fn message_sqlstate(m: &str) -> &'static str {
     let lower = m.to_ascii_lowercase();
-    if lower.contains("not found") && (lower.contains("table") || lower.contains("view")) {
+    if lower.contains("non-nullable but contains null") {
+        "23502"
+    } else if lower.contains("not found") && (lower.contains("table") || lower.contains("view")) {
         "42P01"
     } else if lower.contains("no field named")
         || lower.contains("column") && lower.contains("not found")
@@ -257,6 +259,7 @@ fn arrow_sqlstate(e: &ArrowError) -> &'static str {
                 "22P02"
             }
         }
+        ArrowError::InvalidArgumentError(m) if m.contains("non-nullable but contains null") => "23502",
         ArrowError::InvalidArgumentError(_) => "22023",
         _ => "XX000",
     }

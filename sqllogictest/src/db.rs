@@ -5,6 +5,22 @@ use async_trait::async_trait;
 use sqllogictest::{DBOutput, DefaultColumnType};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+/// A client error whose text carries the SQLSTATE and the server's message, so that
+/// `statement error <regex>` can match either.
+#[derive(Debug)]
+pub struct DbError(pub tokio_postgres::Error);
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => write!(f, "{}: {}", db.code().code(), db.message()),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for DbError {}
+
 /// One connection to a Millrace database.
 pub struct MillraceDb {
     /// The client.
@@ -20,13 +36,13 @@ impl MillraceDb {
 
 #[async_trait]
 impl sqllogictest::AsyncDB for MillraceDb {
-    type Error = tokio_postgres::Error;
+    type Error = DbError;
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<Self::ColumnType>, Self::Error> {
         let mut rows = Vec::new();
         let mut count = 0;
-        for message in self.client.simple_query(sql).await? {
+        for message in self.client.simple_query(sql).await.map_err(DbError)? {
             match message {
                 SimpleQueryMessage::Row(row) => {
                     let values = (0..row.len())
@@ -63,6 +79,6 @@ impl sqllogictest::AsyncDB for MillraceDb {
     }
 
     fn error_sql_state(err: &Self::Error) -> Option<String> {
-        err.code().map(|s| s.code().to_owned())
+        err.0.code().map(|s| s.code().to_owned())
     }
 }

@@ -55,7 +55,9 @@ pub async fn run_file(server: &TestServer, path: &Path, index: usize) -> FileRes
     let mut runner = Runner::new(move || {
         let conn_str = conn_str.clone();
         async move {
-            let (client, conn) = tokio_postgres::connect(&conn_str, tokio_postgres::NoTls).await?;
+            let (client, conn) = tokio_postgres::connect(&conn_str, tokio_postgres::NoTls)
+                .await
+                .map_err(crate::db::DbError)?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });

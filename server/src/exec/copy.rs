@@ -377,20 +377,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// bytea input: `\x` hex, or raw text bytes.
-pub fn parse_bytea(s: &str) -> Option<Vec<u8>> {
-    if let Some(hex) = s.strip_prefix("\\x") {
-        if hex.len() % 2 != 0 {
-            return None;
-        }
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-            .collect()
-    } else {
-        Some(s.as_bytes().to_vec())
-    }
-}
+pub use millrace_planner::pg_casts::parse_bytea;
 
 /// Splits PostgreSQL text-format COPY data into records of optional fields.
 fn parse_text(text: &str, format: &CopyFormat) -> Result<Vec<Vec<Option<String>>>> {
@@ -691,7 +678,5 @@ mod tests {
         assert_eq!(bad.err(), Some(1));
         let ok = cast_text(&[Some("t"), Some("no"), None], &DataType::Boolean);
         assert!(ok.is_ok());
-        assert_eq!(parse_bytea("\\x0aff"), Some(vec![10, 255]));
-        assert_eq!(parse_bytea("\\x0"), None);
     }
 }

@@ -22,10 +22,13 @@ pub fn response(session: &Session, output: Output, format: &Format) -> PgWireRes
                 format,
                 Some(session.settings.format_options()),
             )?);
-            let rows: Vec<_> = batches
-                .into_iter()
-                .flat_map(|b| encode_recordbatch(fields.clone(), b))
-                .collect();
+            let tz = session.settings.time_zone();
+            let mut rows = Vec::new();
+            for batch in batches {
+                let batch = crate::wire::text::render(batch, &fields, &tz)
+                    .map_err(|e| pg_error_ref(&e))?;
+                rows.extend(encode_recordbatch(fields.clone(), batch));
+            }
             Response::Query(QueryResponse::new(fields, stream::iter(rows)))
         }
         Output::Command { tag, rows } => {
@@ -62,6 +65,10 @@ pub fn error_info(e: &ServerError) -> ErrorInfo {
         crate::error::ErrorClass::User => tracing::debug!(error = %e, "statement failed"),
     }
     ErrorInfo::new("ERROR".to_owned(), e.sqlstate().to_owned(), e.to_string())
+}
+
+fn pg_error_ref(e: &ServerError) -> PgWireError {
+    PgWireError::UserError(Box::new(error_info(e)))
 }
 
 /// A server error as a pgwire error.

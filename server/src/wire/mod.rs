@@ -4,3 +4,4 @@
 pub mod encode;
 pub mod handler;
 pub mod sql;
+pub mod text;
