@@ -1,19 +1,23 @@
 //! PostgreSQL cast semantics DataFusion lacks, as an analyzer rule: a text literal cast to
 //! `bytea` is read as PostgreSQL reads it (`'\x0102'` is two bytes, not six characters).
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DataFusionError, ScalarValue};
 use datafusion::config::ConfigOptions;
 use datafusion::logical_expr::{Cast, Expr, LogicalPlan};
 use datafusion::optimizer::AnalyzerRule;
-use datafusion::arrow::datatypes::DataType;
 
 /// Rewrites PostgreSQL-specific literal casts.
 #[derive(Debug, Default)]
 pub struct PgCasts;
 
 impl AnalyzerRule for PgCasts {
-    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> datafusion::error::Result<LogicalPlan> {
+    fn analyze(
+        &self,
+        plan: LogicalPlan,
+        _config: &ConfigOptions,
+    ) -> datafusion::error::Result<LogicalPlan> {
         plan.transform_up_with_subqueries(|node| {
             node.map_expressions(|expr| expr.transform_up(rewrite_expr))
         })
@@ -28,8 +32,10 @@ impl AnalyzerRule for PgCasts {
 fn rewrite_expr(expr: Expr) -> datafusion::error::Result<Transformed<Expr>> {
     match &expr {
         Expr::Cast(Cast { expr: inner, field }) if is_binary(field.data_type()) => {
-            if let Expr::Literal(ScalarValue::Utf8(s) | ScalarValue::Utf8View(s) | ScalarValue::LargeUtf8(s), _) =
-                inner.as_ref()
+            if let Expr::Literal(
+                ScalarValue::Utf8(s) | ScalarValue::Utf8View(s) | ScalarValue::LargeUtf8(s),
+                _,
+            ) = inner.as_ref()
             {
                 let bytes = match s {
                     None => None,
@@ -49,7 +55,10 @@ fn rewrite_expr(expr: Expr) -> datafusion::error::Result<Transformed<Expr>> {
 }
 
 fn is_binary(t: &DataType) -> bool {
-    matches!(t, DataType::Binary | DataType::LargeBinary | DataType::BinaryView)
+    matches!(
+        t,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    )
 }
 
 /// bytea input: `\x` followed by hex digits, or the text's own bytes.
@@ -60,7 +69,10 @@ pub fn parse_bytea(s: &str) -> Option<Vec<u8>> {
         }
         (0..hex.len())
             .step_by(2)
-            .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
             .collect()
     } else {
         Some(s.as_bytes().to_vec())

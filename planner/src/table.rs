@@ -45,6 +45,8 @@ pub struct MillraceTable {
     pub data: Arc<RwLock<ColumnarTable>>,
     /// The CREATE TABLE statement (for `\d` and pg_catalog).
     pub sql: String,
+    /// Entries in the table's durable log since it was last rewritten (drives compaction).
+    pub log_entries: std::sync::atomic::AtomicUsize,
 }
 
 impl MillraceTable {

@@ -29,6 +29,9 @@ pub const DEFAULT_DATABASE: &str = "millrace";
 /// Name of the default schema of every database.
 pub const DEFAULT_SCHEMA: &str = "public";
 
+/// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
+const COMPACT_MIN_ENTRIES: usize = 256;
+
 /// Rows removed from and added to one table by one statement.
 #[derive(Debug, Clone)]
 pub struct TableChange {
@@ -163,16 +166,52 @@ impl Engine {
             applied.push((table, entries));
         }
         self.commit_write_set(extra)?;
-        for (table, entries) in applied {
+        for (table, entries) in &applied {
             let mut data = table
                 .data
                 .write()
                 .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
-            for entry in &entries {
+            for entry in entries {
                 data.apply(entry)?;
             }
+            table.log_entries.fetch_add(entries.len(), Ordering::SeqCst);
+        }
+        for (table, _) in &applied {
+            self.maybe_compact(table)?;
         }
         Ok(touched)
+    }
+
+    /// Rewrites a table's log as its live rows once the log has grown well past them, so that
+    /// replay on start stays proportional to the data. The caller holds the write lock.
+    fn maybe_compact(&self, table: &MillraceTable) -> Result<()> {
+        let entries = table.log_entries.load(Ordering::SeqCst);
+        let data = table
+            .data
+            .read()
+            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+        let rows = data.num_rows();
+        if entries < COMPACT_MIN_ENTRIES.max(rows / 64) {
+            return Ok(());
+        }
+        let chunks = data.to_log_entries()?;
+        drop(data);
+        let mut set = WriteSet::new();
+        set.drop_log(table.id);
+        let n = chunks.len();
+        for entry in chunks {
+            set.append(table.id, entry);
+        }
+        self.commit_write_set(set)?;
+        table.log_entries.store(n, Ordering::SeqCst);
+        info!(
+            table_id = table.id,
+            entries_before = entries,
+            entries_after = n,
+            rows,
+            "compacted table log"
+        );
+        Ok(())
     }
 
     /// Checks a change against NOT NULL and the primary key without applying it.
@@ -235,7 +274,7 @@ impl Engine {
                 Ok(0)
             }
             ObjectKind::Table => {
-                let ctx = self.session_context(&record.database, &record.schema)?;
+                let ctx = self.session_context(&record.database, replay_schema(&record))?;
                 let table = ddl::build_table(&ctx, &record).await?;
                 let log = self.store().table_log(record.id)?;
                 {
@@ -248,13 +287,14 @@ impl Engine {
                     }
                 }
                 let rows = table.data.read().map(|d| d.num_rows()).unwrap_or(0);
+                table.log_entries.store(log.len(), Ordering::SeqCst);
                 info!(table = %record.name, rows, log_entries = log.len(), "table restored");
                 self.catalog
                     .register_relation(record, table.clone(), Some(table))?;
                 Ok(rows)
             }
             ObjectKind::View => {
-                let ctx = self.session_context(&record.database, &record.schema)?;
+                let ctx = self.session_context(&record.database, replay_schema(&record))?;
                 let view = ddl::build_view(&ctx, &record).await?;
                 self.catalog.register_relation(record, view, None)?;
                 Ok(0)
@@ -275,6 +315,11 @@ impl Engine {
     pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// The schema a record's SQL was planned in when it was created.
+fn replay_schema(record: &CatalogRecord) -> &str {
+    record.search_schema.as_deref().unwrap_or(&record.schema)
 }
 
 /// Folds several changes to one table into one (a transaction may write a table twice).
@@ -331,7 +376,9 @@ pub fn conform_to_table(
                 bytes.push(match v {
                     None => None,
                     Some(s) => Some(crate::exec::copy::parse_bytea(s).ok_or_else(|| {
-                        ServerError::InvalidText(format!("invalid input syntax for type bytea: \"{s}\""))
+                        ServerError::InvalidText(format!(
+                            "invalid input syntax for type bytea: \"{s}\""
+                        ))
                     })?),
                 });
             }

@@ -259,7 +259,9 @@ fn arrow_sqlstate(e: &ArrowError) -> &'static str {
                 "22P02"
             }
         }
-        ArrowError::InvalidArgumentError(m) if m.contains("non-nullable but contains null") => "23502",
+        ArrowError::InvalidArgumentError(m) if m.contains("non-nullable but contains null") => {
+            "23502"
+        }
         ArrowError::InvalidArgumentError(_) => "22023",
         _ => "XX000",
     }

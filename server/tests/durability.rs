@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const ROWS_PER_BATCH: i64 = 7;
-const CYCLES: usize = 6;
+const CYCLES: usize = 20;
 
 struct Acked {
     batches: Vec<i64>,

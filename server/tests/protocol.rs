@@ -121,7 +121,7 @@ async fn errors_carry_sqlstate_and_the_session_recovers() {
         let e = client.simple_query(sql).await.expect_err(sql);
         assert_eq!(code(&e), expected, "{sql} (simple)");
         // The session stays usable after the error (Sync recovery).
-        let one: i32 = client
+        let one: i64 = client
             .query_one("SELECT 1", &[])
             .await
             .expect("after error")
@@ -269,7 +269,7 @@ async fn cancel_request_and_statement_timeout_stop_a_long_query() {
         .batch_execute("SET statement_timeout = 0")
         .await
         .expect("reset");
-    let one: i32 = client
+    let one: i64 = client
         .query_one("SELECT 1", &[])
         .await
         .expect("usable")
@@ -371,7 +371,7 @@ async fn garbage_and_disconnects_do_not_hurt_the_server() {
         .connect("millrace")
         .await
         .expect("new session still accepted");
-    let one: i32 = other
+    let one: i64 = other
         .query_one("SELECT 1", &[])
         .await
         .expect("query")

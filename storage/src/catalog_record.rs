@@ -35,6 +35,9 @@ pub struct CatalogRecord {
     pub name: String,
     /// Canonical SQL that recreates the object (CREATE TABLE / VIEW / INDEX ...).
     pub sql: String,
+    /// The schema unqualified names in `sql` resolved to when the object was created.
+    #[serde(default)]
+    pub search_schema: Option<String>,
     /// Ids of the objects this one depends on (a view's tables, an index's table).
     #[serde(default)]
     pub depends_on: Vec<u64>,

@@ -255,6 +255,7 @@ mod tests {
             name: format!("t{id}"),
             sql: "CREATE TABLE t (k BIGINT)".into(),
             depends_on: vec![],
+            search_schema: None,
         }
     }
 

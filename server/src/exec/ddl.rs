@@ -41,6 +41,7 @@ pub fn database_records(engine: &Engine, name: &str) -> Vec<CatalogRecord> {
             name: name.to_string(),
             sql: format!("CREATE DATABASE \"{name}\""),
             depends_on: vec![],
+            search_schema: None,
         },
         CatalogRecord {
             id: engine.store().allocate_object_id(),
@@ -50,6 +51,7 @@ pub fn database_records(engine: &Engine, name: &str) -> Vec<CatalogRecord> {
             name: DEFAULT_SCHEMA.to_string(),
             sql: format!("CREATE SCHEMA {DEFAULT_SCHEMA}"),
             depends_on: vec![],
+            search_schema: None,
         },
     ]
 }
@@ -190,6 +192,7 @@ fn new_table(id: u64, def: TableDef, sql: String) -> Result<Arc<MillraceTable>> 
         def,
         data: Arc::new(RwLock::new(data)),
         sql,
+        log_entries: Default::default(),
     }))
 }
 
@@ -274,6 +277,7 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
         name: name.name.clone(),
         sql: sql.clone(),
         depends_on: vec![],
+        search_schema: Some(session.current_schema()),
     };
     let table = new_table(id, def, sql)?;
     let mut rows = None;
@@ -403,6 +407,7 @@ async fn create_view(session: &mut Session, view: ast::CreateView) -> Result<Out
         name: name.name,
         sql: sql.clone(),
         depends_on,
+        search_schema: Some(session.current_schema()),
     };
     let provider = Arc::new(ViewTable::new(created.input.as_ref().clone(), Some(sql)));
     let mut set = WriteSet::new();
@@ -480,6 +485,7 @@ fn create_schema(
         name: name.clone(),
         sql: format!("CREATE SCHEMA \"{name}\""),
         depends_on: vec![],
+        search_schema: None,
     };
     let mut set = WriteSet::new();
     set.put_catalog(record.clone());
@@ -589,6 +595,7 @@ fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<Output
         name: index_name,
         sql: Statement::CreateIndex(index).to_string(),
         depends_on: vec![table_record.id],
+        search_schema: None,
     };
     let mut set = WriteSet::new();
     set.put_catalog(record.clone());

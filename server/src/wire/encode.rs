@@ -25,8 +25,8 @@ pub fn response(session: &Session, output: Output, format: &Format) -> PgWireRes
             let tz = session.settings.time_zone();
             let mut rows = Vec::new();
             for batch in batches {
-                let batch = crate::wire::text::render(batch, &fields, &tz)
-                    .map_err(|e| pg_error_ref(&e))?;
+                let batch =
+                    crate::wire::text::render(batch, &fields, &tz).map_err(|e| pg_error_ref(&e))?;
                 rows.extend(encode_recordbatch(fields.clone(), batch));
             }
             Response::Query(QueryResponse::new(fields, stream::iter(rows)))

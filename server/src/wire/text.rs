@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Offset, TimeZone, Utc};
-use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use datafusion::arrow::array::timezone::Tz;
+use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use pgwire::api::results::{FieldFormat, FieldInfo};
@@ -17,7 +17,9 @@ use crate::error::Result;
 pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Result<RecordBatch> {
     let needs = batch.schema().fields().iter().enumerate().any(|(i, f)| {
         matches!(f.data_type(), DataType::Timestamp(_, _))
-            && fields.get(i).is_some_and(|fi| fi.format() == FieldFormat::Text)
+            && fields
+                .get(i)
+                .is_some_and(|fi| fi.format() == FieldFormat::Text)
     });
     if !needs {
         return Ok(batch);
@@ -27,7 +29,9 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
     let mut out_fields = Vec::with_capacity(batch.num_columns());
     for (i, field) in batch.schema().fields().iter().enumerate() {
         let column = batch.column(i);
-        let text = fields.get(i).is_some_and(|fi| fi.format() == FieldFormat::Text);
+        let text = fields
+            .get(i)
+            .is_some_and(|fi| fi.format() == FieldFormat::Text);
         match field.data_type() {
             DataType::Timestamp(_, zone) if text => {
                 let nanos = cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
@@ -60,7 +64,10 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
             }
         }
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(out_fields)), columns)?)
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(out_fields)),
+        columns,
+    )?)
 }
 
 fn fraction(nanos: u32) -> String {
@@ -77,7 +84,11 @@ fn fraction(nanos: u32) -> String {
 }
 
 fn naive(t: &NaiveDateTime) -> String {
-    format!("{}{}", t.format("%Y-%m-%d %H:%M:%S"), fraction(t.and_utc().timestamp_subsec_nanos()))
+    format!(
+        "{}{}",
+        t.format("%Y-%m-%d %H:%M:%S"),
+        fraction(t.and_utc().timestamp_subsec_nanos())
+    )
 }
 
 fn with_zone<Z: TimeZone>(utc: DateTime<Utc>, zone: &Z) -> String {
@@ -104,9 +115,14 @@ mod tests {
         assert_eq!(fraction(500_000_000), ".5");
         assert_eq!(fraction(123_456_789), ".123456");
         let t = DateTime::<Utc>::from_timestamp(1_700_000_000, 250_000_000).map(|t| t.naive_utc());
-        assert_eq!(t.map(|t| naive(&t)).as_deref(), Some("2023-11-14 22:13:20.25"));
+        assert_eq!(
+            t.map(|t| naive(&t)).as_deref(),
+            Some("2023-11-14 22:13:20.25")
+        );
         let utc = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap_or_default();
-        let berlin: Tz = "Europe/Berlin".parse().unwrap_or_else(|_| "+00:00".parse().expect("tz"));
+        let berlin: Tz = "Europe/Berlin"
+            .parse()
+            .unwrap_or_else(|_| "+00:00".parse().expect("tz"));
         assert_eq!(with_zone(utc, &berlin), "2023-11-14 23:13:20+01");
         let india: Tz = "+05:30".parse().expect("offset");
         assert_eq!(with_zone(utc, &india), "2023-11-15 03:43:20+05:30");
