@@ -6,8 +6,10 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod catalog;
+pub mod correlated;
 pub mod error;
 pub mod pg_casts;
+pub mod rewrite;
 pub mod row_id;
 pub mod table;
 

@@ -116,6 +116,9 @@ impl Engine {
             .map_err(|e| ServerError::DataFusion(*e))?;
         functions::register(&ctx);
         ctx.add_analyzer_rule(Arc::new(millrace_planner::pg_casts::PgCasts));
+        ctx.add_optimizer_rule(Arc::new(
+            millrace_planner::correlated::CorrelatedSubqueries::new(&ctx.state_ref()),
+        ));
         Ok(ctx)
     }
 

@@ -68,7 +68,7 @@ pub fn parse(sql: &str) -> Result<Vec<Parsed>> {
     };
     Ok(statements
         .into_iter()
-        .map(|s| Parsed::Statement(Box::new(s)))
+        .map(|s| Parsed::Statement(Box::new(millrace_planner::rewrite::rewrite(s))))
         .collect())
 }
 
