@@ -1,8 +1,10 @@
 //! SQL rewrites that make DataFusion accept what PostgreSQL accepts, applied to the parsed
 //! statement before planning.
 //!
-//! PostgreSQL allows two unnamed output columns with the same derived name (for example two
-//! scalar subqueries); DataFusion requires unique names, so repeated ones get an alias.
+//! PostgreSQL allows output columns with the same name (two scalar subqueries, `a AS x, b AS
+//! x`, an alias equal to a column's name); DataFusion requires unique names. Repeated names
+//! get a unique alias, and for the statement's own output the caller renames the result
+//! columns back ([`Rewritten::renames`]).
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -11,10 +13,145 @@ use datafusion::sql::sqlparser::ast::{
     Expr, Ident, Query, SelectItem, SetExpr, Statement, VisitMut, VisitorMut,
 };
 
+/// A rewritten statement and the result columns to rename back.
+#[derive(Debug, Clone)]
+pub struct Rewritten {
+    /// The statement to plan.
+    pub statement: Statement,
+    /// (column position, name the user asked for) for output columns renamed internally.
+    pub renames: Vec<(usize, String)>,
+}
+
 /// Applies every rewrite to a statement.
-pub fn rewrite(mut statement: Statement) -> Statement {
+pub fn rewrite(mut statement: Statement) -> Rewritten {
+    let mut renames = Vec::new();
+    if let Statement::Query(query) = &mut statement
+        && let SetExpr::Select(select) = query.body.as_mut()
+    {
+        renames = dedup_top_level(&mut select.projection);
+    }
     let _ = statement.visit(&mut DedupOutputNames);
-    statement
+    Rewritten { statement, renames }
+}
+
+fn fold(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// The output column name of a select item when it is evident from the SQL.
+fn explicit_name(item: &SelectItem) -> Option<String> {
+    match item {
+        SelectItem::ExprWithAlias { alias, .. } => Some(fold(alias)),
+        SelectItem::UnnamedExpr(Expr::Identifier(i)) => Some(fold(i)),
+        SelectItem::UnnamedExpr(Expr::CompoundIdentifier(parts)) => parts.last().map(fold),
+        _ => None,
+    }
+}
+
+/// PostgreSQL's name for an unnamed output expression (its `FigureColname`): a column's
+/// name, a function's name, a cast's operand or type, `case`, else `?column?`.
+fn pg_column_name(expr: &Expr) -> String {
+    figure_name(expr).unwrap_or_else(|| "?column?".to_string())
+}
+
+fn figure_name(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Identifier(i) => Some(fold(i)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(fold),
+        Expr::Nested(inner) => figure_name(inner),
+        Expr::Function(f) => f.name.0.last().and_then(|p| p.as_ident()).map(fold),
+        Expr::Cast {
+            expr, data_type, ..
+        } => figure_name(expr).or_else(|| {
+            Some(match data_type.to_string().to_lowercase().as_str() {
+                "int" | "integer" => "int4".into(),
+                "bigint" => "int8".into(),
+                "smallint" => "int2".into(),
+                "real" => "float4".into(),
+                "double precision" | "double" => "float8".into(),
+                "boolean" | "bool" => "bool".into(),
+                other => other.split('(').next().unwrap_or(other).trim().to_string(),
+            })
+        }),
+        Expr::Case { .. } => Some("case".into()),
+        Expr::Exists { .. } => Some("exists".into()),
+        Expr::Subquery(q) => match q.body.as_ref() {
+            SetExpr::Select(sel) => sel.projection.first().and_then(|item| match item {
+                SelectItem::ExprWithAlias { alias, .. } => Some(fold(alias)),
+                SelectItem::UnnamedExpr(e) => figure_name(e),
+                _ => None,
+            }),
+            _ => None,
+        },
+        Expr::Array(_) => Some("array".into()),
+        _ => None,
+    }
+}
+
+/// Makes the statement's own output names PostgreSQL's: every computed column gets a unique
+/// internal alias and is renamed back to PostgreSQL's name for it, and repeated explicit
+/// names get unique aliases and are renamed back too.
+fn dedup_top_level(items: &mut [SelectItem]) -> Vec<(usize, String)> {
+    if items.iter().any(|i| {
+        matches!(
+            i,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+        )
+    }) {
+        return vec![];
+    }
+    let mut computed = Vec::new();
+    for (pos, item) in items.iter_mut().enumerate() {
+        if let SelectItem::UnnamedExpr(expr) = item
+            && !matches!(expr, Expr::Identifier(_) | Expr::CompoundIdentifier(_))
+        {
+            let name = pg_column_name(expr);
+            *item = SelectItem::ExprWithAlias {
+                expr: expr.clone(),
+                alias: Ident::with_quote('"', format!("__column_{pos}")),
+            };
+            computed.push((pos, name));
+        }
+    }
+    let names: Vec<Option<String>> = items
+        .iter()
+        .enumerate()
+        .map(|(pos, item)| {
+            if computed.iter().any(|(p, _)| *p == pos) {
+                None
+            } else {
+                explicit_name(item)
+            }
+        })
+        .collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut renames = Vec::new();
+    for (pos, item) in items.iter_mut().enumerate() {
+        let Some(name) = &names[pos] else {
+            continue;
+        };
+        let n = seen.entry(name.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            continue;
+        }
+        let expr = match item {
+            SelectItem::ExprWithAlias { expr, .. } | SelectItem::UnnamedExpr(expr) => expr.clone(),
+            _ => continue,
+        };
+        *item = SelectItem::ExprWithAlias {
+            expr,
+            alias: Ident::with_quote('"', format!("{name}__{n}")),
+        };
+        renames.push((pos, name.clone()));
+    }
+    renames.extend(computed);
+    renames.sort();
+    renames
 }
 
 struct DedupOutputNames;
@@ -94,12 +231,33 @@ mod tests {
 
     #[test]
     fn repeated_subqueries_get_aliases() -> Result<(), Box<dyn std::error::Error>> {
-        let sql = "SELECT (SELECT 1), a, (SELECT 2), a + 1, a + 1 FROM t";
+        let sql = "SELECT x FROM (SELECT (SELECT 1), a, (SELECT 2), a + 1, a + 1 FROM t) AS s";
         let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)?;
-        let out = rewrite(stmts.remove(0)).to_string();
+        let out = rewrite(stmts.remove(0)).statement.to_string();
         assert!(out.contains("(SELECT 2) AS"), "{out}");
         assert!(out.contains("a + 1 AS"), "{out}");
-        assert!(out.starts_with("SELECT (SELECT 1), a,"), "{out}");
+        assert!(out.contains("(SELECT (SELECT 1), a,"), "{out}");
+        Ok(())
+    }
+
+    #[test]
+    fn repeated_output_names_are_renamed_back() -> Result<(), Box<dyn std::error::Error>> {
+        let sql =
+            "SELECT 35 AS col2, col2, t.col2 AS x, 1 AS X, count(*), + a, CAST(1 AS INT) FROM t";
+        let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)?;
+        let r = rewrite(stmts.remove(0));
+        let names: Vec<(usize, &str)> = r.renames.iter().map(|(p, n)| (*p, n.as_str())).collect();
+        assert_eq!(
+            names,
+            vec![
+                (1, "col2"),
+                (3, "x"),
+                (4, "count"),
+                (5, "?column?"),
+                (6, "int4")
+            ]
+        );
+        assert!(r.statement.to_string().contains("col2 AS \"col2__2\""));
         Ok(())
     }
 }

@@ -80,6 +80,33 @@ pub struct Prepared {
     pub statement: Option<Statement>,
     /// The DataFusion plan of a query or DML statement, with placeholders.
     pub plan: Option<LogicalPlan>,
+    /// Output columns renamed back to the names the user wrote.
+    pub renames: Vec<(usize, String)>,
+}
+
+/// Renames output columns back to the names the statement asked for.
+pub fn rename_columns(output: Output, renames: &[(usize, String)]) -> Result<Output> {
+    if renames.is_empty() {
+        return Ok(output);
+    }
+    let Output::Rows { schema, batches } = output else {
+        return Ok(output);
+    };
+    let fields: Vec<datafusion::arrow::datatypes::Field> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match renames.iter().find(|(p, _)| *p == i) {
+            Some((_, name)) => f.as_ref().clone().with_name(name),
+            None => f.as_ref().clone(),
+        })
+        .collect();
+    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
+    let batches = batches
+        .into_iter()
+        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Output::Rows { schema, batches })
 }
 
 /// Runs one statement in a session.

@@ -221,7 +221,9 @@ impl SimpleQueryHandler for Connection {
         for p in parsed {
             let result = match p {
                 Parsed::NoOp(tag) => Ok(Output::command(tag)),
-                Parsed::Statement(s) => run(session, *s, None, None).await,
+                Parsed::Statement(s, renames) => run(session, *s, None, None)
+                    .await
+                    .and_then(|o| exec::rename_columns(o, &renames)),
             };
             match result {
                 Ok(output) => {
@@ -268,10 +270,10 @@ impl QueryParser for StatementParser {
         C: ClientInfo + Unpin + Send + Sync,
     {
         let parsed = sql::parse_single(sql).map_err(pg_error)?;
-        let statement = match parsed {
+        let (statement, renames) = match parsed {
             None => return Ok(None),
-            Some(Parsed::NoOp(_)) => None,
-            Some(Parsed::Statement(s)) => Some(*s),
+            Some(Parsed::NoOp(_)) => (None, vec![]),
+            Some(Parsed::Statement(s, renames)) => (Some(*s), renames),
         };
         let mut plan = None;
         if let Some(stmt) = &statement
@@ -287,7 +289,11 @@ impl QueryParser for StatementParser {
                 Err(e) => return Err(pg_error(e)),
             }
         }
-        Ok(Some(Prepared { statement, plan }))
+        Ok(Some(Prepared {
+            statement,
+            plan,
+            renames,
+        }))
     }
 
     fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
@@ -395,6 +401,7 @@ impl ExtendedQueryHandler for Connection {
         }
         let output = run(session, statement, prepared.plan.clone(), params)
             .await
+            .and_then(|o| exec::rename_columns(o, &prepared.renames))
             .map_err(pg_error)?;
         response(session, output, &portal.result_column_format)
     }

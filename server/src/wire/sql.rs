@@ -49,8 +49,8 @@ fn no_op_command(sql: &str) -> Option<&'static str> {
 /// A unit of work from the query text.
 #[derive(Debug, Clone)]
 pub enum Parsed {
-    /// A parsed statement.
-    Statement(Box<Statement>),
+    /// A parsed statement, with output columns to rename back after it runs.
+    Statement(Box<Statement>, Vec<(usize, String)>),
     /// A no-op command answered with the given tag.
     NoOp(&'static str),
 }
@@ -68,7 +68,10 @@ pub fn parse(sql: &str) -> Result<Vec<Parsed>> {
     };
     Ok(statements
         .into_iter()
-        .map(|s| Parsed::Statement(Box::new(millrace_planner::rewrite::rewrite(s))))
+        .map(|s| {
+            let r = millrace_planner::rewrite::rewrite(s);
+            Parsed::Statement(Box::new(r.statement), r.renames)
+        })
         .collect())
 }
 

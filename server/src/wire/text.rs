@@ -1,6 +1,7 @@
 //! PostgreSQL text rendering for the types whose pgwire text encoding differs from
 //! PostgreSQL's: timestamps print their fraction only when it is non-zero (trimmed), and
-//! `timestamptz` values print in the session's TimeZone with a short offset (`+01`).
+//! `timestamptz` values print in the session's TimeZone with a short offset (`+01`); floats
+//! print in PostgreSQL's shortest form (`98`, `1e+20`, `Infinity`).
 
 use std::sync::Arc;
 
@@ -13,13 +14,15 @@ use pgwire::api::results::{FieldFormat, FieldInfo};
 
 use crate::error::Result;
 
-/// Re-renders text-format timestamp columns of `batch` as PostgreSQL prints them.
+/// Re-renders text-format timestamp and float columns of `batch` as PostgreSQL prints them.
 pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Result<RecordBatch> {
     let needs = batch.schema().fields().iter().enumerate().any(|(i, f)| {
-        matches!(f.data_type(), DataType::Timestamp(_, _))
-            && fields
-                .get(i)
-                .is_some_and(|fi| fi.format() == FieldFormat::Text)
+        matches!(
+            f.data_type(),
+            DataType::Timestamp(_, _) | DataType::Float32 | DataType::Float64
+        ) && fields
+            .get(i)
+            .is_some_and(|fi| fi.format() == FieldFormat::Text)
     });
     if !needs {
         return Ok(batch);
@@ -58,6 +61,34 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
                 columns.push(Arc::new(rendered) as ArrayRef);
                 out_fields.push(Field::new(field.name(), DataType::Utf8, true));
             }
+            DataType::Float64 | DataType::Float32 if text => {
+                let wide = cast(column, &DataType::Float64)?;
+                let precision = if field.data_type() == &DataType::Float32 {
+                    6
+                } else {
+                    15
+                };
+                let rendered: StringArray = match wide
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::Float64Array>(
+                ) {
+                    Some(a) => a
+                        .iter()
+                        .map(|v| {
+                            v.map(|x| {
+                                if field.data_type() == &DataType::Float32 {
+                                    pg_float(format!("{:e}", x as f32), x, precision)
+                                } else {
+                                    pg_float(format!("{x:e}"), x, precision)
+                                }
+                            })
+                        })
+                        .collect(),
+                    None => StringArray::new_null(column.len()),
+                };
+                columns.push(Arc::new(rendered) as ArrayRef);
+                out_fields.push(Field::new(field.name(), DataType::Utf8, true));
+            }
             _ => {
                 columns.push(column.clone());
                 out_fields.push(field.as_ref().clone());
@@ -68,6 +99,56 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
         Arc::new(Schema::new(out_fields)),
         columns,
     )?)
+}
+
+/// PostgreSQL's float output: shortest round-trip digits, in exponent form when the decimal
+/// exponent is below -4 or at least `precision` (15 for float8, 6 for float4).
+fn pg_float(scientific: String, value: f64, precision: i32) -> String {
+    if value.is_nan() {
+        return "NaN".into();
+    }
+    if value.is_infinite() {
+        return if value > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    if value == 0.0 {
+        return if value.is_sign_negative() {
+            "-0".into()
+        } else {
+            "0".into()
+        };
+    }
+    let (mantissa, exp) = match scientific.split_once('e') {
+        Some((m, e)) => (m.to_string(), e.parse::<i32>().unwrap_or(0)),
+        None => return scientific,
+    };
+    let negative = mantissa.starts_with('-');
+    let digits: String = mantissa.chars().filter(|c| c.is_ascii_digit()).collect();
+    let sign = if negative { "-" } else { "" };
+    if exp < -4 || exp >= precision {
+        let (first, rest) = digits.split_at(1);
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        return format!("{sign}{first}{frac}e{esign}{:02}", exp.abs());
+    }
+    let len = digits.len() as i32;
+    if exp < 0 {
+        let zeros = "0".repeat((-exp - 1) as usize);
+        format!("{sign}0.{zeros}{digits}")
+    } else if len <= exp + 1 {
+        let zeros = "0".repeat((exp + 1 - len) as usize);
+        format!("{sign}{digits}{zeros}")
+    } else {
+        let (int, frac) = digits.split_at((exp + 1) as usize);
+        format!("{sign}{int}.{frac}")
+    }
 }
 
 fn fraction(nanos: u32) -> String {
@@ -108,6 +189,29 @@ fn with_zone<Z: TimeZone>(utc: DateTime<Utc>, zone: &Z) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floats_print_like_postgres() {
+        let f8 = |x: f64| pg_float(format!("{x:e}"), x, 15);
+        let f4 = |x: f32| pg_float(format!("{x:e}"), f64::from(x), 6);
+        assert_eq!(f8(1e15), "1e+15");
+        assert_eq!(f8(1e14), "100000000000000");
+        assert_eq!(f8(123456789012345.0), "123456789012345");
+        assert_eq!(f8(0.0001), "0.0001");
+        assert_eq!(f8(0.00001), "1e-05");
+        assert_eq!(f8(-98.0), "-98");
+        assert_eq!(f8(-2.1875), "-2.1875");
+        assert_eq!(f8(1.25e-7), "1.25e-07");
+        assert_eq!(f8(2.5e100), "2.5e+100");
+        assert_eq!(f8(-0.0), "-0");
+        assert_eq!(f8(f64::NAN), "NaN");
+        assert_eq!(f8(f64::NEG_INFINITY), "-Infinity");
+        assert_eq!(f4(1e6), "1e+06");
+        assert_eq!(f4(123456.0), "123456");
+        assert_eq!(f4(1234567.0), "1.234567e+06");
+        assert_eq!(f4(12345.678), "12345.678");
+        assert_eq!(f4(0.1), "0.1");
+    }
 
     #[test]
     fn fractions_trim_like_postgres() {
