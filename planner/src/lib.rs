@@ -4,6 +4,7 @@
 //! [`Catalog`], whose tables are [`MillraceTable`] providers over the storage layer's
 //! columnar cache. (The incremental plan of materialized views will be built here as well.)
 #![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod catalog;
 pub mod correlated;

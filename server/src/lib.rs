@@ -1,6 +1,7 @@
 //! Millrace server: the PostgreSQL front end, sessions, DDL/DML execution and the catalog's
 //! durable bootstrap. `main.rs` parses the command line and calls [`server::run`].
 #![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
 pub mod engine;

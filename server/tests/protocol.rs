@@ -340,8 +340,7 @@ async fn garbage_and_disconnects_do_not_hurt_the_server() {
     // A client that disconnects in the middle of a COPY: nothing of it lands.
     {
         let c = server.connect("millrace").await.expect("connect");
-        let sink = c.copy_in("COPY keep FROM STDIN").await.expect("copy");
-        futures::pin_mut!(sink);
+        let mut sink = Box::pin(c.copy_in("COPY keep FROM STDIN").await.expect("copy"));
         sink.send(bytes::Bytes::from_static(b"2\n3\n"))
             .await
             .expect("send");

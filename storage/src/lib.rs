@@ -4,6 +4,7 @@
 //! synced to RocksDB's WAL before the statement is acknowledged. Tables are read through the
 //! [`ColumnarTable`] cache, which is rebuilt from the durable table logs on start.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod catalog_record;
 pub mod columnar;
