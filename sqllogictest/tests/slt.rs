@@ -98,9 +98,7 @@ fn main() -> ExitCode {
                 suite.name,
                 suite.dir.display()
             );
-            if suite.name == "ours" {
-                ok = false;
-            }
+            ok = false;
             continue;
         }
         let started = std::time::Instant::now();
