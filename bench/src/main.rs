@@ -1,0 +1,187 @@
+//! Benchmark client: runs the same workload against Millrace and PostgreSQL (both already
+//! listening on loopback) and prints the figures side by side. `bench/run` starts both
+//! servers; see `bench/README.md`.
+//!
+//! Usage: `millrace-bench point-select|copy NAME=PORT...` with options from the environment:
+//! `BENCH_ROWS` (table size), `BENCH_SECONDS`, `BENCH_CLIENTS`, `BENCH_COPY_ROWS`.
+
+use std::time::{Duration, Instant};
+
+use futures::SinkExt;
+use rand::Rng;
+use tokio_postgres::{Client, NoTls};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn connect(port: u16, user: &str, db: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user={user} dbname={db}"),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// A server under test: a name and how to connect.
+#[derive(Clone)]
+struct Target {
+    name: String,
+    port: u16,
+    user: String,
+    db: String,
+}
+
+fn text_rows(from: usize, to: usize) -> bytes::Bytes {
+    let mut s = String::with_capacity((to - from) * 40);
+    for i in from..to {
+        s.push_str(&format!("{i}\t{}\t0\tfiller-{i:08}\n", i % 100));
+    }
+    bytes::Bytes::from(s)
+}
+
+async fn copy_rows(
+    client: &Client,
+    table: &str,
+    rows: usize,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let sink = client.copy_in(&format!("COPY {table} FROM STDIN")).await?;
+    futures::pin_mut!(sink);
+    let chunk = 50_000;
+    let mut i = 0;
+    while i < rows {
+        let end = (i + chunk).min(rows);
+        sink.send(text_rows(i, end)).await?;
+        i = end;
+    }
+    sink.finish().await?;
+    Ok(started.elapsed())
+}
+
+async fn setup_accounts(
+    t: &Target,
+    table: &str,
+    rows: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let c = connect(t.port, &t.user, &t.db).await?;
+    c.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await?;
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (aid INT PRIMARY KEY, bid INT, abalance INT, filler TEXT)"
+    ))
+    .await?;
+    copy_rows(&c, table, rows).await?;
+    Ok(())
+}
+
+async fn point_select(
+    t: &Target,
+    rows: usize,
+    seconds: u64,
+    clients: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    setup_accounts(t, "bench_accounts", rows).await?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let c = connect(t.port, &t.user, &t.db).await?;
+        tasks.push(tokio::spawn(async move {
+            let stmt = c
+                .prepare("SELECT abalance FROM bench_accounts WHERE aid = $1")
+                .await?;
+            let mut n = 0u64;
+            let mut rng = rand::rng();
+            while Instant::now() < deadline {
+                let aid: i32 = rng.random_range(0..rows as i32);
+                let row = c.query_one(&stmt, &[&aid]).await?;
+                let _: i32 = row.get(0);
+                n += 1;
+            }
+            Ok::<u64, tokio_postgres::Error>(n)
+        }));
+    }
+    let mut total = 0u64;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / seconds as f64)
+}
+
+async fn copy_bench(t: &Target, rows: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let c = connect(t.port, &t.user, &t.db).await?;
+    c.batch_execute("DROP TABLE IF EXISTS bench_copy").await?;
+    c.batch_execute("CREATE TABLE bench_copy (aid INT, bid INT, abalance INT, filler TEXT)")
+        .await?;
+    let took = copy_rows(&c, "bench_copy", rows).await?;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM bench_copy", &[])
+        .await?
+        .get(0);
+    if n as usize != rows {
+        return Err(format!("{}: expected {rows} rows after COPY, found {n}", t.name).into());
+    }
+    Ok(rows as f64 / took.as_secs_f64())
+}
+
+fn parse_targets(args: &[String]) -> Vec<Target> {
+    args.iter()
+        .filter_map(|a| {
+            let (name, rest) = a.split_once('=')?;
+            let mut parts = rest.split(':');
+            let port = parts.next()?.parse().ok()?;
+            let user = parts.next().unwrap_or("millrace").to_string();
+            let db = parts.next().unwrap_or("millrace").to_string();
+            Some(Target {
+                name: name.to_string(),
+                port,
+                user,
+                db,
+            })
+        })
+        .collect()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(what) = args.first() else {
+        eprintln!("usage: millrace-bench point-select|copy NAME=PORT[:USER[:DB]]...");
+        std::process::exit(2);
+    };
+    let targets = parse_targets(&args[1..]);
+    match what.as_str() {
+        "point-select" => {
+            let rows = env_usize("BENCH_ROWS", 100_000);
+            let seconds = env_usize("BENCH_SECONDS", 10) as u64;
+            let clients = env_usize("BENCH_CLIENTS", 4);
+            println!(
+                "point SELECT by primary key: {rows} rows, {clients} clients, {seconds} s each"
+            );
+            for t in &targets {
+                let tps = point_select(t, rows, seconds, clients).await?;
+                println!("  {:<12} {:>10.0} tps", t.name, tps);
+            }
+        }
+        "copy" => {
+            let rows = env_usize("BENCH_COPY_ROWS", 1_000_000);
+            println!("COPY FROM STDIN (text), {rows} rows of (int, int, int, text)");
+            for t in &targets {
+                let rps = copy_bench(t, rows).await?;
+                println!("  {:<12} {:>10.0} rows/s", t.name, rps);
+            }
+        }
+        other => {
+            eprintln!("unknown benchmark {other}");
+            std::process::exit(2);
+        }
+    }
+    Ok(())
+}
