@@ -8,7 +8,8 @@
 use std::time::{Duration, Instant};
 
 use futures::SinkExt;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio_postgres::{Client, NoTls};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -91,14 +92,14 @@ async fn point_select(
     setup_accounts(t, "bench_accounts", rows).await?;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for _ in 0..clients {
+    for client_no in 0..clients {
         let c = connect(t.port, &t.user, &t.db).await?;
         tasks.push(tokio::spawn(async move {
             let stmt = c
                 .prepare("SELECT abalance FROM bench_accounts WHERE aid = $1")
                 .await?;
             let mut n = 0u64;
-            let mut rng = rand::rng();
+            let mut rng = StdRng::seed_from_u64(client_no as u64);
             while Instant::now() < deadline {
                 let aid: i32 = rng.random_range(0..rows as i32);
                 let row = c.query_one(&stmt, &[&aid]).await?;
