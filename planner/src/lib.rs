@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod correlated;
 pub mod error;
+pub mod lookup;
 pub mod pg_casts;
 pub mod rewrite;
 pub mod row_id;

@@ -1,7 +1,7 @@
 //! `MillraceTable`: the DataFusion `TableProvider` over one table's columnar cache.
 //!
-//! Scans read a snapshot of the live Arrow chunks; an equality filter on every primary-key
-//! column becomes a point lookup in the key index instead of a scan.
+//! Scans read a snapshot of the live Arrow chunks; filters that pin the primary key or pin or
+//! bound an indexed column become a lookup in that index instead (see `lookup.rs`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -14,9 +14,11 @@ use datafusion::catalog::Session;
 use datafusion::common::{Constraints, DataFusionError, ScalarValue};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableProvider, TableType};
-use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use millrace_storage::{ColumnarTable, TableSnapshot};
+
+use crate::lookup::{LookupExec, column_range, key_bounds};
 
 /// Rows per scan partition above which a scan is split across partitions.
 const ROWS_PER_PARTITION: usize = 65_536;
@@ -60,53 +62,81 @@ impl MillraceTable {
             .map_err(|e| DataFusionError::External(Box::new(e)))
     }
 
-    /// If `filters` pin every primary-key column to a literal, the matching rows.
-    fn point_lookup(&self, filters: &[Expr]) -> datafusion::error::Result<Option<RecordBatch>> {
-        let Some(pk) = &self.def.primary_key else {
+    /// Answers the scan from the primary key or a secondary index when the filters pin or
+    /// bound an indexed column: (EXPLAIN description, matching rows). The rows may be a
+    /// superset of the filters' answer; DataFusion applies the filters above the scan.
+    fn index_lookup(
+        &self,
+        filters: &[Expr],
+    ) -> datafusion::error::Result<Option<(String, RecordBatch)>> {
+        if filters.is_empty() {
             return Ok(None);
-        };
-        let mut values: Vec<Option<ScalarValue>> = vec![None; pk.len()];
-        for filter in filters {
-            for conjunct in split_and(filter) {
-                if let Some((col, value)) = column_eq_literal(conjunct)
-                    && let Ok(idx) = self.def.schema.index_of(&col)
-                    && let Some(pos) = pk.iter().position(|&c| c == idx)
-                {
-                    values[pos] = Some(value);
-                }
-            }
-        }
-        let mut keys: Vec<ArrayRef> = Vec::with_capacity(pk.len());
-        for (pos, value) in values.into_iter().enumerate() {
-            let Some(value) = value else {
-                return Ok(None);
-            };
-            let target = self.def.schema.field(pk[pos]).data_type();
-            let Ok(cast) = value.cast_to(target) else {
-                return Ok(None);
-            };
-            // NOTE: a literal that changes under the cast (1.5 -> 2) matches no key exactly;
-            // leave such filters to the scan.
-            if cast.cast_to(&value.data_type()).ok().as_ref() != Some(&value) {
-                return Ok(None);
-            }
-            let value = cast;
-            if value.is_null() {
-                return Ok(Some(RecordBatch::new_empty(self.def.schema.clone())));
-            }
-            keys.push(value.to_array()?);
         }
         let data = self
             .data
             .read()
             .map_err(|_| DataFusionError::Internal("table lock poisoned".into()))?;
-        let ids = data
-            .lookup_keys(&keys)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let rows = data
-            .fetch(&ids)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        Ok(Some(rows))
+        let external = |e: millrace_storage::StorageError| DataFusionError::External(Box::new(e));
+        let schema = &self.def.schema;
+        if let Some(pk) = &self.def.primary_key {
+            let mut per_column: Vec<Vec<ScalarValue>> = Vec::with_capacity(pk.len());
+            for &c in pk {
+                let f = schema.field(c);
+                match column_range(filters, f.name(), f.data_type()).points {
+                    Some(points) if !points.is_empty() && (pk.len() == 1 || points.len() == 1) => {
+                        per_column.push(points)
+                    }
+                    Some(points) if points.is_empty() => {
+                        return Ok(Some((
+                            "PrimaryKeyLookup: no key matches".into(),
+                            RecordBatch::new_empty(schema.clone()),
+                        )));
+                    }
+                    _ => break,
+                }
+            }
+            if per_column.len() == pk.len() {
+                let mut ids = Vec::new();
+                let combos = per_column.first().map(|p| p.len()).unwrap_or(0);
+                for i in 0..combos {
+                    let mut keys: Vec<ArrayRef> = Vec::with_capacity(pk.len());
+                    for (pos, points) in per_column.iter().enumerate() {
+                        let v = if pos == 0 { &points[i] } else { &points[0] };
+                        keys.push(v.to_array()?);
+                    }
+                    ids.extend(data.lookup_keys(&keys).map_err(external)?);
+                }
+                let cols: Vec<&str> = pk
+                    .iter()
+                    .map(|&c| schema.field(c).name().as_str())
+                    .collect();
+                let rows = data.fetch(&ids).map_err(external)?;
+                return Ok(Some((
+                    format!("PrimaryKeyLookup: ({}) keys={combos}", cols.join(", ")),
+                    rows,
+                )));
+            }
+        }
+        for index in data.indexes() {
+            let field = schema.field(index.key_column());
+            let range = column_range(filters, field.name(), field.data_type());
+            if !range.is_useful() {
+                continue;
+            }
+            let bounds = key_bounds(&range, |v| index.encode(&v.to_array()?).map_err(external))?;
+            let mut ids = Vec::new();
+            for (lower, upper) in bounds {
+                ids.extend(index.range(lower, upper));
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            let rows = data.fetch(&ids).map_err(external)?;
+            return Ok(Some((
+                format!("IndexScan: {} on {} {range}", index.name, field.name()),
+                rows,
+            )));
+        }
+        Ok(None)
     }
 }
 
@@ -150,10 +180,14 @@ impl TableProvider for MillraceTable {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let partitions = match self.point_lookup(filters)? {
-            Some(rows) => vec![vec![rows]],
-            None => partition(self.snapshot()?.batches),
-        };
+        if let Some((description, rows)) = self.index_lookup(filters)? {
+            let rows = match projection {
+                Some(p) => rows.project(p)?,
+                None => rows,
+            };
+            return Ok(Arc::new(LookupExec::new(description, rows)));
+        }
+        let partitions = partition(self.snapshot()?.batches);
         Ok(MemorySourceConfig::try_new_exec(
             &partitions,
             self.def.schema.clone(),
@@ -171,47 +205,4 @@ fn partition(batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
         out[i % n].push(b);
     }
     out
-}
-
-fn split_and(expr: &Expr) -> Vec<&Expr> {
-    match expr {
-        Expr::BinaryExpr(BinaryExpr {
-            left,
-            op: Operator::And,
-            right,
-        }) => {
-            let mut v = split_and(left);
-            v.extend(split_and(right));
-            v
-        }
-        other => vec![other],
-    }
-}
-
-fn column_eq_literal(expr: &Expr) -> Option<(String, ScalarValue)> {
-    let Expr::BinaryExpr(BinaryExpr {
-        left,
-        op: Operator::Eq,
-        right,
-    }) = expr
-    else {
-        return None;
-    };
-    // NOTE: only the literal side may carry a cast: a cast on the column (text to int, say)
-    // can map several stored values to one key, so the lookup would miss rows.
-    match (left.as_ref(), right.as_ref()) {
-        (Expr::Column(c), other) | (other, Expr::Column(c)) => match strip_cast(other) {
-            Expr::Literal(v, _) => Some((c.name.clone(), v.clone())),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn strip_cast(expr: &Expr) -> &Expr {
-    match expr {
-        Expr::Cast(c) => strip_cast(&c.expr),
-        Expr::TryCast(c) => strip_cast(&c.expr),
-        other => other,
-    }
 }

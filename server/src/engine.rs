@@ -303,7 +303,14 @@ impl Engine {
                 Ok(0)
             }
             ObjectKind::Index => {
+                let table = record
+                    .depends_on
+                    .first()
+                    .and_then(|id| self.catalog.table(*id));
                 self.catalog.register_index(record);
+                if let Some(table) = table {
+                    ddl::attach_indexes(self, &table)?;
+                }
                 Ok(0)
             }
         }

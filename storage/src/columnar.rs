@@ -14,6 +14,7 @@ use arrow::datatypes::SchemaRef;
 use arrow_row::{RowConverter, SortField};
 
 use crate::error::{Result, StorageError};
+use crate::index::SecondaryIndex;
 use crate::log_entry::LogEntry;
 
 /// Identifier of a row inside one table; never reused.
@@ -97,6 +98,8 @@ pub struct ColumnarTable {
     key_converter: Option<RowConverter>,
     /// Primary-key bytes to the row holding them.
     key_index: HashMap<Box<[u8]>, RowId>,
+    /// Secondary indexes (CREATE INDEX).
+    indexes: Vec<SecondaryIndex>,
 }
 
 impl ColumnarTable {
@@ -119,6 +122,7 @@ impl ColumnarTable {
             primary_key,
             key_converter,
             key_index: HashMap::new(),
+            indexes: Vec::new(),
         })
     }
 
@@ -135,6 +139,28 @@ impl ColumnarTable {
     /// Number of live rows.
     pub fn num_rows(&self) -> usize {
         self.locations.len()
+    }
+
+    /// Builds a secondary index over the current rows.
+    pub fn add_index(&mut self, name: &str, columns: Vec<usize>) -> Result<()> {
+        let mut index = SecondaryIndex::try_new(name, columns, &self.schema)?;
+        for chunk in self.chunks.values() {
+            let (batch, ids) = chunk.visible()?;
+            index.insert(batch, ids.values())?;
+        }
+        self.indexes.retain(|i| i.name != name);
+        self.indexes.push(index);
+        Ok(())
+    }
+
+    /// Drops a secondary index.
+    pub fn drop_index(&mut self, name: &str) {
+        self.indexes.retain(|i| i.name != name);
+    }
+
+    /// The secondary indexes.
+    pub fn indexes(&self) -> &[SecondaryIndex] {
+        &self.indexes
     }
 
     /// Whether a live row has this id.
@@ -174,6 +200,9 @@ impl ColumnarTable {
         }
         let batch = self.conform(batch)?;
         let keys = self.encode_keys(&batch)?;
+        for index in &mut self.indexes {
+            index.insert(&batch, row_ids.values())?;
+        }
         let chunk_id = self.next_chunk;
         self.next_chunk += 1;
         for (row, &id) in row_ids.values().iter().enumerate() {
@@ -212,13 +241,20 @@ impl ColumnarTable {
                 removed_keys.push((chunk_id, row));
             }
         }
-        if self.key_converter.is_some() {
+        if self.key_converter.is_some() || !self.indexes.is_empty() {
             for (chunk_id, row) in removed_keys {
-                if let Some(chunk) = self.chunks.get(&chunk_id)
-                    && let Ok(Some(keys)) = self.encode_keys(&chunk.batch.slice(row, 1))
+                let Some(chunk) = self.chunks.get(&chunk_id) else {
+                    continue;
+                };
+                let one = chunk.batch.slice(row, 1);
+                let id = chunk.row_ids.value(row);
+                if let Ok(Some(keys)) = self.encode_keys(&one)
                     && let Some(key) = keys.into_iter().next()
                 {
                     self.key_index.remove(&key);
+                }
+                for index in &mut self.indexes {
+                    let _ = index.remove(&one, &[id]);
                 }
             }
         }

@@ -10,10 +10,12 @@ pub mod catalog_record;
 pub mod columnar;
 pub mod db;
 pub mod error;
+pub mod index;
 pub mod log_entry;
 
 pub use catalog_record::{CatalogRecord, ObjectKind};
 pub use columnar::{ColumnarTable, RowId, TableSnapshot};
 pub use db::{Store, WriteSet};
 pub use error::{Result, StorageError};
+pub use index::SecondaryIndex;
 pub use log_entry::LogEntry;

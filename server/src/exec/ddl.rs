@@ -71,7 +71,7 @@ pub async fn run(session: &mut Session, stmt: Statement) -> Result<Output> {
             if_not_exists,
             ..
         } => create_database(session, &db_name, if_not_exists),
-        Statement::CreateIndex(index) => create_index(session, index),
+        Statement::CreateIndex(index) => create_index(session, index).await,
         Statement::Drop {
             object_type,
             if_exists,
@@ -531,7 +531,7 @@ fn create_database(
     Ok(Output::command("CREATE DATABASE"))
 }
 
-fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<Output> {
+async fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<Output> {
     let table = names::resolve(session, &index.table_name)?;
     let Some(table_record) = session.engine.catalog.find(
         &[ObjectKind::Table],
@@ -555,18 +555,13 @@ fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<Output
             session.engine.store().allocate_object_id()
         ),
     };
-    if let Some(t) = session.engine.catalog.table(table_record.id) {
-        for col in &index.columns {
-            let col_name = col.column.expr.to_string().trim_matches('"').to_lowercase();
-            if t.def.schema.index_of(&col_name).is_err() {
-                return Err(PlanError::UndefinedObject {
-                    kind: "column",
-                    name: col_name,
-                }
-                .into());
-            }
-        }
-    }
+    let Some(table_data) = session.engine.catalog.table(table_record.id) else {
+        return Err(ServerError::Internal(format!(
+            "table {} has no data",
+            table.name
+        )));
+    };
+    let columns = index_columns(&table_data.def.schema, &index)?;
     if session
         .engine
         .catalog
@@ -597,11 +592,63 @@ fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<Output
         depends_on: vec![table_record.id],
         search_schema: None,
     };
+    let _write = session.engine.write_lock.lock().await;
     let mut set = WriteSet::new();
     set.put_catalog(record.clone());
     session.engine.commit_write_set(set)?;
+    table_data
+        .data
+        .write()
+        .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+        .add_index(&record.name, columns)?;
     session.engine.catalog.register_index(record);
     Ok(Output::command("CREATE INDEX"))
+}
+
+/// Table column positions of a CREATE INDEX statement's columns.
+pub fn index_columns(schema: &SchemaRef, index: &ast::CreateIndex) -> Result<Vec<usize>> {
+    let mut out = Vec::with_capacity(index.columns.len());
+    for col in &index.columns {
+        let name = match &col.column.expr {
+            ast::Expr::Identifier(i) => names::fold(i),
+            ast::Expr::CompoundIdentifier(parts) => {
+                parts.last().map(names::fold).unwrap_or_default()
+            }
+            other => {
+                return Err(ServerError::NotSupported(format!(
+                    "index on expression {other}"
+                )));
+            }
+        };
+        out.push(
+            schema
+                .index_of(&name)
+                .map_err(|_| PlanError::UndefinedObject {
+                    kind: "column",
+                    name: name.clone(),
+                })?,
+        );
+    }
+    Ok(out)
+}
+
+/// Builds the secondary indexes recorded for a table (after replay or a table rewrite).
+pub fn attach_indexes(engine: &Engine, table: &MillraceTable) -> Result<()> {
+    for record in engine.catalog.records() {
+        if record.kind != ObjectKind::Index || record.depends_on.first() != Some(&table.id) {
+            continue;
+        }
+        let Statement::CreateIndex(index) = parse_one(&record.sql)? else {
+            continue;
+        };
+        let columns = index_columns(&table.def.schema, &index)?;
+        table
+            .data
+            .write()
+            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+            .add_index(&record.name, columns)?;
+    }
+    Ok(())
 }
 
 fn drop_objects(
@@ -719,6 +766,12 @@ fn drop_objects(
     }
     session.engine.commit_write_set(set)?;
     for r in &doomed {
+        if r.kind == ObjectKind::Index
+            && let Some(table) = r.depends_on.first().and_then(|id| catalog.table(*id))
+            && let Ok(mut data) = table.data.write()
+        {
+            data.drop_index(&r.name);
+        }
         catalog.deregister(r)?;
     }
     Ok(Output::command(tag))
@@ -838,7 +891,8 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
     session
         .engine
         .catalog
-        .register_relation(new_record, table.clone(), Some(table))?;
+        .register_relation(new_record, table.clone(), Some(table.clone()))?;
+    attach_indexes(&session.engine, &table)?;
     Ok(Output::command("ALTER TABLE"))
 }
 
