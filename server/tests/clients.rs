@@ -7,7 +7,9 @@ use std::process::Command;
 use millrace_sqllogictest::TestServer;
 
 fn clients_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients")
+    std::env::current_dir()
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../clients")
 }
 
 #[test]

@@ -33,7 +33,11 @@ fn baseline(root: &Path) -> BTreeMap<String, usize> {
 }
 
 fn main() -> ExitCode {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    // NOTE: cargo runs tests from the package directory; the compile-time manifest dir may
+    // name another checkout that shares the target directory.
+    let root = std::env::current_dir()
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..");
     let shared = std::env::var("MILLRACE_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("../shared"));

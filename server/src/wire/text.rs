@@ -9,7 +9,7 @@ use chrono::{DateTime, NaiveDateTime, Offset, TimeZone, Utc};
 use datafusion::arrow::array::timezone::Tz;
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, IntervalUnit, Schema, TimeUnit};
 use pgwire::api::results::{FieldFormat, FieldInfo};
 
 use crate::error::Result;
@@ -19,7 +19,10 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
     let needs = batch.schema().fields().iter().enumerate().any(|(i, f)| {
         matches!(
             f.data_type(),
-            DataType::Timestamp(_, _) | DataType::Float32 | DataType::Float64
+            DataType::Timestamp(_, _)
+                | DataType::Float32
+                | DataType::Float64
+                | DataType::Interval(IntervalUnit::MonthDayNano)
         ) && fields
             .get(i)
             .is_some_and(|fi| fi.format() == FieldFormat::Text)
@@ -58,6 +61,31 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
                         .collect(),
                     None => StringArray::new_null(column.len()),
                 };
+                columns.push(Arc::new(rendered) as ArrayRef);
+                out_fields.push(Field::new(field.name(), DataType::Utf8, true));
+            }
+            // NOTE: arrow-pg encodes a NULL interval as `00:00:00`; render intervals here.
+            DataType::Interval(IntervalUnit::MonthDayNano) if text => {
+                let rendered: StringArray =
+                    match column
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::IntervalMonthDayNanoArray>()
+                    {
+                        Some(a) => a
+                            .iter()
+                            .map(|v| {
+                                v.map(|iv| {
+                                    pg_interval::Interval::new(
+                                        iv.months,
+                                        iv.days,
+                                        iv.nanoseconds / 1000,
+                                    )
+                                    .to_postgres()
+                                })
+                            })
+                            .collect(),
+                        None => StringArray::new_null(column.len()),
+                    };
                 columns.push(Arc::new(rendered) as ArrayRef);
                 out_fields.push(Field::new(field.name(), DataType::Utf8, true));
             }
