@@ -14,7 +14,6 @@ use datafusion::sql::sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget,
 };
 use millrace_planner::{MillraceTable, PlanError};
-use millrace_storage::ObjectKind;
 use pgwire::api::portal::Format;
 
 use crate::engine::TableChange;
@@ -180,25 +179,7 @@ pub async fn start(
     else {
         return Err(ServerError::Syntax("COPY FROM needs a table".into()));
     };
-    let name = names::resolve(session, &table_name)?;
-    let Some(record) = session.engine.catalog.find(
-        &[ObjectKind::Table],
-        &name.database,
-        &name.schema,
-        &name.name,
-    ) else {
-        return Err(PlanError::UndefinedObject {
-            kind: "table",
-            name: name.name,
-        }
-        .into());
-    };
-    let Some(table) = session.engine.catalog.table(record.id) else {
-        return Err(ServerError::Internal(format!(
-            "table {} has no data",
-            name.name
-        )));
-    };
+    let names::ResolvedTable { name, table, .. } = names::require_table(session, &table_name)?;
     let schema = table.def.schema.clone();
     let column_indices = if columns.is_empty() {
         (0..schema.fields().len()).collect()

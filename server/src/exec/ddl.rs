@@ -532,19 +532,11 @@ fn create_database(
 }
 
 async fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<Output> {
-    let table = names::resolve(session, &index.table_name)?;
-    let Some(table_record) = session.engine.catalog.find(
-        &[ObjectKind::Table],
-        &table.database,
-        &table.schema,
-        &table.name,
-    ) else {
-        return Err(PlanError::UndefinedObject {
-            kind: "table",
-            name: table.name,
-        }
-        .into());
-    };
+    let names::ResolvedTable {
+        name: table,
+        record: table_record,
+        table: table_data,
+    } = names::require_table(session, &index.table_name)?;
     let index_name = match &index.name {
         Some(n) => names::parts(n)
             .pop()
@@ -554,12 +546,6 @@ async fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<
             table.name,
             session.engine.store().allocate_object_id()
         ),
-    };
-    let Some(table_data) = session.engine.catalog.table(table_record.id) else {
-        return Err(ServerError::Internal(format!(
-            "table {} has no data",
-            table.name
-        )));
     };
     let columns = index_columns(&table_data.def.schema, &index)?;
     if session
@@ -778,27 +764,20 @@ fn drop_objects(
 }
 
 async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Output> {
-    let name = names::resolve(session, &alter.name)?;
-    let Some(record) = session.engine.catalog.find(
-        &[ObjectKind::Table],
-        &name.database,
-        &name.schema,
-        &name.name,
-    ) else {
+    let Some(names::ResolvedTable {
+        name,
+        record,
+        table: old,
+    }) = names::find_table(session, &alter.name)?
+    else {
         if alter.if_exists {
             return Ok(Output::command("ALTER TABLE"));
         }
         return Err(PlanError::UndefinedObject {
             kind: "table",
-            name: name.name,
+            name: names::parts(&alter.name).pop().unwrap_or_default(),
         }
         .into());
-    };
-    let Some(old) = session.engine.catalog.table(record.id) else {
-        return Err(ServerError::Internal(format!(
-            "table {} has no data",
-            name.name
-        )));
     };
     let Statement::CreateTable(mut create) = parse_one(&record.sql)? else {
         return Err(ServerError::Internal(

@@ -20,7 +20,6 @@ use datafusion::logical_expr::{
 use datafusion::prelude::DataFrame;
 use datafusion::sql::sqlparser::ast::{self, Statement};
 use millrace_planner::{MillraceTable, ROW_ID_COLUMN, RowIdTable};
-use millrace_storage::ObjectKind;
 
 use crate::engine::TableChange;
 use crate::error::{Result, ServerError};
@@ -165,25 +164,7 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
     let _write = engine.write_lock.lock().await;
     let mut changes = Vec::new();
     for target in &truncate.table_names {
-        let name = names::resolve(session, &target.name)?;
-        let Some(record) = engine.catalog.find(
-            &[ObjectKind::Table],
-            &name.database,
-            &name.schema,
-            &name.name,
-        ) else {
-            return Err(millrace_planner::PlanError::UndefinedObject {
-                kind: "table",
-                name: name.name,
-            }
-            .into());
-        };
-        let Some(table) = engine.catalog.table(record.id) else {
-            return Err(ServerError::Internal(format!(
-                "table {} has no data",
-                name.name
-            )));
-        };
+        let names::ResolvedTable { name, table, .. } = names::require_table(session, &target.name)?;
         let deletes: Vec<u64> = table
             .snapshot()?
             .row_ids

@@ -126,10 +126,8 @@ pub async fn execute(
         return Err(ServerError::InFailedTransaction);
     }
     let result = dispatch(session, statement, plan, params).await;
-    if result.is_err()
-        && let Some(txn) = &mut session.txn
-    {
-        txn.failed = true;
+    if result.is_err() {
+        session.fail_transaction();
     }
     result
 }

@@ -3,6 +3,11 @@
 
 use datafusion::sql::sqlparser::ast::{Ident, ObjectName};
 
+use std::sync::Arc;
+
+use millrace_planner::{MillraceTable, PlanError};
+use millrace_storage::{CatalogRecord, ObjectKind};
+
 use crate::error::{Result, ServerError};
 use crate::session::Session;
 
@@ -69,5 +74,48 @@ pub fn resolve(session: &Session, name: &ObjectName) -> Result<QualifiedName> {
         database,
         schema,
         name,
+    })
+}
+
+/// A table found by name: its qualified name, catalog record and data.
+pub struct ResolvedTable {
+    /// The qualified name.
+    pub name: QualifiedName,
+    /// Its catalog record.
+    pub record: CatalogRecord,
+    /// The table and its columnar cache.
+    pub table: Arc<MillraceTable>,
+}
+
+/// Resolves a table name; `Ok(None)` when no table has that name.
+pub fn find_table(session: &Session, name: &ObjectName) -> Result<Option<ResolvedTable>> {
+    let name = resolve(session, name)?;
+    let catalog = &session.engine.catalog;
+    let Some(record) = catalog.find(
+        &[ObjectKind::Table],
+        &name.database,
+        &name.schema,
+        &name.name,
+    ) else {
+        return Ok(None);
+    };
+    let table = catalog
+        .table(record.id)
+        .ok_or_else(|| ServerError::Internal(format!("table {} has no data", name.name)))?;
+    Ok(Some(ResolvedTable {
+        name,
+        record,
+        table,
+    }))
+}
+
+/// Resolves a table name that must exist (42P01 otherwise).
+pub fn require_table(session: &Session, name: &ObjectName) -> Result<ResolvedTable> {
+    find_table(session, name)?.ok_or_else(|| {
+        PlanError::UndefinedObject {
+            kind: "table",
+            name: parts(name).pop().unwrap_or_default(),
+        }
+        .into()
     })
 }

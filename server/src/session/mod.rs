@@ -100,6 +100,14 @@ impl Session {
         self.state().config_options().catalog.default_schema.clone()
     }
 
+    /// Marks the open transaction block (if any) as failed: it refuses statements until it
+    /// ends, and COMMIT rolls it back.
+    pub fn fail_transaction(&mut self) {
+        if let Some(txn) = &mut self.txn {
+            txn.failed = true;
+        }
+    }
+
     /// Whether a transaction block is open.
     pub fn in_transaction(&self) -> bool {
         self.txn.is_some()

@@ -182,9 +182,7 @@ async fn run(
             {
                 Ok(result) => result,
                 Err(_) => {
-                    if let Some(txn) = &mut session.txn {
-                        txn.failed = true;
-                    }
+                    session.fail_transaction();
                     Err(ServerError::StatementTimeout)
                 }
             }
@@ -211,9 +209,7 @@ impl SimpleQueryHandler for Connection {
         let parsed = match sql::parse(query) {
             Ok(p) => p,
             Err(e) => {
-                if let Some(txn) = &mut session.txn {
-                    txn.failed = true;
-                }
+                session.fail_transaction();
                 return Ok(vec![Response::Error(Box::new(error_info(&e)))]);
             }
         };
@@ -451,9 +447,7 @@ impl CopyHandler for Connection {
                 Ok(())
             }
             Err(e) => {
-                if let Some(txn) = &mut session.txn {
-                    txn.failed = true;
-                }
+                session.fail_transaction();
                 Err(pg_error(e))
             }
         }
@@ -468,9 +462,7 @@ impl CopyHandler for Connection {
         let mut guard = self.session.lock().await;
         if let Some(session) = guard.as_mut() {
             session.copy_in = None;
-            if let Some(txn) = &mut session.txn {
-                txn.failed = true;
-            }
+            session.fail_transaction();
         }
         if let Ok(mut slot) = self.copy_error.lock() {
             *slot = None;
