@@ -339,10 +339,20 @@ fn merge_by_table(changes: Vec<TableChange>) -> Result<Vec<TableChange>> {
         if let Some(existing) = out.iter_mut().find(|c| c.table.id == change.table.id) {
             existing.deletes.extend(change.deletes);
             existing.inserts = match (existing.inserts.take(), change.inserts) {
-                (Some(a), Some(b)) => Some(datafusion::arrow::compute::concat_batches(
-                    &a.schema(),
-                    &[a.clone(), b],
-                )?),
+                (Some(a), Some(b)) => {
+                    // NOTE: each statement's batch carries its own nullability; concatenate
+                    // under an all-nullable schema (NOT NULL is enforced at commit).
+                    let loose = Arc::new(datafusion::arrow::datatypes::Schema::new(
+                        a.schema()
+                            .fields()
+                            .iter()
+                            .map(|f| f.as_ref().clone().with_nullable(true))
+                            .collect::<Vec<_>>(),
+                    ));
+                    let a = RecordBatch::try_new(loose.clone(), a.columns().to_vec())?;
+                    let b = RecordBatch::try_new(loose.clone(), b.columns().to_vec())?;
+                    Some(datafusion::arrow::compute::concat_batches(&loose, &[a, b])?)
+                }
                 (a, b) => a.or(b),
             };
         } else {

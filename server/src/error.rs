@@ -58,6 +58,12 @@ pub enum ServerError {
     /// A statement in a transaction block that already failed.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     InFailedTransaction,
+    /// A savepoint command outside a transaction block.
+    #[error("{0} can only be used in transaction blocks")]
+    NoTransaction(&'static str),
+    /// ROLLBACK TO / RELEASE of a savepoint that does not exist.
+    #[error("savepoint \"{0}\" does not exist")]
+    UnknownSavepoint(String),
     /// A concurrent write changed rows this transaction wrote.
     #[error("could not serialize access due to concurrent update")]
     SerializationFailure,
@@ -143,6 +149,8 @@ impl ServerError {
             ServerError::BadCopyFormat(_) => "22P04",
             ServerError::InvalidEncoding(_) => "22021",
             ServerError::InFailedTransaction => "25P02",
+            ServerError::NoTransaction(_) => "25P01",
+            ServerError::UnknownSavepoint(_) => "3B001",
             ServerError::SerializationFailure => "40001",
             ServerError::Canceled | ServerError::StatementTimeout => "57014",
             ServerError::UnknownSetting(_) => "42704",

@@ -44,19 +44,34 @@ fn psql_describe_commands() {
     assert!(stdout.contains("Ada"), "{stdout}");
 }
 
-#[test]
-fn psycopg_round_trip() {
+/// Runs one script of clients/python against a fresh server and checks its success line.
+fn python_client(script: &str, ok_line: &str) {
     let server = TestServer::start(&[]).expect("start millrace");
     let out = Command::new("python3")
-        .arg(clients_dir().join("python/test_psycopg.py"))
+        .arg(clients_dir().join("python").join(script))
         .arg(server.port.to_string())
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && stdout.contains("psycopg: ok"),
-        "psycopg test failed:\n{stdout}\n{stderr}\n{}",
+        out.status.success() && stdout.contains(ok_line),
+        "{script} failed:\n{stdout}\n{stderr}\n{}",
         server.log()
     );
+}
+
+#[test]
+fn psycopg_round_trip() {
+    python_client("test_psycopg.py", "psycopg: ok");
+}
+
+#[test]
+fn asyncpg_round_trip() {
+    python_client("test_asyncpg.py", "asyncpg: ok");
+}
+
+#[test]
+fn sqlalchemy_and_pandas_read_sql() {
+    python_client("test_sqlalchemy_pandas.py", "sqlalchemy+pandas: ok");
 }

@@ -165,6 +165,12 @@ async fn dispatch(
         Statement::Rollback {
             savepoint: None, ..
         } => txn::rollback(session),
+        Statement::Rollback {
+            savepoint: Some(name),
+            ..
+        } => txn::rollback_to(session, &names::fold(&name)),
+        Statement::Savepoint { name } => txn::savepoint(session, &names::fold(&name)),
+        Statement::ReleaseSavepoint { name } => txn::release(session, &names::fold(&name)),
         Statement::Set(_)
         | Statement::ShowVariable { .. }
         | Statement::ShowVariables { .. }

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use datafusion::common::ParamValues;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::DataFrame;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
@@ -22,11 +23,22 @@ pub async fn plan_statement(session: &Session, statement: Statement) -> Result<L
 }
 
 /// Substitutes bound parameter values into a prepared plan.
+///
+/// NOTE: DataFusion types a VALUES column holding only placeholders as NOT NULL; once a NULL
+/// is bound the node's schema is wrong, so VALUES nodes are rebuilt from the bound literals.
 pub fn bind(plan: LogicalPlan, params: Option<ParamValues>) -> Result<LogicalPlan> {
-    match params {
-        Some(p) => Ok(plan.with_param_values(p)?),
-        None => Ok(plan),
-    }
+    let Some(p) = params else {
+        return Ok(plan);
+    };
+    let bound = plan.with_param_values(p)?;
+    let rebuilt = bound.transform_up(|node| match node {
+        LogicalPlan::Values(values) => {
+            let fresh = LogicalPlanBuilder::values(values.values.clone())?.build()?;
+            Ok(Transformed::yes(fresh))
+        }
+        other => Ok(Transformed::yes(other.recompute_schema()?)),
+    })?;
+    Ok(rebuilt.data)
 }
 
 /// Refuses to read tables this session's open transaction has written: its staged writes

@@ -4,7 +4,7 @@
 use millrace_storage::WriteSet;
 
 use crate::engine::TableChange;
-use crate::error::Result;
+use crate::error::{Result, ServerError};
 use crate::exec::Output;
 use crate::session::{Session, Transaction};
 
@@ -37,6 +37,50 @@ pub async fn commit(session: &mut Session) -> Result<Output> {
 pub fn rollback(session: &mut Session) -> Result<Output> {
     session.txn = None;
     Ok(Output::TransactionEnd("ROLLBACK".into()))
+}
+
+/// SAVEPOINT: remembers how much of the block is staged.
+pub fn savepoint(session: &mut Session, name: &str) -> Result<Output> {
+    let txn = session
+        .txn
+        .as_mut()
+        .ok_or(ServerError::NoTransaction("SAVEPOINT"))?;
+    let mark = (name.to_string(), txn.changes.len(), txn.written.clone());
+    txn.savepoints.push(mark);
+    Ok(Output::command("SAVEPOINT"))
+}
+
+/// RELEASE SAVEPOINT: forgets the savepoint (and those set after it), keeping the writes.
+pub fn release(session: &mut Session, name: &str) -> Result<Output> {
+    let txn = session
+        .txn
+        .as_mut()
+        .ok_or(ServerError::NoTransaction("RELEASE SAVEPOINT"))?;
+    let pos = find_savepoint(txn, name)?;
+    txn.savepoints.truncate(pos);
+    Ok(Output::command("RELEASE"))
+}
+
+/// ROLLBACK TO SAVEPOINT: drops the writes staged since it and clears a failure.
+pub fn rollback_to(session: &mut Session, name: &str) -> Result<Output> {
+    let txn = session
+        .txn
+        .as_mut()
+        .ok_or(ServerError::NoTransaction("ROLLBACK TO SAVEPOINT"))?;
+    let pos = find_savepoint(txn, name)?;
+    let (_, changes, written) = txn.savepoints[pos].clone();
+    txn.changes.truncate(changes);
+    txn.written = written;
+    txn.savepoints.truncate(pos + 1);
+    txn.failed = false;
+    Ok(Output::command("ROLLBACK"))
+}
+
+fn find_savepoint(txn: &Transaction, name: &str) -> Result<usize> {
+    txn.savepoints
+        .iter()
+        .rposition(|(n, _, _)| n == name)
+        .ok_or_else(|| ServerError::UnknownSavepoint(name.to_string()))
 }
 
 /// Commits changes now, or stages them in the open transaction block.

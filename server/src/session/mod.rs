@@ -24,6 +24,8 @@ pub struct Transaction {
     pub written: HashSet<u64>,
     /// Set when a statement failed: everything until ROLLBACK is refused.
     pub failed: bool,
+    /// Open savepoints: name, number of staged changes and written tables when it was set.
+    pub savepoints: Vec<(String, usize, HashSet<u64>)>,
 }
 
 /// One client's session.
