@@ -206,11 +206,11 @@ pub fn split_and(expr: &Expr) -> Vec<&Expr> {
     }
 }
 
+/// Lower and upper bound of a range of encoded index keys.
+pub type KeyRange = (Bound<Box<[u8]>>, Bound<Box<[u8]>>);
+
 /// Converts a range into index-key bounds with `encode`.
-pub fn key_bounds<E>(
-    range: &ColumnRange,
-    mut encode: E,
-) -> datafusion::error::Result<Vec<(Bound<Box<[u8]>>, Bound<Box<[u8]>>)>>
+pub fn key_bounds<E>(range: &ColumnRange, mut encode: E) -> datafusion::error::Result<Vec<KeyRange>>
 where
     E: FnMut(&ScalarValue) -> datafusion::error::Result<Box<[u8]>>,
 {
