@@ -1,5 +1,6 @@
 //! Real client programs against a real server: `psql` meta-commands (`\d`, `\dt`, `\dn`,
-//! `\l`) through pg_catalog, and psycopg 3 (clients/python). Scripts live in `clients/`.
+//! `\l`) through pg_catalog, psycopg 3, asyncpg, SQLAlchemy + pandas (clients/python),
+//! node-postgres (clients/node) and the PostgreSQL JDBC driver (clients/jdbc).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -74,4 +75,54 @@ fn asyncpg_round_trip() {
 #[test]
 fn sqlalchemy_and_pandas_read_sql() {
     python_client("test_sqlalchemy_pandas.py", "sqlalchemy+pandas: ok");
+}
+
+#[test]
+fn node_postgres_round_trip() {
+    let server = TestServer::start(&[]).expect("start millrace");
+    let out = Command::new("node")
+        .arg(clients_dir().join("node/test_pg.js"))
+        .arg(server.port.to_string())
+        .output()
+        .expect("run node (install nodejs)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("node-pg: ok"),
+        "node-postgres test failed:\n{stdout}\n{stderr}\n{}",
+        server.log()
+    );
+}
+
+#[test]
+fn jdbc_round_trip() {
+    let server = TestServer::start(&[]).expect("start millrace");
+    let classes = tempfile::tempdir().expect("temp dir");
+    let jar = "/usr/share/java/postgresql.jar";
+    let compiled = Command::new("javac")
+        .arg("-d")
+        .arg(classes.path())
+        .args(["-cp", jar])
+        .arg(clients_dir().join("jdbc/JdbcTest.java"))
+        .output()
+        .expect("run javac (install a JDK)");
+    assert!(
+        compiled.status.success(),
+        "javac failed:\n{}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}:{jar}", classes.path().display()))
+        .arg("JdbcTest")
+        .arg(server.port.to_string())
+        .output()
+        .expect("run java");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("jdbc: ok"),
+        "JDBC test failed:\n{stdout}\n{stderr}\n{}",
+        server.log()
+    );
 }
