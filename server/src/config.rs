@@ -15,9 +15,6 @@ pub struct ServeConfig {
     /// Worker threads for query execution (default: number of cores).
     #[arg(long, env = "MILLRACE_WORKERS")]
     pub workers: Option<usize>,
-    /// Largest protocol message accepted from a client, in bytes.
-    #[arg(long, env = "MILLRACE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
-    pub max_message_bytes: usize,
 }
 
 impl ServeConfig {

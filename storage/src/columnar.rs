@@ -6,7 +6,7 @@
 //! and enforces uniqueness.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
 use arrow::compute::{concat_batches, filter, filter_record_batch, interleave};
@@ -408,23 +408,6 @@ impl ColumnarTable {
         })
     }
 
-    /// Replaces the schema with one that has extra trailing columns, filling them with the
-    /// given per-column values (one array per new column, or nulls when `None`).
-    pub fn add_columns(&mut self, schema: SchemaRef) -> Result<()> {
-        self.schema = schema;
-        let ids: Vec<u64> = self.chunks.keys().copied().collect();
-        for id in ids {
-            if let Some(chunk) = self.chunks.get(&id) {
-                let batch = self.conform(&chunk.batch)?;
-                if let Some(chunk) = self.chunks.get_mut(&id) {
-                    chunk.batch = batch;
-                    chunk.visible = OnceLock::new();
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// The live contents as insert entries, for rewriting a table's log.
     pub fn to_log_entries(&self) -> Result<Vec<LogEntry>> {
         let snap = self.snapshot()?;
@@ -436,9 +419,6 @@ impl ColumnarTable {
             .collect())
     }
 }
-
-/// Wraps a columnar table for shared use by scans and writers.
-pub type SharedTable = Arc<std::sync::RwLock<ColumnarTable>>;
 
 fn corrupt(what: &str) -> StorageError {
     StorageError::Corrupt {

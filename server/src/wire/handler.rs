@@ -35,7 +35,6 @@ use crate::engine::{DEFAULT_DATABASE, Engine};
 use crate::error::{Result, ServerError};
 use crate::exec::{self, Output, Prepared, copy, query};
 use crate::session::Session;
-use crate::session::functions::VERSION_TEXT;
 use crate::wire::encode::{error_info, pg_error, response};
 use crate::wire::sql::{self, Parsed};
 
@@ -473,9 +472,4 @@ impl CopyHandler for Connection {
             format!("COPY from stdin failed: {}", fail.message),
         )))
     }
-}
-
-/// The banner of `SELECT version()`, exposed for tests.
-pub fn version_text() -> &'static str {
-    VERSION_TEXT
 }
