@@ -45,21 +45,27 @@ fn psql_describe_commands() {
     assert!(stdout.contains("Ada"), "{stdout}");
 }
 
-/// Runs one script of clients/python against a fresh server and checks its success line.
-fn python_client(script: &str, ok_line: &str) {
+/// Runs a client program, given the port of a fresh server as its last argument, and checks
+/// that it succeeds and prints its success line.
+fn client_program(program: &str, args: &[&std::ffi::OsStr], ok_line: &str) {
     let server = TestServer::start(&[]).expect("start millrace");
-    let out = Command::new("python3")
-        .arg(clients_dir().join("python").join(script))
+    let out = Command::new(program)
+        .args(args)
         .arg(server.port.to_string())
         .output()
-        .expect("run python3");
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && stdout.contains(ok_line),
-        "{script} failed:\n{stdout}\n{stderr}\n{}",
+        "{program} {args:?} failed:\n{stdout}\n{stderr}\n{}",
         server.log()
     );
+}
+
+fn python_client(script: &str, ok_line: &str) {
+    let path = clients_dir().join("python").join(script);
+    client_program("python3", &[path.as_os_str()], ok_line);
 }
 
 #[test]
@@ -79,24 +85,12 @@ fn sqlalchemy_and_pandas_read_sql() {
 
 #[test]
 fn node_postgres_round_trip() {
-    let server = TestServer::start(&[]).expect("start millrace");
-    let out = Command::new("node")
-        .arg(clients_dir().join("node/test_pg.js"))
-        .arg(server.port.to_string())
-        .output()
-        .expect("run node (install nodejs)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("node-pg: ok"),
-        "node-postgres test failed:\n{stdout}\n{stderr}\n{}",
-        server.log()
-    );
+    let path = clients_dir().join("node/test_pg.js");
+    client_program("node", &[path.as_os_str()], "node-pg: ok");
 }
 
 #[test]
 fn jdbc_round_trip() {
-    let server = TestServer::start(&[]).expect("start millrace");
     let classes = tempfile::tempdir().expect("temp dir");
     let jar = "/usr/share/java/postgresql.jar";
     let compiled = Command::new("javac")
@@ -111,18 +105,10 @@ fn jdbc_round_trip() {
         "javac failed:\n{}",
         String::from_utf8_lossy(&compiled.stderr)
     );
-    let out = Command::new("java")
-        .arg("-cp")
-        .arg(format!("{}:{jar}", classes.path().display()))
-        .arg("JdbcTest")
-        .arg(server.port.to_string())
-        .output()
-        .expect("run java");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("jdbc: ok"),
-        "JDBC test failed:\n{stdout}\n{stderr}\n{}",
-        server.log()
+    let classpath = format!("{}:{jar}", classes.path().display());
+    client_program(
+        "java",
+        &["-cp".as_ref(), classpath.as_ref(), "JdbcTest".as_ref()],
+        "jdbc: ok",
     );
 }
