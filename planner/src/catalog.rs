@@ -190,7 +190,7 @@ impl Catalog {
                     db.deregister_schema(&record.name, true)?;
                 }
             }
-            ObjectKind::Table | ObjectKind::View => {
+            ObjectKind::Table | ObjectKind::View | ObjectKind::MaterializedView => {
                 if let Some(schema) = self.schema(&record.database, &record.schema) {
                     schema.deregister_table(&record.name)?;
                 }

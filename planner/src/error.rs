@@ -41,6 +41,20 @@ pub enum PlanError {
         /// Names of the dependents.
         dependents: String,
     },
+    /// A construct a materialized view cannot maintain incrementally (SQLSTATE 0A000).
+    #[error("{0} is not supported in materialized views")]
+    Unsupported(String),
+    /// A materialized view's pipeline stopped on an error; reads of it report why.
+    #[error("materialized view \"{view}\" failed: {reason}")]
+    ViewFailed {
+        /// The view's name.
+        view: String,
+        /// Why its pipeline stopped.
+        reason: String,
+    },
+    /// An invariant of the planner or an operator was broken.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Result type of the planner crate.

@@ -2,20 +2,28 @@
 //!
 //! The server hands SQL text here; DataFusion parses, plans and optimises it against the
 //! [`Catalog`], whose tables are [`MillraceTable`] providers over the storage layer's
-//! columnar cache. (The incremental plan of materialized views will be built here as well.)
+//! columnar cache. Materialized views are compiled here into incremental plans (`incremental.rs`) of the
+//! operators in `ops/`, run by `pipeline.rs`.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod catalog;
+pub mod changelog;
 pub mod correlated;
 pub mod error;
+pub mod incremental;
 pub mod lookup;
+pub mod ops;
 pub mod pg_casts;
+pub mod pipeline;
 pub mod rewrite;
 pub mod row_id;
 pub mod table;
+pub mod view_table;
 
 pub use catalog::Catalog;
+pub use changelog::Changelog;
 pub use error::{PlanError, Result};
 pub use row_id::{ROW_ID_COLUMN, RowIdTable};
 pub use table::{MillraceTable, TableDef};
+pub use view_table::MaterializedView;

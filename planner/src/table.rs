@@ -197,7 +197,7 @@ impl TableProvider for MillraceTable {
 }
 
 /// Spreads batches over partitions so that large scans run in parallel.
-fn partition(batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
+pub(crate) fn partition(batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let n = (rows / ROWS_PER_PARTITION).clamp(1, 8);
     let mut out = vec![Vec::new(); n];

@@ -21,8 +21,10 @@ use tracing::info;
 
 use crate::config::ServeConfig;
 use crate::error::{Result, ServerError};
-use crate::exec::ddl;
+use crate::exec::{ddl, matview};
+use crate::runtime::{EpochChanges, ViewRuntime};
 use crate::session::functions;
+use millrace_planner::Changelog;
 
 /// Name of the database every server starts with.
 pub const DEFAULT_DATABASE: &str = "millrace";
@@ -57,6 +59,8 @@ pub struct Engine {
     pub workers: usize,
     /// Number of open client connections.
     pub connections: AtomicUsize,
+    /// The materialized views and the coordinator that maintains them epoch by epoch.
+    pub views: Arc<ViewRuntime>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -84,7 +88,9 @@ impl Engine {
             runtime,
             workers: config.workers(),
             connections: AtomicUsize::new(0),
+            views: ViewRuntime::new(config.workers()),
         });
+        engine.views.start();
         engine.replay().await?;
         Ok(engine)
     }
@@ -127,6 +133,7 @@ impl Engine {
     pub fn commit_changes(&self, changes: Vec<TableChange>, mut extra: WriteSet) -> Result<usize> {
         let mut touched = 0;
         let mut applied: Vec<(Arc<MillraceTable>, Vec<LogEntry>)> = Vec::new();
+        let mut epoch = EpochChanges::new();
         for change in merge_by_table(changes)? {
             let TableChange {
                 table,
@@ -143,6 +150,11 @@ impl Engine {
                 return Err(ServerError::SerializationFailure);
             }
             let mut entries = Vec::new();
+            let watched = self.views.has_readers(table.id);
+            let mut changes: Vec<Changelog> = Vec::new();
+            if watched && !deletes.is_empty() {
+                changes.push(Changelog::deletes(data.fetch(&deletes)?));
+            }
             if !deletes.is_empty() {
                 touched += deletes.len();
                 entries.push(LogEntry::Delete {
@@ -157,6 +169,9 @@ impl Engine {
                     });
                 }
                 touched += batch.num_rows();
+                if watched {
+                    changes.push(Changelog::inserts(batch.clone()));
+                }
                 entries.push(LogEntry::Insert {
                     row_ids: data.allocate_row_ids(batch.num_rows()),
                     batch,
@@ -166,6 +181,12 @@ impl Engine {
                 extra.append(table.id, entry.clone());
             }
             drop(data);
+            if !changes.is_empty() {
+                epoch.insert(
+                    table.id,
+                    Changelog::concat(&table.def.schema, changes)?.consolidate()?,
+                );
+            }
             applied.push((table, entries));
         }
         self.commit_write_set(extra)?;
@@ -178,6 +199,9 @@ impl Engine {
                 data.apply(entry)?;
             }
             table.log_entries.fetch_add(entries.len(), Ordering::SeqCst);
+        }
+        if !epoch.is_empty() {
+            self.views.send_epoch(epoch);
         }
         for (table, _) in &applied {
             self.maybe_compact(table)?;
@@ -244,7 +268,7 @@ impl Engine {
     }
 
     /// Rebuilds the catalog and every table's cache from the durable store.
-    async fn replay(&self) -> Result<()> {
+    async fn replay(self: &Arc<Self>) -> Result<()> {
         let records = self.store().catalog()?;
         if !records
             .iter()
@@ -266,7 +290,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn replay_record(&self, record: CatalogRecord) -> Result<usize> {
+    async fn replay_record(self: &Arc<Self>, record: CatalogRecord) -> Result<usize> {
         match record.kind {
             ObjectKind::Database => {
                 self.catalog.register_database(record);
@@ -300,6 +324,12 @@ impl Engine {
                 let ctx = self.session_context(&record.database, replay_schema(&record))?;
                 let view = ddl::build_view(&ctx, &record).await?;
                 self.catalog.register_relation(record, view, None)?;
+                Ok(0)
+            }
+            ObjectKind::MaterializedView => {
+                let ctx = self.session_context(&record.database, replay_schema(&record))?;
+                info!(view = %record.name, "rebuilding materialized view");
+                matview::restore(self, &ctx, record).await?;
                 Ok(0)
             }
             ObjectKind::Index => {

@@ -93,6 +93,12 @@ pub enum ServerError {
     /// An object is still in use (DROP DATABASE of the current database).
     #[error("{0}")]
     ObjectInUse(String),
+    /// An output column name appears twice where names must be unique.
+    #[error("column \"{0}\" specified more than once")]
+    DuplicateColumn(String),
+    /// An object is not ready for this (a materialized view still backfilling).
+    #[error("{0}")]
+    ObjectNotReady(String),
     /// A bug: an invariant did not hold.
     #[error("internal error: {0}")]
     Internal(String),
@@ -139,6 +145,9 @@ impl ServerError {
                     _ => "42P07",
                 },
                 PlanError::DependentObjects { .. } => "2BP01",
+                PlanError::Unsupported(_) => "0A000",
+                PlanError::ViewFailed { .. } => "XX000",
+                PlanError::Internal(_) => "XX000",
             },
             ServerError::Storage(_) => "58030",
             ServerError::Arrow(e) => arrow_sqlstate(e),
@@ -158,6 +167,8 @@ impl ServerError {
             ServerError::Protocol(_) => "08P01",
             ServerError::UnknownDatabase(_) => "3D000",
             ServerError::ObjectInUse(_) => "55006",
+            ServerError::DuplicateColumn(_) => "42701",
+            ServerError::ObjectNotReady(_) => "55000",
             ServerError::Internal(_) => "XX000",
         }
     }

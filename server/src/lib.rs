@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod wire;

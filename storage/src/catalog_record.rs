@@ -18,6 +18,8 @@ pub enum ObjectKind {
     View,
     /// A secondary index on a table.
     Index,
+    /// A materialized view: an incrementally maintained query result.
+    MaterializedView,
 }
 
 /// A durable catalog object.

@@ -12,6 +12,8 @@ pub mod db;
 pub mod error;
 pub mod index;
 pub mod log_entry;
+pub mod state;
+pub mod view_contents;
 
 pub use catalog_record::{CatalogRecord, ObjectKind};
 pub use columnar::{ColumnarTable, RowId, TableSnapshot};
@@ -19,3 +21,5 @@ pub use db::{Store, WriteSet};
 pub use error::{Result, StorageError};
 pub use index::SecondaryIndex;
 pub use log_entry::LogEntry;
+pub use state::{MemoryState, StateCounters, StateKey, StateStore};
+pub use view_contents::ViewContents;

@@ -230,7 +230,11 @@ pub fn parse_one(sql: &str) -> Result<Statement> {
 
 fn relation_exists(session: &Session, name: &QualifiedName) -> Option<CatalogRecord> {
     session.engine.catalog.find(
-        &[ObjectKind::Table, ObjectKind::View],
+        &[
+            ObjectKind::Table,
+            ObjectKind::View,
+            ObjectKind::MaterializedView,
+        ],
         &name.database,
         &name.schema,
         &name.name,
@@ -299,6 +303,7 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
             inserts: Some(batch),
         };
         session.engine.commit_changes(vec![change], set)?;
+        session.write_epoch = session.engine.views.committed_epoch();
     } else {
         session.engine.commit_write_set(set)?;
     }
@@ -371,7 +376,7 @@ async fn create_view(session: &mut Session, view: ast::CreateView) -> Result<Out
     let name = names::resolve(session, &view.name)?;
     require_schema(session, &name)?;
     if view.materialized {
-        return Err(ServerError::NotSupported("CREATE MATERIALIZED VIEW".into()));
+        return crate::exec::matview::create(session, view).await;
     }
     let existing = relation_exists(session, &name);
     if let Some(existing) = &existing
@@ -435,7 +440,11 @@ pub fn relation_dependencies(session: &Session, plan: &LogicalPlan) -> Vec<u64> 
                     .clone()
                     .resolve(&session.database, &session.current_schema());
                 if let Some(rec) = session.engine.catalog.find(
-                    &[ObjectKind::View, ObjectKind::Table],
+                    &[
+                        ObjectKind::View,
+                        ObjectKind::Table,
+                        ObjectKind::MaterializedView,
+                    ],
                     &r.catalog,
                     &r.schema,
                     &r.table,
@@ -647,6 +656,11 @@ fn drop_objects(
     let (kinds, kind_name, tag): (&[ObjectKind], &'static str, &'static str) = match object_type {
         ObjectType::Table => (&[ObjectKind::Table], "table", "DROP TABLE"),
         ObjectType::View => (&[ObjectKind::View], "view", "DROP VIEW"),
+        ObjectType::MaterializedView => (
+            &[ObjectKind::MaterializedView],
+            "materialized view",
+            "DROP MATERIALIZED VIEW",
+        ),
         ObjectType::Index => (&[ObjectKind::Index], "index", "DROP INDEX"),
         ObjectType::Schema => (&[ObjectKind::Schema], "schema", "DROP SCHEMA"),
         ObjectType::Database => (&[ObjectKind::Database], "database", "DROP DATABASE"),
@@ -674,7 +688,12 @@ fn drop_objects(
             _ => {
                 let q = names::resolve(session, object_name)?;
                 if let Some(other) = catalog.find(
-                    &[ObjectKind::Table, ObjectKind::View, ObjectKind::Index],
+                    &[
+                        ObjectKind::Table,
+                        ObjectKind::View,
+                        ObjectKind::MaterializedView,
+                        ObjectKind::Index,
+                    ],
                     &q.database,
                     &q.schema,
                     &q.name,
@@ -759,6 +778,9 @@ fn drop_objects(
             data.drop_index(&r.name);
         }
         catalog.deregister(r)?;
+        if r.kind == ObjectKind::MaterializedView {
+            session.engine.views.deregister(r.id);
+        }
     }
     Ok(Output::command(tag))
 }

@@ -4,6 +4,7 @@
 pub mod copy;
 pub mod ddl;
 pub mod dml;
+pub mod matview;
 pub mod names;
 pub mod query;
 pub mod set_show;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use datafusion::common::ParamValues;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
-use datafusion::prelude::DataFrame;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 
@@ -74,8 +73,16 @@ pub async fn run(
     };
     let plan = bind(plan, params)?;
     check_reads(session, &plan)?;
-    let df = DataFrame::new(session.state(), plan);
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
+    let state = session.state();
+    let schema = Arc::new(plan.schema().as_arrow().clone());
+    // Read your own writes: materialized views first reach this session's last write.
+    let views = session.engine.views.clone();
+    views.wait_published(session.write_epoch).await;
+    let physical = {
+        // All views a query reads are snapshotted at one epoch.
+        let _epoch = views.read_lock.read().await;
+        state.create_physical_plan(&plan).await?
+    };
+    let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
     Ok(Output::Rows { schema, batches })
 }

@@ -29,6 +29,7 @@ pub async fn commit(session: &mut Session) -> Result<Output> {
         session
             .engine
             .commit_changes(txn.changes, WriteSet::new())?;
+        session.write_epoch = session.engine.views.committed_epoch();
     }
     Ok(Output::TransactionEnd("COMMIT".into()))
 }
@@ -97,6 +98,7 @@ pub fn apply(session: &mut Session, changes: Vec<TableChange>) -> Result<()> {
         }
         None => {
             session.engine.commit_changes(changes, WriteSet::new())?;
+            session.write_epoch = session.engine.views.committed_epoch();
             Ok(())
         }
     }

@@ -44,6 +44,9 @@ pub struct Session {
     pub txn: Option<Transaction>,
     /// A COPY FROM STDIN waiting for its data.
     pub copy_in: Option<CopyIn>,
+    /// Epoch of this session's last committed write: its reads of materialized views wait
+    /// until that epoch is published.
+    pub write_epoch: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -70,6 +73,7 @@ impl Session {
             settings: Settings::default(),
             txn: None,
             copy_in: None,
+            write_epoch: 0,
         })
     }
 

@@ -215,7 +215,14 @@ impl SimpleQueryHandler for Connection {
         let mut out = Vec::with_capacity(parsed.len());
         for p in parsed {
             let result = match p {
-                Parsed::NoOp(tag) => Ok(Output::command(tag)),
+                Parsed::NoOp(tag) => {
+                    if tag == "FLUSH" {
+                        // FLUSH: every write committed so far becomes visible in every view.
+                        let views = session.engine.views.clone();
+                        views.wait_published(views.committed_epoch()).await;
+                    }
+                    Ok(Output::command(tag))
+                }
                 Parsed::Statement(s, renames) => run(session, *s, None, None)
                     .await
                     .and_then(|o| exec::rename_columns(o, &renames)),

@@ -1,0 +1,485 @@
+//! Hash aggregate with retraction: GROUP BY (with grouping sets), DISTINCT and global
+//! aggregates, maintained per group.
+//!
+//! State per group: its row count and, per aggregate, either a retractable DataFusion
+//! accumulator (count, sum, avg: inserts update it, deletes retract from it) or the multiset
+//! of the aggregate's input values (min, max, DISTINCT aggregates, ordered and all other
+//! aggregates). A delete of the current min or max only removes one value from the multiset;
+//! the new extreme is the next key. Aggregates without a cheap update are re-evaluated by a
+//! fresh DataFusion accumulator over the group's multiset when that group changes, so their
+//! results are exactly DataFusion's. Only groups touched by the epoch's changes are read.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, UInt32Array};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::Accumulator;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_plan::PhysicalExpr;
+use millrace_storage::{MemoryState, StateStore};
+
+use super::{Operator, StateStats, evaluate, evaluate_predicate, single_input};
+use crate::changelog::{Changelog, loose, make_batch};
+use crate::error::{PlanError, Result};
+
+/// One aggregate call of the view's query, as DataFusion planned it.
+#[derive(Debug, Clone)]
+pub struct AggregateCall {
+    /// The aggregate function with its arguments and ordering.
+    pub expr: Arc<AggregateFunctionExpr>,
+    /// Its `FILTER (WHERE ...)` clause.
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+}
+
+/// The grouping of an aggregate: the group expressions and, for GROUPING SETS / ROLLUP /
+/// CUBE, which of them each set replaces by NULL and the set's grouping id.
+#[derive(Debug, Clone)]
+pub struct Grouping {
+    /// Group expressions over the input.
+    pub exprs: Vec<Arc<dyn PhysicalExpr>>,
+    /// Per grouping set, `true` where the expression is NULL in that set. One all-false
+    /// set for a plain GROUP BY.
+    pub sets: Vec<Vec<bool>>,
+    /// Type and value per set of the `__grouping_id` column, for grouping sets.
+    pub grouping_id: Option<(DataType, Vec<u64>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// count / sum / avg: a retractable accumulator.
+    Sliding,
+    /// min: the first key of the value multiset.
+    Min,
+    /// max: the last key of the value multiset.
+    Max,
+    /// count(DISTINCT x): the number of distinct keys.
+    CountDistinct,
+    /// Anything else: a fresh accumulator over the multiset (each value once if DISTINCT).
+    Generic { distinct: bool },
+}
+
+#[derive(Debug)]
+struct Agg {
+    call: AggregateCall,
+    /// Arguments followed by ORDER BY expressions (what DataFusion feeds the accumulator).
+    inputs: Vec<Arc<dyn PhysicalExpr>>,
+    kind: Kind,
+    /// Encoder of the inputs' values, built on the first batch.
+    converter: Option<RowConverter>,
+}
+
+#[derive(Debug)]
+enum AggState {
+    Sliding(Box<dyn Accumulator>),
+    Values(BTreeMap<Box<[u8]>, i64>),
+}
+
+#[derive(Debug)]
+struct Group {
+    /// Weighted number of input rows in the group.
+    rows: i64,
+    states: Vec<AggState>,
+    /// The aggregate values last emitted for the group.
+    output: Option<Vec<ScalarValue>>,
+}
+
+/// The incremental aggregate.
+#[derive(Debug)]
+pub struct AggregateOp {
+    schema: SchemaRef,
+    grouping: Grouping,
+    key_converter: RowConverter,
+    aggs: Vec<Agg>,
+    groups: Box<dyn StateStore<Group>>,
+    started: bool,
+}
+
+impl AggregateOp {
+    /// An aggregate producing `schema` (group columns, grouping id if any, aggregates).
+    pub fn try_new(
+        schema: SchemaRef,
+        grouping: Grouping,
+        calls: Vec<AggregateCall>,
+    ) -> Result<Self> {
+        let schema = loose(&schema);
+        let key_fields = grouping.exprs.len() + usize::from(grouping.grouping_id.is_some());
+        let key_converter = RowConverter::new(
+            schema.fields()[..key_fields]
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let mut aggs = Vec::with_capacity(calls.len());
+        for call in calls {
+            let mut inputs = call.expr.expressions();
+            inputs.extend(call.expr.order_bys().iter().map(|s| s.expr.clone()));
+            let name = call.expr.fun().name().to_ascii_lowercase();
+            let ordered = !call.expr.order_bys().is_empty();
+            let kind = if call.expr.is_distinct() {
+                if name == "count" && inputs.len() == 1 {
+                    Kind::CountDistinct
+                } else {
+                    Kind::Generic { distinct: true }
+                }
+            } else if ordered {
+                Kind::Generic { distinct: false }
+            } else {
+                match name.as_str() {
+                    "count" | "sum" | "avg" | "mean"
+                        if call
+                            .expr
+                            .create_sliding_accumulator()?
+                            .supports_retract_batch() =>
+                    {
+                        Kind::Sliding
+                    }
+                    "min" if inputs.len() == 1 => Kind::Min,
+                    "max" if inputs.len() == 1 => Kind::Max,
+                    _ => Kind::Generic { distinct: false },
+                }
+            };
+            aggs.push(Agg {
+                converter: None,
+                inputs,
+                kind,
+                call,
+            });
+        }
+        Ok(Self {
+            schema,
+            grouping,
+            key_converter,
+            aggs,
+            groups: Box::new(MemoryState::default()),
+            started: false,
+        })
+    }
+
+    fn is_global(&self) -> bool {
+        self.grouping.exprs.is_empty() && self.grouping.grouping_id.is_none()
+    }
+
+    /// Encoded group keys of every input row for grouping set `set`.
+    fn keys(&self, set: usize, groups: &[ArrayRef], rows: usize) -> Result<Option<Rows>> {
+        if self.is_global() {
+            return Ok(None);
+        }
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(groups.len() + 1);
+        for (array, &nulled) in groups.iter().zip(&self.grouping.sets[set]) {
+            columns.push(if nulled {
+                datafusion::arrow::array::new_null_array(array.data_type(), rows)
+            } else {
+                array.clone()
+            });
+        }
+        if let Some((data_type, ids)) = &self.grouping.grouping_id {
+            let id = ScalarValue::UInt64(Some(ids[set])).cast_to(data_type)?;
+            columns.push(id.to_array_of_size(rows)?);
+        }
+        Ok(Some(self.key_converter.convert_columns(&columns)?))
+    }
+
+    /// The current values of every aggregate of a group.
+    fn evaluate_group(aggs: &[Agg], group: &mut Group) -> Result<(Vec<ScalarValue>, u64)> {
+        let mut out = Vec::with_capacity(aggs.len());
+        let mut reads = 0u64;
+        for (agg, state) in aggs.iter().zip(group.states.iter_mut()) {
+            let value = match state {
+                AggState::Sliding(acc) => acc.evaluate()?,
+                AggState::Values(values) => {
+                    let picked: Vec<&[u8]> = match agg.kind {
+                        Kind::CountDistinct => {
+                            out.push(ScalarValue::Int64(Some(values.len() as i64)));
+                            continue;
+                        }
+                        Kind::Min => values
+                            .keys()
+                            .next()
+                            .map(|k| k.as_ref())
+                            .into_iter()
+                            .collect(),
+                        Kind::Max => values
+                            .keys()
+                            .next_back()
+                            .map(|k| k.as_ref())
+                            .into_iter()
+                            .collect(),
+                        Kind::Generic { distinct } => {
+                            let mut picked = Vec::new();
+                            for (k, &count) in values.iter() {
+                                if count < 0 {
+                                    return Err(PlanError::Internal(
+                                        "aggregate input count below zero".into(),
+                                    ));
+                                }
+                                let copies = if distinct { 1 } else { count };
+                                for _ in 0..copies {
+                                    picked.push(k.as_ref());
+                                }
+                            }
+                            picked
+                        }
+                        Kind::Sliding => Vec::new(),
+                    };
+                    reads += picked.len() as u64;
+                    let mut acc = agg.call.expr.create_accumulator()?;
+                    if let (false, Some(converter)) = (picked.is_empty(), &agg.converter) {
+                        let parser = converter.parser();
+                        let arrays =
+                            converter.convert_rows(picked.iter().map(|k| parser.parse(k)))?;
+                        acc.update_batch(&arrays)?;
+                    }
+                    acc.evaluate()?
+                }
+            };
+            out.push(value);
+        }
+        Ok((out, reads))
+    }
+}
+
+impl Operator for AggregateOp {
+    fn describe(&self) -> String {
+        let groups: Vec<String> = self.grouping.exprs.iter().map(|e| e.to_string()).collect();
+        let aggs: Vec<String> = self
+            .aggs
+            .iter()
+            .map(|a| format!("{} [{:?}]", a.call.expr.name(), a.kind))
+            .collect();
+        let sets = if self.grouping.grouping_id.is_some() {
+            format!(" sets={}", self.grouping.sets.len())
+        } else {
+            String::new()
+        };
+        format!(
+            "HashAggregate: group=[{}]{sets} aggr=[{}]",
+            groups.join(", "),
+            aggs.join(", ")
+        )
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn state(&self) -> StateStats {
+        StateStats {
+            entries: self.groups.len() as u64,
+            counters: self.groups.counters(),
+        }
+    }
+
+    fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
+        let input = single_input(inputs, "aggregate")?;
+        let n = input.len();
+        let mut touched: Vec<Box<[u8]>> = Vec::new();
+        let mut seen: HashSet<Box<[u8]>> = HashSet::new();
+        if !self.started && self.is_global() {
+            touched.push(Box::from(&[][..]));
+            seen.insert(Box::from(&[][..]));
+        }
+        self.started = true;
+        if n > 0 {
+            let group_arrays = evaluate(&self.grouping.exprs, &input.batch)?;
+            let mut agg_inputs = Vec::with_capacity(self.aggs.len());
+            for agg in &mut self.aggs {
+                let arrays = evaluate(&agg.inputs, &input.batch)?;
+                let mask = match &agg.call.filter {
+                    Some(f) => Some(evaluate_predicate(f, &input.batch)?),
+                    None => None,
+                };
+                let rows = if agg.kind == Kind::Sliding {
+                    None
+                } else {
+                    if agg.converter.is_none() {
+                        agg.converter = Some(RowConverter::new(
+                            arrays
+                                .iter()
+                                .map(|a| SortField::new(a.data_type().clone()))
+                                .collect(),
+                        )?);
+                    }
+                    match &agg.converter {
+                        Some(c) => Some(c.convert_columns(&arrays)?),
+                        None => None,
+                    }
+                };
+                agg_inputs.push((arrays, mask, rows));
+            }
+            // Per group and sliding aggregate: rows to add and rows to retract.
+            let mut sliding: HashMap<Box<[u8]>, Vec<(Vec<u32>, Vec<u32>)>> = HashMap::new();
+            for set in 0..self.grouping.sets.len() {
+                let keys = self.keys(set, &group_arrays, n)?;
+                for i in 0..n {
+                    let key: &[u8] = match &keys {
+                        Some(rows) => rows.row(i).data(),
+                        None => &[],
+                    };
+                    let w = input.weights[i];
+                    let mut fresh = match self.groups.get(key) {
+                        Some(_) => None,
+                        None => Some(new_group(&self.aggs)?),
+                    };
+                    let group = self
+                        .groups
+                        .get_or_insert_with(key, &mut || fresh.take().unwrap_or_else(empty_group));
+                    group.rows += w;
+                    for (j, agg) in self.aggs.iter().enumerate() {
+                        let (arrays, mask, rows) = &agg_inputs[j];
+                        if mask.as_ref().is_some_and(|m| !m.value(i)) {
+                            continue;
+                        }
+                        match (&agg.kind, &mut group.states[j]) {
+                            (Kind::Sliding, _) => {
+                                let slots = sliding.entry(key.into()).or_insert_with(|| {
+                                    vec![(Vec::new(), Vec::new()); self.aggs.len()]
+                                });
+                                let list = if w > 0 {
+                                    &mut slots[j].0
+                                } else {
+                                    &mut slots[j].1
+                                };
+                                for _ in 0..w.unsigned_abs() {
+                                    list.push(i as u32);
+                                }
+                            }
+                            (kind, AggState::Values(values)) => {
+                                if matches!(kind, Kind::Min | Kind::Max | Kind::CountDistinct)
+                                    && arrays.first().is_some_and(|a| a.is_null(i))
+                                {
+                                    continue;
+                                }
+                                let Some(rows) = rows else { continue };
+                                let k = rows.row(i);
+                                let count = values.entry(k.data().into()).or_insert(0);
+                                *count += w;
+                                if *count == 0 {
+                                    values.remove(k.data());
+                                }
+                            }
+                            (_, AggState::Sliding(_)) => {
+                                return Err(PlanError::Internal("aggregate state mismatch".into()));
+                            }
+                        }
+                    }
+                    if seen.insert(key.into()) {
+                        touched.push(key.into());
+                    }
+                }
+            }
+            for (key, slots) in sliding {
+                let group = self.groups.get_or_insert_with(&key, &mut empty_group);
+                for (j, (adds, retracts)) in slots.into_iter().enumerate() {
+                    let AggState::Sliding(acc) = &mut group.states[j] else {
+                        continue;
+                    };
+                    let arrays = &agg_inputs[j].0;
+                    if !adds.is_empty() {
+                        acc.update_batch(&take_all(arrays, adds)?)?;
+                    }
+                    if !retracts.is_empty() {
+                        acc.retract_batch(&take_all(arrays, retracts)?)?;
+                    }
+                }
+            }
+        }
+        let mut emitted_keys: Vec<&[u8]> = Vec::new();
+        let mut emitted_values: Vec<Vec<ScalarValue>> = Vec::new();
+        let mut weights: Vec<i64> = Vec::new();
+        let global = self.is_global();
+        let mut reads = 0u64;
+        for key in &touched {
+            let mut fresh = match self.groups.get(key) {
+                Some(_) => None,
+                None => Some(new_group(&self.aggs)?),
+            };
+            let group = self
+                .groups
+                .get_or_insert_with(key, &mut || fresh.take().unwrap_or_else(empty_group));
+            if group.rows < 0 {
+                return Err(PlanError::Internal(
+                    "a group's row count went below zero".into(),
+                ));
+            }
+            let new = if group.rows > 0 || global {
+                let (values, r) = Self::evaluate_group(&self.aggs, group)?;
+                reads += r;
+                Some(values)
+            } else {
+                None
+            };
+            let old = group.output.take();
+            let remove = group.rows == 0 && !global;
+            group.output = new.clone();
+            if old != new {
+                if let Some(old) = old {
+                    emitted_keys.push(key);
+                    emitted_values.push(old);
+                    weights.push(-1);
+                }
+                if let Some(new) = new {
+                    emitted_keys.push(key);
+                    emitted_values.push(new);
+                    weights.push(1);
+                }
+            }
+            if remove {
+                self.groups.remove(key);
+            }
+        }
+        self.groups.count_reads(reads);
+        if weights.is_empty() {
+            return Ok(Changelog::empty(self.schema.clone()));
+        }
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        if !global {
+            let parser = self.key_converter.parser();
+            columns.extend(
+                self.key_converter
+                    .convert_rows(emitted_keys.iter().map(|k| parser.parse(k)))?,
+            );
+        }
+        for j in 0..self.aggs.len() {
+            columns.push(ScalarValue::iter_to_array(
+                emitted_values.iter().map(|v| v[j].clone()),
+            )?);
+        }
+        let batch = make_batch(&self.schema, columns, weights.len())?;
+        Ok(Changelog::new(batch, weights))
+    }
+}
+
+fn new_group(aggs: &[Agg]) -> Result<Group> {
+    let mut states = Vec::with_capacity(aggs.len());
+    for agg in aggs {
+        states.push(match agg.kind {
+            Kind::Sliding => AggState::Sliding(agg.call.expr.create_sliding_accumulator()?),
+            _ => AggState::Values(BTreeMap::new()),
+        });
+    }
+    Ok(Group {
+        rows: 0,
+        states,
+        output: None,
+    })
+}
+
+fn empty_group() -> Group {
+    Group {
+        rows: 0,
+        states: Vec::new(),
+        output: None,
+    }
+}
+
+fn take_all(arrays: &[ArrayRef], indices: Vec<u32>) -> Result<Vec<ArrayRef>> {
+    let indices = UInt32Array::from(indices);
+    arrays
+        .iter()
+        .map(|a| Ok(take(a.as_ref(), &indices, None)?))
+        .collect()
+}

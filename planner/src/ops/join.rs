@@ -1,0 +1,378 @@
+//! Equi-join with residual conditions, for every join type DataFusion plans: inner, left,
+//! right and full outer, semi and anti (IN / EXISTS / NOT EXISTS / INTERSECT / EXCEPT).
+//!
+//! Both sides are kept indexed by join key: key -> (row -> weight, degree). The degree of a
+//! row is the weighted number of rows of the other side it joins with (residual included);
+//! outer, semi and anti joins turn a degree's move from or to zero into the retraction or
+//! insertion of the NULL-padded or filtered row. One epoch joins the left changes with the
+//! old right side, applies them, then joins the right changes with the new left side:
+//! Δ(L⋈R) = ΔL⋈R + (L+ΔL)⋈ΔR. Work is proportional to the changes and the rows sharing
+//! their keys, never to the sides' sizes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::JoinType;
+use datafusion::physical_plan::PhysicalExpr;
+use millrace_storage::{MemoryState, StateStore};
+
+use super::{Operator, StateStats, evaluate, evaluate_predicate};
+use crate::changelog::{Changelog, loose, make_batch, row_converter};
+use crate::error::{PlanError, Result};
+
+/// How a join is keyed and filtered.
+#[derive(Debug, Clone)]
+pub struct JoinSpec {
+    /// DataFusion's join type.
+    pub join_type: JoinType,
+    /// Key expressions over the left and the right input, pairwise equal.
+    pub keys: [Vec<Arc<dyn PhysicalExpr>>; 2],
+    /// Whether NULL keys match each other (IS NOT DISTINCT FROM, INTERSECT, EXCEPT).
+    pub nulls_equal: bool,
+    /// Residual condition over left columns followed by right columns.
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+    /// Schemas of the left and right inputs.
+    pub inputs: [SchemaRef; 2],
+    /// Left columns followed by right columns (what `filter` is evaluated on).
+    pub combined: SchemaRef,
+    /// The join's output schema.
+    pub output: SchemaRef,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    weight: i64,
+    degree: i64,
+}
+
+type Bucket = HashMap<Box<[u8]>, Entry>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Joined pairs, NULL-padded for preserved sides.
+    Pairs { preserve: [bool; 2] },
+    /// Rows of side `.0` that have a match.
+    Semi(usize),
+    /// Rows of side `.0` that have no match.
+    Anti(usize),
+}
+
+/// The incremental join.
+#[derive(Debug)]
+pub struct JoinOp {
+    spec: JoinSpec,
+    output: Output,
+    key_converter: RowConverter,
+    key_types: Vec<datafusion::arrow::datatypes::DataType>,
+    rows: [RowConverter; 2],
+    null_rows: [Box<[u8]>; 2],
+    sides: [Box<dyn StateStore<Bucket>>; 2],
+}
+
+/// One change to emit: left row, right row (None = NULLs), weight.
+type Emit = (Option<Box<[u8]>>, Option<Box<[u8]>>, i64);
+
+impl JoinOp {
+    /// A join as described by `spec`.
+    pub fn try_new(spec: JoinSpec) -> Result<Self> {
+        let output = match spec.join_type {
+            JoinType::Inner => Output::Pairs {
+                preserve: [false, false],
+            },
+            JoinType::Left => Output::Pairs {
+                preserve: [true, false],
+            },
+            JoinType::Right => Output::Pairs {
+                preserve: [false, true],
+            },
+            JoinType::Full => Output::Pairs {
+                preserve: [true, true],
+            },
+            JoinType::LeftSemi => Output::Semi(0),
+            JoinType::RightSemi => Output::Semi(1),
+            JoinType::LeftAnti => Output::Anti(0),
+            JoinType::RightAnti => Output::Anti(1),
+            other => return Err(PlanError::Unsupported(format!("{other} join"))),
+        };
+        let left_schema = spec.inputs[0].clone();
+        let key_types_only: Vec<datafusion::arrow::datatypes::DataType> = spec.keys[0]
+            .iter()
+            .map(|e| Ok(e.data_type(&left_schema)?))
+            .collect::<Result<_>>()?;
+        let key_converter = RowConverter::new(
+            key_types_only
+                .iter()
+                .map(|t| SortField::new(t.clone()))
+                .collect(),
+        )?;
+        let rows = [
+            row_converter(&spec.inputs[0])?,
+            row_converter(&spec.inputs[1])?,
+        ];
+        let null_rows = [
+            null_row(&rows[0], &spec.inputs[0])?,
+            null_row(&rows[1], &spec.inputs[1])?,
+        ];
+        Ok(Self {
+            spec,
+            output,
+            key_converter,
+            key_types: key_types_only,
+            rows,
+            null_rows,
+            sides: [
+                Box::new(MemoryState::default()),
+                Box::new(MemoryState::default()),
+            ],
+        })
+    }
+
+    /// Joins one side's changes with the other side's state, emits the output changes and
+    /// applies the changes to this side's state.
+    fn process(&mut self, side: usize, delta: &Changelog, out: &mut Vec<Emit>) -> Result<()> {
+        if delta.is_empty() {
+            return Ok(());
+        }
+        let other = 1 - side;
+        let mut key_arrays = evaluate(&self.spec.keys[side], &delta.batch)?;
+        for (array, want) in key_arrays.iter_mut().zip(&self.key_types) {
+            if array.data_type() != want {
+                *array = cast(array, want)?;
+            }
+        }
+        let has_null: Vec<bool> = (0..delta.len())
+            .map(|i| key_arrays.iter().any(|a| a.is_null(i)))
+            .collect();
+        let keys = self.key_converter.convert_columns(&key_arrays)?;
+        let rows = self.rows[side].convert_columns(delta.batch.columns())?;
+
+        // Candidate pairs: (delta row, other row, other weight).
+        let mut pairs: Vec<(u32, Box<[u8]>, i64)> = Vec::new();
+        let mut scanned = 0u64;
+        for i in 0..delta.len() {
+            if has_null[i] && !self.spec.nulls_equal {
+                continue;
+            }
+            if let Some(bucket) = self.sides[other].get(keys.row(i).data()) {
+                scanned += bucket.len() as u64;
+                for (row, entry) in bucket {
+                    pairs.push((i as u32, row.clone(), entry.weight));
+                }
+            }
+        }
+        self.sides[other].count_reads(scanned);
+        let matched = match &self.spec.filter {
+            Some(filter) if !pairs.is_empty() => {
+                let this_cols = take_columns(&delta.batch, pairs.iter().map(|p| p.0))?;
+                let parser = self.rows[other].parser();
+                let other_cols =
+                    self.rows[other].convert_rows(pairs.iter().map(|p| parser.parse(&p.1)))?;
+                let columns = if side == 0 {
+                    [this_cols, other_cols].concat()
+                } else {
+                    [other_cols, this_cols].concat()
+                };
+                let batch = make_batch(&self.spec.combined, columns, pairs.len())?;
+                let mask = evaluate_predicate(filter, &batch)?;
+                pairs
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(p, _)| mask.value(*p))
+                    .map(|(_, pair)| pair)
+                    .collect()
+            }
+            _ => pairs,
+        };
+
+        let mut degrees = vec![0i64; delta.len()];
+        let pair = |this: Box<[u8]>, that: Box<[u8]>, w: i64| -> Emit {
+            if side == 0 {
+                (Some(this), Some(that), w)
+            } else {
+                (Some(that), Some(this), w)
+            }
+        };
+        let padded = |row: Box<[u8]>, row_side: usize, w: i64| -> Emit {
+            if row_side == 0 {
+                (Some(row), None, w)
+            } else {
+                (None, Some(row), w)
+            }
+        };
+        for (i, other_row, other_weight) in matched {
+            let i = i as usize;
+            let w = delta.weights[i];
+            degrees[i] += other_weight;
+            let this_row: Box<[u8]> = rows.row(i).data().into();
+            if let Output::Pairs { .. } = self.output {
+                out.push(pair(this_row.clone(), other_row.clone(), w * other_weight));
+            }
+            // The other row's degree moves by w.
+            let key = keys.row(i);
+            let bucket = self.sides[other].get_or_insert_with(key.data(), &mut Bucket::new);
+            let Some(entry) = bucket.get_mut(&other_row) else {
+                continue;
+            };
+            let before = entry.degree;
+            entry.degree += w;
+            let after = entry.degree;
+            let copies = entry.weight;
+            let crossed_to_zero = before != 0 && after == 0;
+            let crossed_from_zero = before == 0 && after != 0;
+            match self.output {
+                Output::Pairs { preserve } if preserve[other] => {
+                    if crossed_from_zero {
+                        out.push(padded(other_row, other, -copies));
+                    } else if crossed_to_zero {
+                        out.push(padded(other_row, other, copies));
+                    }
+                }
+                Output::Semi(s) if s == other => {
+                    if crossed_from_zero {
+                        out.push((Some(other_row), None, copies));
+                    } else if crossed_to_zero {
+                        out.push((Some(other_row), None, -copies));
+                    }
+                }
+                Output::Anti(s) if s == other => {
+                    if crossed_from_zero {
+                        out.push((Some(other_row), None, -copies));
+                    } else if crossed_to_zero {
+                        out.push((Some(other_row), None, copies));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for i in 0..delta.len() {
+            let w = delta.weights[i];
+            let this_row: Box<[u8]> = rows.row(i).data().into();
+            match self.output {
+                Output::Pairs { preserve } if preserve[side] && degrees[i] == 0 => {
+                    out.push(padded(this_row.clone(), side, w));
+                }
+                Output::Semi(s) if s == side && degrees[i] != 0 => {
+                    out.push((Some(this_row.clone()), None, w));
+                }
+                Output::Anti(s) if s == side && degrees[i] == 0 => {
+                    out.push((Some(this_row.clone()), None, w));
+                }
+                _ => {}
+            }
+            let key = keys.row(i);
+            let bucket = self.sides[side].get_or_insert_with(key.data(), &mut Bucket::new);
+            let entry = bucket.entry(this_row.clone()).or_default();
+            entry.weight += w;
+            entry.degree = degrees[i];
+            if entry.weight == 0 {
+                bucket.remove(&this_row);
+            }
+            if bucket.is_empty() {
+                self.sides[side].remove(key.data());
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(&self, out: Vec<Emit>) -> Result<Changelog> {
+        let schema = loose(&self.spec.output);
+        if out.is_empty() {
+            return Ok(Changelog::empty(schema));
+        }
+        let weights: Vec<i64> = out.iter().map(|e| e.2).collect();
+        let columns = match self.output {
+            Output::Pairs { .. } => {
+                let mut columns = self.decode(0, out.iter().map(|e| e.0.as_deref()))?;
+                columns.extend(self.decode(1, out.iter().map(|e| e.1.as_deref()))?);
+                columns
+            }
+            Output::Semi(s) | Output::Anti(s) => {
+                self.decode(s, out.iter().map(|e| e.0.as_deref()))?
+            }
+        };
+        let batch = make_batch(&schema, columns, weights.len())?;
+        Changelog::new(batch, weights).consolidate()
+    }
+
+    fn decode<'a>(
+        &self,
+        side: usize,
+        rows: impl Iterator<Item = Option<&'a [u8]>>,
+    ) -> Result<Vec<ArrayRef>> {
+        let parser = self.rows[side].parser();
+        let null = &self.null_rows[side];
+        Ok(self.rows[side].convert_rows(rows.map(|r| parser.parse(r.unwrap_or(null))))?)
+    }
+}
+
+impl Operator for JoinOp {
+    fn describe(&self) -> String {
+        let keys: Vec<String> = self.spec.keys[0]
+            .iter()
+            .zip(&self.spec.keys[1])
+            .map(|(l, r)| format!("{l} = {r}"))
+            .collect();
+        let filter = match &self.spec.filter {
+            Some(f) => format!(" filter={f}"),
+            None => String::new(),
+        };
+        let nulls = if self.spec.nulls_equal {
+            " nulls_equal"
+        } else {
+            ""
+        };
+        format!(
+            "HashJoin: type={} on=[{}]{filter}{nulls}",
+            self.spec.join_type,
+            keys.join(", ")
+        )
+    }
+
+    fn schema(&self) -> SchemaRef {
+        loose(&self.spec.output)
+    }
+
+    fn state(&self) -> StateStats {
+        let mut stats = StateStats::default();
+        for side in &self.sides {
+            stats.add(StateStats {
+                entries: side.len() as u64,
+                counters: side.counters(),
+            });
+        }
+        stats
+    }
+
+    fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
+        let [left, right]: [Changelog; 2] = inputs
+            .try_into()
+            .map_err(|_| PlanError::Internal("join expects two inputs".into()))?;
+        let mut out = Vec::new();
+        self.process(0, &left, &mut out)?;
+        self.process(1, &right, &mut out)?;
+        self.emit(out)
+    }
+}
+
+fn take_columns(batch: &RecordBatch, indices: impl Iterator<Item = u32>) -> Result<Vec<ArrayRef>> {
+    let indices = UInt32Array::from(indices.collect::<Vec<_>>());
+    batch
+        .columns()
+        .iter()
+        .map(|c| Ok(take(c.as_ref(), &indices, None)?))
+        .collect()
+}
+
+fn null_row(converter: &RowConverter, schema: &SchemaRef) -> Result<Box<[u8]>> {
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| datafusion::arrow::array::new_null_array(f.data_type(), 1))
+        .collect();
+    let rows = converter.convert_columns(&columns)?;
+    Ok(rows.row(0).data().into())
+}

@@ -1,0 +1,97 @@
+//! The incremental operator library: each operator consumes one epoch's changelog on each of
+//! its inputs and returns the changelog of its output (DBSP-style, Z-set weights).
+//!
+//! Operators are pure: no I/O, no clocks. Stateful ones (aggregate, join, TopN, window) keep
+//! their state in a [`millrace_storage::StateStore`]. The compiler (`incremental.rs`) builds
+//! them from a DataFusion `LogicalPlan`; the pipeline (`pipeline.rs`) runs them, several
+//! hash-partitioned instances at a time.
+
+pub mod aggregate;
+pub mod filter;
+pub mod join;
+pub mod project;
+pub mod topn;
+pub mod union;
+pub mod values;
+pub mod window;
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::physical_plan::PhysicalExpr;
+use millrace_storage::StateCounters;
+
+use crate::changelog::Changelog;
+use crate::error::{PlanError, Result};
+
+/// What an operator holds and has read, for `millrace_views`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StateStats {
+    /// Entries (groups, keys, rows) held.
+    pub entries: u64,
+    /// Reads and writes since the operator was built.
+    pub counters: StateCounters,
+}
+
+impl StateStats {
+    /// Adds another operator's figures to these.
+    pub fn add(&mut self, other: StateStats) {
+        self.entries += other.entries;
+        self.counters.reads += other.counters.reads;
+        self.counters.writes += other.counters.writes;
+    }
+}
+
+/// One incremental operator.
+pub trait Operator: Send + std::fmt::Debug {
+    /// One line describing the operator, for EXPLAIN.
+    fn describe(&self) -> String;
+    /// Schema of the output changelog.
+    fn schema(&self) -> SchemaRef;
+    /// Consumes one epoch's changes, one changelog per input in input order, and returns
+    /// the change to the output. The first call of a pipeline may carry empty inputs: it
+    /// lets constant relations and global aggregates emit their initial rows.
+    fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog>;
+    /// State held and touched.
+    fn state(&self) -> StateStats {
+        StateStats::default()
+    }
+}
+
+/// Evaluates physical expressions over a batch into arrays of its length.
+pub fn evaluate(exprs: &[Arc<dyn PhysicalExpr>], batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+    exprs
+        .iter()
+        .map(|e| Ok(e.evaluate(batch)?.into_array(batch.num_rows())?))
+        .collect()
+}
+
+/// Evaluates a predicate into a mask where NULL counts as false.
+pub fn evaluate_predicate(
+    expr: &Arc<dyn PhysicalExpr>,
+    batch: &RecordBatch,
+) -> Result<BooleanArray> {
+    let value = expr.evaluate(batch)?.into_array(batch.num_rows())?;
+    let mask = value
+        .as_any()
+        .downcast_ref::<BooleanArray>()
+        .ok_or_else(|| PlanError::Internal(format!("predicate returned {}", value.data_type())))?;
+    if mask.null_count() == 0 {
+        return Ok(mask.clone());
+    }
+    Ok(mask.iter().map(|v| Some(v.unwrap_or(false))).collect())
+}
+
+/// The input at `index`, or an error naming the operator.
+pub fn single_input(mut inputs: Vec<Changelog>, what: &str) -> Result<Changelog> {
+    if inputs.len() != 1 {
+        return Err(PlanError::Internal(format!(
+            "{what} expects one input, got {}",
+            inputs.len()
+        )));
+    }
+    inputs
+        .pop()
+        .ok_or_else(|| PlanError::Internal(format!("{what} has no input")))
+}

@@ -1,0 +1,240 @@
+//! Ranking window functions (ROW_NUMBER, RANK, DENSE_RANK) over PARTITION BY ... ORDER BY,
+//! maintained per partition; with a filter on the rank above, this is "top n per group".
+//!
+//! State per partition is its rows ordered by (sort key, row). When an epoch changes a
+//! partition, that partition's numbering before and after is compared and only rows whose
+//! number changed are emitted. Work is proportional to the partitions touched, never to
+//! the whole input.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, UInt64Array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::physical_expr::PhysicalSortExpr;
+use datafusion::physical_plan::PhysicalExpr;
+use millrace_storage::{MemoryState, StateStore};
+
+use super::{Operator, StateStats, evaluate, single_input};
+use crate::changelog::{Changelog, loose, make_batch, row_converter};
+use crate::error::Result;
+
+/// A ranking function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rank {
+    /// ROW_NUMBER(): 1, 2, 3 ... (ties broken by row encoding).
+    RowNumber,
+    /// RANK(): ties share a number, then a gap.
+    Rank,
+    /// DENSE_RANK(): ties share a number, no gap.
+    DenseRank,
+}
+
+type Partition = BTreeMap<(Box<[u8]>, Box<[u8]>), i64>;
+
+/// The maintained ranking window.
+#[derive(Debug)]
+pub struct WindowOp {
+    schema: SchemaRef,
+    input_schema: SchemaRef,
+    partition_by: Vec<Arc<dyn PhysicalExpr>>,
+    order: Vec<PhysicalSortExpr>,
+    functions: Vec<Rank>,
+    partition_converter: RowConverter,
+    sort_converter: RowConverter,
+    rows: RowConverter,
+    partitions: Box<dyn StateStore<Partition>>,
+}
+
+impl WindowOp {
+    /// Input columns followed by one column per function.
+    pub fn try_new(
+        schema: SchemaRef,
+        input_schema: SchemaRef,
+        partition_by: Vec<Arc<dyn PhysicalExpr>>,
+        order: Vec<PhysicalSortExpr>,
+        functions: Vec<Rank>,
+    ) -> Result<Self> {
+        let input_schema = loose(&input_schema);
+        let partition_converter = RowConverter::new(
+            partition_by
+                .iter()
+                .map(|e| Ok(SortField::new(e.data_type(&input_schema)?)))
+                .collect::<Result<_>>()?,
+        )?;
+        let sort_converter = RowConverter::new(
+            order
+                .iter()
+                .map(|s| {
+                    Ok(SortField::new_with_options(
+                        s.expr.data_type(&input_schema)?,
+                        s.options,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        )?;
+        Ok(Self {
+            schema: loose(&schema),
+            rows: row_converter(&input_schema)?,
+            input_schema,
+            partition_by,
+            order,
+            functions,
+            partition_converter,
+            sort_converter,
+            partitions: Box::new(MemoryState::default()),
+        })
+    }
+}
+
+impl Operator for WindowOp {
+    fn describe(&self) -> String {
+        let parts: Vec<String> = self.partition_by.iter().map(|e| e.to_string()).collect();
+        let order: Vec<String> = self.order.iter().map(|s| s.to_string()).collect();
+        format!(
+            "Window: {:?} partition=[{}] order=[{}]",
+            self.functions,
+            parts.join(", "),
+            order.join(", ")
+        )
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn state(&self) -> StateStats {
+        StateStats {
+            entries: self.partitions.len() as u64,
+            counters: self.partitions.counters(),
+        }
+    }
+
+    fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
+        let input = single_input(inputs, "window")?;
+        if input.is_empty() {
+            return Ok(Changelog::empty(self.schema.clone()));
+        }
+        let n = input.len();
+        let part_cols = evaluate(&self.partition_by, &input.batch)?;
+        let part_keys = if part_cols.is_empty() {
+            None
+        } else {
+            Some(self.partition_converter.convert_columns(&part_cols)?)
+        };
+        let sort_exprs: Vec<_> = self.order.iter().map(|s| s.expr.clone()).collect();
+        let sort_cols = evaluate(&sort_exprs, &input.batch)?;
+        let sort_keys = if sort_cols.is_empty() {
+            None
+        } else {
+            Some(self.sort_converter.convert_columns(&sort_cols)?)
+        };
+        let rows = self.rows.convert_columns(input.batch.columns())?;
+        let mut by_partition: Vec<(Box<[u8]>, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<Box<[u8]>, usize> = HashMap::new();
+        for i in 0..n {
+            let key: Box<[u8]> = match &part_keys {
+                Some(k) => k.row(i).data().into(),
+                None => Box::from(&[][..]),
+            };
+            let slot = *index.entry(key.clone()).or_insert_with(|| {
+                by_partition.push((key, Vec::new()));
+                by_partition.len() - 1
+            });
+            by_partition[slot].1.push(i);
+        }
+        let mut changes: Vec<(Box<[u8]>, Vec<u64>, i64)> = Vec::new();
+        let mut seen = HashSet::new();
+        for (key, members) in by_partition {
+            seen.insert(key.clone());
+            let before = match self.partitions.get(&key) {
+                Some(p) => {
+                    let read = p.len() as u64;
+                    let numbered = number(&self.functions, p);
+                    self.partitions.count_reads(read);
+                    numbered
+                }
+                None => HashMap::new(),
+            };
+            let partition = self
+                .partitions
+                .get_or_insert_with(&key, &mut Partition::new);
+            for i in members {
+                let sort: Box<[u8]> = match &sort_keys {
+                    Some(k) => k.row(i).data().into(),
+                    None => Box::from(&[][..]),
+                };
+                let entry = (sort, Box::<[u8]>::from(rows.row(i).data()));
+                let count = partition.entry(entry.clone()).or_insert(0);
+                *count += input.weights[i];
+                if *count == 0 {
+                    partition.remove(&entry);
+                }
+            }
+            let empty = partition.is_empty();
+            let after = number(&self.functions, partition);
+            if empty {
+                self.partitions.remove(&key);
+            }
+            for (entry, &count) in &after {
+                let old = before.get(entry).copied().unwrap_or(0);
+                if old != count {
+                    changes.push((entry.0.clone(), entry.1.clone(), count - old));
+                }
+            }
+            for (entry, &count) in &before {
+                if !after.contains_key(entry) {
+                    changes.push((entry.0.clone(), entry.1.clone(), -count));
+                }
+            }
+        }
+        if changes.is_empty() {
+            return Ok(Changelog::empty(self.schema.clone()));
+        }
+        let parser = self.rows.parser();
+        let mut columns: Vec<ArrayRef> = self
+            .rows
+            .convert_rows(changes.iter().map(|(r, _, _)| parser.parse(r)))?;
+        let base = self.input_schema.fields().len();
+        for f in 0..self.functions.len() {
+            let values: ArrayRef = Arc::new(UInt64Array::from(
+                changes.iter().map(|c| c.1[f]).collect::<Vec<_>>(),
+            ));
+            columns.push(cast(&values, self.schema.field(base + f).data_type())?);
+        }
+        let weights: Vec<i64> = changes.iter().map(|c| c.2).collect();
+        let batch = make_batch(&self.schema, columns, weights.len())?;
+        Ok(Changelog::new(batch, weights))
+    }
+}
+
+/// Every row of a partition with its numbers, as a multiset.
+fn number(functions: &[Rank], partition: &Partition) -> HashMap<(Box<[u8]>, Vec<u64>), i64> {
+    let mut out: HashMap<(Box<[u8]>, Vec<u64>), i64> = HashMap::new();
+    let mut position = 0u64;
+    let mut rank = 0u64;
+    let mut dense = 0u64;
+    let mut last_key: Option<&[u8]> = None;
+    for ((key, row), &count) in partition {
+        for _ in 0..count.max(0) {
+            position += 1;
+            if last_key != Some(key.as_ref()) {
+                rank = position;
+                dense += 1;
+                last_key = Some(key.as_ref());
+            }
+            let numbers = functions
+                .iter()
+                .map(|f| match f {
+                    Rank::RowNumber => position,
+                    Rank::Rank => rank,
+                    Rank::DenseRank => dense,
+                })
+                .collect();
+            *out.entry((row.clone(), numbers)).or_insert(0) += 1;
+        }
+    }
+    out
+}

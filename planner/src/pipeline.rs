@@ -1,0 +1,295 @@
+//! A running incremental plan: the operators of one materialized view, with every keyed
+//! operator split into hash partitions that run as tokio tasks.
+//!
+//! Each epoch the view runtime hands the pipeline the changelogs of its sources; changes
+//! flow leaves-first. Before a partitioned operator, rows are routed by the hash of their
+//! key to the instance that owns the key, over bounded channels (a busy instance makes the
+//! next epoch wait instead of buffering); the instances' outputs are concatenated. Results
+//! do not depend on the number of workers, since a key's state lives in one instance.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::physical_plan::PhysicalExpr;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::changelog::Changelog;
+use crate::error::{PlanError, Result};
+use crate::incremental::PlanNode;
+use crate::ops::{Operator, StateStats, evaluate};
+
+/// Jobs a partition instance may have queued before the router waits.
+const WORKER_QUEUE: usize = 2;
+
+/// What a pipeline has done, for `millrace_views`.
+#[derive(Debug, Default, Clone)]
+pub struct PipelineStats {
+    /// Source rows consumed.
+    pub rows_in: u64,
+    /// Output rows produced.
+    pub rows_out: u64,
+    /// State held and touched, over all operators and partitions.
+    pub state: StateStats,
+    /// Rows routed to each worker, summed over partitioned operators.
+    pub worker_rows: Vec<u64>,
+}
+
+type Reply = Result<(Changelog, StateStats)>;
+
+struct Job {
+    inputs: Vec<Changelog>,
+    reply: oneshot::Sender<Reply>,
+}
+
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    rows: u64,
+    state: StateStats,
+}
+
+enum Stage {
+    Source {
+        id: u64,
+        schema: SchemaRef,
+    },
+    Inline {
+        op: Box<dyn Operator>,
+        inputs: Vec<Stage>,
+    },
+    Parallel {
+        keys: Vec<Vec<Arc<dyn PhysicalExpr>>>,
+        key_converter: Option<(RowConverter, Vec<DataType>)>,
+        workers: Vec<Worker>,
+        inputs: Vec<Stage>,
+        schema: SchemaRef,
+        started: bool,
+    },
+}
+
+/// One view's running operators.
+pub struct Pipeline {
+    root: Stage,
+    workers: usize,
+    rows_in: u64,
+    rows_out: u64,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// Starts a plan with keyed operators split across `workers` tasks. Must run inside a
+    /// tokio runtime.
+    pub fn start(plan: PlanNode, workers: usize) -> Result<Self> {
+        let workers = workers.max(1);
+        Ok(Self {
+            root: stage(plan, workers)?,
+            workers,
+            rows_in: 0,
+            rows_out: 0,
+        })
+    }
+
+    /// Pushes one epoch's source changes through the pipeline and returns the view's change.
+    pub async fn step(&mut self, sources: &HashMap<u64, Changelog>) -> Result<Changelog> {
+        self.rows_in += sources.values().map(|c| c.len() as u64).sum::<u64>();
+        let out = run(&mut self.root, sources).await?.consolidate()?;
+        self.rows_out += out.len() as u64;
+        Ok(out)
+    }
+
+    /// Figures for `millrace_views`.
+    pub fn stats(&self) -> PipelineStats {
+        let mut stats = PipelineStats {
+            rows_in: self.rows_in,
+            rows_out: self.rows_out,
+            state: StateStats::default(),
+            worker_rows: vec![0; self.workers],
+        };
+        collect_stats(&self.root, &mut stats);
+        stats
+    }
+}
+
+fn collect_stats(stage: &Stage, stats: &mut PipelineStats) {
+    match stage {
+        Stage::Source { .. } => {}
+        Stage::Inline { op, inputs } => {
+            stats.state.add(op.state());
+            for input in inputs {
+                collect_stats(input, stats);
+            }
+        }
+        Stage::Parallel {
+            workers, inputs, ..
+        } => {
+            for (i, w) in workers.iter().enumerate() {
+                stats.state.add(w.state);
+                if let Some(slot) = stats.worker_rows.get_mut(i) {
+                    *slot += w.rows;
+                }
+            }
+            for input in inputs {
+                collect_stats(input, stats);
+            }
+        }
+    }
+}
+
+fn stage(node: PlanNode, workers: usize) -> Result<Stage> {
+    match node {
+        PlanNode::Source { id, schema, .. } => Ok(Stage::Source { id, schema }),
+        PlanNode::Operator {
+            op,
+            inputs,
+            partitioning,
+        } => {
+            let inputs = inputs
+                .into_iter()
+                .map(|i| stage(i, workers))
+                .collect::<Result<Vec<_>>>()?;
+            let Some(partitioning) = partitioning else {
+                return Ok(Stage::Inline { op, inputs });
+            };
+            let schema = op.schema();
+            let mut handles = Vec::with_capacity(workers);
+            for _ in 0..workers {
+                let mut instance = (partitioning.factory)()?;
+                let (tx, mut rx) = mpsc::channel::<Job>(WORKER_QUEUE);
+                tokio::spawn(async move {
+                    while let Some(job) = rx.recv().await {
+                        let result = instance.step(job.inputs).map(|out| (out, instance.state()));
+                        let _ = job.reply.send(result);
+                    }
+                });
+                handles.push(Worker {
+                    jobs: tx,
+                    rows: 0,
+                    state: StateStats::default(),
+                });
+            }
+            Ok(Stage::Parallel {
+                keys: partitioning.keys,
+                key_converter: None,
+                workers: handles,
+                inputs,
+                schema,
+                started: false,
+            })
+        }
+    }
+}
+
+fn run<'a>(
+    stage: &'a mut Stage,
+    sources: &'a HashMap<u64, Changelog>,
+) -> BoxFuture<'a, Result<Changelog>> {
+    Box::pin(async move {
+        match stage {
+            Stage::Source { id, schema } => Ok(match sources.get(id) {
+                Some(c) => c.clone(),
+                None => Changelog::empty(schema.clone()),
+            }),
+            Stage::Inline { op, inputs } => {
+                let mut outs = Vec::with_capacity(inputs.len());
+                for input in inputs.iter_mut() {
+                    outs.push(run(input, sources).await?);
+                }
+                op.step(outs)
+            }
+            Stage::Parallel {
+                keys,
+                key_converter,
+                workers,
+                inputs,
+                schema,
+                started,
+            } => {
+                let mut outs = Vec::with_capacity(inputs.len());
+                for input in inputs.iter_mut() {
+                    outs.push(run(input, sources).await?);
+                }
+                let n = workers.len();
+                // per worker, per input: row indices
+                let mut routed: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); outs.len()]; n];
+                for (j, out) in outs.iter().enumerate() {
+                    if out.is_empty() {
+                        continue;
+                    }
+                    let mut arrays = evaluate(&keys[j], &out.batch)?;
+                    if key_converter.is_none() {
+                        let types: Vec<DataType> =
+                            arrays.iter().map(|a| a.data_type().clone()).collect();
+                        *key_converter = Some((
+                            RowConverter::new(
+                                types.iter().map(|t| SortField::new(t.clone())).collect(),
+                            )?,
+                            types,
+                        ));
+                    }
+                    let (converter, types) = key_converter
+                        .as_ref()
+                        .ok_or_else(|| PlanError::Internal("no key converter".into()))?;
+                    for (array, want) in arrays.iter_mut().zip(types.iter()) {
+                        if array.data_type() != want {
+                            *array = cast(array, want)?;
+                        }
+                    }
+                    let rows = converter.convert_columns(&arrays)?;
+                    for i in 0..out.len() {
+                        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                        rows.row(i).data().hash(&mut hasher);
+                        let w = (hasher.finish() % n as u64) as usize;
+                        routed[w][j].push(i as u32);
+                    }
+                }
+                let first = !*started;
+                *started = true;
+                let mut pending = Vec::with_capacity(n);
+                for (w, per_input) in routed.into_iter().enumerate() {
+                    if !first && per_input.iter().all(|r| r.is_empty()) {
+                        continue;
+                    }
+                    let mut parts = Vec::with_capacity(outs.len());
+                    for (j, indices) in per_input.iter().enumerate() {
+                        workers[w].rows += indices.len() as u64;
+                        parts.push(if indices.is_empty() {
+                            Changelog::empty(outs[j].schema())
+                        } else {
+                            outs[j].take(indices)?
+                        });
+                    }
+                    let (reply, result) = oneshot::channel();
+                    workers[w]
+                        .jobs
+                        .send(Job {
+                            inputs: parts,
+                            reply,
+                        })
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))?;
+                    pending.push((w, result));
+                }
+                let mut results = Vec::with_capacity(pending.len());
+                for (w, result) in pending {
+                    let (out, state) = result
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))??;
+                    workers[w].state = state;
+                    results.push(out);
+                }
+                Changelog::concat(schema, results)
+            }
+        }
+    })
+}

@@ -1,0 +1,123 @@
+//! `MaterializedView`: the DataFusion `TableProvider` over a materialized view's stored
+//! result. The view runtime writes the contents once per epoch; a SELECT scans a snapshot
+//! of them, so reading a view never runs its query.
+
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::Session;
+use datafusion::common::DataFusionError;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use millrace_storage::{TableSnapshot, ViewContents};
+
+use crate::error::PlanError;
+
+/// Where a materialized view is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewStatus {
+    /// Computing its initial contents.
+    Backfilling,
+    /// Maintained every epoch.
+    Running,
+    /// Its pipeline stopped on an error; reads report it.
+    Failed(String),
+}
+
+impl ViewStatus {
+    /// Name shown in `millrace_views`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ViewStatus::Backfilling => "backfilling",
+            ViewStatus::Running => "running",
+            ViewStatus::Failed(_) => "failed",
+        }
+    }
+}
+
+/// A materialized view as DataFusion sees it.
+#[derive(Debug)]
+pub struct MaterializedView {
+    /// Catalog object id.
+    pub id: u64,
+    /// Qualified name, for messages.
+    pub name: String,
+    /// Row schema of the view.
+    pub schema: SchemaRef,
+    /// The CREATE MATERIALIZED VIEW statement.
+    pub sql: String,
+    /// The maintained rows.
+    pub contents: Arc<RwLock<ViewContents>>,
+    /// Backfilling, running or failed.
+    pub status: Arc<RwLock<ViewStatus>>,
+}
+
+impl MaterializedView {
+    /// The current status.
+    pub fn status(&self) -> ViewStatus {
+        self.status
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| ViewStatus::Failed("status lock poisoned".into()))
+    }
+
+    /// A snapshot of the contents, or the error that stopped the view.
+    pub fn snapshot(&self) -> Result<TableSnapshot, PlanError> {
+        if let ViewStatus::Failed(reason) = self.status() {
+            return Err(PlanError::ViewFailed {
+                view: self.name.clone(),
+                reason,
+            });
+        }
+        let contents = self
+            .contents
+            .read()
+            .map_err(|_| PlanError::Internal("view contents lock poisoned".into()))?;
+        Ok(contents.snapshot()?)
+    }
+}
+
+#[async_trait]
+impl TableProvider for MaterializedView {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn get_table_definition(&self) -> Option<&str> {
+        Some(&self.sql)
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![
+            TableProviderFilterPushDown::Unsupported;
+            filters.len()
+        ])
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let snapshot = self
+            .snapshot()
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &crate::table::partition(snapshot.batches),
+            self.schema.clone(),
+            projection.cloned(),
+        )?)
+    }
+}

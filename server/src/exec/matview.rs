@@ -1,0 +1,259 @@
+//! CREATE / EXPLAIN of materialized views.
+//!
+//! The query is planned and optimized by DataFusion exactly like a SELECT, compiled into an
+//! incremental plan (`millrace_planner::incremental`), registered with the view runtime at
+//! the current epoch, backfilled from snapshots of its sources, and only then made visible
+//! in the catalog. The same path rebuilds every view when the server starts.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::source_as_provider;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{self, Statement};
+use millrace_planner::changelog::loose;
+use millrace_planner::incremental::{PlanNode, compile};
+use millrace_planner::pipeline::Pipeline;
+use millrace_planner::view_table::{MaterializedView, ViewStatus};
+use millrace_planner::{MillraceTable, PlanError};
+use millrace_storage::{CatalogRecord, ObjectKind, ViewContents, WriteSet};
+
+use crate::engine::Engine;
+use crate::error::{Result, ServerError};
+use crate::exec::Output;
+use crate::exec::names;
+use crate::runtime::{ViewEntry, backfill};
+use crate::session::Session;
+
+/// A view's query, planned, optimized and compiled.
+struct Compiled {
+    plan: PlanNode,
+    schema: SchemaRef,
+    depends_on: Vec<u64>,
+}
+
+/// Plans and compiles the query of a CREATE MATERIALIZED VIEW statement.
+async fn compile_view(ctx: &SessionContext, view: &ast::CreateView) -> Result<Compiled> {
+    let rewritten = millrace_planner::rewrite::rewrite(Statement::Query(view.query.clone()));
+    let state = ctx.state();
+    let logical = state
+        .statement_to_plan(DFStatement::Statement(Box::new(rewritten.statement)))
+        .await?;
+    let depends_on = dependencies(&logical);
+    let optimized = state.optimize(&logical)?;
+    let plan = compile(&optimized, state.execution_props())?;
+    let out = optimized.schema();
+    let mut fields: Vec<Field> = out
+        .fields()
+        .iter()
+        .enumerate()
+        .map(
+            |(i, f)| match rewritten.renames.iter().find(|(p, _)| *p == i) {
+                Some((_, name)) => f.as_ref().clone().with_name(name),
+                None => f.as_ref().clone(),
+            },
+        )
+        .collect();
+    if !view.columns.is_empty() {
+        if view.columns.len() > fields.len() {
+            return Err(ServerError::Plan(PlanError::DataFusion(
+                datafusion::error::DataFusionError::Plan(
+                    "CREATE MATERIALIZED VIEW specifies more column names than columns".into(),
+                ),
+            )));
+        }
+        for (field, column) in fields.iter_mut().zip(&view.columns) {
+            *field = field.clone().with_name(names::fold(&column.name));
+        }
+    }
+    let mut seen = HashSet::new();
+    for f in &fields {
+        if !seen.insert(f.name().clone()) {
+            return Err(ServerError::DuplicateColumn(f.name().clone()));
+        }
+    }
+    let schema = loose(&Arc::new(Schema::new(fields)));
+    Ok(Compiled {
+        plan,
+        schema,
+        depends_on,
+    })
+}
+
+/// Ids of the tables and materialized views a plan reads.
+fn dependencies(plan: &LogicalPlan) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Ok(provider) = source_as_provider(&scan.source)
+        {
+            if let Some(t) = provider.downcast_ref::<MillraceTable>() {
+                ids.push(t.id);
+            } else if let Some(v) = provider.downcast_ref::<MaterializedView>() {
+                ids.push(v.id);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// CREATE MATERIALIZED VIEW.
+pub async fn create(session: &mut Session, view: ast::CreateView) -> Result<Output> {
+    let name = names::resolve(session, &view.name)?;
+    if session
+        .engine
+        .catalog
+        .schema(&name.database, &name.schema)
+        .is_none()
+    {
+        return Err(PlanError::UndefinedObject {
+            kind: "schema",
+            name: name.schema,
+        }
+        .into());
+    }
+    if session
+        .engine
+        .catalog
+        .find(
+            &[
+                ObjectKind::Table,
+                ObjectKind::View,
+                ObjectKind::MaterializedView,
+            ],
+            &name.database,
+            &name.schema,
+            &name.name,
+        )
+        .is_some()
+    {
+        if view.if_not_exists {
+            return Ok(Output::command("CREATE MATERIALIZED VIEW"));
+        }
+        return Err(PlanError::DuplicateObject {
+            kind: "relation",
+            name: name.name,
+        }
+        .into());
+    }
+    let sql = Statement::CreateView(view.clone()).to_string();
+    let compiled = compile_view(&session.ctx, &view).await?;
+    let record = CatalogRecord {
+        id: session.engine.store().allocate_object_id(),
+        kind: ObjectKind::MaterializedView,
+        database: name.database,
+        schema: name.schema,
+        name: name.name,
+        sql,
+        depends_on: compiled.depends_on.clone(),
+        search_schema: Some(session.current_schema()),
+    };
+    start(&session.engine, record, compiled, true).await?;
+    Ok(Output::command("CREATE MATERIALIZED VIEW"))
+}
+
+/// Rebuilds a materialized view from its record on start (by backfill).
+pub async fn restore(
+    engine: &Arc<Engine>,
+    ctx: &SessionContext,
+    record: CatalogRecord,
+) -> Result<()> {
+    let Statement::CreateView(view) = crate::exec::ddl::parse_one(&record.sql)? else {
+        return Err(ServerError::Internal(format!(
+            "record {} is not CREATE MATERIALIZED VIEW",
+            record.id
+        )));
+    };
+    let compiled = compile_view(ctx, &view).await?;
+    start(engine, record, compiled, false).await
+}
+
+/// EXPLAIN CREATE MATERIALIZED VIEW: the incremental plan, one operator per line.
+pub async fn explain(session: &Session, view: &ast::CreateView) -> Result<Vec<String>> {
+    let compiled = compile_view(&session.ctx, view).await?;
+    Ok(compiled.plan.explain(session.engine.views.workers))
+}
+
+/// Registers, backfills and publishes a view; writes its record first when `persist`.
+async fn start(
+    engine: &Arc<Engine>,
+    record: CatalogRecord,
+    compiled: Compiled,
+    persist: bool,
+) -> Result<()> {
+    let runtime = engine.views.clone();
+    let qualified = format!("{}.{}", record.schema, record.name);
+    let provider = Arc::new(MaterializedView {
+        id: record.id,
+        name: record.name.clone(),
+        schema: compiled.schema.clone(),
+        sql: record.sql.clone(),
+        contents: Arc::new(RwLock::new(ViewContents::try_new(compiled.schema.clone())?)),
+        status: Arc::new(RwLock::new(ViewStatus::Backfilling)),
+    });
+    let sources = compiled.plan.sources();
+    let explain = compiled.plan.explain(runtime.workers);
+    let ready = {
+        let _writers = engine.write_lock.lock().await;
+        // Every source is at the last committed epoch once the coordinator has published it.
+        runtime.wait_published(runtime.committed_epoch()).await;
+        let mut snapshots = Vec::with_capacity(sources.len());
+        for id in &sources {
+            if let Some(table) = engine.catalog.table(*id) {
+                snapshots.push((*id, table.snapshot()?.batches));
+            } else if let Some(upstream) = runtime.view(*id) {
+                if upstream.status() != ViewStatus::Running {
+                    return Err(ServerError::ObjectNotReady(format!(
+                        "materialized view \"{}\" is {}",
+                        upstream.provider.name,
+                        upstream.status().label()
+                    )));
+                }
+                snapshots.push((*id, upstream.provider.snapshot()?.batches));
+            } else {
+                return Err(ServerError::Internal(format!(
+                    "source {id} of {qualified} is gone"
+                )));
+            }
+        }
+        if persist {
+            let mut set = WriteSet::new();
+            set.put_catalog(record.clone());
+            engine.commit_write_set(set)?;
+        }
+        let pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
+        let (entry, ready) = ViewEntry::new(provider.clone(), sources, explain, pipeline);
+        runtime.register(entry.clone());
+        tokio::spawn(backfill::run(runtime.clone(), entry, snapshots));
+        ready
+    };
+    let _ = ready.await;
+    if let ViewStatus::Failed(reason) = provider.status() {
+        runtime.deregister(record.id);
+        if persist {
+            let mut set = WriteSet::new();
+            set.delete_catalog(record.id);
+            engine.commit_write_set(set)?;
+        } else {
+            // NOTE: on restart a failing view stays registered so that it can be dropped.
+            engine
+                .catalog
+                .register_relation(record, provider.clone(), None)?;
+            return Ok(());
+        }
+        return Err(PlanError::ViewFailed {
+            view: qualified,
+            reason,
+        }
+        .into());
+    }
+    engine.catalog.register_relation(record, provider, None)?;
+    Ok(())
+}

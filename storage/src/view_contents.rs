@@ -1,0 +1,147 @@
+//! The stored result of a materialized view: a multiset of rows in the columnar cache.
+//!
+//! The view runtime applies each epoch's output changelog (rows with signed weights) here;
+//! SELECTs read cheap snapshots of the Arrow chunks, exactly like a table's. Rows are found
+//! for deletion by their arrow-row encoding, which maps to the row ids holding copies of it.
+
+use std::collections::HashMap;
+
+use arrow::array::{RecordBatch, UInt32Array, UInt64Array};
+use arrow::compute::take_record_batch;
+use arrow::datatypes::SchemaRef;
+use arrow_row::{RowConverter, SortField};
+
+use crate::columnar::{ColumnarTable, RowId, TableSnapshot};
+use crate::error::{Result, StorageError};
+use crate::log_entry::LogEntry;
+
+/// The maintained contents of one materialized view.
+#[derive(Debug)]
+pub struct ViewContents {
+    table: ColumnarTable,
+    converter: RowConverter,
+    /// Encoded row to the ids of its copies.
+    copies: HashMap<Box<[u8]>, Vec<RowId>>,
+}
+
+impl ViewContents {
+    /// Empty contents with the view's schema.
+    pub fn try_new(schema: SchemaRef) -> Result<Self> {
+        let converter = RowConverter::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            table: ColumnarTable::try_new(schema, None)?,
+            converter,
+            copies: HashMap::new(),
+        })
+    }
+
+    /// Number of rows (copies counted).
+    pub fn num_rows(&self) -> usize {
+        self.table.num_rows()
+    }
+
+    /// Approximate bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        self.table.memory_bytes() + self.copies.keys().map(|k| k.len() + 32).sum::<usize>()
+    }
+
+    /// A consistent snapshot for a scan.
+    pub fn snapshot(&self) -> Result<TableSnapshot> {
+        self.table.snapshot()
+    }
+
+    /// Applies a changelog: each row is added `weight` times (removed when negative).
+    /// Removing a row that is not present is an error: it means the view diverged.
+    pub fn apply(&mut self, batch: &RecordBatch, weights: &[i64]) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let rows = self.converter.convert_columns(batch.columns())?;
+        let mut deletes = Vec::new();
+        let mut picks: Vec<u32> = Vec::new();
+        let mut inserted_keys: Vec<usize> = Vec::new();
+        for (i, &w) in weights.iter().enumerate() {
+            if w < 0 {
+                let key = rows.row(i);
+                let ids = self
+                    .copies
+                    .get_mut(key.as_ref())
+                    .ok_or_else(|| missing_row(w))?;
+                for _ in 0..(-w) {
+                    deletes.push(ids.pop().ok_or_else(|| missing_row(w))?);
+                }
+                if ids.is_empty() {
+                    self.copies.remove(key.as_ref());
+                }
+            } else {
+                for _ in 0..w {
+                    picks.push(i as u32);
+                    inserted_keys.push(i);
+                }
+            }
+        }
+        if !deletes.is_empty() {
+            self.table.apply(&LogEntry::Delete {
+                row_ids: UInt64Array::from(deletes),
+            })?;
+        }
+        if !picks.is_empty() {
+            let batch = take_record_batch(batch, &UInt32Array::from(picks))?;
+            let batch = RecordBatch::try_new(self.table.schema(), batch.columns().to_vec())?;
+            let ids = self.table.allocate_row_ids(batch.num_rows());
+            for (&row, &id) in inserted_keys.iter().zip(ids.values()) {
+                self.copies
+                    .entry(rows.row(row).as_ref().into())
+                    .or_default()
+                    .push(id);
+            }
+            self.table.apply(&LogEntry::Insert {
+                row_ids: ids,
+                batch,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn missing_row(weight: i64) -> StorageError {
+    StorageError::Corrupt {
+        what: "view contents",
+        detail: format!(
+            "a change removes {} copies of a row the view does not hold",
+            -weight
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    #[test]
+    fn multiset_inserts_and_deletes() {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut v = ViewContents::try_new(schema.clone()).unwrap();
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![Some(1), None, Some(1)]))],
+        )
+        .unwrap();
+        v.apply(&b, &[2, 1, 1]).unwrap();
+        assert_eq!(v.num_rows(), 4);
+        v.apply(&b.slice(0, 1), &[-3]).unwrap();
+        assert_eq!(v.num_rows(), 1);
+        assert!(v.apply(&b.slice(0, 1), &[-1]).is_err());
+    }
+}
