@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use datafusion::catalog::{
-    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemorySchemaProvider,
-    SchemaProvider,
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, SchemaProvider,
 };
 use datafusion::datasource::TableProvider;
 use millrace_storage::{CatalogRecord, ObjectKind, Store};
 
 use crate::error::{PlanError, Result};
+use crate::system_table::{SystemTables, UserSchema};
 use crate::table::MillraceTable;
 
 /// Databases, schemas and relations, in memory and in the durable store.
@@ -28,6 +28,8 @@ pub struct Catalog {
     records: RwLock<BTreeMap<u64, CatalogRecord>>,
     /// Tables by id.
     tables: RwLock<HashMap<u64, Arc<MillraceTable>>>,
+    /// System tables, resolvable from every schema.
+    system: SystemTables,
 }
 
 impl Catalog {
@@ -38,6 +40,14 @@ impl Catalog {
             list: Arc::new(Databases::default()),
             records: RwLock::new(BTreeMap::new()),
             tables: RwLock::new(HashMap::new()),
+            system: SystemTables::default(),
+        }
+    }
+
+    /// Adds a system table, visible from every schema of every database.
+    pub fn register_system_table(&self, name: &str, table: Arc<dyn TableProvider>) {
+        if let Ok(mut system) = self.system.write() {
+            system.insert(name.to_string(), table);
         }
     }
 
@@ -145,7 +155,7 @@ impl Catalog {
                 kind: "database",
                 name: record.database.clone(),
             })?;
-        db.register_schema(&record.name, Arc::new(MemorySchemaProvider::new()))?;
+        db.register_schema(&record.name, Arc::new(UserSchema::new(self.system.clone())))?;
         self.put_record(record);
         Ok(())
     }

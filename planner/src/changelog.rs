@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take_record_batch};
-use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 
 use crate::error::Result;
@@ -96,7 +96,7 @@ impl Changelog {
     pub fn with_schema(&self, schema: &SchemaRef) -> Result<Self> {
         let columns = conform_columns(self.batch.columns(), schema, self.batch.num_rows())?;
         Ok(Self::new(
-            RecordBatch::try_new(loose(schema), columns)?,
+            make_batch(schema, columns, self.batch.num_rows())?,
             self.weights.clone(),
         ))
     }
@@ -111,7 +111,7 @@ impl Changelog {
                 continue;
             }
             let columns = conform_columns(part.batch.columns(), &schema, part.len())?;
-            batches.push(RecordBatch::try_new(schema.clone(), columns)?);
+            batches.push(make_batch(&schema, columns, part.len())?);
             weights.extend(part.weights);
         }
         Ok(Self::new(concat_batches(&schema, &batches)?, weights))
@@ -122,16 +122,17 @@ impl Changelog {
         if self.is_empty() {
             return Ok(self);
         }
-        let converter = row_converter(&self.batch.schema())?;
-        let rows = converter.convert_columns(self.batch.columns())?;
-        let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(rows.num_rows());
+        let codec = RowCodec::for_schema(&self.batch.schema())?;
+        let rows = codec.encode(self.batch.columns(), self.len())?;
+        let rows: Vec<&[u8]> = (0..self.len()).map(|i| rows.row(i)).collect();
+        let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(rows.len());
         let mut order: Vec<(u32, i64)> = Vec::new();
         for (i, row) in rows.iter().enumerate() {
             let w = self.weights[i];
-            match first.get(row.as_ref()) {
+            match first.get(row) {
                 Some(&slot) => order[slot].1 += w,
                 None => {
-                    first.insert(row.data(), order.len());
+                    first.insert(row, order.len());
                     order.push((i as u32, w));
                 }
             }
@@ -239,5 +240,87 @@ mod tests {
             .unwrap();
         assert_eq!(c.weights, vec![1, 2]);
         assert_eq!(c.net_rows(), 3);
+    }
+}
+
+/// Row encoding that also works for zero columns (a cross join's key, a projection of no
+/// columns), where every row encodes to the empty byte string.
+#[derive(Debug)]
+pub struct RowCodec {
+    converter: Option<RowConverter>,
+    types: Vec<DataType>,
+}
+
+/// Encoded rows of one batch.
+#[derive(Debug)]
+pub enum EncodedRows {
+    /// Rows of one or more columns.
+    Rows(datafusion::arrow::row::Rows),
+    /// `n` rows of no columns.
+    Empty(usize),
+}
+
+impl EncodedRows {
+    /// The encoding of row `i`.
+    pub fn row(&self, i: usize) -> &[u8] {
+        match self {
+            EncodedRows::Rows(rows) => rows.row(i).data(),
+            EncodedRows::Empty(_) => &[],
+        }
+    }
+}
+
+impl RowCodec {
+    /// A codec for columns of `types`.
+    pub fn new(types: Vec<DataType>) -> Result<Self> {
+        let converter = if types.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(
+                types.iter().map(|t| SortField::new(t.clone())).collect(),
+            )?)
+        };
+        Ok(Self { converter, types })
+    }
+
+    /// A codec for rows of `schema`.
+    pub fn for_schema(schema: &Schema) -> Result<Self> {
+        Self::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.data_type().clone())
+                .collect(),
+        )
+    }
+
+    /// The column types.
+    pub fn types(&self) -> &[DataType] {
+        &self.types
+    }
+
+    /// Encodes `rows` rows of `columns` (cast to the codec's types where they differ).
+    pub fn encode(&self, columns: &[ArrayRef], rows: usize) -> Result<EncodedRows> {
+        let Some(converter) = &self.converter else {
+            return Ok(EncodedRows::Empty(rows));
+        };
+        let mut cast_columns = Vec::with_capacity(columns.len());
+        for (c, t) in columns.iter().zip(&self.types) {
+            cast_columns.push(if c.data_type() == t {
+                c.clone()
+            } else {
+                cast(c, t)?
+            });
+        }
+        Ok(EncodedRows::Rows(converter.convert_columns(&cast_columns)?))
+    }
+
+    /// Decodes encoded rows back into columns.
+    pub fn decode<'a>(&self, rows: impl Iterator<Item = &'a [u8]>) -> Result<Vec<ArrayRef>> {
+        let Some(converter) = &self.converter else {
+            return Ok(Vec::new());
+        };
+        let parser = converter.parser();
+        Ok(converter.convert_rows(rows.map(|r| parser.parse(r)))?)
     }
 }

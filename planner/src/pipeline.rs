@@ -15,6 +15,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
@@ -103,7 +104,12 @@ impl Pipeline {
     /// Pushes one epoch's source changes through the pipeline and returns the view's change.
     pub async fn step(&mut self, sources: &HashMap<u64, Changelog>) -> Result<Changelog> {
         self.rows_in += sources.values().map(|c| c.len() as u64).sum::<u64>();
-        let out = run(&mut self.root, sources).await?.consolidate()?;
+        // NOTE: an operator bug must fail this view, not the server.
+        let out = std::panic::AssertUnwindSafe(run(&mut self.root, sources))
+            .catch_unwind()
+            .await
+            .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??
+            .consolidate()?;
         self.rows_out += out.len() as u64;
         Ok(out)
     }
@@ -292,4 +298,14 @@ fn run<'a>(
             }
         }
     })
+}
+
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
 }

@@ -91,6 +91,7 @@ impl Engine {
             views: ViewRuntime::new(config.workers()),
         });
         engine.views.start();
+        crate::runtime::system::register(&engine.catalog, &engine.views);
         engine.replay().await?;
         Ok(engine)
     }

@@ -3,7 +3,7 @@
 //! corpus must pass at least the record count in `baseline.txt` (a ratchet: raise it as
 //! support grows, never lower it).
 //!
-//! Environment: `SLT_SUITES=ours,sqlite,sqlite-extra` picks suites (default: all),
+//! Environment: `SLT_SUITES=ours,sqlite,sqlite-extra,risingwave` picks suites (default: all),
 //! `SLT_FILTER=substring` narrows files, `SLT_JOBS` sets parallel files (default 2),
 //! `SLT_FAILURES=path` writes every failing record to a file.
 
@@ -41,7 +41,8 @@ fn main() -> ExitCode {
     let shared = std::env::var("MILLRACE_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("../shared"));
-    let wanted = std::env::var("SLT_SUITES").unwrap_or_else(|_| "ours,sqlite,sqlite-extra".into());
+    let wanted = std::env::var("SLT_SUITES")
+        .unwrap_or_else(|_| "ours,sqlite,sqlite-extra,risingwave".into());
     let filter = std::env::var("SLT_FILTER").ok();
     let jobs: usize = std::env::var("SLT_JOBS")
         .ok()
@@ -59,6 +60,10 @@ fn main() -> ExitCode {
         Suite {
             name: "sqlite-extra",
             dir: shared.join("slt/sqlite-extra"),
+        },
+        Suite {
+            name: "risingwave",
+            dir: shared.join("slt/risingwave/streaming"),
         },
     ];
     let baseline = baseline(&root);

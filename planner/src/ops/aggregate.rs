@@ -48,6 +48,11 @@ pub struct Grouping {
     pub grouping_id: Option<(DataType, Vec<u64>)>,
 }
 
+/// Bytes a group costs beyond its key (map slot, row count, accumulators).
+const GROUP_OVERHEAD: i64 = 128;
+/// Bytes one distinct input value costs beyond its encoding.
+const VALUE_OVERHEAD: i64 = 40;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// count / sum / avg: a retractable accumulator.
@@ -96,6 +101,8 @@ pub struct AggregateOp {
     aggs: Vec<Agg>,
     groups: Box<dyn StateStore<Group>>,
     started: bool,
+    /// Approximate bytes of group state.
+    bytes: i64,
 }
 
 impl AggregateOp {
@@ -156,6 +163,7 @@ impl AggregateOp {
             aggs,
             groups: Box::new(MemoryState::default()),
             started: false,
+            bytes: 0,
         })
     }
 
@@ -269,6 +277,7 @@ impl Operator for AggregateOp {
     fn state(&self) -> StateStats {
         StateStats {
             entries: self.groups.len() as u64,
+            bytes: self.bytes.max(0) as u64,
             counters: self.groups.counters(),
         }
     }
@@ -322,7 +331,10 @@ impl Operator for AggregateOp {
                     let w = input.weights[i];
                     let mut fresh = match self.groups.get(key) {
                         Some(_) => None,
-                        None => Some(new_group(&self.aggs)?),
+                        None => {
+                            self.bytes += key.len() as i64 + GROUP_OVERHEAD;
+                            Some(new_group(&self.aggs)?)
+                        }
                     };
                     let group = self
                         .groups
@@ -355,10 +367,15 @@ impl Operator for AggregateOp {
                                 }
                                 let Some(rows) = rows else { continue };
                                 let k = rows.row(i);
-                                let count = values.entry(k.data().into()).or_insert(0);
+                                let value_bytes = k.data().len() as i64 + VALUE_OVERHEAD;
+                                let count = values.entry(k.data().into()).or_insert_with(|| {
+                                    self.bytes += value_bytes;
+                                    0
+                                });
                                 *count += w;
                                 if *count == 0 {
                                     values.remove(k.data());
+                                    self.bytes -= value_bytes;
                                 }
                             }
                             (_, AggState::Sliding(_)) => {
@@ -429,6 +446,7 @@ impl Operator for AggregateOp {
             }
             if remove {
                 self.groups.remove(key);
+                self.bytes -= key.len() as i64 + GROUP_OVERHEAD;
             }
         }
         self.groups.count_reads(reads);

@@ -13,15 +13,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
-use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::JoinType;
 use datafusion::physical_plan::PhysicalExpr;
 use millrace_storage::{MemoryState, StateStore};
 
 use super::{Operator, StateStats, evaluate, evaluate_predicate};
-use crate::changelog::{Changelog, loose, make_batch, row_converter};
+use crate::changelog::{Changelog, RowCodec, loose, make_batch};
 use crate::error::{PlanError, Result};
 
 /// How a join is keyed and filtered.
@@ -51,6 +50,11 @@ struct Entry {
 
 type Bucket = HashMap<Box<[u8]>, Entry>;
 
+/// Bytes a key's bucket costs beyond the key itself (map slot, allocation).
+const BUCKET_OVERHEAD: i64 = 64;
+/// Bytes a row entry costs beyond the row's encoding.
+const ENTRY_OVERHEAD: i64 = 40;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Output {
     /// Joined pairs, NULL-padded for preserved sides.
@@ -66,11 +70,12 @@ enum Output {
 pub struct JoinOp {
     spec: JoinSpec,
     output: Output,
-    key_converter: RowConverter,
-    key_types: Vec<datafusion::arrow::datatypes::DataType>,
-    rows: [RowConverter; 2],
+    keys: RowCodec,
+    rows: [RowCodec; 2],
     null_rows: [Box<[u8]>; 2],
     sides: [Box<dyn StateStore<Bucket>>; 2],
+    /// Approximate bytes held by both sides.
+    bytes: i64,
 }
 
 /// One change to emit: left row, right row (None = NULLs), weight.
@@ -99,35 +104,27 @@ impl JoinOp {
             other => return Err(PlanError::Unsupported(format!("{other} join"))),
         };
         let left_schema = spec.inputs[0].clone();
-        let key_types_only: Vec<datafusion::arrow::datatypes::DataType> = spec.keys[0]
+        let key_types: Vec<datafusion::arrow::datatypes::DataType> = spec.keys[0]
             .iter()
             .map(|e| Ok(e.data_type(&left_schema)?))
             .collect::<Result<_>>()?;
-        let key_converter = RowConverter::new(
-            key_types_only
-                .iter()
-                .map(|t| SortField::new(t.clone()))
-                .collect(),
-        )?;
+        let keys = RowCodec::new(key_types)?;
         let rows = [
-            row_converter(&spec.inputs[0])?,
-            row_converter(&spec.inputs[1])?,
+            RowCodec::for_schema(&spec.inputs[0])?,
+            RowCodec::for_schema(&spec.inputs[1])?,
         ];
-        let null_rows = [
-            null_row(&rows[0], &spec.inputs[0])?,
-            null_row(&rows[1], &spec.inputs[1])?,
-        ];
+        let null_rows = [null_row(&rows[0])?, null_row(&rows[1])?];
         Ok(Self {
             spec,
             output,
-            key_converter,
-            key_types: key_types_only,
+            keys,
             rows,
             null_rows,
             sides: [
                 Box::new(MemoryState::default()),
                 Box::new(MemoryState::default()),
             ],
+            bytes: 0,
         })
     }
 
@@ -138,17 +135,12 @@ impl JoinOp {
             return Ok(());
         }
         let other = 1 - side;
-        let mut key_arrays = evaluate(&self.spec.keys[side], &delta.batch)?;
-        for (array, want) in key_arrays.iter_mut().zip(&self.key_types) {
-            if array.data_type() != want {
-                *array = cast(array, want)?;
-            }
-        }
+        let key_arrays = evaluate(&self.spec.keys[side], &delta.batch)?;
         let has_null: Vec<bool> = (0..delta.len())
             .map(|i| key_arrays.iter().any(|a| a.is_null(i)))
             .collect();
-        let keys = self.key_converter.convert_columns(&key_arrays)?;
-        let rows = self.rows[side].convert_columns(delta.batch.columns())?;
+        let keys = self.keys.encode(&key_arrays, delta.len())?;
+        let rows = self.rows[side].encode(delta.batch.columns(), delta.len())?;
 
         // Candidate pairs: (delta row, other row, other weight).
         let mut pairs: Vec<(u32, Box<[u8]>, i64)> = Vec::new();
@@ -157,7 +149,7 @@ impl JoinOp {
             if has_null[i] && !self.spec.nulls_equal {
                 continue;
             }
-            if let Some(bucket) = self.sides[other].get(keys.row(i).data()) {
+            if let Some(bucket) = self.sides[other].get(keys.row(i)) {
                 scanned += bucket.len() as u64;
                 for (row, entry) in bucket {
                     pairs.push((i as u32, row.clone(), entry.weight));
@@ -168,9 +160,7 @@ impl JoinOp {
         let matched = match &self.spec.filter {
             Some(filter) if !pairs.is_empty() => {
                 let this_cols = take_columns(&delta.batch, pairs.iter().map(|p| p.0))?;
-                let parser = self.rows[other].parser();
-                let other_cols =
-                    self.rows[other].convert_rows(pairs.iter().map(|p| parser.parse(&p.1)))?;
+                let other_cols = self.rows[other].decode(pairs.iter().map(|p| p.1.as_ref()))?;
                 let columns = if side == 0 {
                     [this_cols, other_cols].concat()
                 } else {
@@ -207,13 +197,13 @@ impl JoinOp {
             let i = i as usize;
             let w = delta.weights[i];
             degrees[i] += other_weight;
-            let this_row: Box<[u8]> = rows.row(i).data().into();
+            let this_row: Box<[u8]> = rows.row(i).into();
             if let Output::Pairs { .. } = self.output {
                 out.push(pair(this_row.clone(), other_row.clone(), w * other_weight));
             }
             // The other row's degree moves by w.
             let key = keys.row(i);
-            let bucket = self.sides[other].get_or_insert_with(key.data(), &mut Bucket::new);
+            let bucket = self.sides[other].get_or_insert_with(key, &mut Bucket::new);
             let Some(entry) = bucket.get_mut(&other_row) else {
                 continue;
             };
@@ -250,7 +240,7 @@ impl JoinOp {
         }
         for i in 0..delta.len() {
             let w = delta.weights[i];
-            let this_row: Box<[u8]> = rows.row(i).data().into();
+            let this_row: Box<[u8]> = rows.row(i).into();
             match self.output {
                 Output::Pairs { preserve } if preserve[side] && degrees[i] == 0 => {
                     out.push(padded(this_row.clone(), side, w));
@@ -264,15 +254,28 @@ impl JoinOp {
                 _ => {}
             }
             let key = keys.row(i);
-            let bucket = self.sides[side].get_or_insert_with(key.data(), &mut Bucket::new);
-            let entry = bucket.entry(this_row.clone()).or_default();
+            let mut fresh_bucket = false;
+            let bucket = self.sides[side].get_or_insert_with(key, &mut || {
+                fresh_bucket = true;
+                Bucket::new()
+            });
+            if fresh_bucket {
+                self.bytes += key.len() as i64 + BUCKET_OVERHEAD;
+            }
+            let row_bytes = this_row.len() as i64 + ENTRY_OVERHEAD;
+            let entry = bucket.entry(this_row.clone()).or_insert_with(|| {
+                self.bytes += row_bytes;
+                Entry::default()
+            });
             entry.weight += w;
             entry.degree = degrees[i];
             if entry.weight == 0 {
                 bucket.remove(&this_row);
+                self.bytes -= row_bytes;
             }
             if bucket.is_empty() {
-                self.sides[side].remove(key.data());
+                self.sides[side].remove(key);
+                self.bytes -= key.len() as i64 + BUCKET_OVERHEAD;
             }
         }
         Ok(())
@@ -303,9 +306,8 @@ impl JoinOp {
         side: usize,
         rows: impl Iterator<Item = Option<&'a [u8]>>,
     ) -> Result<Vec<ArrayRef>> {
-        let parser = self.rows[side].parser();
         let null = &self.null_rows[side];
-        Ok(self.rows[side].convert_rows(rows.map(|r| parser.parse(r.unwrap_or(null))))?)
+        self.rows[side].decode(rows.map(|r| r.unwrap_or(null)))
     }
 }
 
@@ -341,9 +343,11 @@ impl Operator for JoinOp {
         for side in &self.sides {
             stats.add(StateStats {
                 entries: side.len() as u64,
+                bytes: 0,
                 counters: side.counters(),
             });
         }
+        stats.bytes = self.bytes.max(0) as u64;
         stats
     }
 
@@ -367,12 +371,11 @@ fn take_columns(batch: &RecordBatch, indices: impl Iterator<Item = u32>) -> Resu
         .collect()
 }
 
-fn null_row(converter: &RowConverter, schema: &SchemaRef) -> Result<Box<[u8]>> {
-    let columns: Vec<ArrayRef> = schema
-        .fields()
+fn null_row(codec: &RowCodec) -> Result<Box<[u8]>> {
+    let columns: Vec<ArrayRef> = codec
+        .types()
         .iter()
-        .map(|f| datafusion::arrow::array::new_null_array(f.data_type(), 1))
+        .map(|t| datafusion::arrow::array::new_null_array(t, 1))
         .collect();
-    let rows = converter.convert_columns(&columns)?;
-    Ok(rows.row(0).data().into())
+    Ok(codec.encode(&columns, 1)?.row(0).into())
 }

@@ -30,6 +30,8 @@ use crate::error::{PlanError, Result};
 pub struct StateStats {
     /// Entries (groups, keys, rows) held.
     pub entries: u64,
+    /// Approximate bytes of the state held.
+    pub bytes: u64,
     /// Reads and writes since the operator was built.
     pub counters: StateCounters,
 }
@@ -38,6 +40,7 @@ impl StateStats {
     /// Adds another operator's figures to these.
     pub fn add(&mut self, other: StateStats) {
         self.entries += other.entries;
+        self.bytes += other.bytes;
         self.counters.reads += other.counters.reads;
         self.counters.writes += other.counters.writes;
     }

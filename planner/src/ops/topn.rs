@@ -30,6 +30,7 @@ pub struct TopNOp {
     /// Rows last emitted as the top, with their copies.
     top: HashMap<Box<[u8]>, i64>,
     reads: u64,
+    bytes: i64,
 }
 
 impl TopNOp {
@@ -62,6 +63,7 @@ impl TopNOp {
             state: BTreeMap::new(),
             top: HashMap::new(),
             reads: 0,
+            bytes: 0,
         })
     }
 }
@@ -84,6 +86,7 @@ impl Operator for TopNOp {
     fn state(&self) -> StateStats {
         StateStats {
             entries: self.state.len() as u64,
+            bytes: self.bytes.max(0) as u64,
             counters: millrace_storage::StateCounters {
                 reads: self.reads,
                 writes: 0,
@@ -110,10 +113,15 @@ impl Operator for TopNOp {
                 None => Box::from(&[][..]),
             };
             let entry = (key, Box::<[u8]>::from(rows.row(i).data()));
-            let count = self.state.entry(entry.clone()).or_insert(0);
+            let entry_bytes = (entry.0.len() + entry.1.len()) as i64 + 48;
+            let count = self.state.entry(entry.clone()).or_insert_with(|| {
+                self.bytes += entry_bytes;
+                0
+            });
             *count += input.weights[i];
             if *count == 0 {
                 self.state.remove(&entry);
+                self.bytes -= entry_bytes;
             }
         }
         let mut new_top: HashMap<Box<[u8]>, i64> = HashMap::new();

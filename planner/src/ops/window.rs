@@ -46,6 +46,7 @@ pub struct WindowOp {
     sort_converter: RowConverter,
     rows: RowConverter,
     partitions: Box<dyn StateStore<Partition>>,
+    bytes: i64,
 }
 
 impl WindowOp {
@@ -85,6 +86,7 @@ impl WindowOp {
             partition_converter,
             sort_converter,
             partitions: Box::new(MemoryState::default()),
+            bytes: 0,
         })
     }
 }
@@ -108,6 +110,7 @@ impl Operator for WindowOp {
     fn state(&self) -> StateStats {
         StateStats {
             entries: self.partitions.len() as u64,
+            bytes: self.bytes.max(0) as u64,
             counters: self.partitions.counters(),
         }
     }
@@ -167,10 +170,15 @@ impl Operator for WindowOp {
                     None => Box::from(&[][..]),
                 };
                 let entry = (sort, Box::<[u8]>::from(rows.row(i).data()));
-                let count = partition.entry(entry.clone()).or_insert(0);
+                let entry_bytes = (entry.0.len() + entry.1.len()) as i64 + 48;
+                let count = partition.entry(entry.clone()).or_insert_with(|| {
+                    self.bytes += entry_bytes;
+                    0
+                });
                 *count += input.weights[i];
                 if *count == 0 {
                     partition.remove(&entry);
+                    self.bytes -= entry_bytes;
                 }
             }
             let empty = partition.is_empty();

@@ -65,6 +65,23 @@ impl Output {
         }
     }
 
+    /// Rows of one text column (EXPLAIN output and the like).
+    pub fn text_column(name: &str, lines: Vec<String>) -> Output {
+        let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+            datafusion::arrow::datatypes::Field::new(
+                name,
+                datafusion::arrow::datatypes::DataType::Utf8,
+                false,
+            ),
+        ]));
+        let column: datafusion::arrow::array::ArrayRef =
+            std::sync::Arc::new(datafusion::arrow::array::StringArray::from(lines));
+        let batches = RecordBatch::try_new(schema.clone(), vec![column])
+            .map(|b| vec![b])
+            .unwrap_or_default();
+        Output::Rows { schema, batches }
+    }
+
     /// A command tag with a row count.
     pub fn command_rows(tag: &str, rows: usize) -> Output {
         Output::Command {
@@ -139,6 +156,13 @@ async fn dispatch(
     plan: Option<LogicalPlan>,
     params: Option<ParamValues>,
 ) -> Result<Output> {
+    if let Statement::Explain { statement, .. } = &statement
+        && let Statement::CreateView(view) = statement.as_ref()
+        && view.materialized
+    {
+        let lines = matview::explain(session, view).await?;
+        return Ok(Output::text_column("QUERY PLAN", lines));
+    }
     match statement {
         Statement::Query(_) | Statement::Explain { .. } | Statement::ExplainTable { .. } => {
             query::run(session, statement, plan, params).await

@@ -14,6 +14,7 @@
 //! backfilled (see `backfill.rs`) is skipped too and its inputs are queued until it catches up.
 
 pub mod backfill;
+pub mod system;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
