@@ -163,7 +163,8 @@ impl PlanNode {
 
 /// Translates an optimized logical plan into an incremental plan.
 pub fn compile(plan: &LogicalPlan, props: &ExecutionProps) -> Result<PlanNode> {
-    Compiler { props }.node(plan)
+    let plan = crate::scalar_subquery::lift(plan.clone())?;
+    Compiler { props }.node(&plan)
 }
 
 struct Compiler<'a> {

@@ -18,6 +18,7 @@ pub mod pg_casts;
 pub mod pipeline;
 pub mod rewrite;
 pub mod row_id;
+pub mod scalar_subquery;
 pub mod system_table;
 pub mod table;
 pub mod view_table;

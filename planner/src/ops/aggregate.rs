@@ -101,6 +101,9 @@ pub struct AggregateOp {
     aggs: Vec<Agg>,
     groups: Box<dyn StateStore<Group>>,
     started: bool,
+    /// Groups that exist even over empty input: the global aggregate, and the empty
+    /// grouping set `()` of GROUPING SETS / ROLLUP / CUBE.
+    always: HashSet<Box<[u8]>>,
     /// Approximate bytes of group state.
     bytes: i64,
 }
@@ -163,6 +166,7 @@ impl AggregateOp {
             aggs,
             groups: Box::new(MemoryState::default()),
             started: false,
+            always: HashSet::new(),
             bytes: 0,
         })
     }
@@ -287,9 +291,33 @@ impl Operator for AggregateOp {
         let n = input.len();
         let mut touched: Vec<Box<[u8]>> = Vec::new();
         let mut seen: HashSet<Box<[u8]>> = HashSet::new();
-        if !self.started && self.is_global() {
-            touched.push(Box::from(&[][..]));
-            seen.insert(Box::from(&[][..]));
+        if !self.started {
+            if self.is_global() {
+                self.always.insert(Box::from(&[][..]));
+            } else {
+                for set in 0..self.grouping.sets.len() {
+                    if self.grouping.sets[set].iter().all(|nulled| *nulled) {
+                        let nulls: Vec<ArrayRef> = self
+                            .grouping
+                            .exprs
+                            .iter()
+                            .map(|e| {
+                                Ok(datafusion::arrow::array::new_null_array(
+                                    &e.data_type(&input.schema())?,
+                                    1,
+                                ))
+                            })
+                            .collect::<Result<_>>()?;
+                        if let Some(rows) = self.keys(set, &nulls, 1)? {
+                            self.always.insert(rows.row(0).data().into());
+                        }
+                    }
+                }
+            }
+            for key in &self.always {
+                touched.push(key.clone());
+                seen.insert(key.clone());
+            }
         }
         self.started = true;
         if n > 0 {
@@ -407,9 +435,9 @@ impl Operator for AggregateOp {
         let mut emitted_keys: Vec<&[u8]> = Vec::new();
         let mut emitted_values: Vec<Vec<ScalarValue>> = Vec::new();
         let mut weights: Vec<i64> = Vec::new();
-        let global = self.is_global();
         let mut reads = 0u64;
         for key in &touched {
+            let global = self.always.contains(key);
             let mut fresh = match self.groups.get(key) {
                 Some(_) => None,
                 None => Some(new_group(&self.aggs)?),
@@ -454,7 +482,7 @@ impl Operator for AggregateOp {
             return Ok(Changelog::empty(self.schema.clone()));
         }
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
-        if !global {
+        if !self.is_global() {
             let parser = self.key_converter.parser();
             columns.extend(
                 self.key_converter
