@@ -126,7 +126,8 @@ impl PlanNode {
         let indent = "  ".repeat(depth);
         match self {
             PlanNode::Source { id, name, .. } => {
-                lines.push(format!("{indent}Source: {name} (id {id})"));
+                let _ = id;
+                lines.push(format!("{indent}Source: {name}"));
             }
             PlanNode::Operator {
                 op,
@@ -159,6 +160,22 @@ impl PlanNode {
             }
         }
     }
+}
+
+/// Refuses plans whose result would depend on when they are maintained (now(), random()).
+/// Run on the plan before optimization, which folds now() into a constant.
+pub fn check_deterministic(plan: &LogicalPlan) -> Result<()> {
+    let mut result = Ok(());
+    let _ = plan.apply_with_subqueries(|node| {
+        for e in node.expressions() {
+            if let Err(err) = check_expr_with(&e, false) {
+                result = Err(err);
+                return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    result
 }
 
 /// Translates an optimized logical plan into an incremental plan.
@@ -355,13 +372,8 @@ impl Compiler<'_> {
             name: scan.table_name.to_string(),
             schema: schema.clone(),
         };
-        if !scan.filters.is_empty() {
-            let full = DFSchema::try_from_qualified_schema(scan.table_name.clone(), &schema)?;
-            for filter in &scan.filters {
-                let predicate = self.expr(filter, &full)?;
-                node = single(Box::new(FilterOp::new(loose(&schema), predicate)), node);
-            }
-        }
+        // NOTE: filters pushed into the scan are not applied here: our providers accept them
+        // as Inexact (tables) or not at all (views), so DataFusion keeps the Filter above.
         if let Some(projection) = &scan.projection {
             let exprs: Vec<Arc<dyn PhysicalExpr>> = projection
                 .iter()
@@ -619,10 +631,16 @@ impl Compiler<'_> {
 /// Refuses expressions whose value is not a function of the row: they would make the view
 /// depend on when it is maintained.
 fn check_expr(e: &Expr) -> Result<()> {
+    check_expr_with(e, true)
+}
+
+fn check_expr_with(e: &Expr, strict_subqueries: bool) -> Result<()> {
     let mut bad: Option<String> = None;
     let _ = e.apply(|node| {
         match node {
-            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) => {
+            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
+                if strict_subqueries =>
+            {
                 bad = Some("this subquery".into());
             }
             Expr::ScalarFunction(f) => {

@@ -133,7 +133,7 @@ impl ServerError {
                 PlanError::Arrow(e) => arrow_sqlstate(e),
                 PlanError::Storage(_) => "58030",
                 PlanError::UndefinedObject { kind, .. } => match *kind {
-                    "table" | "view" | "relation" => "42P01",
+                    "table" | "view" | "relation" | "materialized view" => "42P01",
                     "schema" => "3F000",
                     "database" => "3D000",
                     "column" => "42703",

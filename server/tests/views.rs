@@ -8,9 +8,17 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     let mut out = Vec::new();
-    for m in client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
+    for m in client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    {
         if let SimpleQueryMessage::Row(row) = m {
-            out.push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
+            out.push(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            );
         }
     }
     out.sort();
@@ -35,14 +43,29 @@ async fn one(client: &Client, sql: &str) -> String {
 async fn views_are_rebuilt_after_kill_9_and_keep_being_maintained() {
     let mut server = TestServer::start(&[]).expect("start");
     let client = server.connect("millrace").await.expect("connect");
-    exec(&client, "CREATE TABLE o (id INT PRIMARY KEY, c TEXT, amount INT)").await;
-    exec(&client, "INSERT INTO o VALUES (1, 'a', 10), (2, 'b', 5), (3, 'a', 7)").await;
+    exec(
+        &client,
+        "CREATE TABLE o (id INT PRIMARY KEY, c TEXT, amount INT)",
+    )
+    .await;
+    exec(
+        &client,
+        "INSERT INTO o VALUES (1, 'a', 10), (2, 'b', 5), (3, 'a', 7)",
+    )
+    .await;
     exec(&client, "CREATE MATERIALIZED VIEW per_c AS SELECT c, count(*) AS n, sum(amount) AS total FROM o GROUP BY c").await;
-    exec(&client, "CREATE MATERIALIZED VIEW big AS SELECT c, total FROM per_c WHERE total > 6").await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW big AS SELECT c, total FROM per_c WHERE total > 6",
+    )
+    .await;
     exec(&client, "UPDATE o SET amount = 1 WHERE id = 2").await;
     let before = rows(&client, "SELECT * FROM per_c").await;
     let before_big = rows(&client, "SELECT * FROM big").await;
-    assert_eq!(before, rows(&client, "SELECT c, count(*), sum(amount) FROM o GROUP BY c").await);
+    assert_eq!(
+        before,
+        rows(&client, "SELECT c, count(*), sum(amount) FROM o GROUP BY c").await
+    );
     drop(client);
     server.kill();
     server.restart().expect("restart");
@@ -56,14 +79,30 @@ async fn views_are_rebuilt_after_kill_9_and_keep_being_maintained() {
     );
     assert_eq!(
         rows(&client, "SELECT * FROM big").await,
-        rows(&client, "SELECT c, sum(amount) FROM o GROUP BY c HAVING sum(amount) > 6").await
+        rows(
+            &client,
+            "SELECT c, sum(amount) FROM o GROUP BY c HAVING sum(amount) > 6"
+        )
+        .await
     );
-    let status = rows(&client, "SELECT name, status, backfill_percent FROM millrace_views").await;
+    let status = rows(
+        &client,
+        "SELECT name, status, backfill_percent FROM millrace_views",
+    )
+    .await;
     assert_eq!(
         status,
         vec![
-            vec![Some("big".into()), Some("running".into()), Some("100".into())],
-            vec![Some("per_c".into()), Some("running".into()), Some("100".into())],
+            vec![
+                Some("big".into()),
+                Some("running".into()),
+                Some("100".into())
+            ],
+            vec![
+                Some("per_c".into()),
+                Some("running".into()),
+                Some("100".into())
+            ],
         ]
     );
 }
@@ -82,7 +121,14 @@ async fn a_one_row_change_to_a_million_row_table_reads_a_handful_of_state_rows()
     exec(&client, "INSERT INTO dim SELECT CAST(value AS INT), 'n' || CAST(value AS TEXT) FROM generate_series(0, 999)").await;
     exec(&client, "CREATE MATERIALIZED VIEW agg AS SELECT g, count(*) AS n, sum(id) AS s, max(x) AS mx FROM big GROUP BY g").await;
     exec(&client, "CREATE MATERIALIZED VIEW joined AS SELECT big.id, dim.name FROM big JOIN dim ON big.g = dim.g").await;
-    assert_eq!(one(&client, "SELECT rows_processed FROM millrace_views WHERE name = 'agg'").await, "1000000");
+    assert_eq!(
+        one(
+            &client,
+            "SELECT rows_processed FROM millrace_views WHERE name = 'agg'"
+        )
+        .await,
+        "1000000"
+    );
     assert_eq!(one(&client, "SELECT count(*) FROM joined").await, "1000000");
     exec(&client, "INSERT INTO big VALUES (2000001, 17, 3)").await;
     let figures = rows(
@@ -102,9 +148,16 @@ async fn a_one_row_change_to_a_million_row_table_reads_a_handful_of_state_rows()
     }
     assert_eq!(
         rows(&client, "SELECT * FROM agg WHERE g = 17").await,
-        rows(&client, "SELECT g, count(*), sum(id), max(x) FROM big WHERE g = 17 GROUP BY g").await
+        rows(
+            &client,
+            "SELECT g, count(*), sum(id), max(x) FROM big WHERE g = 17 GROUP BY g"
+        )
+        .await
     );
-    assert_eq!(one(&client, "SELECT count(*) FROM joined WHERE id = 2000001").await, "1");
+    assert_eq!(
+        one(&client, "SELECT count(*) FROM joined WHERE id = 2000001").await,
+        "1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,22 +166,46 @@ async fn a_failed_view_reports_why_and_others_keep_running() {
     let client = server.connect("millrace").await.expect("connect");
     exec(&client, "CREATE TABLE t (a INT, b INT)").await;
     exec(&client, "INSERT INTO t VALUES (10, 2)").await;
-    exec(&client, "CREATE MATERIALIZED VIEW ratio AS SELECT a / b AS r FROM t").await;
-    exec(&client, "CREATE MATERIALIZED VIEW total AS SELECT sum(a) AS s FROM t").await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW ratio AS SELECT a / b AS r FROM t",
+    )
+    .await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW total AS SELECT sum(a) AS s FROM t",
+    )
+    .await;
     exec(&client, "INSERT INTO t VALUES (1, 0)").await;
     let err = client
         .simple_query("SELECT * FROM ratio")
         .await
         .expect_err("a failed view must not answer");
-    let message = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
-    assert!(message.contains("ratio") && message.contains("failed"), "{message}");
-    assert!(message.to_lowercase().contains("divide by zero"), "{message}");
+    let message = err
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("ratio") && message.contains("failed"),
+        "{message}"
+    );
+    assert!(
+        message.to_lowercase().contains("divide by zero"),
+        "{message}"
+    );
     exec(&client, "INSERT INTO t VALUES (5, 1)").await;
     assert_eq!(one(&client, "SELECT s FROM total").await, "16");
     assert_eq!(
-        rows(&client, "SELECT status FROM millrace_views WHERE name = 'ratio'").await,
+        rows(
+            &client,
+            "SELECT status FROM millrace_views WHERE name = 'ratio'"
+        )
+        .await,
         vec![vec![Some("failed".into())]]
     );
     exec(&client, "DROP MATERIALIZED VIEW ratio").await;
-    assert_eq!(one(&client, "SELECT count(*) FROM millrace_views").await, "1");
+    assert_eq!(
+        one(&client, "SELECT count(*) FROM millrace_views").await,
+        "1"
+    );
 }

@@ -44,6 +44,7 @@ async fn compile_view(ctx: &SessionContext, view: &ast::CreateView) -> Result<Co
         .statement_to_plan(DFStatement::Statement(Box::new(rewritten.statement)))
         .await?;
     let depends_on = dependencies(&logical);
+    millrace_planner::incremental::check_deterministic(&logical)?;
     let optimized = state.optimize(&logical)?;
     let plan = compile(&optimized, state.execution_props())?;
     let out = optimized.schema();
