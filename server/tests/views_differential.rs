@@ -438,7 +438,7 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
             }
         }
     }
-    if totals.iter().any(|&t| t == 0) {
+    if totals.contains(&0) {
         return Err(format!(
             "with {workers} workers, some worker got no rows: {totals:?}"
         ));

@@ -48,6 +48,9 @@ pub struct Grouping {
     pub grouping_id: Option<(DataType, Vec<u64>)>,
 }
 
+/// Input rows to add to and to retract from one sliding accumulator.
+type SlidingRows = (Vec<u32>, Vec<u32>);
+
 /// Bytes a group costs beyond its key (map slot, row count, accumulators).
 const GROUP_OVERHEAD: i64 = 128;
 /// Bytes one distinct input value costs beyond its encoding.
@@ -348,7 +351,7 @@ impl Operator for AggregateOp {
                 agg_inputs.push((arrays, mask, rows));
             }
             // Per group and sliding aggregate: rows to add and rows to retract.
-            let mut sliding: HashMap<Box<[u8]>, Vec<(Vec<u32>, Vec<u32>)>> = HashMap::new();
+            let mut sliding: HashMap<Box<[u8]>, Vec<SlidingRows>> = HashMap::new();
             for set in 0..self.grouping.sets.len() {
                 let keys = self.keys(set, &group_arrays, n)?;
                 for i in 0..n {

@@ -145,8 +145,8 @@ impl JoinOp {
         // Candidate pairs: (delta row, other row, other weight).
         let mut pairs: Vec<(u32, Box<[u8]>, i64)> = Vec::new();
         let mut scanned = 0u64;
-        for i in 0..delta.len() {
-            if has_null[i] && !self.spec.nulls_equal {
+        for (i, &null_key) in has_null.iter().enumerate() {
+            if null_key && !self.spec.nulls_equal {
                 continue;
             }
             if let Some(bucket) = self.sides[other].get(keys.row(i)) {
@@ -238,17 +238,17 @@ impl JoinOp {
                 _ => {}
             }
         }
-        for i in 0..delta.len() {
+        for (i, &degree) in degrees.iter().enumerate() {
             let w = delta.weights[i];
             let this_row: Box<[u8]> = rows.row(i).into();
             match self.output {
-                Output::Pairs { preserve } if preserve[side] && degrees[i] == 0 => {
+                Output::Pairs { preserve } if preserve[side] && degree == 0 => {
                     out.push(padded(this_row.clone(), side, w));
                 }
-                Output::Semi(s) if s == side && degrees[i] != 0 => {
+                Output::Semi(s) if s == side && degree != 0 => {
                     out.push((Some(this_row.clone()), None, w));
                 }
-                Output::Anti(s) if s == side && degrees[i] == 0 => {
+                Output::Anti(s) if s == side && degree == 0 => {
                     out.push((Some(this_row.clone()), None, w));
                 }
                 _ => {}
@@ -268,7 +268,7 @@ impl JoinOp {
                 Entry::default()
             });
             entry.weight += w;
-            entry.degree = degrees[i];
+            entry.degree = degree;
             if entry.weight == 0 {
                 bucket.remove(&this_row);
                 self.bytes -= row_bytes;

@@ -16,6 +16,9 @@ use super::{Operator, StateStats, evaluate, single_input};
 use crate::changelog::{Changelog, loose, make_batch, row_converter};
 use crate::error::Result;
 
+/// (sort key, row) encodings: the order rows are ranked in.
+type OrderedRow = (Box<[u8]>, Box<[u8]>);
+
 /// The maintained TopN.
 #[derive(Debug)]
 pub struct TopNOp {
@@ -26,7 +29,7 @@ pub struct TopNOp {
     skip: usize,
     fetch: usize,
     /// (sort key, row) -> copies.
-    state: BTreeMap<(Box<[u8]>, Box<[u8]>), i64>,
+    state: BTreeMap<OrderedRow, i64>,
     /// Rows last emitted as the top, with their copies.
     top: HashMap<Box<[u8]>, i64>,
     reads: u64,
