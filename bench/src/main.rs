@@ -2,7 +2,7 @@
 //! listening on loopback) and prints the figures side by side. `bench/run` starts both
 //! servers; see `bench/README.md`.
 //!
-//! Usage: `millrace-bench point-select|copy NAME=PORT...` with options from the environment:
+//! Usage: `millrace-bench point-select|copy|view-latency NAME=PORT...` with options from the environment:
 //! `BENCH_ROWS` (table size), `BENCH_SECONDS`, `BENCH_CLIENTS`, `BENCH_COPY_ROWS`.
 
 use std::time::{Duration, Instant};
@@ -150,11 +150,56 @@ fn parse_targets(args: &[String]) -> Vec<Target> {
         .collect()
 }
 
+/// Ack-to-visible latency of a single-row INSERT in a GROUP BY materialized view: the time
+/// from sending the INSERT until a SELECT on the view shows the new row's effect. Millrace
+/// maintains the view incrementally (its SELECT waits for the write's epoch); PostgreSQL has
+/// to `REFRESH MATERIALIZED VIEW`, recomputing it. Returns the sorted latencies.
+async fn view_latency(
+    t: &Target,
+    rows: usize,
+    changes: usize,
+) -> Result<Vec<Duration>, Box<dyn std::error::Error>> {
+    setup_accounts(t, "bench_view_src", rows).await?;
+    let c = connect(t.port, &t.user, &t.db).await?;
+    c.batch_execute("DROP MATERIALIZED VIEW IF EXISTS bench_view")
+        .await?;
+    c.batch_execute(
+        "CREATE MATERIALIZED VIEW bench_view AS SELECT bid, count(*) AS n, sum(aid) AS s FROM bench_view_src GROUP BY bid",
+    )
+    .await?;
+    let refresh = t.name.starts_with("postgres");
+    let mut latencies = Vec::with_capacity(changes);
+    for i in 0..changes {
+        let aid = (rows + i) as i32;
+        let bid = (i % 100) as i32;
+        let started = Instant::now();
+        c.execute(
+            "INSERT INTO bench_view_src VALUES ($1, $2, 0, 'x')",
+            &[&aid, &bid],
+        )
+        .await?;
+        if refresh {
+            c.batch_execute("REFRESH MATERIALIZED VIEW bench_view")
+                .await?;
+        }
+        let row = c
+            .query_one("SELECT n FROM bench_view WHERE bid = $1", &[&bid])
+            .await?;
+        latencies.push(started.elapsed());
+        let n: i64 = row.get(0);
+        if n < 1 {
+            return Err("the view does not show the insert".into());
+        }
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(what) = args.first() else {
-        eprintln!("usage: millrace-bench point-select|copy NAME=PORT[:USER[:DB]]...");
+        eprintln!("usage: millrace-bench point-select|copy|view-latency NAME=PORT[:USER[:DB]]...");
         std::process::exit(2);
     };
     let targets = parse_targets(&args[1..]);
@@ -177,6 +222,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             for t in &targets {
                 let rps = copy_bench(t, rows).await?;
                 println!("  {:<12} {:>10.0} rows/s", t.name, rps);
+            }
+        }
+        "view-latency" => {
+            let rows = env_usize("BENCH_ROWS", 100_000);
+            let changes = env_usize("BENCH_CHANGES", 200);
+            println!(
+                "single-row INSERT until visible in a GROUP BY materialized view: {rows} rows, {changes} changes"
+            );
+            for t in &targets {
+                let l = view_latency(t, rows, changes).await?;
+                let p = |q: f64| l[((l.len() as f64 * q) as usize).min(l.len() - 1)];
+                println!(
+                    "  {:<12} p50 {:>9.2} ms   p99 {:>9.2} ms",
+                    t.name,
+                    p(0.50).as_secs_f64() * 1e3,
+                    p(0.99).as_secs_f64() * 1e3
+                );
             }
         }
         other => {

@@ -78,6 +78,9 @@ struct Agg {
     kind: Kind,
     /// Encoder of the inputs' values, built on the first batch.
     converter: Option<RowConverter>,
+    /// string_agg is evaluated here: PostgreSQL allows any delimiter expression, DataFusion's
+    /// accumulator only a literal.
+    string_agg: bool,
 }
 
 #[derive(Debug)]
@@ -157,6 +160,7 @@ impl AggregateOp {
             };
             aggs.push(Agg {
                 converter: None,
+                string_agg: name == "string_agg" && inputs.len() >= 2,
                 inputs,
                 kind,
                 call,
@@ -241,6 +245,18 @@ impl AggregateOp {
                         Kind::Sliding => Vec::new(),
                     };
                     reads += picked.len() as u64;
+                    if agg.string_agg {
+                        let arrays = match (&agg.converter, picked.is_empty()) {
+                            (Some(converter), false) => {
+                                let parser = converter.parser();
+                                converter.convert_rows(picked.iter().map(|k| parser.parse(k)))?
+                            }
+                            _ => Vec::new(),
+                        };
+                        let value = string_agg(&arrays, agg.call.expr.order_bys())?;
+                        out.push(value.cast_to(agg.call.expr.field().data_type())?);
+                        continue;
+                    }
                     let mut acc = agg.call.expr.create_accumulator()?;
                     if let (false, Some(converter)) = (picked.is_empty(), &agg.converter) {
                         let parser = converter.parser();
@@ -500,6 +516,53 @@ impl Operator for AggregateOp {
         let batch = make_batch(&self.schema, columns, weights.len())?;
         Ok(Changelog::new(batch, weights))
     }
+}
+
+/// PostgreSQL's string_agg(value, delimiter [ORDER BY ...]) over decoded input rows: the
+/// non-NULL values in order, each after the first preceded by its own row's delimiter.
+fn string_agg(
+    arrays: &[ArrayRef],
+    order: &[datafusion::physical_expr::PhysicalSortExpr],
+) -> Result<ScalarValue> {
+    let (Some(values), Some(delimiters)) = (arrays.first(), arrays.get(1)) else {
+        return Ok(ScalarValue::Utf8(None));
+    };
+    let values = datafusion::arrow::compute::cast(values, &DataType::Utf8)?;
+    let delimiters = datafusion::arrow::compute::cast(delimiters, &DataType::Utf8)?;
+    let values = datafusion::arrow::array::as_string_array(&values);
+    let delimiters = datafusion::arrow::array::as_string_array(&delimiters);
+    let indices: Vec<u32> = if order.is_empty() || arrays.len() < 2 + order.len() {
+        (0..values.len() as u32).collect()
+    } else {
+        let columns: Vec<datafusion::arrow::compute::SortColumn> = order
+            .iter()
+            .zip(&arrays[2..])
+            .map(|(o, a)| datafusion::arrow::compute::SortColumn {
+                values: a.clone(),
+                options: Some(o.options),
+            })
+            .collect();
+        datafusion::arrow::compute::lexsort_to_indices(&columns, None)?
+            .values()
+            .to_vec()
+    };
+    let mut out: Option<String> = None;
+    for i in indices {
+        let i = i as usize;
+        if values.is_null(i) {
+            continue;
+        }
+        match &mut out {
+            None => out = Some(values.value(i).to_string()),
+            Some(s) => {
+                if !delimiters.is_null(i) {
+                    s.push_str(delimiters.value(i));
+                }
+                s.push_str(values.value(i));
+            }
+        }
+    }
+    Ok(ScalarValue::Utf8(out))
 }
 
 fn new_group(aggs: &[Agg]) -> Result<Group> {
