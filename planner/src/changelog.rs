@@ -118,8 +118,14 @@ impl Changelog {
     }
 
     /// Sums the weights of identical rows and drops rows whose weight sums to zero.
-    pub fn consolidate(self) -> Result<Self> {
+    pub fn consolidate(mut self) -> Result<Self> {
         if self.is_empty() {
+            return Ok(self);
+        }
+        if self.len() == 1 {
+            if self.weights[0] == 0 {
+                self = self.filter(&BooleanArray::from(vec![false]))?;
+            }
             return Ok(self);
         }
         let codec = RowCodec::for_schema(&self.batch.schema())?;

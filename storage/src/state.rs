@@ -40,17 +40,18 @@ pub trait StateStore<V>: Send + std::fmt::Debug {
     fn count_reads(&mut self, n: u64);
 }
 
-/// Operator state held in memory.
+/// Operator state held in memory (keys hashed with aHash: they are arrow-row encodings,
+/// hashed on every change, and SipHash showed up in profiles).
 #[derive(Debug)]
 pub struct MemoryState<V> {
-    entries: HashMap<StateKey, V>,
+    entries: HashMap<StateKey, V, ahash::RandomState>,
     counters: StateCounters,
 }
 
 impl<V> Default for MemoryState<V> {
     fn default() -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             counters: StateCounters::default(),
         }
     }

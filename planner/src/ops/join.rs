@@ -48,7 +48,7 @@ struct Entry {
     degree: i64,
 }
 
-type Bucket = HashMap<Box<[u8]>, Entry>;
+type Bucket = HashMap<Box<[u8]>, Entry, ahash::RandomState>;
 
 /// Bytes a key's bucket costs beyond the key itself (map slot, allocation).
 const BUCKET_OVERHEAD: i64 = 64;
@@ -203,7 +203,7 @@ impl JoinOp {
             }
             // The other row's degree moves by w.
             let key = keys.row(i);
-            let bucket = self.sides[other].get_or_insert_with(key, &mut Bucket::new);
+            let bucket = self.sides[other].get_or_insert_with(key, &mut Bucket::default);
             let Some(entry) = bucket.get_mut(&other_row) else {
                 continue;
             };
@@ -257,7 +257,7 @@ impl JoinOp {
             let mut fresh_bucket = false;
             let bucket = self.sides[side].get_or_insert_with(key, &mut || {
                 fresh_bucket = true;
-                Bucket::new()
+                Bucket::default()
             });
             if fresh_bucket {
                 self.bytes += key.len() as i64 + BUCKET_OVERHEAD;
