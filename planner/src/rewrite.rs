@@ -31,6 +31,7 @@ pub fn rewrite(mut statement: Statement) -> Rewritten {
         renames = dedup_top_level(&mut select.projection);
     }
     let _ = statement.visit(&mut DedupOutputNames);
+    let _ = statement.visit(&mut PgTemplates);
     Rewritten { statement, renames }
 }
 
@@ -224,6 +225,21 @@ fn dedup_projection(items: &mut [SelectItem]) {
 }
 
 #[cfg(test)]
+mod template_tests {
+    #[test]
+    fn postgres_templates_become_chrono_formats() {
+        assert_eq!(
+            super::chrono_format("YYYY-MM-DD HH24:MI:SS"),
+            "%Y-%m-%d %H:%M:%S"
+        );
+        assert_eq!(
+            super::chrono_format("DD/MM/YY HH12:MI AM"),
+            "%d/%m/%y %I:%M %p"
+        );
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
@@ -260,4 +276,76 @@ mod tests {
         assert!(r.statement.to_string().contains("col2 AS \"col2__2\""));
         Ok(())
     }
+}
+
+/// PostgreSQL's `to_timestamp(text, format)` takes template patterns (`YYYY-MM-DD HH24:MI:SS`);
+/// DataFusion's takes chrono's (`%Y-%m-%d %H:%M:%S`). A literal PostgreSQL template is
+/// translated; a template that already holds `%` is left alone.
+struct PgTemplates;
+
+impl VisitorMut for PgTemplates {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<Self::Break> {
+        if let Expr::Function(f) = expr
+            && f.name.to_string().eq_ignore_ascii_case("to_timestamp")
+            && let datafusion::sql::sqlparser::ast::FunctionArguments::List(list) = &mut f.args
+            && list.args.len() == 2
+            && let Some(datafusion::sql::sqlparser::ast::FunctionArg::Unnamed(
+                datafusion::sql::sqlparser::ast::FunctionArgExpr::Expr(Expr::Value(v)),
+            )) = list.args.get_mut(1)
+            && let datafusion::sql::sqlparser::ast::Value::SingleQuotedString(template) =
+                &mut v.value
+            && !template.contains('%')
+        {
+            *template = chrono_format(template);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Translates a PostgreSQL datetime template into a chrono format string.
+fn chrono_format(template: &str) -> String {
+    const PATTERNS: [(&str, &str); 16] = [
+        ("YYYY", "%Y"),
+        ("HH24", "%H"),
+        ("HH12", "%I"),
+        ("MONTH", "%B"),
+        ("Month", "%B"),
+        ("MON", "%b"),
+        ("Mon", "%b"),
+        ("DDD", "%j"),
+        ("YY", "%y"),
+        ("MM", "%m"),
+        ("DD", "%d"),
+        ("HH", "%I"),
+        ("MI", "%M"),
+        ("SS", "%S"),
+        ("MS", "%3f"),
+        ("US", "%6f"),
+    ];
+    let mut out = String::with_capacity(template.len() * 2);
+    let mut rest = template;
+    'outer: while !rest.is_empty() {
+        for (pattern, format) in PATTERNS {
+            if let Some(tail) = rest.strip_prefix(pattern) {
+                out.push_str(format);
+                rest = tail;
+                continue 'outer;
+            }
+        }
+        for (pattern, format) in [("AM", "%p"), ("PM", "%p")] {
+            if let Some(tail) = rest.strip_prefix(pattern) {
+                out.push_str(format);
+                rest = tail;
+                continue 'outer;
+            }
+        }
+        let mut chars = rest.chars();
+        if let Some(c) = chars.next() {
+            out.push(c);
+        }
+        rest = chars.as_str();
+    }
+    out
 }

@@ -9,7 +9,7 @@
 //! Δ(L⋈R) = ΔL⋈R + (L+ΔL)⋈ΔR. Work is proportional to the changes and the rows sharing
 //! their keys, never to the sides' sizes.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
@@ -48,7 +48,9 @@ struct Entry {
     degree: i64,
 }
 
-type Bucket = HashMap<Box<[u8]>, Entry, ahash::RandomState>;
+/// Rows of one side sharing a join key, ordered by their encoding (so matches are emitted in
+/// value order, deterministically).
+type Bucket = BTreeMap<Box<[u8]>, Entry>;
 
 /// Bytes a key's bucket costs beyond the key itself (map slot, allocation).
 const BUCKET_OVERHEAD: i64 = 64;
