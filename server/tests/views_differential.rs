@@ -207,6 +207,18 @@ fn cases() -> Vec<ViewCase> {
     out
 }
 
+/// Runs a statement; the error names it and carries the server's message.
+async fn exec(client: &Client, sql: &str) -> Result<(), String> {
+    client.simple_query(sql).await.map(|_| ()).map_err(|e| {
+        format!(
+            "{sql}: {}",
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string())
+        )
+    })
+}
+
 /// Rows as text, sorted: a multiset.
 async fn rows(client: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
     let messages = client.simple_query(sql).await.map_err(|e| {
@@ -360,39 +372,18 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
     let n2 = rng.random_range(3..10);
     script.push(insert_t2(&mut rng, n2));
     for sql in &script {
-        client.simple_query(sql).await.map_err(|e| {
-            format!(
-                "{sql}: {}",
-                e.as_db_error()
-                    .map(|d| d.message().to_string())
-                    .unwrap_or_else(|| e.to_string())
-            )
-        })?;
+        exec(&client, sql).await?;
     }
     let cases = cases();
     for case in &cases {
         let sql = format!("CREATE MATERIALIZED VIEW {} AS {}", case.name, case.query);
-        client.simple_query(&sql).await.map_err(|e| {
-            format!(
-                "{sql}: {}",
-                e.as_db_error()
-                    .map(|d| d.message().to_string())
-                    .unwrap_or_else(|| e.to_string())
-            )
-        })?;
+        exec(&client, &sql).await?;
         script.push(sql);
     }
     for step in 0..=steps {
         if step > 0 {
             let (sql, edge) = change(&mut rng);
-            client.simple_query(&sql).await.map_err(|e| {
-                format!(
-                    "{sql}: {}",
-                    e.as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or_else(|| e.to_string())
-                )
-            })?;
+            exec(&client, &sql).await?;
             script.push(sql);
             if let Some(edge) = edge {
                 *seen.entry(edge).or_default() += 1;

@@ -228,7 +228,7 @@ pub fn parse_one(sql: &str) -> Result<Statement> {
     }
 }
 
-fn relation_exists(session: &Session, name: &QualifiedName) -> Option<CatalogRecord> {
+pub(crate) fn relation_exists(session: &Session, name: &QualifiedName) -> Option<CatalogRecord> {
     session.engine.catalog.find(
         &[
             ObjectKind::Table,
@@ -241,7 +241,7 @@ fn relation_exists(session: &Session, name: &QualifiedName) -> Option<CatalogRec
     )
 }
 
-fn require_schema(session: &Session, name: &QualifiedName) -> Result<()> {
+pub(crate) fn require_schema(session: &Session, name: &QualifiedName) -> Result<()> {
     match session.engine.catalog.schema(&name.database, &name.schema) {
         Some(_) => Ok(()),
         None => Err(PlanError::UndefinedObject {

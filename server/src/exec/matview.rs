@@ -25,7 +25,7 @@ use millrace_storage::{CatalogRecord, ObjectKind, ViewContents, WriteSet};
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
 use crate::exec::Output;
-use crate::exec::names;
+use crate::exec::{ddl, names};
 use crate::runtime::{ViewEntry, backfill};
 use crate::session::Session;
 
@@ -108,33 +108,8 @@ fn dependencies(plan: &LogicalPlan) -> Vec<u64> {
 /// CREATE MATERIALIZED VIEW.
 pub async fn create(session: &mut Session, view: ast::CreateView) -> Result<Output> {
     let name = names::resolve(session, &view.name)?;
-    if session
-        .engine
-        .catalog
-        .schema(&name.database, &name.schema)
-        .is_none()
-    {
-        return Err(PlanError::UndefinedObject {
-            kind: "schema",
-            name: name.schema,
-        }
-        .into());
-    }
-    if session
-        .engine
-        .catalog
-        .find(
-            &[
-                ObjectKind::Table,
-                ObjectKind::View,
-                ObjectKind::MaterializedView,
-            ],
-            &name.database,
-            &name.schema,
-            &name.name,
-        )
-        .is_some()
-    {
+    ddl::require_schema(session, &name)?;
+    if ddl::relation_exists(session, &name).is_some() {
         if view.if_not_exists {
             return Ok(Output::command("CREATE MATERIALIZED VIEW"));
         }
