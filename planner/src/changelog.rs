@@ -174,6 +174,24 @@ pub fn loose(schema: &SchemaRef) -> SchemaRef {
     ))
 }
 
+/// A converter whose encodings compare like the ORDER BY `order` over rows of `schema`.
+pub fn sort_converter(
+    order: &[datafusion::physical_expr::PhysicalSortExpr],
+    schema: &Schema,
+) -> Result<RowConverter> {
+    Ok(RowConverter::new(
+        order
+            .iter()
+            .map(|s| {
+                Ok(SortField::new_with_options(
+                    s.expr.data_type(schema)?,
+                    s.options,
+                ))
+            })
+            .collect::<Result<_>>()?,
+    )?)
+}
+
 /// A converter between rows of `schema` and their comparable byte encoding.
 pub fn row_converter(schema: &Schema) -> Result<RowConverter> {
     Ok(RowConverter::new(

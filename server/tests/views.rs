@@ -4,25 +4,13 @@
 //! other views keep being maintained.
 
 use millrace_sqllogictest::TestServer;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use millrace_sqllogictest::rows::sorted_rows;
+use tokio_postgres::Client;
 
 async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    let mut out = Vec::new();
-    for m in client
-        .simple_query(sql)
+    sorted_rows(client, sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    {
-        if let SimpleQueryMessage::Row(row) = m {
-            out.push(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_string))
-                    .collect(),
-            );
-        }
-    }
-    out.sort();
-    out
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn exec(client: &Client, sql: &str) {

@@ -14,9 +14,10 @@
 use std::collections::BTreeMap;
 
 use millrace_sqllogictest::TestServer;
+use millrace_sqllogictest::rows::sorted_rows;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 /// A view under test: its name, its query, and the oracle query (the same query with any
 /// view it reads inlined, so the oracle never reads maintained state).
@@ -221,26 +222,7 @@ async fn exec(client: &Client, sql: &str) -> Result<(), String> {
 
 /// Rows as text, sorted: a multiset.
 async fn rows(client: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
-    let messages = client.simple_query(sql).await.map_err(|e| {
-        format!(
-            "{sql}: {}",
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        )
-    })?;
-    let mut out = Vec::new();
-    for m in messages {
-        if let SimpleQueryMessage::Row(row) = m {
-            out.push(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_string))
-                    .collect(),
-            );
-        }
-    }
-    out.sort();
-    Ok(out)
+    sorted_rows(client, sql).await
 }
 
 fn value(rng: &mut StdRng, max: i64) -> String {

@@ -2,6 +2,7 @@
 //! temporary data directory, talk to it over the PostgreSQL protocol, and run `.slt` files.
 
 pub mod db;
+pub mod rows;
 pub mod runner;
 pub mod server;
 

@@ -9,11 +9,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::row::RowConverter;
 use datafusion::physical_expr::PhysicalSortExpr;
 
 use super::{Operator, StateStats, evaluate, single_input};
-use crate::changelog::{Changelog, loose, make_batch, row_converter};
+use crate::changelog::{Changelog, loose, make_batch, row_converter, sort_converter};
 use crate::error::Result;
 
 /// (sort key, row) encodings: the order rows are ranked in.
@@ -45,17 +45,7 @@ impl TopNOp {
         fetch: usize,
     ) -> Result<Self> {
         let schema = loose(&schema);
-        let sort_converter = RowConverter::new(
-            order
-                .iter()
-                .map(|s| {
-                    Ok(SortField::new_with_options(
-                        s.expr.data_type(&schema)?,
-                        s.options,
-                    ))
-                })
-                .collect::<Result<_>>()?,
-        )?;
+        let sort_converter = sort_converter(&order, &schema)?;
         Ok(Self {
             rows: row_converter(&schema)?,
             schema,

@@ -18,7 +18,7 @@ use datafusion::physical_plan::PhysicalExpr;
 use millrace_storage::{MemoryState, StateStore};
 
 use super::{Operator, StateStats, evaluate, single_input};
-use crate::changelog::{Changelog, loose, make_batch, row_converter};
+use crate::changelog::{Changelog, loose, make_batch, row_converter, sort_converter};
 use crate::error::Result;
 
 /// A ranking function.
@@ -65,17 +65,7 @@ impl WindowOp {
                 .map(|e| Ok(SortField::new(e.data_type(&input_schema)?)))
                 .collect::<Result<_>>()?,
         )?;
-        let sort_converter = RowConverter::new(
-            order
-                .iter()
-                .map(|s| {
-                    Ok(SortField::new_with_options(
-                        s.expr.data_type(&input_schema)?,
-                        s.options,
-                    ))
-                })
-                .collect::<Result<_>>()?,
-        )?;
+        let sort_converter = sort_converter(&order, &input_schema)?;
         Ok(Self {
             schema: loose(&schema),
             rows: row_converter(&input_schema)?,
