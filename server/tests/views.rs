@@ -197,3 +197,69 @@ async fn a_failed_view_reports_why_and_others_keep_running() {
         "1"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_does_not_hold_back_the_running_views() {
+    let server = TestServer::start(&[]).expect("start");
+    let creator = server.connect("millrace").await.expect("connect");
+    let other = server.connect("millrace").await.expect("connect");
+    exec(&creator, "CREATE TABLE small (k INT, v INT)").await;
+    exec(
+        &creator,
+        "CREATE MATERIALIZED VIEW running AS SELECT k, sum(v) AS s FROM small GROUP BY k",
+    )
+    .await;
+    exec(&creator, "CREATE TABLE huge (id BIGINT, g BIGINT)").await;
+    exec(
+        &creator,
+        "INSERT INTO huge SELECT value, value % 100000 FROM generate_series(1, 2000000)",
+    )
+    .await;
+    let create = tokio::spawn(async move {
+        creator
+            .simple_query("CREATE MATERIALIZED VIEW slow AS SELECT g, count(*) AS n, max(id) AS mx FROM huge GROUP BY g")
+            .await
+            .map(|_| ())
+    });
+    // Wait until the new view is backfilling (it is registered before its backfill starts).
+    loop {
+        let status = rows(
+            &other,
+            "SELECT status FROM millrace_views WHERE name = 'slow'",
+        )
+        .await;
+        if status == vec![vec![Some("backfilling".to_string())]] {
+            break;
+        }
+        assert!(
+            status.is_empty(),
+            "slow finished before it was observed: {status:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Meanwhile a write to another table reaches its view, and the backfill is still going.
+    exec(&other, "INSERT INTO small VALUES (1, 41), (1, 1)").await;
+    assert_eq!(one(&other, "SELECT s FROM running WHERE k = 1").await, "42");
+    let progress = rows(
+        &other,
+        "SELECT status, backfill_rows_done < backfill_rows_total FROM millrace_views WHERE name = 'slow'",
+    )
+    .await;
+    assert_eq!(
+        progress,
+        vec![vec![Some("backfilling".into()), Some("t".into())]],
+        "the running view advanced while the backfill was still in progress"
+    );
+    create
+        .await
+        .expect("join")
+        .expect("CREATE MATERIALIZED VIEW slow");
+    assert_eq!(
+        rows(&other, "SELECT * FROM slow WHERE g = 7").await,
+        rows(
+            &other,
+            "SELECT g, count(*), max(id) FROM huge WHERE g = 7 GROUP BY g"
+        )
+        .await
+    );
+}
