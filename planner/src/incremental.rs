@@ -350,7 +350,7 @@ impl Compiler<'_> {
             LogicalPlan::Extension(e) => Err(unsupported(e.node.name().to_string())),
             LogicalPlan::Subquery(_) => Err(unsupported("this subquery")),
             LogicalPlan::RecursiveQuery(_) => Err(unsupported("WITH RECURSIVE")),
-            LogicalPlan::Unnest(_) => Err(unsupported("UNNEST")),
+            LogicalPlan::Unnest(u) => self.unnest(u),
             other => Err(unsupported(other.display().to_string())),
         }
     }
@@ -390,6 +390,40 @@ impl Compiler<'_> {
             );
         }
         Ok(node)
+    }
+
+    fn unnest(&self, u: &datafusion::logical_expr::Unnest) -> Result<PlanNode> {
+        let [(column, list)] = u.list_type_columns.as_slice() else {
+            return Err(unsupported("UNNEST of several lists at once"));
+        };
+        if !u.struct_type_columns.is_empty() || list.depth != 1 {
+            return Err(unsupported("UNNEST of structs or nested lists"));
+        }
+        let identity = u
+            .dependency_indices
+            .iter()
+            .copied()
+            .eq(0..u.input.schema().fields().len());
+        if !identity || u.options.recursions.iter().any(|r| r.depth != 1) {
+            return Err(unsupported(format!(
+                "this UNNEST (columns {:?}, recursions {})",
+                u.dependency_indices,
+                u.options.recursions.len()
+            )));
+        }
+        let keep_nulls = !matches!(
+            u.options.null_handling,
+            datafusion::common::NullHandling::Drop
+        );
+        if matches!(
+            u.options.null_handling,
+            datafusion::common::NullHandling::PreserveAndExpandEmpty
+        ) {
+            return Err(unsupported("UNNEST expanding empty lists"));
+        }
+        let input = self.node(&u.input)?;
+        let op = crate::ops::unnest::UnnestOp::new(arrow_schema(&u.schema), *column, keep_nulls);
+        Ok(single(Box::new(op), input))
     }
 
     fn join(&self, join: &Join) -> Result<PlanNode> {

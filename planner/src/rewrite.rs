@@ -32,6 +32,7 @@ pub fn rewrite(mut statement: Statement) -> Rewritten {
     }
     let _ = statement.visit(&mut DedupOutputNames);
     let _ = statement.visit(&mut PgTemplates);
+    let _ = statement.visit(&mut SetReturningFunctions);
     Rewritten { statement, renames }
 }
 
@@ -275,6 +276,52 @@ mod tests {
         );
         assert!(r.statement.to_string().contains("col2 AS \"col2__2\""));
         Ok(())
+    }
+}
+
+/// In PostgreSQL `SELECT generate_series(1, x) FROM t` returns a row per element; DataFusion's
+/// generate_series is a scalar function returning a list. A call at the top of a SELECT item
+/// is wrapped in `unnest(...)`, which gives PostgreSQL's rows.
+struct SetReturningFunctions;
+
+impl VisitorMut for SetReturningFunctions {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<Self::Break> {
+        if let SetExpr::Select(select) = query.body.as_mut() {
+            for item in &mut select.projection {
+                let expr = match item {
+                    SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+                    _ => continue,
+                };
+                if let Expr::Function(f) = expr
+                    && f.name.to_string().eq_ignore_ascii_case("generate_series")
+                {
+                    let inner = expr.clone();
+                    *expr = Expr::Function(datafusion::sql::sqlparser::ast::Function {
+                        name: datafusion::sql::sqlparser::ast::ObjectName::from(vec![Ident::new(
+                            "unnest",
+                        )]),
+                        uses_odbc_syntax: false,
+                        parameters: datafusion::sql::sqlparser::ast::FunctionArguments::None,
+                        args: datafusion::sql::sqlparser::ast::FunctionArguments::List(
+                            datafusion::sql::sqlparser::ast::FunctionArgumentList {
+                                duplicate_treatment: None,
+                                args: vec![datafusion::sql::sqlparser::ast::FunctionArg::Unnamed(
+                                    datafusion::sql::sqlparser::ast::FunctionArgExpr::Expr(inner),
+                                )],
+                                clauses: vec![],
+                            },
+                        ),
+                        filter: None,
+                        null_treatment: None,
+                        over: None,
+                        within_group: vec![],
+                    });
+                }
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 

@@ -57,6 +57,11 @@ fn cases() -> Vec<ViewCase> {
             "SELECT v * 10 + k AS g, count(*) AS n, max(s) AS ms FROM t1 GROUP BY v * 10 + k".into(),
         ),
         (
+            "v_series",
+            "set-returning function (unnest)",
+            "SELECT k, generate_series(1, v % 4) AS n FROM t1 WHERE v IS NOT NULL".into(),
+        ),
+        (
             "v_having",
             "having",
             "SELECT k, sum(v) AS sv FROM t1 GROUP BY k HAVING count(*) > 1".into(),

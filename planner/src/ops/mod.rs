@@ -12,6 +12,7 @@ pub mod join;
 pub mod project;
 pub mod topn;
 pub mod union;
+pub mod unnest;
 pub mod values;
 pub mod window;
 
