@@ -83,14 +83,6 @@ impl Changelog {
         Ok(Self::new(batch, weights))
     }
 
-    /// The same rows with every weight negated.
-    pub fn negate(mut self) -> Self {
-        for w in &mut self.weights {
-            *w = -*w;
-        }
-        self
-    }
-
     /// The rows re-labelled with `schema` (same column count), casting columns whose type
     /// differs (a union's inputs may differ in nullability or, rarely, in type).
     pub fn with_schema(&self, schema: &SchemaRef) -> Result<Self> {
@@ -150,11 +142,6 @@ impl Changelog {
         let indices: Vec<u32> = kept.iter().map(|(r, _)| *r).collect();
         let batch = take_record_batch(&self.batch, &UInt32Array::from(indices))?;
         Ok(Self::new(batch, kept.into_iter().map(|(_, w)| w).collect()))
-    }
-
-    /// Total weight (the change in row count this changelog makes).
-    pub fn net_rows(&self) -> i64 {
-        self.weights.iter().sum()
     }
 }
 
@@ -263,7 +250,7 @@ mod tests {
             .consolidate()
             .unwrap();
         assert_eq!(c.weights, vec![1, 2]);
-        assert_eq!(c.net_rows(), 3);
+        assert_eq!(c.weights.iter().sum::<i64>(), 3);
     }
 }
 

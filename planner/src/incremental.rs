@@ -125,8 +125,7 @@ impl PlanNode {
     fn explain_into(&self, depth: usize, workers: usize, lines: &mut Vec<String>) {
         let indent = "  ".repeat(depth);
         match self {
-            PlanNode::Source { id, name, .. } => {
-                let _ = id;
+            PlanNode::Source { name, .. } => {
                 lines.push(format!("{indent}Source: {name}"));
             }
             PlanNode::Operator {
