@@ -86,8 +86,10 @@ impl TableProvider for MaterializedView {
         self.schema.clone()
     }
 
+    // NOTE: pg_catalog (datafusion-pg-catalog) knows relkinds 'r' and 'v' only, so a
+    // materialized view is listed by `\d` and `\dv` as a view rather than as a table.
     fn table_type(&self) -> TableType {
-        TableType::Base
+        TableType::View
     }
 
     fn get_table_definition(&self) -> Option<&str> {

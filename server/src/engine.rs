@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion::arrow::array::{Array, RecordBatch};
 
+use datafusion::execution::FunctionRegistry;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -118,14 +119,18 @@ impl Engine {
             .with_catalog_list(self.catalog.provider_list())
             .with_default_features()
             .build();
-        let ctx = SessionContext::new_with_state(state);
+        let mut ctx = SessionContext::new_with_state(state);
+        ctx.register_expr_planner(Arc::new(millrace_planner::pg_intervals::PgIntervals))
+            .map_err(ServerError::DataFusion)?;
         datafusion_pg_catalog::setup_pg_catalog(&ctx, database, EmptyContextProvider)
             .map_err(|e| ServerError::DataFusion(*e))?;
         functions::register(&ctx);
         ctx.add_analyzer_rule(Arc::new(millrace_planner::pg_casts::PgCasts));
+        ctx.add_analyzer_rule(Arc::new(millrace_planner::exists_domain::ExistsOverDomain));
         ctx.add_optimizer_rule(Arc::new(
             millrace_planner::correlated::CorrelatedSubqueries::new(&ctx.state_ref()),
         ));
+
         Ok(ctx)
     }
 

@@ -99,6 +99,12 @@ pub enum ServerError {
     /// An object is not ready for this (a materialized view still backfilling).
     #[error("{0}")]
     ObjectNotReady(String),
+    /// A SUBSCRIBE reader fell further behind than `subscribe_max_buffer` allows.
+    #[error("{0}")]
+    SubscriberTooSlow(String),
+    /// The client's connection failed while the server was streaming to it.
+    #[error("connection to client lost: {0}")]
+    ClientGone(String),
     /// A bug: an invariant did not hold.
     #[error("internal error: {0}")]
     Internal(String),
@@ -169,6 +175,8 @@ impl ServerError {
             ServerError::ObjectInUse(_) => "55006",
             ServerError::DuplicateColumn(_) => "42701",
             ServerError::ObjectNotReady(_) => "55000",
+            ServerError::SubscriberTooSlow(_) => "54000",
+            ServerError::ClientGone(_) => "08006",
             ServerError::Internal(_) => "XX000",
         }
     }

@@ -74,6 +74,11 @@ fn psycopg_round_trip() {
 }
 
 #[test]
+fn psycopg_subscribe_feeds() {
+    python_client("test_subscribe.py", "subscribe: ok");
+}
+
+#[test]
 fn asyncpg_round_trip() {
     python_client("test_asyncpg.py", "asyncpg: ok");
 }

@@ -102,6 +102,11 @@ fn cases() -> Vec<ViewCase> {
             "SELECT k, s FROM t1 WHERE EXISTS (SELECT 1 FROM t2 WHERE t2.s = t1.s)".into(),
         ),
         (
+            "v_exists_join_on",
+            "EXISTS with an outer reference in a LEFT JOIN's ON",
+            "SELECT k, v FROM t1 WHERE EXISTS (SELECT 1 FROM t2 LEFT JOIN t2 AS t3 ON t3.k = t2.k AND t3.w > t1.v WHERE t2.s = t1.s AND t3.k IS NULL)".into(),
+        ),
+        (
             "v_distinct",
             "distinct",
             "SELECT DISTINCT k, s FROM t1".into(),

@@ -58,15 +58,22 @@ pub struct CopyIn {
     pub buffer: Vec<u8>,
 }
 
+impl CopyFormat {
+    /// PostgreSQL's default text format: tab-separated, `\N` for NULL, no header.
+    pub fn text() -> Self {
+        CopyFormat {
+            csv: false,
+            delimiter: '\t',
+            null: "\\N".into(),
+            header: false,
+            quote: '"',
+            escape: '"',
+        }
+    }
+}
+
 fn parse_format(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> Result<CopyFormat> {
-    let mut f = CopyFormat {
-        csv: false,
-        delimiter: '\t',
-        null: "\\N".into(),
-        header: false,
-        quote: '"',
-        escape: '"',
-    };
+    let mut f = CopyFormat::text();
     let mut delimiter = None;
     let mut null = None;
     let mut escape = None;
@@ -506,7 +513,8 @@ fn csv_field(field: &str, quoted: bool, format: &CopyFormat) -> Option<String> {
 }
 
 /// Encodes rows as COPY text or CSV lines, one chunk per row.
-fn encode_rows(
+/// Encodes rows as COPY lines, one chunk per row (a header line first if asked).
+pub fn encode_rows(
     session: &Session,
     schema: &datafusion::arrow::datatypes::SchemaRef,
     batches: &[RecordBatch],

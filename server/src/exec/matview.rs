@@ -38,8 +38,9 @@ struct Compiled {
 
 /// Plans and compiles the query of a CREATE MATERIALIZED VIEW statement.
 async fn compile_view(ctx: &SessionContext, view: &ast::CreateView) -> Result<Compiled> {
-    let rewritten = millrace_planner::rewrite::rewrite(Statement::Query(view.query.clone()));
+    let mut rewritten = millrace_planner::rewrite::rewrite(Statement::Query(view.query.clone()));
     let state = ctx.state();
+    crate::exec::query::merge_using_columns(&state, &mut rewritten.statement).await;
     let logical = state
         .statement_to_plan(DFStatement::Statement(Box::new(rewritten.statement)))
         .await?;

@@ -1,12 +1,16 @@
 //! Queries (SELECT, EXPLAIN): planned and run by DataFusion over the catalog's providers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::common::ParamValues;
 use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::planner::object_name_to_table_reference;
 use datafusion::sql::sqlparser::ast::Statement;
+use millrace_planner::using_joins;
 
 use crate::error::{Result, ServerError};
 use crate::exec::Output;
@@ -14,11 +18,42 @@ use crate::exec::ddl::relation_dependencies;
 use crate::session::Session;
 
 /// Plans a statement with DataFusion in the session's context.
-pub async fn plan_statement(session: &Session, statement: Statement) -> Result<LogicalPlan> {
-    Ok(session
-        .state()
+pub async fn plan_statement(session: &Session, mut statement: Statement) -> Result<LogicalPlan> {
+    let state = session.state();
+    merge_using_columns(&state, &mut statement).await;
+    Ok(state
         .statement_to_plan(DFStatement::Statement(Box::new(statement)))
         .await?)
+}
+
+/// Gives `FULL`/`RIGHT JOIN ... USING` PostgreSQL's merged columns
+/// ([`millrace_planner::using_joins`]), looking up the columns of the tables they join. A
+/// table that cannot be found is left for the planner to report.
+pub async fn merge_using_columns(state: &SessionState, statement: &mut Statement) {
+    let needed = using_joins::tables_needed(statement);
+    if needed.is_empty() {
+        return;
+    }
+    let mut columns = HashMap::new();
+    for name in needed {
+        let Ok(reference) = object_name_to_table_reference(name.clone(), true) else {
+            continue;
+        };
+        let Ok(schema) = state.schema_for_ref(reference.clone()) else {
+            continue;
+        };
+        if let Ok(Some(table)) = schema.table(reference.table()).await {
+            let names = table
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|n| n != millrace_planner::ROW_ID_COLUMN)
+                .collect();
+            columns.insert(name.to_string(), names);
+        }
+    }
+    using_joins::rewrite(statement, &columns);
 }
 
 /// Substitutes bound parameter values into a prepared plan.

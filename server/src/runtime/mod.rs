@@ -14,6 +14,7 @@
 //! backfilled (see `backfill.rs`) is skipped too and its inputs are queued until it catches up.
 
 pub mod backfill;
+pub mod subscribe;
 pub mod system;
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,10 +25,11 @@ use std::time::{Instant, SystemTime};
 use millrace_planner::Changelog;
 use millrace_planner::pipeline::{Pipeline, PipelineStats};
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
-use tokio::sync::{RwLock, mpsc, oneshot, watch};
+use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::error::{Result, ServerError};
+use crate::runtime::subscribe::{EpochDelta, FEED_CAPACITY};
 
 /// Epochs that may be queued before committing writers wait (back-pressure).
 const EPOCH_QUEUE: usize = 256;
@@ -88,6 +90,8 @@ pub struct ViewEntry {
     pub stats: Mutex<PipelineStats>,
     /// Told when the backfill has caught up (or failed).
     ready: Mutex<Option<oneshot::Sender<()>>>,
+    /// Each published epoch's delta, for SUBSCRIBE (`subscribe.rs`).
+    pub feed: broadcast::Sender<Arc<EpochDelta>>,
 }
 
 impl ViewEntry {
@@ -111,6 +115,7 @@ impl ViewEntry {
             last_change: Mutex::new(None),
             stats: Mutex::new(PipelineStats::default()),
             ready: Mutex::new(Some(tx)),
+            feed: broadcast::channel(FEED_CAPACITY).0,
         });
         (entry, rx)
     }
@@ -408,6 +413,14 @@ impl ViewRuntime {
         for (view, out) in staged {
             if let Err(e) = view.apply(&out) {
                 view.fail(e.to_string()).await;
+                continue;
+            }
+            // NOTE: sending fails only when nobody subscribes, which is fine.
+            if view.feed.receiver_count() > 0 && !out.is_empty() {
+                let _ = view.feed.send(Arc::new(EpochDelta {
+                    epoch,
+                    changes: out,
+                }));
             }
         }
         self.published.send_replace(epoch);

@@ -47,6 +47,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("enable_seqscan", "on"),
     ("enable_indexscan", "on"),
     ("geqo", "on"),
+    // Epochs a SUBSCRIBE reader may fall behind before it is cut off.
+    ("subscribe_max_buffer", "1024"),
 ];
 
 /// Settings that are read-only for sessions.

@@ -37,6 +37,7 @@ use crate::exec::{self, Output, Prepared, copy, query};
 use crate::session::Session;
 use crate::wire::encode::{error_info, pg_error, response};
 use crate::wire::sql::{self, Parsed};
+use crate::wire::subscribe;
 
 /// The session of one connection, shared by its handlers.
 type SessionCell = Arc<Mutex<Option<Session>>>;
@@ -196,7 +197,7 @@ fn no_session() -> PgWireError {
 
 #[async_trait]
 impl SimpleQueryHandler for Connection {
-    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
@@ -226,6 +227,13 @@ impl SimpleQueryHandler for Connection {
                 Parsed::Statement(s, renames) => run(session, *s, None, None)
                     .await
                     .and_then(|o| exec::rename_columns(o, &renames)),
+                Parsed::Subscribe(view) => {
+                    match subscribe::subscribe(session, client, &view).await {
+                        Ok(done) => out.push(done),
+                        Err(e) => out.push(Response::Error(Box::new(error_info(&e)))),
+                    }
+                    break;
+                }
             };
             match result {
                 Ok(output) => {
@@ -276,6 +284,11 @@ impl QueryParser for StatementParser {
             None => return Ok(None),
             Some(Parsed::NoOp(_)) => (None, vec![]),
             Some(Parsed::Statement(s, renames)) => (Some(*s), renames),
+            Some(Parsed::Subscribe(_)) => {
+                return Err(pg_error(ServerError::NotSupported(
+                    "SUBSCRIBE over the extended query protocol; send it as a simple query (psql, psycopg's cursor.copy())".into(),
+                )));
+            }
         };
         let mut plan = None;
         if let Some(stmt) = &statement

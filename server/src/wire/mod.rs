@@ -4,4 +4,5 @@
 pub mod encode;
 pub mod handler;
 pub mod sql;
+pub mod subscribe;
 pub mod text;

@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::ast::{ObjectName, Statement};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
@@ -53,12 +53,58 @@ pub enum Parsed {
     Statement(Box<Statement>, Vec<(usize, String)>),
     /// A no-op command answered with the given tag.
     NoOp(&'static str),
+    /// `SUBSCRIBE [TO] view`, or `COPY (SUBSCRIBE [TO] view) TO STDOUT`: a live feed.
+    Subscribe(ObjectName),
+}
+
+/// The view of a `SUBSCRIBE` command, in either of its spellings; `None` for other text.
+fn subscribe_command(sql: &str) -> Option<Result<ObjectName>> {
+    let mut s = sql.trim().trim_end_matches(';').trim();
+    let lower = s.to_ascii_lowercase();
+    if let Some(open) = lower.strip_prefix("copy") {
+        let inner_lower = open.trim_start().strip_prefix('(')?.trim_start();
+        if !inner_lower.starts_with("subscribe") {
+            return None;
+        }
+        let close = lower.rfind(')')?;
+        let tail = lower[close + 1..].split_whitespace().collect::<Vec<_>>();
+        if tail != ["to", "stdout"] {
+            return Some(Err(ServerError::NotSupported(
+                "COPY (SUBSCRIBE ...) to anything but STDOUT".into(),
+            )));
+        }
+        let start = lower.find('(')? + 1;
+        s = s[start..close].trim();
+    }
+    let lower = s.to_ascii_lowercase();
+    let rest = lower.strip_prefix("subscribe")?;
+    if !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let mut name = s["subscribe".len()..].trim_start();
+    if let Some(after) = name.get(..3).filter(|to| to.eq_ignore_ascii_case("to ")) {
+        name = name[after.len()..].trim_start();
+    }
+    if name.starts_with('(') {
+        return Some(Err(ServerError::NotSupported(
+            "SUBSCRIBE to a query; create a materialized view and subscribe to it".into(),
+        )));
+    }
+    Some(
+        Parser::new(&PostgreSqlDialect {})
+            .try_with_sql(name)
+            .and_then(|mut p| p.parse_object_name(false))
+            .map_err(ServerError::from),
+    )
 }
 
 /// Parses query text into statements.
 pub fn parse(sql: &str) -> Result<Vec<Parsed>> {
     if let Some(tag) = no_op_command(sql) {
         return Ok(vec![Parsed::NoOp(tag)]);
+    }
+    if let Some(view) = subscribe_command(sql) {
+        return Ok(vec![Parsed::Subscribe(view?)]);
     }
     let lower = sql.to_ascii_lowercase();
     let statements = if CATALOG_MARKERS.iter().any(|m| lower.contains(m)) {
@@ -84,4 +130,41 @@ pub fn parse_single(sql: &str) -> Result<Option<Parsed>> {
         ));
     }
     Ok(all.pop())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view_of(sql: &str) -> Option<String> {
+        subscribe_command(sql).map(|r| r.map(|n| n.to_string()).unwrap_or_else(|e| e.to_string()))
+    }
+
+    #[test]
+    fn subscribe_spellings_name_the_view() {
+        assert_eq!(
+            view_of("SUBSCRIBE TO top_urls;").as_deref(),
+            Some("top_urls")
+        );
+        assert_eq!(view_of("subscribe s.v").as_deref(), Some("s.v"));
+        assert_eq!(
+            view_of("COPY (SUBSCRIBE TO v) TO STDOUT").as_deref(),
+            Some("v")
+        );
+        assert_eq!(view_of("COPY t TO STDOUT"), None);
+        assert_eq!(view_of("SELECT subscribe FROM t"), None);
+        assert_eq!(view_of("subscriber"), None);
+    }
+
+    #[test]
+    fn subscribe_to_a_query_or_a_file_is_refused() {
+        assert!(matches!(
+            subscribe_command("SUBSCRIBE TO (SELECT 1)"),
+            Some(Err(ServerError::NotSupported(_)))
+        ));
+        assert!(matches!(
+            subscribe_command("COPY (SUBSCRIBE v) TO '/tmp/x'"),
+            Some(Err(ServerError::NotSupported(_)))
+        ));
+    }
 }

@@ -1,0 +1,215 @@
+//! PostgreSQL interval arithmetic at SQL planning time: `timestamp - timestamp` is an interval
+//! of days and time, and intervals compare by their total span (30-day months, 24-hour days).
+//!
+//! DataFusion gives `timestamp - timestamp` as a `Duration` and compares `IntervalMonthDayNano`
+//! values field by field, so `interval '36 hours' > interval '1 day'` is false there. This
+//! [`ExprPlanner`] rewrites both while the SQL is planned, for queries and views alike.
+
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, Decimal128Array, Int64Array, IntervalMonthDayNanoArray,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, IntervalMonthDayNano, IntervalUnit, TimeUnit};
+use datafusion::common::{DFSchema, Result, exec_err};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawBinaryExpr};
+use datafusion::logical_expr::{
+    BinaryExpr, ColumnarValue, Expr, ExprSchemable, Operator, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::sql::sqlparser::ast::BinaryOperator;
+
+const NANOS_PER_DAY: i128 = 86_400_000_000_000;
+
+/// Rewrites `timestamp - timestamp` and comparisons of intervals to PostgreSQL's meaning.
+#[derive(Debug, Default)]
+pub struct PgIntervals;
+
+impl ExprPlanner for PgIntervals {
+    fn plan_binary_op(
+        &self,
+        expr: RawBinaryExpr,
+        schema: &DFSchema,
+    ) -> Result<PlannerResult<RawBinaryExpr>> {
+        // NOTE: a type that cannot be resolved here (a placeholder, say) leaves the expression
+        // to DataFusion's own planning.
+        let (Ok(left), Ok(right)) = (expr.left.get_type(schema), expr.right.get_type(schema))
+        else {
+            return Ok(PlannerResult::Original(expr));
+        };
+        let comparison = match expr.op {
+            BinaryOperator::Minus if is_timestamp(&left) && is_timestamp(&right) => {
+                return Ok(PlannerResult::Planned(call(
+                    &TIMESTAMP_DIFF,
+                    vec![expr.left, expr.right],
+                )));
+            }
+            BinaryOperator::Lt => Operator::Lt,
+            BinaryOperator::LtEq => Operator::LtEq,
+            BinaryOperator::Gt => Operator::Gt,
+            BinaryOperator::GtEq => Operator::GtEq,
+            BinaryOperator::Eq => Operator::Eq,
+            BinaryOperator::NotEq => Operator::NotEq,
+            _ => return Ok(PlannerResult::Original(expr)),
+        };
+        if !(is_span(&left) && is_span(&right)) {
+            return Ok(PlannerResult::Original(expr));
+        }
+        Ok(PlannerResult::Planned(Expr::BinaryExpr(BinaryExpr::new(
+            Box::new(call(&INTERVAL_SPAN, vec![expr.left])),
+            comparison,
+            Box::new(call(&INTERVAL_SPAN, vec![expr.right])),
+        ))))
+    }
+}
+
+fn is_timestamp(t: &DataType) -> bool {
+    matches!(t, DataType::Timestamp(..))
+}
+
+fn is_span(t: &DataType) -> bool {
+    matches!(t, DataType::Interval(_) | DataType::Duration(_))
+}
+
+fn call(udf: &Arc<ScalarUDF>, args: Vec<Expr>) -> Expr {
+    Expr::ScalarFunction(ScalarFunction::new_udf(Arc::clone(udf), args))
+}
+
+static TIMESTAMP_DIFF: LazyLock<Arc<ScalarUDF>> =
+    LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(TimestampDiff::new())));
+static INTERVAL_SPAN: LazyLock<Arc<ScalarUDF>> =
+    LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(IntervalSpan::new())));
+
+/// `pg_timestamp_diff(a, b)`: `a - b` as an interval of whole days plus the remaining time,
+/// as PostgreSQL's `timestamp - timestamp` gives it (`21 days 23:59:59`).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct TimestampDiff {
+    /// Any two timestamps, of any unit and time zone.
+    signature: Signature,
+}
+
+impl TimestampDiff {
+    fn new() -> Self {
+        Self {
+            signature: Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for TimestampDiff {
+    fn name(&self) -> &str {
+        "pg_timestamp_diff"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Interval(IntervalUnit::MonthDayNano))
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let [a, b] = args.args.as_slice() else {
+            return exec_err!("pg_timestamp_diff takes two timestamps");
+        };
+        let a = epoch_nanos(&a.to_array(rows)?)?;
+        let b = epoch_nanos(&b.to_array(rows)?)?;
+        let out: IntervalMonthDayNanoArray = a
+            .iter()
+            .zip(b.iter())
+            .map(|(a, b)| {
+                let diff = i128::from(a?) - i128::from(b?);
+                let days = i32::try_from(diff / NANOS_PER_DAY).ok()?;
+                let nanos = i64::try_from(diff % NANOS_PER_DAY).ok()?;
+                Some(IntervalMonthDayNano::new(0, days, nanos))
+            })
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
+/// A timestamp column as nanoseconds since the epoch (UTC for zoned timestamps, wall time for
+/// plain ones).
+fn epoch_nanos(array: &ArrayRef) -> Result<Int64Array> {
+    let DataType::Timestamp(unit, _) = array.data_type() else {
+        return exec_err!(
+            "pg_timestamp_diff takes timestamps, not {}",
+            array.data_type()
+        );
+    };
+    let scale: i64 = match unit {
+        TimeUnit::Second => 1_000_000_000,
+        TimeUnit::Millisecond => 1_000_000,
+        TimeUnit::Microsecond => 1_000,
+        TimeUnit::Nanosecond => 1,
+    };
+    let raw = cast(array, &DataType::Int64)?;
+    let raw = datafusion::common::cast::as_int64_array(&raw)?;
+    Ok(raw.iter().map(|v| v?.checked_mul(scale)).collect())
+}
+
+/// `pg_interval_span(x)`: the total length of an interval or duration in nanoseconds, with
+/// PostgreSQL's 30-day months and 24-hour days, as the key intervals compare by.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct IntervalSpan {
+    /// One interval or duration.
+    signature: Signature,
+}
+
+impl IntervalSpan {
+    fn new() -> Self {
+        Self {
+            signature: Signature::any(1, Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for IntervalSpan {
+    fn name(&self) -> &str {
+        "pg_interval_span"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Decimal128(38, 0))
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let [x] = args.args.as_slice() else {
+            return exec_err!("pg_interval_span takes one interval");
+        };
+        let x = x.to_array(rows)?;
+        let intervals = cast(&x, &DataType::Interval(IntervalUnit::MonthDayNano))?;
+        let intervals = intervals
+            .as_any()
+            .downcast_ref::<IntervalMonthDayNanoArray>()
+            .map(|a| a.iter().map(|v| v.map(span)).collect::<Decimal128Array>());
+        let Some(spans) = intervals else {
+            return exec_err!("pg_interval_span takes an interval, not {}", x.data_type());
+        };
+        Ok(ColumnarValue::Array(Arc::new(
+            spans.with_precision_and_scale(38, 0)?,
+        )))
+    }
+}
+
+fn span(v: IntervalMonthDayNano) -> i128 {
+    (i128::from(v.months) * 30 + i128::from(v.days)) * NANOS_PER_DAY + i128::from(v.nanoseconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_count_months_as_thirty_days() {
+        let hours_36 = IntervalMonthDayNano::new(0, 0, 36 * 3_600_000_000_000);
+        let one_day = IntervalMonthDayNano::new(0, 1, 0);
+        let one_month = IntervalMonthDayNano::new(1, 0, 0);
+        assert!(span(hours_36) > span(one_day));
+        assert_eq!(span(one_month), span(IntervalMonthDayNano::new(0, 30, 0)));
+        assert!(span(IntervalMonthDayNano::new(0, -1, 0)) < 0);
+    }
+}

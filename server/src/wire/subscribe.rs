@@ -1,0 +1,150 @@
+//! SUBSCRIBE on the wire: the view's snapshot and then each epoch's changes, streamed to the
+//! client as COPY-out text rows `epoch <TAB> diff <TAB> columns...` (as Materialize's
+//! `COPY (SUBSCRIBE ...) TO STDOUT`), flushed row group by row group as epochs publish.
+//!
+//! The feed ends when the view is dropped (CopyDone), when the client cancels (pgwire drops
+//! this future and answers 57014), or with an error when the subscriber has fallen more than
+//! `subscribe_max_buffer` epochs behind: a slow reader is cut off, it never holds back the
+//! view or the other subscribers.
+
+use std::fmt::Debug;
+
+use bytes::Bytes;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::sql::sqlparser::ast::ObjectName;
+use futures::{Sink, SinkExt};
+use millrace_storage::ObjectKind;
+use pgwire::api::results::{Response, Tag};
+use pgwire::error::PgWireError;
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
+use tokio::sync::broadcast::error::RecvError;
+use tracing::info;
+
+use crate::error::{Result, ServerError};
+use crate::exec::copy::{CopyFormat, encode_rows};
+use crate::exec::names::{parts, resolve};
+use crate::runtime::subscribe::with_epoch_and_diff;
+use crate::session::Session;
+
+/// Streams the changes of `view` to `client` until the feed ends.
+pub async fn subscribe<C>(session: &Session, client: &mut C, view: &ObjectName) -> Result<Response>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    let name = resolve(session, view)?;
+    let record = session
+        .engine
+        .catalog
+        .find(
+            &[ObjectKind::MaterializedView],
+            &name.database,
+            &name.schema,
+            &name.name,
+        )
+        .ok_or_else(|| millrace_planner::PlanError::UndefinedObject {
+            kind: "materialized view",
+            name: parts(view).pop().unwrap_or_default(),
+        })?;
+    let setting = session.settings.get("subscribe_max_buffer")?;
+    let limit: usize = setting.parse().map_err(|_| ServerError::InvalidSetting {
+        name: "subscribe_max_buffer".into(),
+        value: setting.clone(),
+    })?;
+    let mut subscription = session.engine.views.subscribe(record.id).await?;
+    let schema = subscription.schema.clone();
+    let columns = schema.fields().len();
+    info!(view = %name.name, epoch = subscription.epoch, "subscriber started");
+    let header = CopyOutResponse::new(0, columns as i16, vec![0; columns]);
+    send(client, PgWireBackendMessage::CopyOutResponse(header)).await?;
+    write_rows(session, client, &schema, &subscription.snapshot).await?;
+    loop {
+        if subscription.feed.len() > limit {
+            return Err(too_slow(&name.name, subscription.feed.len(), limit));
+        }
+        let delta = match subscription.feed.recv().await {
+            Ok(delta) => delta,
+            Err(RecvError::Lagged(missed)) => {
+                return Err(too_slow(&name.name, missed as usize, limit));
+            }
+            Err(RecvError::Closed) => break,
+        };
+        let batch = with_epoch_and_diff(
+            &schema,
+            &delta.changes.batch,
+            delta.epoch,
+            &delta.changes.weights,
+        )?;
+        // NOTE: a reader that stops reading blocks this write once the socket buffers are
+        // full; the lag watch cuts it off meanwhile instead of queueing epochs for it.
+        let batches = [batch];
+        tokio::select! {
+            written = write_rows(session, client, &schema, &batches) => written?,
+            behind = lag_passes(&subscription.feed, limit) => {
+                return Err(too_slow(&name.name, behind, limit));
+            }
+        }
+    }
+    info!(view = %name.name, "subscribed view dropped; feed ended");
+    send(client, PgWireBackendMessage::CopyDone(CopyDone::new())).await?;
+    Ok(Response::Execution(Tag::new("SUBSCRIBE")))
+}
+
+/// Resolves once more than `limit` epochs wait unread in `feed`, with how many wait.
+async fn lag_passes(
+    feed: &tokio::sync::broadcast::Receiver<std::sync::Arc<crate::runtime::subscribe::EpochDelta>>,
+    limit: usize,
+) -> usize {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if feed.len() > limit {
+            return feed.len();
+        }
+    }
+}
+
+fn too_slow(view: &str, behind: usize, limit: usize) -> ServerError {
+    ServerError::SubscriberTooSlow(format!(
+        "subscriber to \"{view}\" fell {behind} epochs behind (subscribe_max_buffer = {limit}); read faster or raise the limit"
+    ))
+}
+
+/// Sends rows as COPY data, then flushes: a feed is read live, not at the end.
+async fn write_rows<C>(
+    session: &Session,
+    client: &mut C,
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    for line in encode_rows(session, schema, batches, &CopyFormat::text())? {
+        client
+            .feed(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(
+                line,
+            ))))
+            .await
+            .map_err(|e| ServerError::ClientGone(format!("{e:?}")))?;
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| ServerError::ClientGone(format!("{e:?}")))
+}
+
+async fn send<C>(client: &mut C, message: PgWireBackendMessage) -> Result<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+{
+    client
+        .send(message)
+        .await
+        .map_err(|e| ServerError::ClientGone(format!("{e:?}")))
+}
