@@ -21,6 +21,7 @@ use millrace_storage::{CatalogRecord, LogEntry, ObjectKind, RowId, Store, WriteS
 use tracing::info;
 
 use crate::config::ServeConfig;
+use crate::connector::Sources;
 use crate::error::{Result, ServerError};
 use crate::exec::{ddl, matview};
 use crate::runtime::{EpochChanges, ViewRuntime};
@@ -62,6 +63,8 @@ pub struct Engine {
     pub connections: AtomicUsize,
     /// The materialized views and the coordinator that maintains them epoch by epoch.
     pub views: Arc<ViewRuntime>,
+    /// Ingest tasks of connector-fed tables.
+    pub sources: Arc<Sources>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -90,10 +93,13 @@ impl Engine {
             workers: config.workers(),
             connections: AtomicUsize::new(0),
             views: ViewRuntime::new(config.workers()),
+            sources: Arc::new(Sources::default()),
         });
         engine.views.start();
         crate::runtime::system::register(&engine.catalog, &engine.views);
+        crate::connector::system::register(&engine.catalog, &engine.sources);
         engine.replay().await?;
+        engine.start_sources()?;
         Ok(engine)
     }
 
@@ -293,6 +299,24 @@ impl Engine {
             rows += self.replay_record(record).await?;
         }
         info!(rows, "catalog replayed; table caches rebuilt");
+        Ok(())
+    }
+
+    /// Starts the ingest task of every connector-fed table, each from its committed offset.
+    fn start_sources(self: &Arc<Self>) -> Result<()> {
+        for record in self.store().catalog()? {
+            if record.kind != ObjectKind::Table {
+                continue;
+            }
+            let Some(options) = ddl::connector_options(&record.sql)? else {
+                continue;
+            };
+            let Some(table) = self.catalog.table(record.id) else {
+                continue;
+            };
+            self.sources
+                .start(self.clone(), table, record.name.clone(), &options)?;
+        }
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
+pub mod connector;
 pub mod engine;
 pub mod error;
 pub mod exec;

@@ -29,6 +29,8 @@ enum WriteOp {
     DeleteCatalog(u64),
     Append { table_id: u64, entry: LogEntry },
     DropLog(u64),
+    PutOffset { source_id: u64, offset: u64 },
+    DeleteOffset(u64),
 }
 
 /// All durable changes of one statement or transaction; committed atomically.
@@ -42,6 +44,14 @@ impl WriteSet {
     /// An empty write set.
     pub fn new() -> Self {
         Self::default()
+    }
+    /// Records how far a source has read, committed with the rows it produced.
+    pub fn put_source_offset(&mut self, source_id: u64, offset: u64) {
+        self.ops.push(WriteOp::PutOffset { source_id, offset });
+    }
+    /// Forgets a dropped source's offset.
+    pub fn delete_source_offset(&mut self, source_id: u64) {
+        self.ops.push(WriteOp::DeleteOffset(source_id));
     }
     /// Stores (or replaces) a catalog record.
     pub fn put_catalog(&mut self, record: CatalogRecord) {
@@ -176,6 +186,16 @@ impl Store {
                 WriteOp::DropLog(table_id) => {
                     batch.delete_range_cf(log, log_key(table_id, 0), log_key(table_id + 1, 0));
                 }
+                WriteOp::PutOffset { source_id, offset } => {
+                    batch.put_cf(
+                        self.cf(CF_META)?,
+                        offset_key(source_id),
+                        offset.to_be_bytes(),
+                    );
+                }
+                WriteOp::DeleteOffset(source_id) => {
+                    batch.delete_cf(self.cf(CF_META)?, offset_key(source_id));
+                }
             }
         }
         batch.put_cf(self.cf(CF_META)?, META_NEXT_SEQ, seq.to_be_bytes());
@@ -204,6 +224,14 @@ impl Store {
         Ok(out)
     }
 
+    /// The committed offset of a source (0 when it has committed nothing).
+    pub fn source_offset(&self, source_id: u64) -> Result<u64> {
+        match self.db.get_cf(self.cf(CF_META)?, offset_key(source_id))? {
+            Some(bytes) => decode_u64(&bytes, "source offset"),
+            None => Ok(0),
+        }
+    }
+
     /// The log of one table, oldest entry first.
     pub fn table_log(&self, table_id: u64) -> Result<Vec<LogEntry>> {
         let start = log_key(table_id, 0);
@@ -221,6 +249,12 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+fn offset_key(source_id: u64) -> Vec<u8> {
+    let mut key = b"source_offset/".to_vec();
+    key.extend_from_slice(&source_id.to_be_bytes());
+    key
 }
 
 fn log_key(table_id: u64, seq: u64) -> [u8; 16] {

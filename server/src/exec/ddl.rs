@@ -24,6 +24,7 @@ use millrace_planner::{MillraceTable, PlanError, TableDef};
 use millrace_storage::{CatalogRecord, ColumnarTable, ObjectKind, WriteSet};
 use tracing::info;
 
+use crate::connector::ConnectorOptions;
 use crate::engine::{DEFAULT_SCHEMA, Engine, TableChange};
 use crate::error::{Result, ServerError};
 use crate::exec::Output;
@@ -106,10 +107,13 @@ async fn plan_table(
     ctx: &SessionContext,
     create: &ast::CreateTable,
 ) -> Result<(CreateMemoryTable, TableDef)> {
+    // NOTE: connector options are ours; DataFusion plans only the columns.
+    let mut columns_only = create.clone();
+    columns_only.table_options = ast::CreateTableOptions::None;
     let plan = ctx
         .state()
         .statement_to_plan(DFStatement::Statement(Box::new(Statement::CreateTable(
-            create.clone(),
+            columns_only,
         ))))
         .await?;
     let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(cmt)) = plan else {
@@ -217,6 +221,14 @@ pub async fn build_view(
     )))
 }
 
+/// The connector options of a stored CREATE TABLE, if it names a connector.
+pub fn connector_options(sql: &str) -> Result<Option<ConnectorOptions>> {
+    match parse_one(sql)? {
+        Statement::CreateTable(create) => ConnectorOptions::from_table(&create.table_options),
+        _ => Ok(None),
+    }
+}
+
 /// Parses exactly one statement.
 pub fn parse_one(sql: &str) -> Result<Statement> {
     let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)?;
@@ -267,6 +279,18 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
     }
     rewrite_column_types(&mut create.columns);
     let (cmt, def) = plan_table(&session.ctx, &create).await?;
+    let connector = ConnectorOptions::from_table(&create.table_options)?;
+    if let Some(options) = &connector {
+        if create.query.is_some() {
+            return Err(ServerError::NotSupported(
+                "CREATE TABLE ... AS with a connector".into(),
+            ));
+        }
+        // NOTE: validates the options against the columns before anything is stored.
+        options.generator(&def.schema)?;
+        options.rate()?;
+        options.total()?;
+    }
     let sql = if create.query.is_some() {
         column_ddl(&name.name, &def.schema)?
     } else {
@@ -310,7 +334,13 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
     session
         .engine
         .catalog
-        .register_relation(record, table.clone(), Some(table))?;
+        .register_relation(record, table.clone(), Some(table.clone()))?;
+    if let Some(options) = &connector {
+        session
+            .engine
+            .sources
+            .start(session.engine.clone(), table, name.name.clone(), options)?;
+    }
     info!(table = %name.name, "created table");
     Ok(match rows {
         Some(n) => Output::command_rows("SELECT", n),
@@ -767,6 +797,8 @@ fn drop_objects(
         set.delete_catalog(r.id);
         if r.kind == ObjectKind::Table {
             set.drop_log(r.id);
+            set.delete_source_offset(r.id);
+            session.engine.sources.stop(r.id);
         }
     }
     session.engine.commit_write_set(set)?;

@@ -57,6 +57,54 @@ pub enum Parsed {
     Subscribe(ObjectName),
 }
 
+/// Quotes dotted option keys (`WITH (scan.startup.mode = 'earliest')`, as RisingWave writes
+/// connector options), which the SQL parser takes only as quoted identifiers. A key is a
+/// dotted word right after `(` or `,` and right before `=`, outside string literals.
+fn quote_dotted_option_keys(sql: &str) -> String {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut i = 0;
+    let mut in_string = false;
+    let mut after_separator = false;
+    while i < chars.len() {
+        let c = chars[i];
+        if in_string {
+            out.push(c);
+            in_string = c != '\'';
+            i += 1;
+            continue;
+        }
+        if after_separator && (c.is_ascii_alphabetic() || c == '_') {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            if word.contains('.') && next == Some(&'=') {
+                out.push('"');
+                out.push_str(&word);
+                out.push('"');
+            } else {
+                out.push_str(&word);
+            }
+            after_separator = false;
+            continue;
+        }
+        match c {
+            '\'' => in_string = true,
+            '(' | ',' => after_separator = true,
+            c if c.is_whitespace() => {}
+            _ => after_separator = false,
+        }
+        out.push(c);
+        i += 1;
+    }
+    out
+}
+
 /// The view of a `SUBSCRIBE` command, in either of its spellings; `None` for other text.
 fn subscribe_command(sql: &str) -> Option<Result<ObjectName>> {
     let mut s = sql.trim().trim_end_matches(';').trim();
@@ -106,6 +154,17 @@ pub fn parse(sql: &str) -> Result<Vec<Parsed>> {
     if let Some(view) = subscribe_command(sql) {
         return Ok(vec![Parsed::Subscribe(view?)]);
     }
+    let quoted;
+    let sql = if sql
+        .trim_start()
+        .get(..6)
+        .is_some_and(|w| w.eq_ignore_ascii_case("create"))
+    {
+        quoted = quote_dotted_option_keys(sql);
+        quoted.as_str()
+    } else {
+        sql
+    };
     let lower = sql.to_ascii_lowercase();
     let statements = if CATALOG_MARKERS.iter().any(|m| lower.contains(m)) {
         COMPAT.parse(sql)?
@@ -154,6 +213,16 @@ mod tests {
         assert_eq!(view_of("COPY t TO STDOUT"), None);
         assert_eq!(view_of("SELECT subscribe FROM t"), None);
         assert_eq!(view_of("subscriber"), None);
+    }
+
+    #[test]
+    fn dotted_option_keys_are_quoted() {
+        assert_eq!(
+            quote_dotted_option_keys(
+                "CREATE TABLE t (a INT, b TEXT) WITH (connector = 'datagen', fields.a.kind = 'x.y = z', rows_per_second = 5)"
+            ),
+            "CREATE TABLE t (a INT, b TEXT) WITH (connector = 'datagen', \"fields.a.kind\" = 'x.y = z', rows_per_second = 5)"
+        );
     }
 
     #[test]

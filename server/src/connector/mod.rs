@@ -1,0 +1,355 @@
+//! Connectors: tables fed by a generator (`CREATE TABLE ... WITH (connector = ...)`).
+//!
+//! Each connector-fed table has one ingest task. It asks its [`Generator`] for the rows at
+//! offsets `[offset, offset + n)`, paced by `rows_per_second`, and commits them like an
+//! INSERT (so views see them in the next epoch) together with the new offset, in one
+//! RocksDB write: after a crash the table and the offset agree, and generation resumes at the
+//! offset with no gap and no duplicate. A failing commit marks the source unhealthy, is
+//! logged, and is retried with exponential backoff. `millrace_sources` shows every source.
+
+pub mod datagen;
+pub mod nexmark;
+pub mod system;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::sql::sqlparser::ast::{CreateTableOptions, Expr, SqlOption, Value};
+use millrace_planner::MillraceTable;
+use millrace_storage::WriteSet;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::engine::{Engine, TableChange};
+use crate::error::{Result, ServerError};
+
+/// Rows per commit at most, whatever the rate.
+const MAX_BATCH: u64 = 8192;
+/// Longest wait between retries of a failing source.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Produces the rows of a source by offset: the same offsets give the same rows.
+pub trait Generator: Send {
+    /// The rows at offsets `from .. from + rows`, in the table's schema.
+    fn batch(&mut self, from: u64, rows: usize) -> Result<RecordBatch>;
+}
+
+/// A connector's `WITH` options, keys lower-cased.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorOptions {
+    /// Option values by key.
+    pub values: BTreeMap<String, String>,
+}
+
+impl ConnectorOptions {
+    /// The options of a CREATE TABLE, or `None` when it names no connector.
+    pub fn from_table(options: &CreateTableOptions) -> Result<Option<Self>> {
+        let CreateTableOptions::With(list) = options else {
+            return Ok(None);
+        };
+        let mut values = BTreeMap::new();
+        for option in list {
+            let SqlOption::KeyValue { key, value } = option else {
+                return Err(ServerError::NotSupported(format!("table option {option}")));
+            };
+            let text = match value {
+                Expr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) => s.clone(),
+                    Value::Number(n, _) => n.clone(),
+                    Value::Boolean(b) => b.to_string(),
+                    other => other.to_string(),
+                },
+                Expr::Identifier(ident) => ident.value.clone(),
+                other => other.to_string(),
+            };
+            values.insert(key.value.to_ascii_lowercase(), text);
+        }
+        if !values.contains_key("connector") {
+            return Err(ServerError::NotSupported(
+                "table options without connector = '...'".into(),
+            ));
+        }
+        Ok(Some(Self { values }))
+    }
+
+    /// The connector's name.
+    pub fn connector(&self) -> &str {
+        self.values.get("connector").map_or("", |s| s.as_str())
+    }
+
+    /// An optional numeric option.
+    pub fn number(&self, key: &str) -> Result<Option<u64>> {
+        self.values
+            .get(key)
+            .map(|v| {
+                v.trim().parse().map_err(|_| ServerError::InvalidSetting {
+                    name: key.into(),
+                    value: v.clone(),
+                })
+            })
+            .transpose()
+    }
+
+    /// A generator for a table of `schema` (validates the options and columns).
+    pub fn generator(&self, schema: &SchemaRef) -> Result<Box<dyn Generator>> {
+        match self.connector() {
+            "datagen" => Ok(Box::new(datagen::Datagen::try_new(schema.clone(), self)?)),
+            "nexmark" => Ok(Box::new(nexmark::Nexmark::try_new(schema.clone(), self)?)),
+            other => Err(ServerError::NotSupported(format!("connector '{other}'"))),
+        }
+    }
+
+    /// Rows per second (`rows_per_second`, `max_rows_per_second` or RisingWave's
+    /// `datagen.rows.per.second`); default 1000.
+    pub fn rate(&self) -> Result<u64> {
+        for key in [
+            "max_rows_per_second",
+            "rows_per_second",
+            "datagen.rows.per.second",
+        ] {
+            if let Some(n) = self.number(key)? {
+                return Ok(n.max(1));
+            }
+        }
+        Ok(1000)
+    }
+
+    /// Total rows to produce (`total_rows`, `nexmark.event.num`); `None` for unbounded.
+    pub fn total(&self) -> Result<Option<u64>> {
+        for key in ["total_rows", "nexmark.event.num"] {
+            if let Some(n) = self.number(key)? {
+                return Ok(Some(n));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What a source is doing, as `millrace_sources` shows it.
+#[derive(Debug, Clone)]
+pub struct SourceStatus {
+    /// `running`, `unhealthy`, `finished` or `stopped`.
+    pub state: &'static str,
+    /// Why it is unhealthy.
+    pub reason: Option<String>,
+    /// When it entered this state.
+    pub since: SystemTime,
+}
+
+/// Live figures of one source.
+#[derive(Debug)]
+pub struct SourceStats {
+    /// Table name.
+    pub name: String,
+    /// Connector name.
+    pub connector: String,
+    /// Next offset to generate (all before it are committed).
+    pub offset: Mutex<u64>,
+    /// Rows committed since the server started.
+    pub rows: Mutex<u64>,
+    /// Rows per second over the last second or so.
+    pub rate: Mutex<f64>,
+    /// Target rows per second.
+    pub limit: u64,
+    /// Failed commits.
+    pub errors: Mutex<u64>,
+    /// Current state.
+    pub status: Mutex<SourceStatus>,
+}
+
+impl SourceStats {
+    fn set_status(&self, state: &'static str, reason: Option<String>) {
+        if let Ok(mut s) = self.status.lock()
+            && (s.state != state || s.reason != reason)
+        {
+            *s = SourceStatus {
+                state,
+                reason,
+                since: SystemTime::now(),
+            };
+        }
+    }
+}
+
+/// A running source: its figures and the switch that stops it.
+struct SourceHandle {
+    stats: Arc<SourceStats>,
+    stop: watch::Sender<bool>,
+}
+
+/// Every connector-fed table's ingest task.
+#[derive(Default)]
+pub struct Sources {
+    running: Mutex<HashMap<u64, SourceHandle>>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").finish()
+    }
+}
+
+impl Sources {
+    /// Figures of every source, by table id.
+    pub fn stats(&self) -> Vec<Arc<SourceStats>> {
+        self.running
+            .lock()
+            .map(|r| r.values().map(|h| h.stats.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Stops the source feeding table `id`, if any.
+    pub fn stop(&self, id: u64) {
+        if let Ok(mut running) = self.running.lock()
+            && let Some(handle) = running.remove(&id)
+        {
+            let _ = handle.stop.send(true);
+        }
+    }
+
+    /// Starts feeding `table` from its committed offset.
+    pub fn start(
+        &self,
+        engine: Arc<Engine>,
+        table: Arc<MillraceTable>,
+        name: String,
+        options: &ConnectorOptions,
+    ) -> Result<()> {
+        let id = table.id;
+        let generator = options.generator(&table.def.schema)?;
+        let offset = engine.store().source_offset(table.id)?;
+        let stats = Arc::new(SourceStats {
+            name: name.clone(),
+            connector: options.connector().to_string(),
+            offset: Mutex::new(offset),
+            rows: Mutex::new(0),
+            rate: Mutex::new(0.0),
+            limit: options.rate()?,
+            errors: Mutex::new(0),
+            status: Mutex::new(SourceStatus {
+                state: "running",
+                reason: None,
+                since: SystemTime::now(),
+            }),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let ingest = Ingest {
+            engine,
+            table,
+            name,
+            generator,
+            stats: stats.clone(),
+            total: options.total()?,
+            stopped,
+        };
+        info!(source = %ingest.name, connector = %stats.connector, offset, "source started");
+        tokio::spawn(ingest.run());
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(id, SourceHandle { stats, stop });
+        }
+        Ok(())
+    }
+}
+
+/// One source's ingest loop.
+struct Ingest {
+    engine: Arc<Engine>,
+    table: Arc<MillraceTable>,
+    name: String,
+    generator: Box<dyn Generator>,
+    stats: Arc<SourceStats>,
+    total: Option<u64>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Ingest {
+    async fn run(mut self) {
+        let tick = Duration::from_millis(100);
+        let per_tick = (self.stats.limit / 10).max(1);
+        let mut backoff = Duration::from_millis(100);
+        let mut window = (Instant::now(), 0u64);
+        loop {
+            if *self.stopped.borrow() {
+                self.stats.set_status("stopped", None);
+                return;
+            }
+            let offset = self.stats.offset.lock().map(|o| *o).unwrap_or(0);
+            let mut rows = per_tick.min(MAX_BATCH);
+            if let Some(total) = self.total {
+                rows = rows.min(total.saturating_sub(offset));
+                if rows == 0 {
+                    self.stats.set_status("finished", None);
+                    info!(source = %self.name, offset, "source finished");
+                    let _ = self.stopped.changed().await;
+                    self.stats.set_status("stopped", None);
+                    return;
+                }
+            }
+            let started = Instant::now();
+            match self.commit(offset, rows).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    self.stats.set_status("running", None);
+                    if let Ok(mut o) = self.stats.offset.lock() {
+                        *o = offset + rows;
+                    }
+                    if let Ok(mut r) = self.stats.rows.lock() {
+                        *r += rows;
+                    }
+                    window.1 += rows;
+                    let elapsed = window.0.elapsed();
+                    if elapsed >= Duration::from_secs(1) {
+                        if let Ok(mut rate) = self.stats.rate.lock() {
+                            *rate = window.1 as f64 / elapsed.as_secs_f64();
+                        }
+                        window = (Instant::now(), 0);
+                    }
+                    let wait = tick.saturating_sub(started.elapsed());
+                    if self.sleep(wait).await {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    if let Ok(mut n) = self.stats.errors.lock() {
+                        *n += 1;
+                    }
+                    warn!(source = %self.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "source unhealthy");
+                    self.stats.set_status("unhealthy", Some(e.to_string()));
+                    self.sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Sleeps, waking early when stopped; true if the sleep ran its course.
+    async fn sleep(&mut self, wait: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = self.stopped.changed() => false,
+        }
+    }
+
+    /// Generates and commits the rows at `[offset, offset + rows)` with the new offset.
+    async fn commit(&mut self, offset: u64, rows: u64) -> Result<()> {
+        let batch = self.generator.batch(offset, rows as usize)?;
+        let _write = self.engine.write_lock.lock().await;
+        // NOTE: a DROP TABLE may have won the write lock meanwhile.
+        if *self.stopped.borrow() {
+            return Ok(());
+        }
+        let mut set = WriteSet::new();
+        set.put_source_offset(self.table.id, offset + rows);
+        let change = TableChange {
+            table: self.table.clone(),
+            table_name: self.name.clone(),
+            deletes: vec![],
+            inserts: Some(batch),
+        };
+        self.engine.commit_changes(vec![change], set)?;
+        Ok(())
+    }
+}
