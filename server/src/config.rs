@@ -15,6 +15,9 @@ pub struct ServeConfig {
     /// Worker threads for query execution (default: number of cores).
     #[arg(long, env = "MILLRACE_WORKERS")]
     pub workers: Option<usize>,
+    /// Lets sessions inject faults (`SET millrace.inject_write_failures = n`), for tests.
+    #[arg(long, env = "MILLRACE_FAILPOINTS", hide = true)]
+    pub failpoints: bool,
 }
 
 impl ServeConfig {

@@ -65,6 +65,8 @@ pub struct Engine {
     pub views: Arc<ViewRuntime>,
     /// Ingest tasks of connector-fed tables.
     pub sources: Arc<Sources>,
+    /// Whether sessions may inject faults (`--failpoints`, tests only).
+    pub failpoints: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -94,6 +96,7 @@ impl Engine {
             connections: AtomicUsize::new(0),
             views: ViewRuntime::new(config.workers()),
             sources: Arc::new(Sources::default()),
+            failpoints: config.failpoints,
         });
         engine.views.start();
         crate::runtime::system::register(&engine.catalog, &engine.views);

@@ -239,3 +239,67 @@ async fn bad_connector_options_are_refused() {
         "0"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_source_turns_unhealthy_and_resumes_without_gap() {
+    let server = TestServer::start(&["--failpoints"]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    exec(
+        &client,
+        "CREATE TABLE f (id BIGINT, v INT) WITH (connector = 'datagen', rows_per_second = 2000, total_rows = 4000)",
+    )
+    .await;
+    for _ in 0..200 {
+        if one(&client, "SELECT count(*) FROM f").await != "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The next five durable commits fail: the source retries with backoff (0.1 s .. 1.6 s).
+    exec(&client, "SET millrace.inject_write_failures = 5").await;
+    let mut seen = None;
+    for _ in 0..300 {
+        let status = rows(
+            &client,
+            "SELECT status, reason, status_since IS NOT NULL, errors FROM millrace_sources",
+        )
+        .await;
+        if status[0][0].as_deref() == Some("unhealthy") {
+            seen = Some(status[0].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.expect("the source never turned unhealthy while its commits failed");
+    assert!(
+        seen[1]
+            .as_deref()
+            .is_some_and(|r| r.contains("write refused")),
+        "unhealthy without the cause: {seen:?}"
+    );
+    assert_eq!(seen[2].as_deref(), Some("t"));
+    assert!(
+        server.log().contains("source unhealthy"),
+        "no warning logged:\n{}",
+        server.log()
+    );
+    wait_finished(&client, 1).await;
+    assert_eq!(
+        rows(
+            &client,
+            "SELECT count(*), count(DISTINCT id), min(id), max(id) FROM f"
+        )
+        .await,
+        vec![vec![
+            Some("4000".into()),
+            Some("4000".into()),
+            Some("0".into()),
+            Some("3999".into())
+        ]]
+    );
+    assert_eq!(
+        one(&client, "SELECT errors FROM millrace_sources").await,
+        "5",
+        "every failed commit is counted"
+    );
+}

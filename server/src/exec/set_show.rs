@@ -10,6 +10,25 @@ use crate::error::{Result, ServerError};
 use crate::exec::Output;
 use crate::session::Session;
 
+/// `SET millrace.inject_write_failures = n`: the next `n` durable commits fail (tests of
+/// failure handling; only on a server started with `--failpoints`).
+fn inject_write_failures(session: &Session, value: &str) -> Result<Output> {
+    if !session.engine.failpoints {
+        return Err(ServerError::NotSupported(
+            "fault injection on a server started without --failpoints".into(),
+        ));
+    }
+    let n: u32 = value
+        .trim()
+        .parse()
+        .map_err(|_| ServerError::InvalidSetting {
+            name: "millrace.inject_write_failures".into(),
+            value: value.into(),
+        })?;
+    session.engine.store().inject_write_failures(n);
+    Ok(Output::command("SET"))
+}
+
 /// Runs a settings statement.
 pub fn run(session: &mut Session, statement: Statement) -> Result<Output> {
     match statement {
@@ -20,6 +39,9 @@ pub fn run(session: &mut Session, statement: Statement) -> Result<Output> {
                 } => {
                     let name = variable.to_string().to_ascii_lowercase();
                     let value = values.iter().map(value_text).collect::<Vec<_>>().join(", ");
+                    if name == "millrace.inject_write_failures" {
+                        return inject_write_failures(session, &value);
+                    }
                     if value.eq_ignore_ascii_case("default") {
                         session.settings.reset(&name)?;
                     } else {
