@@ -195,6 +195,80 @@ async fn view_latency(
     Ok(latencies)
 }
 
+/// CPU seconds (user + system) the process `pid` has used, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Result<f64, Box<dyn std::error::Error>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // NOTE: fields after the parenthesised command name; utime and stime are the 12th and
+    // 13th of them, in clock ticks (100 per second on Linux).
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or("bad /proc stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).ok_or("no utime")?.parse::<f64>()?
+        + fields.get(12).ok_or("no stime")?.parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// Nexmark bids from the `nexmark` connector into a view of query `view` (or into the table
+/// alone when `view` is None): wall seconds and server CPU seconds until all `events` are
+/// in and the view has caught up.
+async fn nexmark_run(
+    t: &Target,
+    pid: u32,
+    name: &str,
+    view: Option<&str>,
+    events: usize,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let c = connect(t.port, &t.user, &t.db).await?;
+    c.batch_execute(&format!("DROP TABLE IF EXISTS {name} CASCADE"))
+        .await?;
+    let table = format!(
+        "CREATE TABLE {name} (auction BIGINT, bidder BIGINT, price BIGINT, channel TEXT, url TEXT, date_time TIMESTAMP, extra TEXT) \
+         WITH (connector = 'nexmark', nexmark.table.type = 'Bid', rows_per_second = 10000000, total_rows = {events})"
+    );
+    // NOTE: the view is created right after the table: events that arrive before it are
+    // taken in by its backfill, all later ones by incremental maintenance.
+    let cpu0 = cpu_seconds(pid)?;
+    let started = Instant::now();
+    if let Some(query) = view {
+        c.batch_execute(&table).await?;
+        c.batch_execute(&format!(
+            "CREATE MATERIALIZED VIEW {name}_view AS {}",
+            query.replace("bid", name)
+        ))
+        .await?;
+    } else {
+        c.batch_execute(&table).await?;
+    }
+    loop {
+        let row = c
+            .query_one(
+                "SELECT status FROM millrace_sources WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        let status: String = row.get(0);
+        if status == "finished" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.batch_execute("FLUSH").await?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu0;
+    let n: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+        .await?
+        .get(0);
+    if n as usize != events {
+        return Err(format!("{name} holds {n} events, not {events}").into());
+    }
+    c.batch_execute(&format!("DROP TABLE {name} CASCADE"))
+        .await?;
+    Ok((wall, cpu))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -238,6 +312,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     t.name,
                     p(0.50).as_secs_f64() * 1e3,
                     p(0.99).as_secs_f64() * 1e3
+                );
+            }
+        }
+        "nexmark" => {
+            let events = env_usize("BENCH_EVENTS", 1_000_000);
+            let pid: u32 = std::env::var("MILLRACE_PID")?.parse()?;
+            let Some(t) = targets.iter().find(|t| t.name == "millrace") else {
+                return Err("nexmark needs the millrace target".into());
+            };
+            println!(
+                "nexmark bids -> views, {events} events each (server CPU from /proc; generator, ingest and view share it)"
+            );
+            let runs = [
+                ("ingest only (baseline)", None),
+                (
+                    "q0 passthrough",
+                    Some("SELECT auction, bidder, price, date_time FROM bid"),
+                ),
+                (
+                    "q1 projection",
+                    Some("SELECT auction, bidder, 0.908 * price AS price, date_time FROM bid"),
+                ),
+                (
+                    "q2 filter",
+                    Some("SELECT auction, price FROM bid WHERE auction % 123 = 0"),
+                ),
+            ];
+            for (i, (label, view)) in runs.iter().enumerate() {
+                let (wall, cpu) = nexmark_run(t, pid, &format!("nx{i}"), *view, events).await?;
+                println!(
+                    "  {:<24} {:>10.0} events/s   {:>10.0} events per CPU-second   ({:.2} CPU-s per million)",
+                    label,
+                    events as f64 / wall,
+                    events as f64 / cpu.max(1e-9),
+                    cpu * 1e6 / events as f64
                 );
             }
         }

@@ -69,6 +69,13 @@ impl Catalog {
             .unwrap_or_default()
     }
 
+    /// Replaces an object's record (its stored SQL changed; the provider did not).
+    pub fn update_record(&self, record: CatalogRecord) {
+        if let Ok(mut records) = self.records.write() {
+            records.insert(record.id, record);
+        }
+    }
+
     /// The record of an object by kind and name.
     pub fn find(
         &self,

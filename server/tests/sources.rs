@@ -303,3 +303,57 @@ async fn a_failing_source_turns_unhealthy_and_resumes_without_gap() {
         "every failed commit is counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alter_table_changes_the_rate_live_and_durably() {
+    let mut server = TestServer::start(&[]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    exec(
+        &client,
+        "CREATE TABLE r (id BIGINT) WITH (connector = 'datagen', rows_per_second = 1)",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let slow: i64 = one(&client, "SELECT count(*) FROM r")
+        .await
+        .parse()
+        .unwrap_or(-1);
+    assert!((0..=3).contains(&slow), "1 row/s gave {slow} rows in 1.5 s");
+    exec(&client, "ALTER TABLE r SET (rows_per_second = 2000)").await;
+    assert_eq!(
+        one(&client, "SELECT max_rows_per_second FROM millrace_sources").await,
+        "2000"
+    );
+    let mut fast = 0;
+    for _ in 0..100 {
+        fast = one(&client, "SELECT count(*) FROM r")
+            .await
+            .parse()
+            .unwrap_or(0);
+        if fast >= 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(fast >= 1000, "the new rate did not apply: {fast} rows");
+    let err = client
+        .simple_query("ALTER TABLE r SET (connector = 'nexmark')")
+        .await
+        .err()
+        .map(|e| e.code().map(|c| c.code().to_string()));
+    assert_eq!(err, Some(Some("0A000".into())));
+    // The new rate is part of the table's definition after a restart.
+    drop(client);
+    server.restart().expect("restart");
+    let client = server.connect("millrace").await.expect("reconnect");
+    assert_eq!(
+        one(&client, "SELECT max_rows_per_second FROM millrace_sources").await,
+        "2000"
+    );
+    let ids = rows(
+        &client,
+        "SELECT count(*) = count(DISTINCT id), min(id) FROM r",
+    )
+    .await;
+    assert_eq!(ids, vec![vec![Some("t".into()), Some("0".into())]]);
+}

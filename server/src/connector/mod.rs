@@ -12,6 +12,7 @@ pub mod nexmark;
 pub mod system;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -152,8 +153,8 @@ pub struct SourceStats {
     pub rows: Mutex<u64>,
     /// Rows per second over the last second or so.
     pub rate: Mutex<f64>,
-    /// Target rows per second.
-    pub limit: u64,
+    /// Target rows per second (`ALTER TABLE ... SET (rows_per_second = n)` changes it live).
+    pub limit: AtomicU64,
     /// Failed commits.
     pub errors: Mutex<u64>,
     /// Current state.
@@ -201,6 +202,18 @@ impl Sources {
             .unwrap_or_default()
     }
 
+    /// Sets the rate of the source feeding table `id`, if any.
+    pub fn set_rate(&self, id: u64, rows_per_second: u64) {
+        if let Ok(running) = self.running.lock()
+            && let Some(handle) = running.get(&id)
+        {
+            handle
+                .stats
+                .limit
+                .store(rows_per_second.max(1), Ordering::Relaxed);
+        }
+    }
+
     /// Stops the source feeding table `id`, if any.
     pub fn stop(&self, id: u64) {
         if let Ok(mut running) = self.running.lock()
@@ -227,7 +240,7 @@ impl Sources {
             offset: Mutex::new(offset),
             rows: Mutex::new(0),
             rate: Mutex::new(0.0),
-            limit: options.rate()?,
+            limit: AtomicU64::new(options.rate()?),
             errors: Mutex::new(0),
             status: Mutex::new(SourceStatus {
                 state: "running",
@@ -267,31 +280,46 @@ struct Ingest {
 
 impl Ingest {
     async fn run(mut self) {
-        let tick = Duration::from_millis(100);
-        let per_tick = (self.stats.limit / 10).max(1);
         let mut backoff = Duration::from_millis(100);
         let mut window = (Instant::now(), 0u64);
+        // NOTE: pacing follows a schedule (rows due = rate x time since start) rather than a
+        // fixed batch per tick, so a high rate is not capped by the tick and a slow commit
+        // is caught up in bigger batches.
+        let mut schedule = (Instant::now(), 0u64);
+        let mut rate = self.stats.limit.load(Ordering::Relaxed).max(1);
         loop {
             if *self.stopped.borrow() {
                 self.stats.set_status("stopped", None);
                 return;
             }
             let offset = self.stats.offset.lock().map(|o| *o).unwrap_or(0);
-            let mut rows = per_tick.min(MAX_BATCH);
+            let limit = self.stats.limit.load(Ordering::Relaxed).max(1);
+            if limit != rate {
+                rate = limit;
+                schedule = (Instant::now(), 0);
+            }
+            let due = (schedule.0.elapsed().as_secs_f64() * rate as f64) as u64;
+            let mut rows = due.saturating_sub(schedule.1).min(MAX_BATCH);
             if let Some(total) = self.total {
-                rows = rows.min(total.saturating_sub(offset));
-                if rows == 0 {
+                if total <= offset {
                     self.stats.set_status("finished", None);
                     info!(source = %self.name, offset, "source finished");
                     let _ = self.stopped.changed().await;
                     self.stats.set_status("stopped", None);
                     return;
                 }
+                rows = rows.min(total - offset);
             }
-            let started = Instant::now();
+            if rows == 0 {
+                let wait = Duration::from_secs_f64(1.0 / rate as f64)
+                    .clamp(Duration::from_millis(1), Duration::from_millis(100));
+                self.sleep(wait).await;
+                continue;
+            }
             match self.commit(offset, rows).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
+                    schedule.1 += rows;
                     self.stats.set_status("running", None);
                     if let Ok(mut o) = self.stats.offset.lock() {
                         *o = offset + rows;
@@ -307,10 +335,6 @@ impl Ingest {
                         }
                         window = (Instant::now(), 0);
                     }
-                    let wait = tick.saturating_sub(started.elapsed());
-                    if self.sleep(wait).await {
-                        continue;
-                    }
                 }
                 Err(e) => {
                     if let Ok(mut n) = self.stats.errors.lock() {
@@ -320,6 +344,8 @@ impl Ingest {
                     self.stats.set_status("unhealthy", Some(e.to_string()));
                     self.sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // NOTE: time spent failing is not owed as a burst afterwards.
+                    schedule = (Instant::now(), 0);
                 }
             }
         }

@@ -75,9 +75,9 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
             Arc::new(Float64Array::from_iter_values(
                 all.iter().map(|s| s.rate.lock().map(|r| *r).unwrap_or(0.0)),
             )),
-            Arc::new(Int64Array::from_iter_values(
-                all.iter().map(|s| s.limit as i64),
-            )),
+            Arc::new(Int64Array::from_iter_values(all.iter().map(|s| {
+                s.limit.load(std::sync::atomic::Ordering::Relaxed) as i64
+            }))),
             Arc::new(Int64Array::from_iter_values(
                 all.iter().map(|s| read(&s.errors)),
             )),

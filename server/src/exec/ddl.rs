@@ -817,6 +817,57 @@ fn drop_objects(
     Ok(Output::command(tag))
 }
 
+/// `ALTER TABLE t SET (rows_per_second = n, ...)` on a connector-fed table: the options are
+/// stored with the table and the rate applies at once to the running source.
+async fn set_connector_options(
+    session: &mut Session,
+    record: CatalogRecord,
+    mut create: ast::CreateTable,
+    operations: Vec<AlterTableOperation>,
+) -> Result<Output> {
+    let ast::CreateTableOptions::With(current) = &mut create.table_options else {
+        return Err(ServerError::NotSupported(
+            "ALTER TABLE ... SET (...) on a table without a connector".into(),
+        ));
+    };
+    for op in operations {
+        let AlterTableOperation::SetOptionsParens { options } = op else {
+            continue;
+        };
+        for option in options {
+            let ast::SqlOption::KeyValue { key, .. } = &option else {
+                return Err(ServerError::NotSupported(format!("table option {option}")));
+            };
+            let key = key.value.to_ascii_lowercase();
+            if !["rows_per_second", "max_rows_per_second"].contains(&key.as_str()) {
+                return Err(ServerError::NotSupported(format!(
+                    "changing connector option {key}"
+                )));
+            }
+            current.retain(|o| {
+                !matches!(o, ast::SqlOption::KeyValue { key: k, .. }
+                    if ["rows_per_second", "max_rows_per_second"].contains(&k.value.to_ascii_lowercase().as_str()))
+            });
+            current.push(option);
+        }
+    }
+    let options = ConnectorOptions::from_table(&create.table_options)?
+        .ok_or_else(|| ServerError::Internal("connector options vanished".into()))?;
+    let rate = options.rate()?;
+    let record = CatalogRecord {
+        sql: create.to_string(),
+        ..record
+    };
+    let id = record.id;
+    let _write = session.engine.write_lock.lock().await;
+    let mut set = WriteSet::new();
+    set.put_catalog(record.clone());
+    session.engine.commit_write_set(set)?;
+    session.engine.catalog.update_record(record);
+    session.engine.sources.set_rate(id, rate);
+    Ok(Output::command("ALTER TABLE"))
+}
+
 async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Output> {
     let Some(names::ResolvedTable {
         name,
@@ -838,6 +889,13 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
             "stored table SQL is not CREATE TABLE".into(),
         ));
     };
+    if alter
+        .operations
+        .iter()
+        .all(|op| matches!(op, AlterTableOperation::SetOptionsParens { .. }))
+    {
+        return set_connector_options(session, record, create, alter.operations).await;
+    }
     let mut added = 0;
     for op in alter.operations {
         match op {
