@@ -235,7 +235,7 @@ async fn nexmark_run(
         c.batch_execute(&table).await?;
         c.batch_execute(&format!(
             "CREATE MATERIALIZED VIEW {name}_view AS {}",
-            query.replace("bid", name)
+            query.replace("FROM bid", &format!("FROM {name}"))
         ))
         .await?;
     } else {
@@ -267,6 +267,83 @@ async fn nexmark_run(
     c.batch_execute(&format!("DROP TABLE {name} CASCADE"))
         .await?;
     Ok((wall, cpu))
+}
+
+/// `subscribers` feeds of one view (`COPY (SUBSCRIBE TO v) TO STDOUT`) while one writer
+/// inserts `changes` rows one at a time: for each insert, the time from its ack until every
+/// subscriber has received its change (p50, p99), and server CPU seconds per change.
+async fn subscribe_fanout(
+    t: &Target,
+    pid: u32,
+    subscribers: usize,
+    changes: usize,
+) -> Result<(Vec<Duration>, f64), Box<dyn std::error::Error>> {
+    use futures::StreamExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let c = connect(t.port, &t.user, &t.db).await?;
+    c.batch_execute("DROP TABLE IF EXISTS fan CASCADE").await?;
+    c.batch_execute("CREATE TABLE fan (id INT, g INT)").await?;
+    c.batch_execute(
+        "CREATE MATERIALIZED VIEW fan_view AS SELECT g, count(*) AS n FROM fan GROUP BY g",
+    )
+    .await?;
+    // received[i] = how many subscribers have seen the change of insert i.
+    let received: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..changes).map(|_| AtomicUsize::new(0)).collect());
+    let mut tasks = Vec::new();
+    for _ in 0..subscribers {
+        let s = connect(t.port, &t.user, &t.db).await?;
+        let received = received.clone();
+        let stream = s.copy_out("COPY (SUBSCRIBE TO fan_view) TO STDOUT").await?;
+        tasks.push(tokio::spawn(async move {
+            let _keep = s;
+            let mut stream = Box::pin(stream);
+            while let Some(Ok(chunk)) = stream.next().await {
+                for line in String::from_utf8_lossy(&chunk).lines() {
+                    // epoch, diff, g, n: the insert of row i makes group g = i count i / 100 + 1.
+                    let f: Vec<&str> = line.split('\t').collect();
+                    if f.len() == 4 && f[1] == "1" {
+                        let (Ok(g), Ok(n)) = (f[2].parse::<usize>(), f[3].parse::<usize>()) else {
+                            continue;
+                        };
+                        let i = (n - 1) * 100 + g;
+                        if let Some(r) = received.get(i) {
+                            r.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let cpu0 = cpu_seconds(pid)?;
+    let mut latencies = Vec::with_capacity(changes);
+    for i in 0..changes {
+        c.execute(
+            "INSERT INTO fan VALUES ($1, $2)",
+            &[&(i as i32), &((i % 100) as i32)],
+        )
+        .await?;
+        let acked = Instant::now();
+        while received[i].load(Ordering::Relaxed) < subscribers {
+            if acked.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "change {i} reached {} of {subscribers} subscribers",
+                    received[i].load(Ordering::Relaxed)
+                )
+                .into());
+            }
+            tokio::task::yield_now().await;
+        }
+        latencies.push(acked.elapsed());
+    }
+    let cpu = cpu_seconds(pid)? - cpu0;
+    c.batch_execute("DROP TABLE fan CASCADE").await?;
+    for task in tasks {
+        let _ = task.await;
+    }
+    latencies.sort();
+    Ok((latencies, cpu / changes as f64))
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -312,6 +389,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     t.name,
                     p(0.50).as_secs_f64() * 1e3,
                     p(0.99).as_secs_f64() * 1e3
+                );
+            }
+        }
+        "subscribe" => {
+            let changes = env_usize("BENCH_CHANGES", 200);
+            let pid: u32 = std::env::var("MILLRACE_PID")?.parse()?;
+            let Some(t) = targets.iter().find(|t| t.name == "millrace") else {
+                return Err("subscribe needs the millrace target".into());
+            };
+            println!(
+                "SUBSCRIBE fan-out: {changes} single-row inserts into a GROUP BY view, ack until every subscriber has the change"
+            );
+            for subscribers in [1, env_usize("BENCH_SUBSCRIBERS", 1000)] {
+                let (l, cpu) = subscribe_fanout(t, pid, subscribers, changes).await?;
+                let p = |q: f64| l[((l.len() as f64 * q) as usize).min(l.len() - 1)];
+                println!(
+                    "  {:>5} subscribers   p50 {:>8.2} ms   p99 {:>8.2} ms   server {:>7.3} ms CPU per change",
+                    subscribers,
+                    p(0.50).as_secs_f64() * 1e3,
+                    p(0.99).as_secs_f64() * 1e3,
+                    cpu * 1e3
                 );
             }
         }

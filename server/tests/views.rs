@@ -263,3 +263,63 @@ async fn a_backfill_does_not_hold_back_the_running_views() {
         .await
     );
 }
+
+/// SUBSCRIBE through the extended query protocol (tokio-postgres prepares COPY statements):
+/// the snapshot, then each change with its epoch and diff, ending when the view is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_over_the_extended_protocol() {
+    use futures::StreamExt;
+    let server = TestServer::start(&[]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    let feed_client = server.connect("millrace").await.expect("connect");
+    exec(&client, "CREATE TABLE s (k TEXT, n INT)").await;
+    exec(&client, "INSERT INTO s VALUES ('a', 1)").await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW sv AS SELECT k, sum(n) AS total FROM s GROUP BY k",
+    )
+    .await;
+    let feed = feed_client
+        .copy_out("COPY (SUBSCRIBE TO sv) TO STDOUT")
+        .await
+        .expect("subscribe");
+    let reader = tokio::spawn(async move {
+        let mut feed = Box::pin(feed);
+        let mut lines = Vec::new();
+        while let Some(chunk) = feed.next().await {
+            let chunk = chunk.expect("feed chunk");
+            lines.extend(String::from_utf8_lossy(&chunk).lines().map(str::to_string));
+        }
+        lines
+    });
+    exec(&client, "INSERT INTO s VALUES ('a', 2), ('b', 5)").await;
+    exec(&client, "DELETE FROM s WHERE k = 'b'").await;
+    exec(&client, "DROP MATERIALIZED VIEW sv").await;
+    let lines = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+        .await
+        .expect("the feed ended when the view was dropped")
+        .expect("reader");
+    // Strip epochs (their values depend on other activity) but keep their order.
+    let epochs: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.split('\t').next()?.parse().ok())
+        .collect();
+    assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "{lines:?}");
+    let mut changes: Vec<Vec<String>> = lines
+        .iter()
+        .map(|l| l.split('\t').skip(1).map(str::to_string).collect())
+        .collect();
+    // Within one epoch the order of rows is free; sort each epoch's rows.
+    let mut start = 0;
+    for i in 1..=changes.len() {
+        if i == changes.len() || epochs[i] != epochs[start] {
+            changes[start..i].sort();
+            start = i;
+        }
+    }
+    let want: Vec<Vec<String>> = ["1 a 1", "-1 a 1", "1 a 3", "1 b 5", "-1 b 5"]
+        .iter()
+        .map(|r| r.split(' ').map(str::to_string).collect())
+        .collect();
+    assert_eq!(changes, want, "{lines:?}");
+}

@@ -100,6 +100,8 @@ pub struct Prepared {
     pub plan: Option<LogicalPlan>,
     /// Output columns renamed back to the names the user wrote.
     pub renames: Vec<(usize, String)>,
+    /// The view of a SUBSCRIBE (whose `statement` is None).
+    pub subscribe: Option<datafusion::sql::sqlparser::ast::ObjectName>,
 }
 
 /// Renames output columns back to the names the statement asked for.

@@ -284,10 +284,13 @@ impl QueryParser for StatementParser {
             None => return Ok(None),
             Some(Parsed::NoOp(_)) => (None, vec![]),
             Some(Parsed::Statement(s, renames)) => (Some(*s), renames),
-            Some(Parsed::Subscribe(_)) => {
-                return Err(pg_error(ServerError::NotSupported(
-                    "SUBSCRIBE over the extended query protocol; send it as a simple query (psql, psycopg's cursor.copy())".into(),
-                )));
+            Some(Parsed::Subscribe(view)) => {
+                return Ok(Some(Prepared {
+                    statement: None,
+                    plan: None,
+                    renames: vec![],
+                    subscribe: Some(view),
+                }));
             }
         };
         let mut plan = None;
@@ -308,6 +311,7 @@ impl QueryParser for StatementParser {
             statement,
             plan,
             renames,
+            subscribe: None,
         }))
     }
 
@@ -383,7 +387,7 @@ impl ExtendedQueryHandler for Connection {
 
     async fn do_query<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<Prepared>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
@@ -394,6 +398,13 @@ impl ExtendedQueryHandler for Connection {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let prepared = &portal.statement.statement;
+        if let Some(view) = &prepared.subscribe {
+            let mut guard = self.session.lock().await;
+            let session = guard.as_mut().ok_or_else(no_session)?;
+            return subscribe::subscribe(session, client, view)
+                .await
+                .map_err(pg_error);
+        }
         let Some(statement) = prepared.statement.clone() else {
             return Ok(Response::Execution(Tag::new("FLUSH")));
         };
