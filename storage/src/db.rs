@@ -29,7 +29,7 @@ enum WriteOp {
     DeleteCatalog(u64),
     Append { table_id: u64, entry: LogEntry },
     DropLog(u64),
-    PutOffset { source_id: u64, offset: u64 },
+    PutOffset { source_id: u64, value: Vec<u8> },
     DeleteOffset(u64),
 }
 
@@ -47,7 +47,11 @@ impl WriteSet {
     }
     /// Records how far a source has read, committed with the rows it produced.
     pub fn put_source_offset(&mut self, source_id: u64, offset: u64) {
-        self.ops.push(WriteOp::PutOffset { source_id, offset });
+        self.put_source_state(source_id, offset.to_be_bytes().to_vec());
+    }
+    /// Records a source's position in a connector-defined encoding (files read, ...).
+    pub fn put_source_state(&mut self, source_id: u64, value: Vec<u8>) {
+        self.ops.push(WriteOp::PutOffset { source_id, value });
     }
     /// Forgets a dropped source's offset.
     pub fn delete_source_offset(&mut self, source_id: u64) {
@@ -186,12 +190,8 @@ impl Store {
                 WriteOp::DropLog(table_id) => {
                     batch.delete_range_cf(log, log_key(table_id, 0), log_key(table_id + 1, 0));
                 }
-                WriteOp::PutOffset { source_id, offset } => {
-                    batch.put_cf(
-                        self.cf(CF_META)?,
-                        offset_key(source_id),
-                        offset.to_be_bytes(),
-                    );
+                WriteOp::PutOffset { source_id, value } => {
+                    batch.put_cf(self.cf(CF_META)?, offset_key(source_id), value);
                 }
                 WriteOp::DeleteOffset(source_id) => {
                     batch.delete_cf(self.cf(CF_META)?, offset_key(source_id));
@@ -226,10 +226,15 @@ impl Store {
 
     /// The committed offset of a source (0 when it has committed nothing).
     pub fn source_offset(&self, source_id: u64) -> Result<u64> {
-        match self.db.get_cf(self.cf(CF_META)?, offset_key(source_id))? {
+        match self.source_state(source_id)? {
             Some(bytes) => decode_u64(&bytes, "source offset"),
             None => Ok(0),
         }
+    }
+
+    /// The committed position of a source as the connector encoded it, if any.
+    pub fn source_state(&self, source_id: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_META)?, offset_key(source_id))?)
     }
 
     /// The log of one table, oldest entry first.

@@ -8,10 +8,11 @@
 //! logged, and is retried with exponential backoff. `millrace_sources` shows every source.
 
 pub mod datagen;
+pub mod file;
 pub mod nexmark;
 pub mod system;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -94,6 +95,21 @@ impl ConnectorOptions {
             .transpose()
     }
 
+    /// Checks the options against a table of `schema` before anything is stored.
+    pub fn validate(&self, schema: &SchemaRef) -> Result<()> {
+        match self.connector() {
+            "file" => {
+                file::FileOptions::try_new(self, schema)?;
+            }
+            _ => {
+                self.generator(schema)?;
+            }
+        }
+        self.rate()?;
+        self.total()?;
+        Ok(())
+    }
+
     /// A generator for a table of `schema` (validates the options and columns).
     pub fn generator(&self, schema: &SchemaRef) -> Result<Box<dyn Generator>> {
         match self.connector() {
@@ -155,13 +171,23 @@ pub struct SourceStats {
     pub rate: Mutex<f64>,
     /// Target rows per second (`ALTER TABLE ... SET (rows_per_second = n)` changes it live).
     pub limit: AtomicU64,
-    /// Failed commits.
+    /// Failed commits and unreadable inputs.
     pub errors: Mutex<u64>,
+    /// Bad records skipped (each listed in `millrace_source_errors` until evicted).
+    pub bad_records: Mutex<u64>,
+    /// This source's bad records evicted from `millrace_source_errors`.
+    pub bad_evicted: Mutex<u64>,
     /// Current state.
     pub status: Mutex<SourceStatus>,
 }
 
 impl SourceStats {
+    fn count(counter: &Mutex<u64>, n: u64) {
+        if let Ok(mut c) = counter.lock() {
+            *c += n;
+        }
+    }
+
     fn set_status(&self, state: &'static str, reason: Option<String>) {
         if let Ok(mut s) = self.status.lock()
             && (s.state != state || s.reason != reason)
@@ -181,10 +207,32 @@ struct SourceHandle {
     stop: watch::Sender<bool>,
 }
 
+/// Bad records kept in `millrace_source_errors`, oldest evicted first.
+pub const BAD_RECORDS_KEPT: usize = 10_000;
+
+/// One bad record: where it was and why it was refused.
+#[derive(Debug, Clone)]
+pub struct BadRecord {
+    /// The table the source feeds.
+    pub source: String,
+    /// Partition or file.
+    pub partition: String,
+    /// Offset or line number (1-based).
+    pub offset: u64,
+    /// The record's first bytes, decoded lossily.
+    pub payload: String,
+    /// Why it was refused.
+    pub reason: String,
+    /// When it was seen.
+    pub time: SystemTime,
+}
+
 /// Every connector-fed table's ingest task.
 #[derive(Default)]
 pub struct Sources {
     running: Mutex<HashMap<u64, SourceHandle>>,
+    /// The most recent bad records of all sources, with their source's figures.
+    bad: Mutex<VecDeque<(BadRecord, Arc<SourceStats>)>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -194,6 +242,27 @@ impl std::fmt::Debug for Sources {
 }
 
 impl Sources {
+    /// Lists a bad record, evicting the oldest beyond [`BAD_RECORDS_KEPT`].
+    pub fn record_bad(&self, stats: &Arc<SourceStats>, record: BadRecord) {
+        SourceStats::count(&stats.bad_records, 1);
+        if let Ok(mut bad) = self.bad.lock() {
+            bad.push_back((record, stats.clone()));
+            while bad.len() > BAD_RECORDS_KEPT {
+                if let Some((_, owner)) = bad.pop_front() {
+                    SourceStats::count(&owner.bad_evicted, 1);
+                }
+            }
+        }
+    }
+
+    /// The bad records kept, oldest first.
+    pub fn bad_records(&self) -> Vec<BadRecord> {
+        self.bad
+            .lock()
+            .map(|b| b.iter().map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Figures of every source, by table id.
     pub fn stats(&self) -> Vec<Arc<SourceStats>> {
         self.running
@@ -232,8 +301,18 @@ impl Sources {
         options: &ConnectorOptions,
     ) -> Result<()> {
         let id = table.id;
-        let generator = options.generator(&table.def.schema)?;
-        let offset = engine.store().source_offset(table.id)?;
+        let file = match options.connector() {
+            "file" => Some(file::FileOptions::try_new(options, &table.def.schema)?),
+            _ => None,
+        };
+        let generator = match file {
+            Some(_) => None,
+            None => Some(options.generator(&table.def.schema)?),
+        };
+        let offset = match file {
+            Some(_) => 0,
+            None => engine.store().source_offset(table.id)?,
+        };
         let stats = Arc::new(SourceStats {
             name: name.clone(),
             connector: options.connector().to_string(),
@@ -242,6 +321,8 @@ impl Sources {
             rate: Mutex::new(0.0),
             limit: AtomicU64::new(options.rate()?),
             errors: Mutex::new(0),
+            bad_records: Mutex::new(0),
+            bad_evicted: Mutex::new(0),
             status: Mutex::new(SourceStatus {
                 state: "running",
                 reason: None,
@@ -249,6 +330,22 @@ impl Sources {
             }),
         });
         let (stop, stopped) = watch::channel(false);
+        let Some(generator) = generator else {
+            let reader = file::FileSource {
+                engine,
+                table,
+                name: name.clone(),
+                options: file.ok_or_else(|| ServerError::Internal("file options".into()))?,
+                stats: stats.clone(),
+                stopped,
+            };
+            info!(source = %name, connector = "file", "source started");
+            tokio::spawn(reader.run());
+            if let Ok(mut running) = self.running.lock() {
+                running.insert(id, SourceHandle { stats, stop });
+            }
+            return Ok(());
+        };
         let ingest = Ingest {
             engine,
             table,
@@ -362,20 +459,40 @@ impl Ingest {
     /// Generates and commits the rows at `[offset, offset + rows)` with the new offset.
     async fn commit(&mut self, offset: u64, rows: u64) -> Result<()> {
         let batch = self.generator.batch(offset, rows as usize)?;
-        let _write = self.engine.write_lock.lock().await;
-        // NOTE: a DROP TABLE may have won the write lock meanwhile.
-        if *self.stopped.borrow() {
-            return Ok(());
-        }
         let mut set = WriteSet::new();
         set.put_source_offset(self.table.id, offset + rows);
-        let change = TableChange {
-            table: self.table.clone(),
-            table_name: self.name.clone(),
-            deletes: vec![],
-            inserts: Some(batch),
-        };
-        self.engine.commit_changes(vec![change], set)?;
-        Ok(())
+        commit_rows(
+            &self.engine,
+            &self.table,
+            &self.name,
+            &self.stopped,
+            batch,
+            set,
+        )
+        .await
     }
+}
+
+/// Commits a source's rows together with its new position (in `set`), like an INSERT.
+async fn commit_rows(
+    engine: &Engine,
+    table: &Arc<MillraceTable>,
+    name: &str,
+    stopped: &watch::Receiver<bool>,
+    batch: RecordBatch,
+    set: WriteSet,
+) -> Result<()> {
+    let _write = engine.write_lock.lock().await;
+    // NOTE: a DROP TABLE may have won the write lock meanwhile.
+    if *stopped.borrow() {
+        return Ok(());
+    }
+    let change = TableChange {
+        table: table.clone(),
+        table_name: name.to_string(),
+        deletes: vec![],
+        inserts: (batch.num_rows() > 0).then_some(batch),
+    };
+    engine.commit_changes(vec![change], set)?;
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! `millrace_sources`: one row per connector-fed table with its status (and since when and
-//! why), offset, rows ingested, measured and target rate, and failed commits.
+//! why), offset, rows ingested, measured and target rate, failed commits and bad records;
+//! `millrace_source_errors`: the most recent bad records, each with where it was and why.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -30,7 +31,10 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
         Field::new("rows_per_second", DataType::Float64, false),
         Field::new("max_rows_per_second", DataType::Int64, false),
         Field::new("errors", DataType::Int64, false),
+        Field::new("bad_records", DataType::Int64, false),
+        Field::new("bad_records_evicted", DataType::Int64, false),
     ]));
+    register_errors(catalog, sources);
     let sources = sources.clone();
     let table_schema = schema.clone();
     let fill = Arc::new(move || {
@@ -81,8 +85,65 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
             Arc::new(Int64Array::from_iter_values(
                 all.iter().map(|s| read(&s.errors)),
             )),
+            Arc::new(Int64Array::from_iter_values(
+                all.iter().map(|s| read(&s.bad_records)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                all.iter().map(|s| read(&s.bad_evicted)),
+            )),
         ];
         Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
     });
     catalog.register_system_table("millrace_sources", Arc::new(SystemTable::new(schema, fill)));
+}
+
+/// Registers `millrace_source_errors`.
+fn register_errors(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("partition", DataType::Utf8, false),
+        Field::new("offset", DataType::Int64, false),
+        Field::new("payload", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+            false,
+        ),
+    ]));
+    let sources = sources.clone();
+    let table_schema = schema.clone();
+    let fill = Arc::new(move || {
+        let bad = sources.bad_records();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                bad.iter().map(|b| b.source.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                bad.iter().map(|b| b.partition.as_str()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                bad.iter().map(|b| b.offset as i64),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                bad.iter().map(|b| b.payload.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                bad.iter().map(|b| b.reason.as_str()),
+            )),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(bad.iter().map(|b| {
+                    b.time
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_micros() as i64)
+                }))
+                .with_timezone("+00:00"),
+            ),
+        ];
+        Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
+    });
+    catalog.register_system_table(
+        "millrace_source_errors",
+        Arc::new(SystemTable::new(schema, fill)),
+    );
 }

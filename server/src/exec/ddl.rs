@@ -287,9 +287,7 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
             ));
         }
         // NOTE: validates the options against the columns before anything is stored.
-        options.generator(&def.schema)?;
-        options.rate()?;
-        options.total()?;
+        options.validate(&def.schema)?;
     }
     let sql = if create.query.is_some() {
         column_ddl(&name.name, &def.schema)?
