@@ -16,6 +16,11 @@ async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A result row of non-NULL text values.
+fn row(values: &[&str]) -> Vec<Option<String>> {
+    values.iter().map(|v| Some(v.to_string())).collect()
+}
+
 async fn exec(client: &Client, sql: &str) {
     if let Err(e) = client.simple_query(sql).await {
         panic!("{sql}: {e:?}");
@@ -153,27 +158,9 @@ async fn sources_resume_exactly_after_kill_9() {
     assert_eq!(
         status,
         vec![
-            vec![
-                Some("bid".into()),
-                Some("nexmark".into()),
-                Some("3000".into()),
-                Some("0".into()),
-                Some("1500".into())
-            ],
-            vec![
-                Some("bid_reference".into()),
-                Some("nexmark".into()),
-                Some("3000".into()),
-                Some("0".into()),
-                Some("1500".into())
-            ],
-            vec![
-                Some("g".into()),
-                Some("datagen".into()),
-                Some("6000".into()),
-                Some("0".into()),
-                Some("4000".into())
-            ],
+            row(&["bid", "nexmark", "3000", "0", "1500"]),
+            row(&["bid_reference", "nexmark", "3000", "0", "1500"]),
+            row(&["g", "datagen", "6000", "0", "4000"]),
         ]
     );
     // Dropping a source's table stops it and removes it from millrace_sources.

@@ -618,14 +618,7 @@ mod tests {
     use super::*;
 
     fn text_format() -> CopyFormat {
-        CopyFormat {
-            csv: false,
-            delimiter: '\t',
-            null: "\\N".into(),
-            header: false,
-            quote: '"',
-            escape: '"',
-        }
+        CopyFormat::text()
     }
 
     #[test]
