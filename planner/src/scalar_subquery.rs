@@ -7,13 +7,66 @@
 //! `Filter(p(sub))` over `I` becomes `Project(I.*)` over `Filter(p(sq.value))` over
 //! `I LEFT JOIN sq`. The incremental join then maintains it like any other join.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::exec_err;
+use datafusion::functions_aggregate::expr_fn::{count, max};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, lit,
+};
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, JoinType};
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection};
 
 use crate::error::Result;
+
+static SINGLE_ROW: LazyLock<Arc<ScalarUDF>> =
+    LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(SingleRow::new())));
+
+/// `single_row(rows, value)`: `value`, or the error PostgreSQL raises when a scalar subquery
+/// returns more than one row.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SingleRow {
+    /// The row count and the value, of any type.
+    signature: Signature,
+}
+
+impl SingleRow {
+    fn new() -> Self {
+        Self {
+            signature: Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for SingleRow {
+    fn name(&self) -> &str {
+        "single_row"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, args: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(args.get(1).cloned().unwrap_or(DataType::Null))
+    }
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let [rows, value] = args.args.as_slice() else {
+            return exec_err!("single_row takes a count and a value");
+        };
+        let rows = rows.to_array(args.number_rows)?;
+        let rows = datafusion::common::cast::as_int64_array(&rows)?;
+        if rows.iter().any(|n| n.is_some_and(|n| n > 1)) {
+            return exec_err!("more than one row returned by a subquery used as an expression");
+        }
+        Ok(value.clone())
+    }
+}
 
 /// Rewrites every filter and projection holding uncorrelated scalar subqueries.
 pub fn lift(plan: LogicalPlan) -> Result<LogicalPlan> {
@@ -53,8 +106,27 @@ pub fn lift(plan: LogicalPlan) -> Result<LogicalPlan> {
             let Some(first) = sub.schema().columns().into_iter().next() else {
                 continue;
             };
+            // NOTE: a scalar subquery yields at most one row. The global aggregate keeps
+            // the count beside the value, and `single_row` fails the view (as PostgreSQL
+            // fails the query) once the subquery holds more than one row.
             let sub = LogicalPlanBuilder::from(sub)
-                .project(vec![Expr::Column(first).alias("value")])?
+                .aggregate(
+                    Vec::<Expr>::new(),
+                    vec![
+                        max(Expr::Column(first)).alias("__value"),
+                        count(lit(1)).alias("__rows"),
+                    ],
+                )?
+                .project(vec![
+                    Expr::ScalarFunction(ScalarFunction::new_udf(
+                        Arc::clone(&SINGLE_ROW),
+                        vec![
+                            Expr::Column(Column::from_name("__rows")),
+                            Expr::Column(Column::from_name("__value")),
+                        ],
+                    ))
+                    .alias("value"),
+                ])?
                 .alias(alias.as_str())?
                 .build()?;
             builder =
