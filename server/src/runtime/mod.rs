@@ -417,10 +417,7 @@ impl ViewRuntime {
             }
             // NOTE: sending fails only when nobody subscribes, which is fine.
             if view.feed.receiver_count() > 0 && !out.is_empty() {
-                let _ = view.feed.send(Arc::new(EpochDelta {
-                    epoch,
-                    changes: out,
-                }));
+                let _ = view.feed.send(Arc::new(EpochDelta::new(epoch, out)));
             }
         }
         self.published.send_replace(epoch);

@@ -7,7 +7,9 @@
 //! together with its receiver, so the snapshot's epoch and the first delta it receives meet
 //! with no gap and no overlap.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -29,6 +31,40 @@ pub struct EpochDelta {
     pub epoch: u64,
     /// The view's rows with their weights (+n inserted, -n deleted).
     pub changes: Changelog,
+    /// The delta as COPY text lines, encoded by the first subscriber that read it, with the
+    /// output settings they depend on; subscribers with the same settings reuse them.
+    pub encoded: Mutex<Option<(String, Arc<Vec<Bytes>>)>>,
+}
+
+impl EpochDelta {
+    /// A delta not yet encoded.
+    pub fn new(epoch: u64, changes: Changelog) -> Self {
+        Self {
+            epoch,
+            changes,
+            encoded: Mutex::new(None),
+        }
+    }
+
+    /// The COPY lines for output settings `key`, encoding them with `encode` if no
+    /// subscriber with those settings has yet.
+    pub fn lines(
+        &self,
+        key: &str,
+        encode: impl FnOnce() -> Result<Vec<Bytes>>,
+    ) -> Result<Arc<Vec<Bytes>>> {
+        if let Ok(cached) = self.encoded.lock()
+            && let Some((k, lines)) = cached.as_ref()
+            && k == key
+        {
+            return Ok(lines.clone());
+        }
+        let lines = Arc::new(encode()?);
+        if let Ok(mut cached) = self.encoded.lock() {
+            *cached = Some((key.to_string(), lines.clone()));
+        }
+        Ok(lines)
+    }
 }
 
 /// A subscriber's start: the snapshot and the channel of what follows it.

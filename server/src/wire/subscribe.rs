@@ -59,7 +59,11 @@ where
     info!(view = %name.name, epoch = subscription.epoch, "subscriber started");
     let header = CopyOutResponse::new(0, columns as i16, vec![0; columns]);
     send(client, PgWireBackendMessage::CopyOutResponse(header)).await?;
-    write_rows(session, client, &schema, &subscription.snapshot).await?;
+    let snapshot = encode(session, &schema, &subscription.snapshot)?;
+    write_lines(client, &snapshot).await?;
+    // NOTE: the COPY text of a value depends on these settings only; subscribers that share
+    // them share each delta's encoding.
+    let settings = format!("{:?}", session.settings.format_options());
     loop {
         if subscription.feed.len() > limit {
             return Err(too_slow(&name.name, subscription.feed.len(), limit));
@@ -71,17 +75,19 @@ where
             }
             Err(RecvError::Closed) => break,
         };
-        let batch = with_epoch_and_diff(
-            &schema,
-            &delta.changes.batch,
-            delta.epoch,
-            &delta.changes.weights,
-        )?;
+        let lines = delta.lines(&settings, || {
+            let batch = with_epoch_and_diff(
+                &schema,
+                &delta.changes.batch,
+                delta.epoch,
+                &delta.changes.weights,
+            )?;
+            encode(session, &schema, &[batch])
+        })?;
         // NOTE: a reader that stops reading blocks this write once the socket buffers are
         // full; the lag watch cuts it off meanwhile instead of queueing epochs for it.
-        let batches = [batch];
         tokio::select! {
-            written = write_rows(session, client, &schema, &batches) => written?,
+            written = write_lines(client, &lines) => written?,
             behind = lag_passes(&subscription.feed, limit) => {
                 return Err(too_slow(&name.name, behind, limit));
             }
@@ -112,23 +118,28 @@ fn too_slow(view: &str, behind: usize, limit: usize) -> ServerError {
     ))
 }
 
-/// Sends rows as COPY data, then flushes: a feed is read live, not at the end.
-async fn write_rows<C>(
+/// Rows as COPY text lines.
+fn encode(
     session: &Session,
-    client: &mut C,
     schema: &datafusion::arrow::datatypes::SchemaRef,
     batches: &[RecordBatch],
-) -> Result<()>
+) -> Result<Vec<Bytes>> {
+    Ok(encode_rows(session, schema, batches, &CopyFormat::text())?
+        .into_iter()
+        .map(Bytes::from)
+        .collect())
+}
+
+/// Sends lines as COPY data, then flushes: a feed is read live, not at the end.
+async fn write_lines<C>(client: &mut C, lines: &[Bytes]) -> Result<()>
 where
     C: Sink<PgWireBackendMessage> + Unpin + Send,
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
-    for line in encode_rows(session, schema, batches, &CopyFormat::text())? {
+    for line in lines {
         client
-            .feed(PgWireBackendMessage::CopyData(CopyData::new(Bytes::from(
-                line,
-            ))))
+            .feed(PgWireBackendMessage::CopyData(CopyData::new(line.clone())))
             .await
             .map_err(|e| ServerError::ClientGone(format!("{e:?}")))?;
     }
