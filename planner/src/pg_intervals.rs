@@ -33,6 +33,20 @@ impl ExprPlanner for PgIntervals {
         expr: RawBinaryExpr,
         schema: &DFSchema,
     ) -> Result<PlannerResult<RawBinaryExpr>> {
+        if !matches!(
+            expr.op,
+            BinaryOperator::Minus
+                | BinaryOperator::Lt
+                | BinaryOperator::LtEq
+                | BinaryOperator::Gt
+                | BinaryOperator::GtEq
+                | BinaryOperator::Eq
+                | BinaryOperator::NotEq
+        ) || !small(&expr.left)
+            || !small(&expr.right)
+        {
+            return Ok(PlannerResult::Original(expr));
+        }
         // NOTE: a type that cannot be resolved here (a placeholder, say) leaves the expression
         // to DataFusion's own planning.
         let (Ok(left), Ok(right)) = (expr.left.get_type(schema), expr.right.get_type(schema))
@@ -63,6 +77,36 @@ impl ExprPlanner for PgIntervals {
             Box::new(call(&INTERVAL_SPAN, vec![expr.right])),
         ))))
     }
+}
+
+/// Whether `e` has at most a few dozen nodes. Typing an operand recurses through it outside
+/// the SQL planner's stack growth, and every level of a long AND/OR chain would type the
+/// whole chain below it: only small operands are typed (timestamps and intervals are).
+fn small(e: &Expr) -> bool {
+    let mut pending = vec![e];
+    let mut seen = 0;
+    while let Some(e) = pending.pop() {
+        seen += 1;
+        if seen > 64 {
+            return false;
+        }
+        match e {
+            Expr::BinaryExpr(b) => {
+                pending.push(&b.left);
+                pending.push(&b.right);
+            }
+            Expr::Cast(c) => pending.push(&c.expr),
+            Expr::TryCast(c) => pending.push(&c.expr),
+            Expr::Alias(a) => pending.push(&a.expr),
+            Expr::Negative(x) | Expr::Not(x) => pending.push(x),
+            Expr::ScalarFunction(f) => pending.extend(f.args.iter()),
+            Expr::Case(_) | Expr::ScalarSubquery(_) | Expr::InList(_) | Expr::InSubquery(_) => {
+                return false;
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 fn is_timestamp(t: &DataType) -> bool {

@@ -29,8 +29,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
+            // NOTE: planning deeply nested SQL recurses; DataFusion grows the stack in its own
+            // recursion, but the frames between its checkpoints need headroom beyond tokio's
+            // 2 MiB default.
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.workers())
+                .thread_stack_size(16 << 20)
                 .enable_all()
                 .build()
             {

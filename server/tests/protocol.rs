@@ -386,3 +386,30 @@ async fn garbage_and_disconnects_do_not_hurt_the_server() {
         .expect_err("unknown database");
     assert_eq!(code(&e), "3D000");
 }
+
+/// Regression: a long OR/AND chain in a WHERE clause (a left-deep tree thousands of levels
+/// deep, as in the sqlite corpus) overflowed a tokio worker's stack while it was planned, and
+/// the abort took the server down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_predicates_are_planned_without_crashing() {
+    let (_server, client) = setup().await;
+    client
+        .batch_execute("CREATE TABLE deep (a INT, b INT); INSERT INTO deep VALUES (1, 2), (3, 4)")
+        .await
+        .expect("setup");
+    let mut predicate = String::from("a = 1");
+    for i in 0..2000 {
+        predicate.push_str(&format!(" OR b > {} AND a < 0", i + 3));
+    }
+    let sql = format!("SELECT a FROM deep WHERE {predicate} ORDER BY a");
+    let rows = client.query(&sql, &[]).await.expect("deep predicate");
+    let got: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, vec![1]);
+    // The server is still up and answering.
+    let one: i64 = client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("after")
+        .get(0);
+    assert_eq!(one, 1);
+}
