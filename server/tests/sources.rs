@@ -7,32 +7,12 @@
 use std::time::Duration;
 
 use millrace_sqllogictest::TestServer;
-use millrace_sqllogictest::rows::sorted_rows;
+use millrace_sqllogictest::rows::{exec, one, rows};
 use tokio_postgres::Client;
-
-async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    sorted_rows(client, sql)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// A result row of non-NULL text values.
 fn row(values: &[&str]) -> Vec<Option<String>> {
     values.iter().map(|v| Some(v.to_string())).collect()
-}
-
-async fn exec(client: &Client, sql: &str) {
-    if let Err(e) = client.simple_query(sql).await {
-        panic!("{sql}: {e:?}");
-    }
-}
-
-async fn one(client: &Client, sql: &str) -> String {
-    rows(client, sql)
-        .await
-        .first()
-        .and_then(|r| r[0].clone())
-        .unwrap_or_else(|| panic!("{sql}: no value"))
 }
 
 /// Polls until every source is finished (bounded, so a stuck source fails the test).

@@ -4,28 +4,7 @@
 //! other views keep being maintained.
 
 use millrace_sqllogictest::TestServer;
-use millrace_sqllogictest::rows::sorted_rows;
-use tokio_postgres::Client;
-
-async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    sorted_rows(client, sql)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn exec(client: &Client, sql: &str) {
-    if let Err(e) = client.simple_query(sql).await {
-        panic!("{sql}: {e:?}");
-    }
-}
-
-async fn one(client: &Client, sql: &str) -> String {
-    rows(client, sql)
-        .await
-        .first()
-        .and_then(|r| r[0].clone())
-        .unwrap_or_else(|| panic!("{sql}: no value"))
-}
+use millrace_sqllogictest::rows::{exec, one, rows};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_are_rebuilt_after_kill_9_and_keep_being_maintained() {

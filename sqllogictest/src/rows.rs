@@ -29,3 +29,26 @@ pub async fn sorted_rows(client: &Client, sql: &str) -> Result<Vec<TextRow>, Str
     out.sort();
     Ok(out)
 }
+
+/// [`sorted_rows`] for tests: panics with the statement and the server's message.
+pub async fn rows(client: &Client, sql: &str) -> Vec<TextRow> {
+    sorted_rows(client, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `sql` (simple protocol) for tests: panics with the statement and the error.
+pub async fn exec(client: &Client, sql: &str) {
+    if let Err(e) = client.simple_query(sql).await {
+        panic!("{sql}: {e:?}");
+    }
+}
+
+/// The first value of the first row of `sql` for tests; panics when there is none.
+pub async fn one(client: &Client, sql: &str) -> String {
+    rows(client, sql)
+        .await
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .unwrap_or_else(|| panic!("{sql}: no value"))
+}
