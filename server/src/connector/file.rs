@@ -20,14 +20,12 @@ use datafusion::common::ScalarValue;
 use millrace_planner::MillraceTable;
 use millrace_storage::WriteSet;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{BadRecord, ConnectorOptions, SourceStats, commit_rows};
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
 
-/// Longest wait between retries of an unreadable directory.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Bytes of a bad record kept in `millrace_source_errors`.
 const PAYLOAD_PREFIX: usize = 200;
 
@@ -145,14 +143,7 @@ impl FileSource {
                     self.stats.set_status("running", None);
                     self.options.poll
                 }
-                Err(e) => {
-                    SourceStats::count(&self.stats.errors, 1);
-                    warn!(source = %self.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "source unhealthy");
-                    self.stats.set_status("unhealthy", Some(e.to_string()));
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    wait
-                }
+                Err(e) => self.stats.failed(&self.name, &e, &mut backoff),
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

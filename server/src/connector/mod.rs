@@ -182,6 +182,17 @@ pub struct SourceStats {
 }
 
 impl SourceStats {
+    /// Records a failure of source `name`: counted, logged, status unhealthy with the cause.
+    /// Returns how long to wait before retrying and doubles `backoff` (up to a bound).
+    fn failed(&self, name: &str, error: &ServerError, backoff: &mut Duration) -> Duration {
+        Self::count(&self.errors, 1);
+        warn!(source = %name, error = %error, retry_in_ms = backoff.as_millis() as u64, "source unhealthy");
+        self.set_status("unhealthy", Some(error.to_string()));
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        wait
+    }
+
     fn count(counter: &Mutex<u64>, n: u64) {
         if let Ok(mut c) = counter.lock() {
             *c += n;
@@ -301,17 +312,14 @@ impl Sources {
         options: &ConnectorOptions,
     ) -> Result<()> {
         let id = table.id;
-        let file = match options.connector() {
-            "file" => Some(file::FileOptions::try_new(options, &table.def.schema)?),
-            _ => None,
+        let reader = match options.connector() {
+            "file" => Reader::Files(file::FileOptions::try_new(options, &table.def.schema)?),
+            _ => Reader::Generator(options.generator(&table.def.schema)?),
         };
-        let generator = match file {
-            Some(_) => None,
-            None => Some(options.generator(&table.def.schema)?),
-        };
-        let offset = match file {
-            Some(_) => 0,
-            None => engine.store().source_offset(table.id)?,
+        let offset = match reader {
+            // NOTE: a file source's offset is the number of files read, known once it runs.
+            Reader::Files(_) => 0,
+            Reader::Generator(_) => engine.store().source_offset(id)?,
         };
         let stats = Arc::new(SourceStats {
             name: name.clone(),
@@ -330,38 +338,43 @@ impl Sources {
             }),
         });
         let (stop, stopped) = watch::channel(false);
-        let Some(generator) = generator else {
-            let reader = file::FileSource {
-                engine,
-                table,
-                name: name.clone(),
-                options: file.ok_or_else(|| ServerError::Internal("file options".into()))?,
-                stats: stats.clone(),
-                stopped,
-            };
-            info!(source = %name, connector = "file", "source started");
-            tokio::spawn(reader.run());
-            if let Ok(mut running) = self.running.lock() {
-                running.insert(id, SourceHandle { stats, stop });
+        info!(source = %name, connector = %stats.connector, offset, "source started");
+        match reader {
+            Reader::Files(options) => {
+                let reader = file::FileSource {
+                    engine,
+                    table,
+                    name,
+                    options,
+                    stats: stats.clone(),
+                    stopped,
+                };
+                tokio::spawn(reader.run());
             }
-            return Ok(());
-        };
-        let ingest = Ingest {
-            engine,
-            table,
-            name,
-            generator,
-            stats: stats.clone(),
-            total: options.total()?,
-            stopped,
-        };
-        info!(source = %ingest.name, connector = %stats.connector, offset, "source started");
-        tokio::spawn(ingest.run());
+            Reader::Generator(generator) => {
+                let ingest = Ingest {
+                    engine,
+                    table,
+                    name,
+                    generator,
+                    stats: stats.clone(),
+                    total: options.total()?,
+                    stopped,
+                };
+                tokio::spawn(ingest.run());
+            }
+        }
         if let Ok(mut running) = self.running.lock() {
             running.insert(id, SourceHandle { stats, stop });
         }
         Ok(())
     }
+}
+
+/// What feeds a source: files in a directory, or a generator of rows by offset.
+enum Reader {
+    Files(file::FileOptions),
+    Generator(Box<dyn Generator>),
 }
 
 /// One source's ingest loop.
@@ -421,9 +434,7 @@ impl Ingest {
                     if let Ok(mut o) = self.stats.offset.lock() {
                         *o = offset + rows;
                     }
-                    if let Ok(mut r) = self.stats.rows.lock() {
-                        *r += rows;
-                    }
+                    SourceStats::count(&self.stats.rows, rows);
                     window.1 += rows;
                     let elapsed = window.0.elapsed();
                     if elapsed >= Duration::from_secs(1) {
@@ -434,13 +445,8 @@ impl Ingest {
                     }
                 }
                 Err(e) => {
-                    if let Ok(mut n) = self.stats.errors.lock() {
-                        *n += 1;
-                    }
-                    warn!(source = %self.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "source unhealthy");
-                    self.stats.set_status("unhealthy", Some(e.to_string()));
-                    self.sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let wait = self.stats.failed(&self.name, &e, &mut backoff);
+                    self.sleep(wait).await;
                     // NOTE: time spent failing is not owed as a burst afterwards.
                     schedule = (Instant::now(), 0);
                 }
