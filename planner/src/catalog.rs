@@ -76,7 +76,12 @@ impl Catalog {
         }
     }
 
-    /// The record of an object by kind and name.
+    /// The record of an object by id.
+    pub fn record(&self, id: u64) -> Option<CatalogRecord> {
+        self.records.read().ok()?.get(&id).cloned()
+    }
+
+    /// The record of an object of one of `kinds` by its qualified name.
     pub fn find(
         &self,
         kinds: &[ObjectKind],
@@ -191,7 +196,7 @@ impl Catalog {
         Ok(())
     }
 
-    /// Registers a committed index record (indexes have no provider of their own).
+    /// Registers a committed index or sink record (neither has a provider of its own).
     pub fn register_index(&self, record: CatalogRecord) {
         self.put_record(record);
     }
@@ -215,7 +220,7 @@ impl Catalog {
                     tables.remove(&record.id);
                 }
             }
-            ObjectKind::Index => {}
+            ObjectKind::Index | ObjectKind::Sink => {}
         }
         if let Ok(mut records) = self.records.write() {
             records.remove(&record.id);

@@ -65,6 +65,8 @@ pub struct Engine {
     pub views: Arc<ViewRuntime>,
     /// Ingest tasks of connector-fed tables.
     pub sources: Arc<Sources>,
+    /// Delivery tasks of sinks.
+    pub sinks: Arc<crate::sink::Sinks>,
     /// Whether sessions may inject faults (`--failpoints`, tests only).
     pub failpoints: bool,
 }
@@ -96,13 +98,16 @@ impl Engine {
             connections: AtomicUsize::new(0),
             views: ViewRuntime::new(config.workers()),
             sources: Arc::new(Sources::default()),
+            sinks: Arc::new(crate::sink::Sinks::default()),
             failpoints: config.failpoints,
         });
         engine.views.start();
         crate::runtime::system::register(&engine.catalog, &engine.views);
         crate::connector::system::register(&engine.catalog, &engine.sources);
+        crate::sink::system::register(&engine.catalog, &engine.sinks);
         engine.replay().await?;
         engine.start_sources()?;
+        engine.start_sinks()?;
         Ok(engine)
     }
 
@@ -323,6 +328,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Starts every sink from its committed progress (each waits for its view's backfill).
+    fn start_sinks(self: &Arc<Self>) -> Result<()> {
+        for record in self.store().catalog()? {
+            if record.kind != ObjectKind::Sink {
+                continue;
+            }
+            let options = crate::exec::sink::stored_options(&record)?;
+            let Some(view) = record
+                .depends_on
+                .first()
+                .and_then(|id| self.catalog.record(*id))
+            else {
+                continue;
+            };
+            self.sinks.start(
+                self.clone(),
+                record.id,
+                record.name.clone(),
+                (view.id, view.name.clone()),
+                &options,
+            )?;
+        }
+        Ok(())
+    }
+
     async fn replay_record(self: &Arc<Self>, record: CatalogRecord) -> Result<usize> {
         match record.kind {
             ObjectKind::Database => {
@@ -363,6 +393,10 @@ impl Engine {
                 let ctx = self.session_context(&record.database, replay_schema(&record))?;
                 info!(view = %record.name, "rebuilding materialized view");
                 matview::restore(self, &ctx, record).await?;
+                Ok(0)
+            }
+            ObjectKind::Sink => {
+                self.catalog.register_index(record);
                 Ok(0)
             }
             ObjectKind::Index => {

@@ -93,6 +93,12 @@ pub enum ServerError {
     /// An object is still in use (DROP DATABASE of the current database).
     #[error("{0}")]
     ObjectInUse(String),
+    /// An external system a connector talks to failed (broker unreachable, topic missing).
+    #[error("{0}")]
+    Connector(String),
+    /// The statement does not apply to this kind of object (INSERT into a source).
+    #[error("{0}")]
+    WrongObjectType(String),
     /// An output column name appears twice where names must be unique.
     #[error("column \"{0}\" specified more than once")]
     DuplicateColumn(String),
@@ -173,6 +179,8 @@ impl ServerError {
             ServerError::Protocol(_) => "08P01",
             ServerError::UnknownDatabase(_) => "3D000",
             ServerError::ObjectInUse(_) => "55006",
+            ServerError::WrongObjectType(_) => "42809",
+            ServerError::Connector(_) => "58000",
             ServerError::DuplicateColumn(_) => "42701",
             ServerError::ObjectNotReady(_) => "55000",
             ServerError::SubscriberTooSlow(_) => "54000",

@@ -11,4 +11,5 @@ pub mod exec;
 pub mod runtime;
 pub mod server;
 pub mod session;
+pub mod sink;
 pub mod wire;

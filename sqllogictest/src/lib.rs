@@ -1,6 +1,7 @@
 //! Test support for Millrace: start a real `millrace` server on a free loopback port with a
 //! temporary data directory, talk to it over the PostgreSQL protocol, and run `.slt` files.
 
+pub mod broker;
 pub mod db;
 pub mod rows;
 pub mod runner;

@@ -36,7 +36,8 @@ pub struct TestServer {
     pub log_path: PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on (at the moment of asking).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

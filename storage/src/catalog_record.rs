@@ -20,6 +20,8 @@ pub enum ObjectKind {
     Index,
     /// A materialized view: an incrementally maintained query result.
     MaterializedView,
+    /// A sink: a view's changes delivered to an external system.
+    Sink,
 }
 
 /// A durable catalog object.

@@ -27,10 +27,22 @@ const META_NEXT_SEQ: &[u8] = b"next_seq";
 enum WriteOp {
     PutCatalog(CatalogRecord),
     DeleteCatalog(u64),
-    Append { table_id: u64, entry: LogEntry },
+    Append {
+        table_id: u64,
+        entry: LogEntry,
+    },
     DropLog(u64),
-    PutOffset { source_id: u64, value: Vec<u8> },
+    PutOffset {
+        source_id: u64,
+        value: Vec<u8>,
+    },
     DeleteOffset(u64),
+    PutSinkRow {
+        sink_id: u64,
+        row: Vec<u8>,
+        count: i64,
+    },
+    DropSinkRows(u64),
 }
 
 /// All durable changes of one statement or transaction; committed atomically.
@@ -56,6 +68,18 @@ impl WriteSet {
     /// Forgets a dropped source's offset.
     pub fn delete_source_offset(&mut self, source_id: u64) {
         self.ops.push(WriteOp::DeleteOffset(source_id));
+    }
+    /// Sets how many copies of an encoded row a sink has delivered (0 forgets the row).
+    pub fn put_sink_row(&mut self, sink_id: u64, row: Vec<u8>, count: i64) {
+        self.ops.push(WriteOp::PutSinkRow {
+            sink_id,
+            row,
+            count,
+        });
+    }
+    /// Forgets every row a dropped sink delivered.
+    pub fn drop_sink_rows(&mut self, sink_id: u64) {
+        self.ops.push(WriteOp::DropSinkRows(sink_id));
     }
     /// Stores (or replaces) a catalog record.
     pub fn put_catalog(&mut self, record: CatalogRecord) {
@@ -196,6 +220,25 @@ impl Store {
                 WriteOp::DeleteOffset(source_id) => {
                     batch.delete_cf(self.cf(CF_META)?, offset_key(source_id));
                 }
+                WriteOp::PutSinkRow {
+                    sink_id,
+                    row,
+                    count,
+                } => {
+                    let key = sink_row_key(sink_id, &row);
+                    if count == 0 {
+                        batch.delete_cf(self.cf(CF_META)?, key);
+                    } else {
+                        batch.put_cf(self.cf(CF_META)?, key, count.to_be_bytes());
+                    }
+                }
+                WriteOp::DropSinkRows(sink_id) => {
+                    batch.delete_range_cf(
+                        self.cf(CF_META)?,
+                        sink_row_key(sink_id, &[]),
+                        sink_row_key(sink_id + 1, &[]),
+                    );
+                }
             }
         }
         batch.put_cf(self.cf(CF_META)?, META_NEXT_SEQ, seq.to_be_bytes());
@@ -237,6 +280,25 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_META)?, offset_key(source_id))?)
     }
 
+    /// The rows a sink has delivered, as (encoded row, copies), in key order.
+    pub fn sink_rows(&self, sink_id: u64) -> Result<Vec<(Vec<u8>, i64)>> {
+        let start = sink_row_key(sink_id, &[]);
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_META)?,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&start) {
+                break;
+            }
+            let count = decode_u64(&value, "sink row count")? as i64;
+            out.push((key[start.len()..].to_vec(), count));
+        }
+        Ok(out)
+    }
+
     /// The log of one table, oldest entry first.
     pub fn table_log(&self, table_id: u64) -> Result<Vec<LogEntry>> {
         let start = log_key(table_id, 0);
@@ -259,6 +321,13 @@ impl Store {
 fn offset_key(source_id: u64) -> Vec<u8> {
     let mut key = b"source_offset/".to_vec();
     key.extend_from_slice(&source_id.to_be_bytes());
+    key
+}
+
+fn sink_row_key(sink_id: u64, row: &[u8]) -> Vec<u8> {
+    let mut key = b"sink_row/".to_vec();
+    key.extend_from_slice(&sink_id.to_be_bytes());
+    key.extend_from_slice(row);
     key
 }
 
@@ -352,6 +421,31 @@ mod tests {
         assert!(store.catalog()?.is_empty());
         store.commit(set)?;
         assert_eq!(store.catalog()?.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn sink_rows_are_kept_per_sink_and_dropped_together() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Injected(e.to_string()))?;
+        let store = Store::open(dir.path())?;
+        let mut set = WriteSet::new();
+        set.put_sink_row(7, b"a".to_vec(), 2);
+        set.put_sink_row(7, b"b".to_vec(), 1);
+        set.put_sink_row(8, b"a".to_vec(), 5);
+        store.commit(set)?;
+        let mut set = WriteSet::new();
+        set.put_sink_row(7, b"b".to_vec(), 0);
+        set.put_sink_row(7, b"c".to_vec(), 3);
+        store.commit(set)?;
+        assert_eq!(
+            store.sink_rows(7)?,
+            vec![(b"a".to_vec(), 2), (b"c".to_vec(), 3)]
+        );
+        let mut set = WriteSet::new();
+        set.drop_sink_rows(7);
+        store.commit(set)?;
+        assert!(store.sink_rows(7)?.is_empty());
+        assert_eq!(store.sink_rows(8)?, vec![(b"a".to_vec(), 5)]);
         Ok(())
     }
 }

@@ -8,7 +8,9 @@
 //! logged, and is retried with exponential backoff. `millrace_sources` shows every source.
 
 pub mod datagen;
+pub mod decode;
 pub mod file;
+pub mod kafka;
 pub mod nexmark;
 pub mod system;
 
@@ -29,7 +31,9 @@ use crate::engine::{Engine, TableChange};
 use crate::error::{Result, ServerError};
 
 /// Rows per commit at most, whatever the rate.
-const MAX_BATCH: u64 = 8192;
+pub(crate) const MAX_BATCH: u64 = 8192;
+/// The rate limit of a source that has none.
+pub const UNLIMITED: u64 = u64::MAX;
 /// Longest wait between retries of a failing source.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -52,10 +56,15 @@ impl ConnectorOptions {
         let CreateTableOptions::With(list) = options else {
             return Ok(None);
         };
+        Self::from_options(list).map(Some)
+    }
+
+    /// Options from a `WITH (...)` list, which must name a connector.
+    pub fn from_options(list: &[SqlOption]) -> Result<Self> {
         let mut values = BTreeMap::new();
         for option in list {
             let SqlOption::KeyValue { key, value } = option else {
-                return Err(ServerError::NotSupported(format!("table option {option}")));
+                return Err(ServerError::NotSupported(format!("option {option}")));
             };
             let text = match value {
                 Expr::Value(v) => match &v.value {
@@ -71,10 +80,10 @@ impl ConnectorOptions {
         }
         if !values.contains_key("connector") {
             return Err(ServerError::NotSupported(
-                "table options without connector = '...'".into(),
+                "options without connector = '...'".into(),
             ));
         }
-        Ok(Some(Self { values }))
+        Ok(Self { values })
     }
 
     /// The connector's name.
@@ -101,6 +110,9 @@ impl ConnectorOptions {
             "file" => {
                 file::FileOptions::try_new(self, schema)?;
             }
+            "kafka" => {
+                kafka::KafkaOptions::try_new(self, schema)?;
+            }
             _ => {
                 self.generator(schema)?;
             }
@@ -120,7 +132,7 @@ impl ConnectorOptions {
     }
 
     /// Rows per second (`rows_per_second`, `max_rows_per_second` or RisingWave's
-    /// `datagen.rows.per.second`); default 1000.
+    /// `datagen.rows.per.second`); default 1000 for generators, [`UNLIMITED`] for readers.
     pub fn rate(&self) -> Result<u64> {
         for key in [
             "max_rows_per_second",
@@ -131,7 +143,10 @@ impl ConnectorOptions {
                 return Ok(n.max(1));
             }
         }
-        Ok(1000)
+        Ok(match self.connector() {
+            "kafka" | "file" => UNLIMITED,
+            _ => 1000,
+        })
     }
 
     /// Total rows to produce (`total_rows`, `nexmark.event.num`); `None` for unbounded.
@@ -179,6 +194,29 @@ pub struct SourceStats {
     pub bad_evicted: Mutex<u64>,
     /// Current state.
     pub status: Mutex<SourceStatus>,
+    /// Figures by partition (Kafka partition), by name.
+    pub partitions: Mutex<BTreeMap<String, PartitionStats>>,
+    /// Start of the current rate window and rows counted in it.
+    window: Mutex<(Instant, u64)>,
+}
+
+/// Figures of one partition of a source.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionStats {
+    /// Next offset to read (all before it are committed).
+    pub offset: i64,
+    /// The broker's high watermark when last probed.
+    pub high_watermark: Option<i64>,
+    /// Rows committed since the server started.
+    pub rows: u64,
+    /// Payload bytes read since the server started.
+    pub bytes: u64,
+    /// Bad records.
+    pub bad_records: u64,
+    /// Rows per second between the last two probes.
+    pub rate: f64,
+    /// Time and row count of the last probe.
+    window: Option<(Instant, u64)>,
 }
 
 impl SourceStats {
@@ -191,6 +229,52 @@ impl SourceStats {
         let wait = *backoff;
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
         wait
+    }
+
+    /// A new source's figures, starting at `offset`.
+    fn new(name: String, connector: String, offset: u64, limit: u64) -> Self {
+        Self {
+            name,
+            connector,
+            offset: Mutex::new(offset),
+            rows: Mutex::new(0),
+            rate: Mutex::new(0.0),
+            limit: AtomicU64::new(limit),
+            errors: Mutex::new(0),
+            bad_records: Mutex::new(0),
+            bad_evicted: Mutex::new(0),
+            status: Mutex::new(SourceStatus {
+                state: "running",
+                reason: None,
+                since: SystemTime::now(),
+            }),
+            partitions: Mutex::new(BTreeMap::new()),
+            window: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Messages behind the broker's high watermarks, summed over partitions (None when no
+    /// partition has a known high watermark).
+    pub fn lag(&self) -> Option<i64> {
+        let parts = self.partitions.lock().ok()?;
+        parts
+            .values()
+            .filter_map(|p| p.high_watermark.map(|h| (h - p.offset).max(0)))
+            .reduce(|a, b| a + b)
+    }
+
+    /// Counts `n` committed rows into the measured rate (a window of about a second).
+    fn note_rows(&self, n: u64) {
+        if let Ok(mut window) = self.window.lock() {
+            window.1 += n;
+            let elapsed = window.0.elapsed();
+            if elapsed >= Duration::from_secs(1) {
+                if let Ok(mut rate) = self.rate.lock() {
+                    *rate = window.1 as f64 / elapsed.as_secs_f64();
+                }
+                *window = (Instant::now(), 0);
+            }
+        }
     }
 
     fn count(counter: &Mutex<u64>, n: u64) {
@@ -216,6 +300,8 @@ impl SourceStats {
 struct SourceHandle {
     stats: Arc<SourceStats>,
     stop: watch::Sender<bool>,
+    /// Made by CREATE SOURCE: fed only by its connector, never by DML.
+    read_only: bool,
 }
 
 /// Bad records kept in `millrace_source_errors`, oldest evicted first.
@@ -282,6 +368,21 @@ impl Sources {
             .unwrap_or_default()
     }
 
+    /// Refuses a write to `name` (table id `id`) if it is a source made by CREATE SOURCE.
+    pub fn check_writable(&self, id: u64, name: &str) -> Result<()> {
+        let read_only = self
+            .running
+            .lock()
+            .map(|r| r.get(&id).is_some_and(|h| h.read_only))
+            .unwrap_or(false);
+        if read_only {
+            return Err(ServerError::WrongObjectType(format!(
+                "cannot change source \"{name}\": a source is fed only by its connector"
+            )));
+        }
+        Ok(())
+    }
+
     /// Sets the rate of the source feeding table `id`, if any.
     pub fn set_rate(&self, id: u64, rows_per_second: u64) {
         if let Ok(running) = self.running.lock()
@@ -314,29 +415,20 @@ impl Sources {
         let id = table.id;
         let reader = match options.connector() {
             "file" => Reader::Files(file::FileOptions::try_new(options, &table.def.schema)?),
+            "kafka" => Reader::Kafka(kafka::KafkaOptions::try_new(options, &table.def.schema)?),
             _ => Reader::Generator(options.generator(&table.def.schema)?),
         };
         let offset = match reader {
-            // NOTE: a file source's offset is the number of files read, known once it runs.
-            Reader::Files(_) => 0,
+            // NOTE: file and Kafka sources keep their position as state, read once they run.
+            Reader::Files(_) | Reader::Kafka(_) => 0,
             Reader::Generator(_) => engine.store().source_offset(id)?,
         };
-        let stats = Arc::new(SourceStats {
-            name: name.clone(),
-            connector: options.connector().to_string(),
-            offset: Mutex::new(offset),
-            rows: Mutex::new(0),
-            rate: Mutex::new(0.0),
-            limit: AtomicU64::new(options.rate()?),
-            errors: Mutex::new(0),
-            bad_records: Mutex::new(0),
-            bad_evicted: Mutex::new(0),
-            status: Mutex::new(SourceStatus {
-                state: "running",
-                reason: None,
-                since: SystemTime::now(),
-            }),
-        });
+        let stats = Arc::new(SourceStats::new(
+            name.clone(),
+            options.connector().to_string(),
+            offset,
+            options.rate()?,
+        ));
         let (stop, stopped) = watch::channel(false);
         info!(source = %name, connector = %stats.connector, offset, "source started");
         match reader {
@@ -350,6 +442,18 @@ impl Sources {
                     stopped,
                 };
                 tokio::spawn(reader.run());
+            }
+            Reader::Kafka(options) => {
+                let reader = kafka::KafkaSource {
+                    engine,
+                    table,
+                    name,
+                    options,
+                    stats: stats.clone(),
+                    stopped,
+                    runtime: tokio::runtime::Handle::current(),
+                };
+                tokio::task::spawn_blocking(move || reader.run());
             }
             Reader::Generator(generator) => {
                 let ingest = Ingest {
@@ -365,15 +469,25 @@ impl Sources {
             }
         }
         if let Ok(mut running) = self.running.lock() {
-            running.insert(id, SourceHandle { stats, stop });
+            let read_only = options.values.contains_key(crate::wire::sql::SOURCE_MARKER);
+            running.insert(
+                id,
+                SourceHandle {
+                    stats,
+                    stop,
+                    read_only,
+                },
+            );
         }
         Ok(())
     }
 }
 
-/// What feeds a source: files in a directory, or a generator of rows by offset.
+/// What feeds a source: files in a directory, a Kafka topic, or a generator of rows by
+/// offset.
 enum Reader {
     Files(file::FileOptions),
+    Kafka(kafka::KafkaOptions),
     Generator(Box<dyn Generator>),
 }
 
@@ -391,25 +505,14 @@ struct Ingest {
 impl Ingest {
     async fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
-        let mut window = (Instant::now(), 0u64);
-        // NOTE: pacing follows a schedule (rows due = rate x time since start) rather than a
-        // fixed batch per tick, so a high rate is not capped by the tick and a slow commit
-        // is caught up in bigger batches.
-        let mut schedule = (Instant::now(), 0u64);
-        let mut rate = self.stats.limit.load(Ordering::Relaxed).max(1);
+        let mut pacer = Pacer::new(self.stats.limit.load(Ordering::Relaxed));
         loop {
             if *self.stopped.borrow() {
                 self.stats.set_status("stopped", None);
                 return;
             }
             let offset = self.stats.offset.lock().map(|o| *o).unwrap_or(0);
-            let limit = self.stats.limit.load(Ordering::Relaxed).max(1);
-            if limit != rate {
-                rate = limit;
-                schedule = (Instant::now(), 0);
-            }
-            let due = (schedule.0.elapsed().as_secs_f64() * rate as f64) as u64;
-            let mut rows = due.saturating_sub(schedule.1).min(MAX_BATCH);
+            let mut rows = pacer.allowance(self.stats.limit.load(Ordering::Relaxed));
             if let Some(total) = self.total {
                 if total <= offset {
                     self.stats.set_status("finished", None);
@@ -421,34 +524,24 @@ impl Ingest {
                 rows = rows.min(total - offset);
             }
             if rows == 0 {
-                let wait = Duration::from_secs_f64(1.0 / rate as f64)
-                    .clamp(Duration::from_millis(1), Duration::from_millis(100));
-                self.sleep(wait).await;
+                self.sleep(pacer.wait()).await;
                 continue;
             }
             match self.commit(offset, rows).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
-                    schedule.1 += rows;
+                    pacer.consumed(rows);
                     self.stats.set_status("running", None);
                     if let Ok(mut o) = self.stats.offset.lock() {
                         *o = offset + rows;
                     }
                     SourceStats::count(&self.stats.rows, rows);
-                    window.1 += rows;
-                    let elapsed = window.0.elapsed();
-                    if elapsed >= Duration::from_secs(1) {
-                        if let Ok(mut rate) = self.stats.rate.lock() {
-                            *rate = window.1 as f64 / elapsed.as_secs_f64();
-                        }
-                        window = (Instant::now(), 0);
-                    }
+                    self.stats.note_rows(rows);
                 }
                 Err(e) => {
                     let wait = self.stats.failed(&self.name, &e, &mut backoff);
                     self.sleep(wait).await;
-                    // NOTE: time spent failing is not owed as a burst afterwards.
-                    schedule = (Instant::now(), 0);
+                    pacer.restart();
                 }
             }
         }
@@ -476,6 +569,56 @@ impl Ingest {
             set,
         )
         .await
+    }
+}
+
+/// Paces a source to a rate by a schedule (rows due = rate x time since start) rather than a
+/// fixed batch per tick, so a high rate is not capped by the tick and a slow commit is caught
+/// up in bigger batches.
+pub(crate) struct Pacer {
+    start: Instant,
+    done: u64,
+    rate: u64,
+}
+
+impl Pacer {
+    pub(crate) fn new(rate: u64) -> Self {
+        Self {
+            start: Instant::now(),
+            done: 0,
+            rate: rate.max(1),
+        }
+    }
+
+    /// Rows that may be read now (at most [`MAX_BATCH`]) under the rate `limit`.
+    pub(crate) fn allowance(&mut self, limit: u64) -> u64 {
+        let limit = limit.max(1);
+        if limit == UNLIMITED {
+            return MAX_BATCH;
+        }
+        if limit != self.rate {
+            self.rate = limit;
+            self.restart();
+        }
+        let due = (self.start.elapsed().as_secs_f64() * self.rate as f64) as u64;
+        due.saturating_sub(self.done).min(MAX_BATCH)
+    }
+
+    /// Counts rows read.
+    pub(crate) fn consumed(&mut self, rows: u64) {
+        self.done += rows;
+    }
+
+    /// Starts the schedule afresh: time spent failing is not owed as a burst afterwards.
+    pub(crate) fn restart(&mut self) {
+        self.start = Instant::now();
+        self.done = 0;
+    }
+
+    /// How long to wait when nothing is due.
+    pub(crate) fn wait(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.rate as f64)
+            .clamp(Duration::from_millis(1), Duration::from_millis(100))
     }
 }
 

@@ -1,6 +1,7 @@
 //! `millrace_sources`: one row per connector-fed table with its status (and since when and
 //! why), offset, rows ingested, measured and target rate, failed commits and bad records;
-//! `millrace_source_errors`: the most recent bad records, each with where it was and why.
+//! `millrace_source_errors`: the most recent bad records, each with where it was and why;
+//! `millrace_source_partitions`: the same figures per partition, with offsets and lag.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -29,12 +30,14 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
         Field::new("offset", DataType::Int64, false),
         Field::new("rows_ingested", DataType::Int64, false),
         Field::new("rows_per_second", DataType::Float64, false),
-        Field::new("max_rows_per_second", DataType::Int64, false),
+        Field::new("max_rows_per_second", DataType::Int64, true),
+        Field::new("lag", DataType::Int64, true),
         Field::new("errors", DataType::Int64, false),
         Field::new("bad_records", DataType::Int64, false),
         Field::new("bad_records_evicted", DataType::Int64, false),
     ]));
     register_errors(catalog, sources);
+    register_partitions(catalog, sources);
     let sources = sources.clone();
     let table_schema = schema.clone();
     let fill = Arc::new(move || {
@@ -79,9 +82,11 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
             Arc::new(Float64Array::from_iter_values(
                 all.iter().map(|s| s.rate.lock().map(|r| *r).unwrap_or(0.0)),
             )),
-            Arc::new(Int64Array::from_iter_values(all.iter().map(|s| {
-                s.limit.load(std::sync::atomic::Ordering::Relaxed) as i64
+            Arc::new(Int64Array::from_iter(all.iter().map(|s| {
+                let limit = s.limit.load(std::sync::atomic::Ordering::Relaxed);
+                (limit != super::UNLIMITED).then_some(limit as i64)
             }))),
+            Arc::new(Int64Array::from_iter(all.iter().map(|s| s.lag()))),
             Arc::new(Int64Array::from_iter_values(
                 all.iter().map(|s| read(&s.errors)),
             )),
@@ -95,6 +100,73 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
         Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
     });
     catalog.register_system_table("millrace_sources", Arc::new(SystemTable::new(schema, fill)));
+}
+
+/// Registers `millrace_source_partitions`: per partition of each source, the committed
+/// offset, the broker's high watermark, the lag between them, rows and bytes read, the rate
+/// and the bad records.
+fn register_partitions(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("partition", DataType::Utf8, false),
+        Field::new("offset", DataType::Int64, false),
+        Field::new("high_watermark", DataType::Int64, true),
+        Field::new("lag", DataType::Int64, true),
+        Field::new("rows_ingested", DataType::Int64, false),
+        Field::new("bytes_ingested", DataType::Int64, false),
+        Field::new("rows_per_second", DataType::Float64, false),
+        Field::new("bad_records", DataType::Int64, false),
+    ]));
+    let sources = sources.clone();
+    let table_schema = schema.clone();
+    let fill = Arc::new(move || {
+        let mut all = sources.stats();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut parts = Vec::new();
+        for s in &all {
+            if let Ok(p) = s.partitions.lock() {
+                for (name, figures) in p.iter() {
+                    parts.push((s.name.clone(), name.clone(), figures.clone()));
+                }
+            }
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                parts.iter().map(|p| p.0.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                parts.iter().map(|p| p.1.as_str()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                parts.iter().map(|p| p.2.offset),
+            )),
+            Arc::new(Int64Array::from_iter(
+                parts.iter().map(|p| p.2.high_watermark),
+            )),
+            Arc::new(Int64Array::from_iter(
+                parts
+                    .iter()
+                    .map(|p| p.2.high_watermark.map(|h| (h - p.2.offset).max(0))),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                parts.iter().map(|p| p.2.rows as i64),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                parts.iter().map(|p| p.2.bytes as i64),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                parts.iter().map(|p| p.2.rate),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                parts.iter().map(|p| p.2.bad_records as i64),
+            )),
+        ];
+        Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
+    });
+    catalog.register_system_table(
+        "millrace_source_partitions",
+        Arc::new(SystemTable::new(schema, fill)),
+    );
 }
 
 /// Registers `millrace_source_errors`.

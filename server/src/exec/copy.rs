@@ -187,6 +187,10 @@ pub async fn start(
         return Err(ServerError::Syntax("COPY FROM needs a table".into()));
     };
     let names::ResolvedTable { name, table, .. } = names::require_table(session, &table_name)?;
+    session
+        .engine
+        .sources
+        .check_writable(table.id, &name.name)?;
     let schema = table.def.schema.clone();
     let column_indices = if columns.is_empty() {
         (0..schema.fields().len()).collect()

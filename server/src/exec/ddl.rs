@@ -798,6 +798,10 @@ fn drop_objects(
             set.delete_source_offset(r.id);
             session.engine.sources.stop(r.id);
         }
+        if r.kind == ObjectKind::Sink {
+            crate::exec::sink::forget(&mut set, r);
+            session.engine.sinks.stop(r.id);
+        }
     }
     session.engine.commit_write_set(set)?;
     for r in &doomed {

@@ -61,6 +61,7 @@ pub async fn run(
         )));
     };
     let table_name = dml.table_name.table().to_string();
+    engine.sources.check_writable(table.id, &table_name)?;
     let input = dml.input.as_ref().clone();
     check_reads(session, &input)?;
     let (change, tag, rows) = match dml.op {
@@ -165,6 +166,7 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
     let mut changes = Vec::new();
     for target in &truncate.table_names {
         let names::ResolvedTable { name, table, .. } = names::require_table(session, &target.name)?;
+        engine.sources.check_writable(table.id, &name.name)?;
         let deletes: Vec<u64> = table
             .snapshot()?
             .row_ids

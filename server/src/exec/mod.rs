@@ -8,6 +8,7 @@ pub mod matview;
 pub mod names;
 pub mod query;
 pub mod set_show;
+pub mod sink;
 pub mod txn;
 
 use datafusion::arrow::array::RecordBatch;
@@ -102,6 +103,8 @@ pub struct Prepared {
     pub renames: Vec<(usize, String)>,
     /// The view of a SUBSCRIBE (whose `statement` is None).
     pub subscribe: Option<datafusion::sql::sqlparser::ast::ObjectName>,
+    /// A command the SQL parser does not know (CREATE / DROP SINK).
+    pub command: Option<Box<crate::wire::sql::Parsed>>,
 }
 
 /// Renames output columns back to the names the statement asked for.

@@ -227,6 +227,9 @@ impl SimpleQueryHandler for Connection {
                 Parsed::Statement(s, renames) => run(session, *s, None, None)
                     .await
                     .and_then(|o| exec::rename_columns(o, &renames)),
+                Parsed::CreateSink(_) | Parsed::DropSink { .. } => {
+                    exec::sink::run(session, p).await
+                }
                 Parsed::Subscribe(view) => {
                     match subscribe::subscribe(session, client, &view).await {
                         Ok(done) => out.push(done),
@@ -290,6 +293,16 @@ impl QueryParser for StatementParser {
                     plan: None,
                     renames: vec![],
                     subscribe: Some(view),
+                    command: None,
+                }));
+            }
+            Some(command @ (Parsed::CreateSink(_) | Parsed::DropSink { .. })) => {
+                return Ok(Some(Prepared {
+                    statement: None,
+                    plan: None,
+                    renames: vec![],
+                    subscribe: None,
+                    command: Some(Box::new(command)),
                 }));
             }
         };
@@ -312,6 +325,7 @@ impl QueryParser for StatementParser {
             plan,
             renames,
             subscribe: None,
+            command: None,
         }))
     }
 
@@ -404,6 +418,14 @@ impl ExtendedQueryHandler for Connection {
             return subscribe::subscribe(session, client, view)
                 .await
                 .map_err(pg_error);
+        }
+        if let Some(command) = &prepared.command {
+            let mut guard = self.session.lock().await;
+            let session = guard.as_mut().ok_or_else(no_session)?;
+            let output = exec::sink::run(session, (**command).clone())
+                .await
+                .map_err(pg_error)?;
+            return response(session, output, &portal.result_column_format);
         }
         let Some(statement) = prepared.statement.clone() else {
             return Ok(Response::Execution(Tag::new("FLUSH")));

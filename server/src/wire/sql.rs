@@ -4,9 +4,11 @@
 
 use std::sync::LazyLock;
 
-use datafusion::sql::sqlparser::ast::{ObjectName, Statement};
+use datafusion::sql::sqlparser::ast::{ObjectName, SqlOption, Statement};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::parser::{Parser, ParserError};
+use datafusion::sql::sqlparser::tokenizer::Token;
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
 use crate::error::{Result, ServerError};
@@ -55,6 +57,141 @@ pub enum Parsed {
     NoOp(&'static str),
     /// `SUBSCRIBE [TO] view`, or `COPY (SUBSCRIBE [TO] view) TO STDOUT`: a live feed.
     Subscribe(ObjectName),
+    /// `CREATE SINK [IF NOT EXISTS] name FROM view WITH (...) [FORMAT ...]`.
+    CreateSink(Box<CreateSink>),
+    /// `DROP SINK [IF EXISTS] name`.
+    DropSink {
+        /// The sink.
+        name: ObjectName,
+        /// No error when it does not exist.
+        if_exists: bool,
+    },
+}
+
+/// A parsed `CREATE SINK`.
+#[derive(Debug, Clone)]
+pub struct CreateSink {
+    /// The sink's name.
+    pub name: ObjectName,
+    /// The view it reads.
+    pub from: ObjectName,
+    /// Its connector options (`format` included).
+    pub options: Vec<SqlOption>,
+    /// No error when it exists.
+    pub if_not_exists: bool,
+}
+
+/// The source option that marks a connector table made by `CREATE SOURCE`.
+pub const SOURCE_MARKER: &str = "millrace.source";
+
+/// Moves a trailing `FORMAT JSON`, `FORMAT PLAIN ENCODE JSON` or `FORMAT CSV` clause of a
+/// CREATE SOURCE / TABLE / SINK into its WITH options as `format = '...'`.
+fn format_clause_into_options(sql: &str) -> String {
+    let body = sql.trim().trim_end_matches(';').trim_end();
+    let Some(close) = body.rfind(')') else {
+        return sql.to_string();
+    };
+    let tail: Vec<String> = body[close + 1..]
+        .split_whitespace()
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    let format = match tail.iter().map(|w| w.as_str()).collect::<Vec<_>>()[..] {
+        ["format", f] => f.to_string(),
+        ["format", "plain" | "upsert" | "native", "encode", f] => f.to_string(),
+        _ => return sql.to_string(),
+    };
+    format!(
+        "{}, format = '{}')",
+        &body[..close],
+        format.replace('\'', "")
+    )
+}
+
+/// Rewrites the source and sink DDL the SQL parser does not know into what it does:
+/// `CREATE SOURCE` becomes a connector table marked as a source, `DROP SOURCE` and
+/// `ALTER SOURCE` the table forms. Other text is returned as is.
+fn source_ddl(sql: &str) -> String {
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .take(2)
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    let swap = |sql: &str, to: &str| -> String {
+        let trimmed = sql.trim_start();
+        let first = trimmed.split_whitespace().next().unwrap_or("");
+        let rest = trimmed[first.len()..].trim_start();
+        format!("{first} {to}{}", &rest["source".len()..])
+    };
+    match words.iter().map(|w| w.as_str()).collect::<Vec<_>>()[..] {
+        ["create", "source"] => {
+            let sql = format_clause_into_options(&swap(sql, "TABLE"));
+            match sql.rfind(')') {
+                Some(close) if sql.to_ascii_lowercase().contains(" with") => {
+                    format!("{}, \"{SOURCE_MARKER}\" = 'true')", &sql[..close])
+                }
+                _ => sql,
+            }
+        }
+        ["create", "table"] => format_clause_into_options(sql),
+        ["drop", "source"] | ["alter", "source"] => swap(sql, "TABLE"),
+        _ => sql.to_string(),
+    }
+}
+
+/// `CREATE SINK` / `DROP SINK`, parsed; `None` for other text.
+fn sink_command(sql: &str) -> Option<Result<Parsed>> {
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .take(2)
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    if words.get(1).map(|w| w.as_str()) != Some("sink") {
+        return None;
+    }
+    let create = match words[0].as_str() {
+        "create" => true,
+        "drop" => false,
+        _ => return None,
+    };
+    let sql = if create {
+        quote_dotted_option_keys(&format_clause_into_options(sql))
+    } else {
+        sql.to_string()
+    };
+    let parse = || -> std::result::Result<Parsed, ParserError> {
+        let dialect = PostgreSqlDialect {};
+        let mut p = Parser::new(&dialect).try_with_sql(&sql)?;
+        p.expect_keyword_is(if create {
+            Keyword::CREATE
+        } else {
+            Keyword::DROP
+        })?;
+        let word = p.parse_identifier()?;
+        if !word.value.eq_ignore_ascii_case("sink") {
+            return p.expected("SINK", p.peek_token());
+        }
+        if !create {
+            let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            let name = p.parse_object_name(false)?;
+            let _ = p.consume_token(&Token::SemiColon);
+            p.expect_token(&Token::EOF)?;
+            return Ok(Parsed::DropSink { name, if_exists });
+        }
+        let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+        let name = p.parse_object_name(false)?;
+        p.expect_keyword_is(Keyword::FROM)?;
+        let from = p.parse_object_name(false)?;
+        let options = p.parse_options(Keyword::WITH)?;
+        let _ = p.consume_token(&Token::SemiColon);
+        p.expect_token(&Token::EOF)?;
+        Ok(Parsed::CreateSink(Box::new(CreateSink {
+            name,
+            from,
+            options,
+            if_not_exists,
+        })))
+    };
+    Some(parse().map_err(ServerError::from))
 }
 
 /// Quotes dotted option keys (`WITH (scan.startup.mode = 'earliest')`, as RisingWave writes
@@ -154,6 +291,11 @@ pub fn parse(sql: &str) -> Result<Vec<Parsed>> {
     if let Some(view) = subscribe_command(sql) {
         return Ok(vec![Parsed::Subscribe(view?)]);
     }
+    if let Some(sink) = sink_command(sql) {
+        return Ok(vec![sink?]);
+    }
+    let rewritten = source_ddl(sql);
+    let sql = rewritten.as_str();
     let quoted;
     let sql = if sql
         .trim_start()
@@ -197,6 +339,61 @@ mod tests {
 
     fn view_of(sql: &str) -> Option<String> {
         subscribe_command(sql).map(|r| r.map(|n| n.to_string()).unwrap_or_else(|e| e.to_string()))
+    }
+
+    #[test]
+    fn source_ddl_becomes_table_ddl_with_format_in_options() {
+        assert_eq!(
+            source_ddl(
+                "CREATE SOURCE clicks (a INT) WITH (connector = 'kafka', topic = 't') FORMAT JSON;"
+            ),
+            "CREATE TABLE clicks (a INT) WITH (connector = 'kafka', topic = 't', format = 'json', \"millrace.source\" = 'true')"
+        );
+        assert_eq!(
+            source_ddl(
+                "create source s (a INT) with (connector = 'kafka') FORMAT PLAIN ENCODE CSV"
+            ),
+            "create TABLE s (a INT) with (connector = 'kafka', format = 'csv', \"millrace.source\" = 'true')"
+        );
+        assert_eq!(
+            source_ddl("DROP SOURCE IF EXISTS s"),
+            "DROP TABLE IF EXISTS s"
+        );
+        assert_eq!(
+            source_ddl("ALTER SOURCE s SET (max_rows_per_second = 5)"),
+            "ALTER TABLE s SET (max_rows_per_second = 5)"
+        );
+        assert_eq!(source_ddl("SELECT 1"), "SELECT 1");
+    }
+
+    #[test]
+    fn sink_commands_parse() {
+        let Some(Ok(Parsed::CreateSink(sink))) = sink_command(
+            "CREATE SINK out FROM v WITH (connector = 'file', path = '/tmp/x', sink.retry = 3) FORMAT JSON",
+        ) else {
+            panic!("CREATE SINK did not parse");
+        };
+        assert_eq!(sink.name.to_string(), "out");
+        assert_eq!(sink.from.to_string(), "v");
+        let keys: Vec<String> = sink.options.iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "connector = 'file'",
+                "path = '/tmp/x'",
+                "\"sink.retry\" = 3",
+                "format = 'json'"
+            ]
+        );
+        assert!(matches!(
+            sink_command("DROP SINK IF EXISTS out;"),
+            Some(Ok(Parsed::DropSink {
+                if_exists: true,
+                ..
+            }))
+        ));
+        assert!(matches!(sink_command("CREATE SINK x v"), Some(Err(_))));
+        assert!(sink_command("CREATE TABLE sink (a int)").is_none());
     }
 
     #[test]

@@ -1,0 +1,257 @@
+//! Record decoding shared by the file and Kafka sources: one JSON object or CSV line in,
+//! the values of the table's payload columns out, or the reason the record is refused.
+//!
+//! Sits between a connector's reader (which yields raw records with their position) and
+//! [`BatchBuilder`], which turns the good rows into the Arrow batch the source commits. A
+//! refused record becomes a [`BadRecord`] for `millrace_source_errors`; the source goes on.
+
+use std::time::SystemTime;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, FieldRef, SchemaRef};
+use datafusion::common::ScalarValue;
+
+use super::{BadRecord, ConnectorOptions};
+use crate::error::{Result, ServerError};
+
+/// Bytes of a bad record kept in `millrace_source_errors`.
+const PAYLOAD_PREFIX: usize = 200;
+
+/// How records are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per record, fields by column name.
+    Json,
+    /// Comma-separated values in column order.
+    Csv {
+        /// The first line of each file names the columns (files only).
+        header: bool,
+    },
+}
+
+impl Format {
+    /// The format named by the `format` option (`FORMAT JSON` sets it too); JSON by default.
+    pub fn from_options(options: &ConnectorOptions) -> Result<Self> {
+        let header = matches!(
+            options.values.get("csv.header").map(|s| s.as_str()),
+            Some("true" | "on" | "1")
+        );
+        match options
+            .values
+            .get("format")
+            .or_else(|| options.values.get("encode"))
+            .map(|s| s.to_ascii_lowercase())
+        {
+            None => Ok(Format::Json),
+            Some(f) if f == "json" || f == "jsonl" => Ok(Format::Json),
+            Some(f) if f == "csv" => Ok(Format::Csv { header }),
+            Some(other) => Err(ServerError::NotSupported(format!("format '{other}'"))),
+        }
+    }
+}
+
+/// Decodes records into the values of a list of columns.
+#[derive(Debug, Clone)]
+pub struct RecordDecoder {
+    format: Format,
+    fields: Vec<FieldRef>,
+    max_record_bytes: usize,
+}
+
+impl RecordDecoder {
+    /// A decoder for `fields` (checked to be types a record can carry).
+    pub fn try_new(options: &ConnectorOptions, fields: Vec<FieldRef>) -> Result<Self> {
+        for field in &fields {
+            if !matches!(
+                field.data_type(),
+                DataType::Int16
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::Float32
+                    | DataType::Float64
+                    | DataType::Utf8
+                    | DataType::Boolean
+                    | DataType::Date32
+                    | DataType::Timestamp(..)
+                    | DataType::Decimal128(..)
+            ) {
+                return Err(ServerError::NotSupported(format!(
+                    "source column \"{}\" of type {}",
+                    field.name(),
+                    field.data_type()
+                )));
+            }
+        }
+        Ok(Self {
+            format: Format::from_options(options)?,
+            fields,
+            max_record_bytes: options.number("max_record_bytes")?.unwrap_or(1 << 20) as usize,
+        })
+    }
+
+    /// The record layout.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// One record's values in column order, or why it is refused.
+    pub fn decode(&self, raw: &[u8]) -> std::result::Result<Vec<ScalarValue>, String> {
+        if raw.len() > self.max_record_bytes {
+            return Err(format!(
+                "record of {} bytes exceeds max_record_bytes = {}",
+                raw.len(),
+                self.max_record_bytes
+            ));
+        }
+        let text = std::str::from_utf8(raw)
+            .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+        let texts: Vec<Option<String>> = match self.format {
+            Format::Json => self.json_fields(text)?,
+            Format::Csv { .. } => self.csv_fields(text)?,
+        };
+        self.fields
+            .iter()
+            .zip(texts)
+            .map(|(field, text)| match text {
+                None if !field.is_nullable() => {
+                    Err(format!("missing required field \"{}\"", field.name()))
+                }
+                None => ScalarValue::try_from(field.data_type()).map_err(|e| e.to_string()),
+                Some(text) => {
+                    let value = ScalarValue::Utf8(Some(text.clone()));
+                    value.cast_to(field.data_type()).map_err(|_| {
+                        format!(
+                            "field \"{}\": '{}' is not a {}",
+                            field.name(),
+                            text.chars().take(40).collect::<String>(),
+                            field.data_type()
+                        )
+                    })
+                }
+            })
+            .collect()
+    }
+
+    fn json_fields(&self, text: &str) -> std::result::Result<Vec<Option<String>>, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+        let serde_json::Value::Object(object) = value else {
+            return Err("a JSON record must be an object".into());
+        };
+        self.fields
+            .iter()
+            .map(|f| match object.get(f.name()) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    Ok(Some(v.to_string()))
+                }
+                Some(other) => Err(format!(
+                    "field \"{}\": {} is not a {}",
+                    f.name(),
+                    kind(other),
+                    f.data_type()
+                )),
+            })
+            .collect()
+    }
+
+    fn csv_fields(&self, text: &str) -> std::result::Result<Vec<Option<String>>, String> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(text.as_bytes());
+        let record = reader
+            .records()
+            .next()
+            .ok_or("empty CSV record")?
+            .map_err(|e| format!("malformed CSV: {e}"))?;
+        if record.len() != self.fields.len() {
+            return Err(format!(
+                "{} CSV fields, the table has {} columns",
+                record.len(),
+                self.fields.len()
+            ));
+        }
+        Ok(record
+            .iter()
+            .map(|v| (!v.is_empty()).then(|| v.to_string()))
+            .collect())
+    }
+}
+
+/// A refused record as `millrace_source_errors` lists it.
+pub fn bad_record(
+    source: &str,
+    partition: String,
+    offset: u64,
+    raw: &[u8],
+    reason: String,
+) -> BadRecord {
+    BadRecord {
+        source: source.to_string(),
+        partition,
+        offset,
+        payload: String::from_utf8_lossy(&raw[..raw.len().min(PAYLOAD_PREFIX)]).into_owned(),
+        reason,
+        time: SystemTime::now(),
+    }
+}
+
+/// Collects rows of values into one Arrow batch of a schema.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    schema: SchemaRef,
+    columns: Vec<Vec<ScalarValue>>,
+}
+
+impl BatchBuilder {
+    /// An empty builder.
+    pub fn new(schema: SchemaRef) -> Self {
+        let columns = vec![Vec::new(); schema.fields().len()];
+        Self { schema, columns }
+    }
+
+    /// Adds one row (values in schema order).
+    pub fn push(&mut self, values: Vec<ScalarValue>) {
+        for (column, value) in self.columns.iter_mut().zip(values) {
+            column.push(value);
+        }
+    }
+
+    /// Rows pushed so far.
+    pub fn len(&self) -> usize {
+        self.columns.first().map_or(0, |c| c.len())
+    }
+
+    /// True when no row was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows as a batch; the builder is left empty.
+    pub fn finish(&mut self) -> Result<RecordBatch> {
+        let arrays = std::mem::replace(
+            &mut self.columns,
+            vec![Vec::new(); self.schema.fields().len()],
+        )
+        .into_iter()
+        .zip(self.schema.fields().iter())
+        .map(|(values, field)| {
+            if values.is_empty() {
+                Ok(datafusion::arrow::array::new_empty_array(field.data_type()))
+            } else {
+                ScalarValue::iter_to_array(values)
+            }
+        })
+        .collect::<datafusion::error::Result<Vec<ArrayRef>>>()?;
+        Ok(RecordBatch::try_new(self.schema.clone(), arrays)?)
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+        _ => "a scalar",
+    }
+}

@@ -1,0 +1,511 @@
+//! `connector = 'kafka'`: a topic's partitions read with librdkafka (rdkafka), each message
+//! one JSON or CSV record.
+//!
+//! The reader runs on its own blocking thread with one consumer assigned every partition of
+//! the topic (librdkafka fetches them in parallel). It gathers up to a batch of messages,
+//! decodes them (bad ones go to `millrace_source_errors`), and commits the rows like an
+//! INSERT together with the next offset of every partition, in one RocksDB write: the
+//! offsets and the data they produced are durable together, so a restart, a crash or a
+//! broker outage resumes exactly after the last committed message. Consumer-group offsets
+//! in the broker are not used.
+//!
+//! Every second the reader probes the broker (topic metadata and each partition's high
+//! watermark, which gives the lag). A failed probe, a consumer error or a failed commit ends
+//! the session: the source turns unhealthy with the cause, waits with exponential backoff and
+//! starts a new consumer at the committed offsets. New partitions are picked up from their
+//! beginning.
+//!
+//! Columns named `_key`, `_partition`, `_offset` or `_timestamp` are filled from the
+//! message's key, partition, offset and timestamp instead of its payload.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
+use datafusion::common::ScalarValue;
+use millrace_planner::MillraceTable;
+use millrace_storage::WriteSet;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tracing::info;
+
+use super::decode::{BatchBuilder, RecordDecoder, bad_record};
+use super::{ConnectorOptions, MAX_BATCH, Pacer, PartitionStats, SourceStats, commit_rows};
+use crate::engine::Engine;
+use crate::error::{Result, ServerError};
+
+/// Time allowed for one metadata or watermark request.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time between broker probes.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a partition without a committed offset starts.
+#[derive(Debug, Clone, Copy)]
+enum Startup {
+    Earliest,
+    Latest,
+    /// The first message at or after this time (milliseconds since the epoch).
+    Timestamp(i64),
+}
+
+/// Where a table column's value comes from.
+#[derive(Debug, Clone, Copy)]
+enum Column {
+    /// The n-th decoded payload field.
+    Payload(usize),
+    Key,
+    Partition,
+    Offset,
+    Timestamp,
+}
+
+/// The Kafka connector's settings, checked at CREATE.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    brokers: String,
+    topic: String,
+    startup: Startup,
+    decoder: RecordDecoder,
+    columns: Vec<Column>,
+    schema: SchemaRef,
+    /// `properties.<name>` options, passed to librdkafka as `<name>`.
+    properties: Vec<(String, String)>,
+}
+
+impl KafkaOptions {
+    /// The settings of a Kafka source feeding a table of `schema`.
+    pub fn try_new(options: &ConnectorOptions, schema: &SchemaRef) -> Result<Self> {
+        let required = |keys: &[&str]| -> Result<String> {
+            keys.iter()
+                .find_map(|k| options.values.get(*k))
+                .cloned()
+                .ok_or_else(|| ServerError::InvalidSetting {
+                    name: keys[0].into(),
+                    value: String::new(),
+                })
+        };
+        let brokers = required(&["brokers", "properties.bootstrap.server"])?;
+        let topic = required(&["topic"])?;
+        let startup = match options
+            .values
+            .get("scan.startup.mode")
+            .map(|s| s.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("earliest") => Startup::Earliest,
+            Some("latest") => Startup::Latest,
+            Some("timestamp") => Startup::Timestamp(
+                options
+                    .number("scan.startup.timestamp.millis")?
+                    .ok_or_else(|| ServerError::InvalidSetting {
+                        name: "scan.startup.timestamp.millis".into(),
+                        value: String::new(),
+                    })? as i64,
+            ),
+            Some(other) => {
+                return Err(ServerError::InvalidSetting {
+                    name: "scan.startup.mode".into(),
+                    value: other.into(),
+                });
+            }
+        };
+        let mut payload: Vec<FieldRef> = Vec::new();
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "_key" => Column::Key,
+                "_partition" => Column::Partition,
+                "_offset" => Column::Offset,
+                "_timestamp" => Column::Timestamp,
+                _ => {
+                    payload.push(f.clone());
+                    Column::Payload(payload.len() - 1)
+                }
+            })
+            .collect();
+        let properties = options
+            .values
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix("properties.")?;
+                (name != "bootstrap.server").then(|| (name.to_string(), v.clone()))
+            })
+            .collect();
+        Ok(Self {
+            brokers,
+            topic,
+            startup,
+            decoder: RecordDecoder::try_new(options, payload)?,
+            columns,
+            schema: schema.clone(),
+            properties,
+        })
+    }
+
+    fn consumer(&self, table_id: u64) -> Result<BaseConsumer> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("millrace-{table_id}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("socket.timeout.ms", "5000")
+            .set("queued.max.messages.kbytes", "16384")
+            .set("log_level", "3");
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config.create().map_err(kafka_error)
+    }
+}
+
+/// A running Kafka source.
+pub struct KafkaSource {
+    /// Shared engine (commits, the bad-record list).
+    pub engine: Arc<Engine>,
+    /// The table fed.
+    pub table: Arc<MillraceTable>,
+    /// The table's name.
+    pub name: String,
+    /// Settings.
+    pub options: KafkaOptions,
+    /// Live figures.
+    pub stats: Arc<SourceStats>,
+    /// Set when the table is dropped.
+    pub stopped: watch::Receiver<bool>,
+    /// The runtime commits run on.
+    pub runtime: Handle,
+}
+
+/// Next offset to read, by partition.
+type Offsets = BTreeMap<i32, i64>;
+
+impl KafkaSource {
+    /// Reads the topic until stopped (call on a blocking thread).
+    pub fn run(mut self) {
+        let mut committed: Offsets = match self.engine.store().source_state(self.table.id) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            _ => Offsets::new(),
+        };
+        self.show_offsets(&committed);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *self.stopped.borrow() {
+                self.stats.set_status("stopped", None);
+                return;
+            }
+            match self.session(&mut committed, &mut backoff) {
+                Ok(()) => {}
+                Err(e) => {
+                    let wait = self.stats.failed(&self.name, &e, &mut backoff);
+                    let mut stopped = self.stopped.clone();
+                    self.runtime.block_on(async {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stopped.changed() => {}
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// One consumer's life: assign, then read and commit until stopped, the partitions
+    /// change (Ok) or something fails (Err).
+    fn session(&mut self, committed: &mut Offsets, backoff: &mut Duration) -> Result<()> {
+        let consumer = self.options.consumer(self.table.id)?;
+        let partitions = self.partitions(&consumer)?;
+        self.start_offsets(&consumer, &partitions, committed)?;
+        let mut assignment = TopicPartitionList::new();
+        for (p, next) in committed.iter() {
+            assignment
+                .add_partition_offset(&self.options.topic, *p, Offset::Offset(*next))
+                .map_err(kafka_error)?;
+        }
+        consumer.assign(&assignment).map_err(kafka_error)?;
+        info!(source = %self.name, topic = %self.options.topic, partitions = partitions.len(), "kafka source assigned");
+        self.stats.set_status("running", None);
+        let mut pacer = Pacer::new(self.stats.limit.load(Ordering::Relaxed));
+        let mut probed = Instant::now() - PROBE_EVERY;
+        loop {
+            if *self.stopped.borrow() {
+                return Ok(());
+            }
+            if probed.elapsed() >= PROBE_EVERY {
+                if self.partitions(&consumer)?.len() != partitions.len() {
+                    info!(source = %self.name, "kafka partitions changed; reassigning");
+                    return Ok(());
+                }
+                self.probe(&consumer, committed)?;
+                probed = Instant::now();
+            }
+            let allowance = pacer.allowance(self.stats.limit.load(Ordering::Relaxed));
+            if allowance == 0 {
+                std::thread::sleep(pacer.wait());
+                continue;
+            }
+            let (batch, rows, next) = self.read_batch(&consumer, committed, allowance)?;
+            if next == *committed {
+                continue;
+            }
+            let n = batch.num_rows() as u64;
+            self.commit(batch, &next)?;
+            *committed = next;
+            *backoff = Duration::from_millis(100);
+            pacer.consumed(n);
+            self.stats.set_status("running", None);
+            self.show_offsets(committed);
+            SourceStats::count(&self.stats.rows, n);
+            self.stats.note_rows(n);
+            if let Ok(mut parts) = self.stats.partitions.lock() {
+                for (p, (rows, bytes, bad)) in &rows.per_partition {
+                    let part = parts.entry(p.to_string()).or_default();
+                    part.rows += rows;
+                    part.bytes += bytes;
+                    part.bad_records += bad;
+                }
+            }
+            for record in rows.bad {
+                self.engine.sources.record_bad(&self.stats, record);
+            }
+        }
+    }
+
+    /// The topic's partition ids, or an error if the topic cannot be described.
+    fn partitions(&self, consumer: &BaseConsumer) -> Result<Vec<i32>> {
+        let metadata = consumer
+            .fetch_metadata(Some(&self.options.topic), PROBE_TIMEOUT)
+            .map_err(|e| ServerError::Connector(format!("kafka broker unreachable: {e}")))?;
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.options.topic)
+            .ok_or_else(|| missing_topic(&self.options.topic))?;
+        if let Some(error) = topic.error() {
+            let code = RDKafkaErrorCode::from(error);
+            return Err(if code == RDKafkaErrorCode::UnknownTopicOrPartition {
+                missing_topic(&self.options.topic)
+            } else {
+                ServerError::Connector(format!("kafka topic {}: {code}", self.options.topic))
+            });
+        }
+        if topic.partitions().is_empty() {
+            return Err(missing_topic(&self.options.topic));
+        }
+        Ok(topic.partitions().iter().map(|p| p.id()).collect())
+    }
+
+    /// Resolves the start of partitions without a committed offset (by the startup mode,
+    /// or their beginning for partitions added later) and commits them, so that a restart
+    /// starts from the same place.
+    fn start_offsets(
+        &mut self,
+        consumer: &BaseConsumer,
+        partitions: &[i32],
+        committed: &mut Offsets,
+    ) -> Result<()> {
+        let first_start = committed.is_empty();
+        let mut next = committed.clone();
+        for p in partitions {
+            if next.contains_key(p) {
+                continue;
+            }
+            let (low, high) = consumer
+                .fetch_watermarks(&self.options.topic, *p, PROBE_TIMEOUT)
+                .map_err(|e| ServerError::Connector(format!("kafka broker unreachable: {e}")))?;
+            let start = match (first_start, self.options.startup) {
+                (false, _) | (true, Startup::Earliest) => low,
+                (true, Startup::Latest) => high,
+                (true, Startup::Timestamp(ms)) => {
+                    let mut query = TopicPartitionList::new();
+                    query
+                        .add_partition_offset(&self.options.topic, *p, Offset::Offset(ms))
+                        .map_err(kafka_error)?;
+                    let found = consumer
+                        .offsets_for_times(query, PROBE_TIMEOUT)
+                        .map_err(kafka_error)?;
+                    match found
+                        .find_partition(&self.options.topic, *p)
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(o)) => o,
+                        _ => high,
+                    }
+                }
+            };
+            next.insert(*p, start);
+        }
+        if next != *committed {
+            let empty = BatchBuilder::new(self.options.schema.clone()).finish()?;
+            self.commit(empty, &next)?;
+            *committed = next;
+            self.show_offsets(committed);
+        }
+        Ok(())
+    }
+
+    /// Reads each partition's high watermark (for the lag) and refreshes the rates.
+    fn probe(&self, consumer: &BaseConsumer, committed: &Offsets) -> Result<()> {
+        let mut highs = Vec::new();
+        for p in committed.keys() {
+            let (_, high) = consumer
+                .fetch_watermarks(&self.options.topic, *p, PROBE_TIMEOUT)
+                .map_err(|e| ServerError::Connector(format!("kafka broker unreachable: {e}")))?;
+            highs.push((*p, high));
+        }
+        if let Ok(mut parts) = self.stats.partitions.lock() {
+            for (p, high) in highs {
+                let part = parts.entry(p.to_string()).or_default();
+                part.high_watermark = Some(high);
+                part.tick();
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls messages until `limit` rows, a short pause in arrivals, or 100 ms.
+    fn read_batch(
+        &self,
+        consumer: &BaseConsumer,
+        committed: &Offsets,
+        limit: u64,
+    ) -> Result<(RecordBatch, ReadRows, Offsets)> {
+        let mut next = committed.clone();
+        let mut rows = BatchBuilder::new(self.options.schema.clone());
+        let mut read = ReadRows::default();
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while (rows.len() as u64) < limit.min(MAX_BATCH) && Instant::now() < deadline {
+            let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
+                if rows.is_empty() && next == *committed {
+                    continue;
+                }
+                break;
+            };
+            let message = match polled {
+                Ok(m) => m,
+                Err(KafkaError::PartitionEOF(_)) => continue,
+                Err(e) => return Err(kafka_error(e)),
+            };
+            let (p, offset) = (message.partition(), message.offset());
+            match next.get(&p) {
+                Some(n) if offset >= *n => {}
+                _ => continue,
+            }
+            next.insert(p, offset + 1);
+            let payload = message.payload().unwrap_or_default();
+            let figures = read.per_partition.entry(p).or_default();
+            figures.1 += payload.len() as u64;
+            match self.options.decoder.decode(payload) {
+                Ok(values) => {
+                    figures.0 += 1;
+                    let key = message.key();
+                    let ms = message.timestamp().to_millis();
+                    let row = self
+                        .options
+                        .columns
+                        .iter()
+                        .zip(self.options.schema.fields())
+                        .map(|(column, field)| {
+                            let raw = match column {
+                                Column::Payload(i) => return values[*i].clone(),
+                                Column::Key => ScalarValue::Utf8(
+                                    key.map(|k| String::from_utf8_lossy(k).into_owned()),
+                                ),
+                                Column::Partition => ScalarValue::Int32(Some(p)),
+                                Column::Offset => ScalarValue::Int64(Some(offset)),
+                                Column::Timestamp => {
+                                    ScalarValue::TimestampMillisecond(ms, Some("+00:00".into()))
+                                }
+                            };
+                            raw.cast_to(field.data_type()).unwrap_or_else(|_| {
+                                ScalarValue::try_from(field.data_type())
+                                    .unwrap_or(ScalarValue::Null)
+                            })
+                        })
+                        .collect();
+                    rows.push(row);
+                }
+                Err(reason) => {
+                    figures.2 += 1;
+                    read.bad.push(bad_record(
+                        &self.name,
+                        p.to_string(),
+                        offset as u64,
+                        payload,
+                        reason,
+                    ));
+                }
+            }
+        }
+        Ok((rows.finish()?, read, next))
+    }
+
+    /// Commits rows with the offsets after them.
+    fn commit(&self, batch: RecordBatch, next: &Offsets) -> Result<()> {
+        let state = serde_json::to_vec(next)
+            .map_err(|e| ServerError::Internal(format!("source state: {e}")))?;
+        let mut set = WriteSet::new();
+        set.put_source_state(self.table.id, state);
+        self.runtime.block_on(commit_rows(
+            &self.engine,
+            &self.table,
+            &self.name,
+            &self.stopped,
+            batch,
+            set,
+        ))
+    }
+
+    /// Publishes committed offsets: per partition, and their sum as the source's offset.
+    fn show_offsets(&self, committed: &Offsets) {
+        if let Ok(mut o) = self.stats.offset.lock() {
+            *o = committed.values().map(|v| (*v).max(0) as u64).sum();
+        }
+        if let Ok(mut parts) = self.stats.partitions.lock() {
+            for (p, next) in committed {
+                parts.entry(p.to_string()).or_default().offset = *next;
+            }
+        }
+    }
+}
+
+/// What one poll round read.
+#[derive(Default)]
+struct ReadRows {
+    bad: Vec<super::BadRecord>,
+    /// Good rows, bytes and bad records by partition.
+    per_partition: BTreeMap<i32, (u64, u64, u64)>,
+}
+
+impl PartitionStats {
+    /// Refreshes the rate from the rows counted since the last tick.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if let Some((at, rows)) = self.window {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                self.rate = (self.rows - rows) as f64 / secs;
+            }
+        }
+        self.window = Some((now, self.rows));
+    }
+}
+
+fn missing_topic(topic: &str) -> ServerError {
+    ServerError::Connector(format!("kafka topic {topic} does not exist"))
+}
+
+fn kafka_error(e: KafkaError) -> ServerError {
+    ServerError::Connector(format!("kafka: {e}"))
+}
