@@ -43,6 +43,9 @@ impl KafkaTarget {
         config
             .set("bootstrap.servers", &brokers)
             .set("acks", "all")
+            // NOTE: one request in flight keeps a partition's messages in order across
+            // retries (a row's insert never overtakes its delete).
+            .set("max.in.flight.requests.per.connection", "1")
             .set("message.timeout.ms", "5000")
             .set("log_level", "3");
         for (k, v) in &options.values {
