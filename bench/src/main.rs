@@ -269,6 +269,125 @@ async fn nexmark_run(
     Ok((wall, cpu))
 }
 
+/// Produces `rows` JSON click records to `topic` (partitions chosen by key); returns the
+/// seconds it took.
+async fn kafka_produce(
+    brokers: &str,
+    topic: &str,
+    rows: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    use futures::StreamExt;
+    let started = Instant::now();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..rows {
+        let key = (i % 1000).to_string();
+        let payload = format!(
+            r#"{{"user_id": {}, "url": "/page/{}", "ts": "2026-01-01T00:00:00Z"}}"#,
+            i % 100_000,
+            i % 1000
+        );
+        let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+        // NOTE: librdkafka copies the message; a full local queue is drained, then retried.
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    record = back;
+                    while pending.len() > 1000 {
+                        if let Some(Ok(Err((e, _)))) = pending.next().await {
+                            return Err(e.into());
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        if pending.len() >= 100_000 {
+            while pending.len() > 10_000 {
+                if let Some(Ok(Err((e, _)))) = pending.next().await {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    while let Some(sent) = pending.next().await {
+        if let Ok(Err((e, _))) = sent {
+            return Err(e.into());
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// A Kafka source reading the whole `topic` into a table (and a view of `view`, if any):
+/// wall seconds and server CPU seconds until all `rows` are in and the view caught up.
+async fn kafka_run(
+    t: &Target,
+    pid: u32,
+    brokers: &str,
+    topic: &str,
+    name: &str,
+    view: Option<&str>,
+    rows: usize,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let c = connect(t.port, &t.user, &t.db).await?;
+    let cpu0 = cpu_seconds(pid)?;
+    let started = Instant::now();
+    c.batch_execute(&format!(
+        "CREATE SOURCE {name} (user_id BIGINT, url TEXT, ts TIMESTAMPTZ) \
+         WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', scan.startup.mode = 'earliest') FORMAT JSON"
+    ))
+    .await?;
+    if let Some(query) = view {
+        c.batch_execute(&format!(
+            "CREATE MATERIALIZED VIEW {name}_view AS {}",
+            query.replace("FROM clicks", &format!("FROM {name}"))
+        ))
+        .await?;
+    }
+    loop {
+        let row = c
+            .query_one(
+                "SELECT rows_ingested FROM millrace_sources WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        let n: i64 = row.get(0);
+        if n as usize >= rows {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.batch_execute("FLUSH").await?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu0;
+    let n: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+        .await?
+        .get(0);
+    if n as usize != rows {
+        return Err(format!("{name} holds {n} rows, not {rows}").into());
+    }
+    c.batch_execute(&format!("DROP SOURCE {name} CASCADE"))
+        .await?;
+    Ok((wall, cpu))
+}
+
 /// `subscribers` feeds of one view (`COPY (SUBSCRIBE TO v) TO STDOUT`) while one writer
 /// inserts `changes` rows one at a time: for each insert, the time from its ack until every
 /// subscriber has received its change (p50, p99), and server CPU seconds per change.
@@ -445,6 +564,56 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     events as f64 / wall,
                     events as f64 / cpu.max(1e-9),
                     cpu * 1e6 / events as f64
+                );
+            }
+        }
+        "kafka" => {
+            let rows = env_usize("BENCH_ROWS", 1_000_000);
+            let pid: u32 = std::env::var("MILLRACE_PID")?.parse()?;
+            let brokers = std::env::var("KAFKA_BROKERS")?;
+            let Some(t) = targets.iter().find(|t| t.name == "millrace") else {
+                return Err("kafka needs the millrace target".into());
+            };
+            let produce = kafka_produce(&brokers, "bench_clicks", rows).await?;
+            println!(
+                "Kafka JSON ingest, {rows} rows in topic bench_clicks (2 partitions; produced at {:.0} rows/s). Server CPU from /proc; broker and server share the 2 cores",
+                rows as f64 / produce
+            );
+            let runs = [
+                ("source only (baseline)", None),
+                (
+                    "passthrough view",
+                    Some("SELECT user_id, url, ts FROM clicks"),
+                ),
+                (
+                    "GROUP BY view",
+                    Some("SELECT url, count(*) AS n FROM clicks GROUP BY url"),
+                ),
+            ];
+            let broker_pid: Option<u32> =
+                std::env::var("TANSU_PID").ok().and_then(|p| p.parse().ok());
+            for (i, (label, view)) in runs.iter().enumerate() {
+                let broker0 = broker_pid.map(cpu_seconds).transpose()?;
+                let (wall, cpu) = kafka_run(
+                    t,
+                    pid,
+                    &brokers,
+                    "bench_clicks",
+                    &format!("kc{i}"),
+                    *view,
+                    rows,
+                )
+                .await?;
+                let broker = match (broker_pid, broker0) {
+                    (Some(pid), Some(c0)) => cpu_seconds(pid)? - c0,
+                    _ => f64::NAN,
+                };
+                println!(
+                    "  {:<24} {:>10.0} rows/s   {:>6.2} server CPU-s per million rows   (broker {:.2} CPU-s per million)",
+                    label,
+                    rows as f64 / wall,
+                    cpu * 1e6 / rows as f64,
+                    broker * 1e6 / rows as f64
                 );
             }
         }

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod db;
 pub mod rows;
 pub mod runner;
+pub mod s3;
 pub mod server;
 
 pub use db::MillraceDb;

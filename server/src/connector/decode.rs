@@ -27,6 +27,8 @@ pub enum Format {
         /// The first line of each file names the columns (files only).
         header: bool,
     },
+    /// Whole Parquet files, columns by name (files only).
+    Parquet,
 }
 
 impl Format {
@@ -45,6 +47,7 @@ impl Format {
             None => Ok(Format::Json),
             Some(f) if f == "json" || f == "jsonl" => Ok(Format::Json),
             Some(f) if f == "csv" => Ok(Format::Csv { header }),
+            Some(f) if f == "parquet" => Ok(Format::Parquet),
             Some(other) => Err(ServerError::NotSupported(format!("format '{other}'"))),
         }
     }
@@ -108,6 +111,7 @@ impl RecordDecoder {
         let texts: Vec<Option<String>> = match self.format {
             Format::Json => self.json_fields(text)?,
             Format::Csv { .. } => self.csv_fields(text)?,
+            Format::Parquet => return Err("Parquet is read by whole files".into()),
         };
         self.fields
             .iter()

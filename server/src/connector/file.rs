@@ -1,4 +1,5 @@
-//! `connector = 'file'`: a local directory of JSON-lines or CSV files, each file read once.
+//! `connector = 'file'`: a local directory or an S3 prefix (`path = 's3://bucket/prefix'`)
+//! of JSON-lines, CSV or Parquet files, each file read once.
 //!
 //! The reader lists the directory every `poll_interval_ms`, takes the files it has not read
 //! in name order (skipping names starting with `.` or ending in `.tmp`, so writers can
@@ -10,18 +11,21 @@
 //! turns the source unhealthy until it can be read again.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::ScalarValue;
 use millrace_planner::MillraceTable;
 use millrace_storage::WriteSet;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio::sync::watch;
 use tracing::info;
 
 use super::decode::{BatchBuilder, Format, RecordDecoder, bad_record};
+use super::location::Location;
 use super::{BadRecord, ConnectorOptions, SourceStats, commit_rows};
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
@@ -30,7 +34,7 @@ use crate::error::{Result, ServerError};
 #[derive(Debug, Clone)]
 pub struct FileOptions {
     /// The directory read.
-    dir: PathBuf,
+    location: Location,
     /// Decodes each line.
     decoder: RecordDecoder,
     /// Time between directory listings.
@@ -42,16 +46,8 @@ pub struct FileOptions {
 impl FileOptions {
     /// The settings of a file source feeding a table of `schema`.
     pub fn try_new(options: &ConnectorOptions, schema: &SchemaRef) -> Result<Self> {
-        let dir = options
-            .values
-            .get("path")
-            .ok_or_else(|| ServerError::InvalidSetting {
-                name: "path".into(),
-                value: String::new(),
-            })?;
-        let dir = PathBuf::from(dir.strip_prefix("file://").unwrap_or(dir));
         Ok(Self {
-            dir,
+            location: Location::try_new(options)?,
             decoder: RecordDecoder::try_new(options, schema.fields().iter().cloned().collect())?,
             poll: Duration::from_millis(options.number("poll_interval_ms")?.unwrap_or(200).max(10)),
             schema: schema.clone(),
@@ -112,32 +108,27 @@ impl FileSource {
 
     /// Reads every file not read yet, one commit per file.
     async fn poll_once(&mut self, read: &mut BTreeSet<String>) -> Result<()> {
-        let dir = self.options.dir.clone();
-        let listing = std::fs::read_dir(&dir)
-            .map_err(|e| ServerError::Connector(format!("cannot list {}: {e}", dir.display())))?;
-        let mut new: Vec<String> = Vec::new();
-        for entry in listing {
-            let entry = entry.map_err(|e| {
-                ServerError::Connector(format!("cannot list {}: {e}", dir.display()))
-            })?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.ends_with(".tmp") || read.contains(&name) {
-                continue;
-            }
-            if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                new.push(name);
-            }
-        }
+        let mut new: Vec<String> = self
+            .options
+            .location
+            .list()
+            .await?
+            .into_iter()
+            .filter(|name| {
+                !(name.starts_with('.') || name.ends_with(".tmp") || read.contains(name))
+            })
+            .collect();
         new.sort();
         for name in new {
             if *self.stopped.borrow() {
                 return Ok(());
             }
-            let path = dir.join(&name);
-            let bytes = std::fs::read(&path).map_err(|e| {
-                ServerError::Connector(format!("cannot read {}: {e}", path.display()))
-            })?;
-            let (batch, bad) = self.parse(&name, &bytes)?;
+            let bytes = self.options.location.read(&name).await?;
+            let (batch, bad) = if self.options.decoder.format() == Format::Parquet {
+                self.parse_parquet(&name, bytes)?
+            } else {
+                self.parse(&name, &bytes)?
+            };
             let rows = batch.num_rows() as u64;
             let mut after = read.clone();
             after.insert(name.clone());
@@ -163,6 +154,75 @@ impl FileSource {
             info!(source = %self.name, file = %name, rows, "file ingested");
         }
         Ok(())
+    }
+
+    /// The good rows of one Parquet file (columns matched by name and cast to the table's
+    /// types), and its bad records: rows with NULL in a NOT NULL column, or the whole file
+    /// (line 0) when it cannot be decoded.
+    fn parse_parquet(&self, file: &str, bytes: Bytes) -> Result<(RecordBatch, Vec<BadRecord>)> {
+        let schema = self.options.schema.clone();
+        let whole_file = |reason: String| {
+            let empty = RecordBatch::new_empty(schema.clone());
+            let prefix = bytes.slice(..bytes.len().min(16));
+            (
+                empty,
+                vec![bad_record(&self.name, file.to_string(), 0, &prefix, reason)],
+            )
+        };
+        let reader = match ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+            .and_then(|b| b.with_batch_size(8192).build())
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(whole_file(format!("unreadable Parquet file: {e}"))),
+        };
+        let mut rows = BatchBuilder::new(schema.clone());
+        let mut bad = Vec::new();
+        let mut line = 0u64;
+        for batch in reader {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => return Ok(whole_file(format!("unreadable Parquet file: {e}"))),
+            };
+            let mut columns = Vec::with_capacity(schema.fields().len());
+            for field in schema.fields() {
+                let column = match batch.column_by_name(field.name()) {
+                    Some(c) => datafusion::arrow::compute::cast(c, field.data_type())
+                        .map_err(|e| format!("column \"{}\": {e}", field.name())),
+                    None if field.is_nullable() => Ok(datafusion::arrow::array::new_null_array(
+                        field.data_type(),
+                        batch.num_rows(),
+                    )),
+                    None => Err(format!("missing required column \"{}\"", field.name())),
+                };
+                match column {
+                    Ok(c) => columns.push(c),
+                    Err(reason) => return Ok(whole_file(reason)),
+                }
+            }
+            for i in 0..batch.num_rows() {
+                line += 1;
+                let values = columns
+                    .iter()
+                    .map(|c| ScalarValue::try_from_array(c, i))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                match schema
+                    .fields()
+                    .iter()
+                    .zip(&values)
+                    .find(|(f, v)| !f.is_nullable() && v.is_null())
+                {
+                    Some((f, _)) => bad.push(bad_record(
+                        &self.name,
+                        file.to_string(),
+                        line,
+                        format!("{values:?}").as_bytes(),
+                        format!("missing required field \"{}\"", f.name()),
+                    )),
+                    None => rows.push(values),
+                }
+            }
+        }
+        Ok((rows.finish()?, bad))
     }
 
     /// The good rows of one file, and its bad records.

@@ -141,11 +141,17 @@ impl KafkaOptions {
                 (name != "bootstrap.server").then(|| (name.to_string(), v.clone()))
             })
             .collect();
+        let decoder = RecordDecoder::try_new(options, payload)?;
+        if decoder.format() == super::decode::Format::Parquet {
+            return Err(ServerError::NotSupported(
+                "format parquet for Kafka messages".into(),
+            ));
+        }
         Ok(Self {
             brokers,
             topic,
             startup,
-            decoder: RecordDecoder::try_new(options, payload)?,
+            decoder,
             columns,
             schema: schema.clone(),
             properties,

@@ -11,6 +11,7 @@ pub mod datagen;
 pub mod decode;
 pub mod file;
 pub mod kafka;
+pub mod location;
 pub mod nexmark;
 pub mod system;
 
