@@ -374,7 +374,12 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
     }
     for step in 0..=steps {
         if step > 0 {
-            let (sql, edge) = change(&mut rng);
+            // NOTE: emptying a table is rare at random; once per run it is certain.
+            let (sql, edge) = if step == steps / 2 {
+                ("DELETE FROM t1".to_string(), Some("empty input"))
+            } else {
+                change(&mut rng)
+            };
             exec(&client, &sql).await?;
             script.push(sql);
             if let Some(edge) = edge {
