@@ -106,6 +106,7 @@ impl Engine {
         crate::connector::system::register(&engine.catalog, &engine.sources);
         crate::sink::system::register(&engine.catalog, &engine.sinks);
         engine.replay().await?;
+        engine.sources.load_bad_records(engine.store())?;
         engine.start_sources()?;
         engine.start_sinks()?;
         Ok(engine)

@@ -115,6 +115,26 @@ async fn check_exact(client: &Client, good: &Good) {
     assert_eq!(view, batch, "the view equals its query run in batch");
 }
 
+/// The bad records listed for `clicks`: (partition, offset) -> reason.
+async fn listed_bad(client: &Client) -> BTreeMap<(String, String), String> {
+    rows(
+        client,
+        "SELECT partition, \"offset\", reason FROM millrace_source_errors WHERE source = 'clicks'",
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        (
+            (
+                r[0].clone().unwrap_or_default(),
+                r[1].clone().unwrap_or_default(),
+            ),
+            r[2].clone().unwrap_or_default(),
+        )
+    })
+    .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
     let broker = Broker::start().expect("start tansu");
@@ -180,23 +200,7 @@ async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
     check_exact(&client, &good).await;
 
     // Every bad record is listed, with where it was and why.
-    let listed = rows(
-        &client,
-        "SELECT partition, \"offset\", reason FROM millrace_source_errors WHERE source = 'clicks'",
-    )
-    .await;
-    let listed: BTreeMap<(String, String), String> = listed
-        .into_iter()
-        .map(|r| {
-            (
-                (
-                    r[0].clone().unwrap_or_default(),
-                    r[1].clone().unwrap_or_default(),
-                ),
-                r[2].clone().unwrap_or_default(),
-            )
-        })
-        .collect();
+    let listed = listed_bad(&client).await;
     assert_eq!(
         listed.keys().collect::<Vec<_>>(),
         bad.keys().collect::<Vec<_>>(),
@@ -287,6 +291,12 @@ async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
     )
     .await;
     check_exact(&client, &good).await;
+    // The bad records were committed with the rows read beside them: still listed, once.
+    assert_eq!(
+        listed_bad(&client).await,
+        listed,
+        "bad records survive kill -9"
+    );
 
     // A source created with startup mode latest sees only what is produced after it.
     let late = source

@@ -43,6 +43,11 @@ enum WriteOp {
         count: i64,
     },
     DropSinkRows(u64),
+    PutBadRecord {
+        seq: u64,
+        value: Vec<u8>,
+    },
+    DeleteBadRecord(u64),
 }
 
 /// All durable changes of one statement or transaction; committed atomically.
@@ -80,6 +85,15 @@ impl WriteSet {
     /// Forgets every row a dropped sink delivered.
     pub fn drop_sink_rows(&mut self, sink_id: u64) {
         self.ops.push(WriteOp::DropSinkRows(sink_id));
+    }
+    /// Keeps a source's bad record (number `seq`, encoded by the caller) with the commit of
+    /// the rows read beside it.
+    pub fn put_bad_record(&mut self, seq: u64, value: Vec<u8>) {
+        self.ops.push(WriteOp::PutBadRecord { seq, value });
+    }
+    /// Forgets bad record `seq` (evicted).
+    pub fn delete_bad_record(&mut self, seq: u64) {
+        self.ops.push(WriteOp::DeleteBadRecord(seq));
     }
     /// Stores (or replaces) a catalog record.
     pub fn put_catalog(&mut self, record: CatalogRecord) {
@@ -232,6 +246,12 @@ impl Store {
                         batch.put_cf(self.cf(CF_META)?, key, count.to_be_bytes());
                     }
                 }
+                WriteOp::PutBadRecord { seq, value } => {
+                    batch.put_cf(self.cf(CF_META)?, bad_record_key(seq), value);
+                }
+                WriteOp::DeleteBadRecord(seq) => {
+                    batch.delete_cf(self.cf(CF_META)?, bad_record_key(seq));
+                }
                 WriteOp::DropSinkRows(sink_id) => {
                     batch.delete_range_cf(
                         self.cf(CF_META)?,
@@ -299,6 +319,28 @@ impl Store {
         Ok(out)
     }
 
+    /// Every kept bad record as (number, encoded record), oldest first.
+    pub fn bad_records(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let start = bad_record_key(0);
+        let prefix = &start[..start.len() - 8];
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_META)?,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((
+                decode_u64(&key[prefix.len()..], "bad record key")?,
+                value.to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// The log of one table, oldest entry first.
     pub fn table_log(&self, table_id: u64) -> Result<Vec<LogEntry>> {
         let start = log_key(table_id, 0);
@@ -321,6 +363,12 @@ impl Store {
 fn offset_key(source_id: u64) -> Vec<u8> {
     let mut key = b"source_offset/".to_vec();
     key.extend_from_slice(&source_id.to_be_bytes());
+    key
+}
+
+fn bad_record_key(seq: u64) -> Vec<u8> {
+    let mut key = b"bad_record/".to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
     key
 }
 
@@ -446,6 +494,33 @@ mod tests {
         store.commit(set)?;
         assert!(store.sink_rows(7)?.is_empty());
         assert_eq!(store.sink_rows(8)?, vec![(b"a".to_vec(), 5)]);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_records_are_kept_in_order_until_deleted() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Injected(e.to_string()))?;
+        {
+            let store = Store::open(dir.path())?;
+            let mut set = WriteSet::new();
+            for seq in [3u64, 1, 2, 256] {
+                set.put_bad_record(seq, seq.to_string().into_bytes());
+            }
+            set.put_sink_row(1, b"x".to_vec(), 1);
+            store.commit(set)?;
+            let mut set = WriteSet::new();
+            set.delete_bad_record(2);
+            store.commit(set)?;
+        }
+        let store = Store::open(dir.path())?;
+        assert_eq!(
+            store.bad_records()?,
+            vec![
+                (1, b"1".to_vec()),
+                (3, b"3".to_vec()),
+                (256, b"256".to_vec())
+            ]
+        );
         Ok(())
     }
 }

@@ -136,6 +136,7 @@ impl FileSource {
                 .map_err(|e| ServerError::Internal(format!("source state: {e}")))?;
             let mut set = WriteSet::new();
             set.put_source_state(self.table.id, state);
+            let staged = self.engine.sources.stage_bad(bad, &mut set)?;
             commit_rows(
                 &self.engine,
                 &self.table,
@@ -148,9 +149,7 @@ impl FileSource {
             *read = after;
             self.set_offset(read.len());
             SourceStats::count(&self.stats.rows, rows);
-            for record in bad {
-                self.engine.sources.record_bad(&self.stats, record);
-            }
+            self.engine.sources.publish_bad(&self.stats, staged);
             info!(source = %self.name, file = %name, rows, "file ingested");
         }
         Ok(())

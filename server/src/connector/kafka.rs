@@ -261,12 +261,13 @@ impl KafkaSource {
                 std::thread::sleep(pacer.wait());
                 continue;
             }
-            let (batch, rows, next) = self.read_batch(&consumer, committed, allowance)?;
+            let (batch, mut rows, next) = self.read_batch(&consumer, committed, allowance)?;
             if next == *committed {
                 continue;
             }
             let n = batch.num_rows() as u64;
-            self.commit(batch, &next)?;
+            let bad = std::mem::take(&mut rows.bad);
+            let staged = self.commit(batch, &next, bad)?;
             *committed = next;
             *backoff = Duration::from_millis(100);
             pacer.consumed(n);
@@ -282,9 +283,7 @@ impl KafkaSource {
                     part.bad_records += bad;
                 }
             }
-            for record in rows.bad {
-                self.engine.sources.record_bad(&self.stats, record);
-            }
+            self.engine.sources.publish_bad(&self.stats, staged);
         }
     }
 
@@ -354,7 +353,7 @@ impl KafkaSource {
         }
         if next != *committed {
             let empty = BatchBuilder::new(self.options.schema.clone()).finish()?;
-            self.commit(empty, &next)?;
+            self.commit(empty, &next, Vec::new())?;
             *committed = next;
             self.show_offsets(committed);
         }
@@ -457,12 +456,18 @@ impl KafkaSource {
         Ok((rows.finish()?, read, next))
     }
 
-    /// Commits rows with the offsets after them.
-    fn commit(&self, batch: RecordBatch, next: &Offsets) -> Result<()> {
+    /// Commits rows with the offsets after them and the bad records read beside them.
+    fn commit(
+        &self,
+        batch: RecordBatch,
+        next: &Offsets,
+        bad: Vec<super::BadRecord>,
+    ) -> Result<super::StagedBad> {
         let state = serde_json::to_vec(next)
             .map_err(|e| ServerError::Internal(format!("source state: {e}")))?;
         let mut set = WriteSet::new();
         set.put_source_state(self.table.id, state);
+        let staged = self.engine.sources.stage_bad(bad, &mut set)?;
         self.runtime.block_on(commit_rows(
             &self.engine,
             &self.table,
@@ -470,7 +475,8 @@ impl KafkaSource {
             &self.stopped,
             batch,
             set,
-        ))
+        ))?;
+        Ok(staged)
     }
 
     /// Publishes committed offsets: per partition, and their sum as the source's offset.

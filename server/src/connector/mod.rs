@@ -309,7 +309,7 @@ struct SourceHandle {
 pub const BAD_RECORDS_KEPT: usize = 10_000;
 
 /// One bad record: where it was and why it was refused.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BadRecord {
     /// The table the source feeds.
     pub source: String,
@@ -325,12 +325,20 @@ pub struct BadRecord {
     pub time: SystemTime,
 }
 
+/// Bad records staged with a commit, published once it is durable.
+#[derive(Debug, Default)]
+pub struct StagedBad {
+    records: Vec<(u64, BadRecord)>,
+}
+
 /// Every connector-fed table's ingest task.
 #[derive(Default)]
 pub struct Sources {
     running: Mutex<HashMap<u64, SourceHandle>>,
-    /// The most recent bad records of all sources, with their source's figures.
-    bad: Mutex<VecDeque<(BadRecord, Arc<SourceStats>)>>,
+    /// The most recent bad records of all sources, by number, oldest first.
+    bad: Mutex<VecDeque<(u64, BadRecord)>>,
+    /// Number of the next bad record.
+    next_bad: AtomicU64,
 }
 
 impl std::fmt::Debug for Sources {
@@ -340,15 +348,71 @@ impl std::fmt::Debug for Sources {
 }
 
 impl Sources {
-    /// Lists a bad record, evicting the oldest beyond [`BAD_RECORDS_KEPT`].
-    pub fn record_bad(&self, stats: &Arc<SourceStats>, record: BadRecord) {
-        SourceStats::count(&stats.bad_records, 1);
+    /// Loads the bad records kept in the store (at start, before any source runs).
+    pub fn load_bad_records(&self, store: &millrace_storage::Store) -> Result<()> {
+        let mut kept = VecDeque::new();
+        let mut last = 0;
+        for (seq, bytes) in store.bad_records()? {
+            last = seq;
+            match serde_json::from_slice::<BadRecord>(&bytes) {
+                Ok(record) => kept.push_back((seq, record)),
+                Err(e) => warn!(seq, error = %e, "unreadable stored bad record skipped"),
+            }
+        }
+        let mut set = WriteSet::new();
+        while kept.len() > BAD_RECORDS_KEPT {
+            if let Some((seq, _)) = kept.pop_front() {
+                set.delete_bad_record(seq);
+            }
+        }
+        store.commit(set)?;
+        self.next_bad.store(last + 1, Ordering::SeqCst);
         if let Ok(mut bad) = self.bad.lock() {
-            bad.push_back((record, stats.clone()));
+            *bad = kept;
+        }
+        Ok(())
+    }
+
+    /// Numbers `records` and adds them to `set`, with the eviction of the oldest kept ones
+    /// beyond [`BAD_RECORDS_KEPT`], so they become durable with the rows read beside them.
+    pub fn stage_bad(&self, records: Vec<BadRecord>, set: &mut WriteSet) -> Result<StagedBad> {
+        let mut staged = StagedBad::default();
+        for record in records {
+            let seq = self.next_bad.fetch_add(1, Ordering::SeqCst);
+            let bytes = serde_json::to_vec(&record)
+                .map_err(|e| ServerError::Internal(format!("bad record: {e}")))?;
+            set.put_bad_record(seq, bytes);
+            staged.records.push((seq, record));
+        }
+        if let Ok(bad) = self.bad.lock() {
+            let over = (bad.len() + staged.records.len()).saturating_sub(BAD_RECORDS_KEPT);
+            for (seq, _) in bad.iter().take(over) {
+                set.delete_bad_record(*seq);
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Lists committed bad records of source `stats`, evicting the oldest beyond
+    /// [`BAD_RECORDS_KEPT`] (counted against the source they came from).
+    pub fn publish_bad(&self, stats: &Arc<SourceStats>, staged: StagedBad) {
+        SourceStats::count(&stats.bad_records, staged.records.len() as u64);
+        let mut evicted: Vec<String> = Vec::new();
+        if let Ok(mut bad) = self.bad.lock() {
+            bad.extend(staged.records);
             while bad.len() > BAD_RECORDS_KEPT {
-                if let Some((_, owner)) = bad.pop_front() {
-                    SourceStats::count(&owner.bad_evicted, 1);
+                if let Some((_, record)) = bad.pop_front() {
+                    evicted.push(record.source);
                 }
+            }
+        }
+        if evicted.is_empty() {
+            return;
+        }
+        for owner in self.stats() {
+            let n = evicted.iter().filter(|s| **s == owner.name).count() as u64;
+            if n > 0 {
+                SourceStats::count(&owner.bad_evicted, n);
             }
         }
     }
@@ -357,7 +421,7 @@ impl Sources {
     pub fn bad_records(&self) -> Vec<BadRecord> {
         self.bad
             .lock()
-            .map(|b| b.iter().map(|(r, _)| r.clone()).collect())
+            .map(|b| b.iter().map(|(_, r)| r.clone()).collect())
             .unwrap_or_default()
     }
 
