@@ -302,3 +302,57 @@ async fn subscribe_over_the_extended_protocol() {
         .collect();
     assert_eq!(changes, want, "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_to_a_query_lives_as_long_as_its_feed() {
+    use futures::StreamExt;
+    let server = TestServer::start(&[]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    exec(&client, "CREATE TABLE q (k TEXT, n INT)").await;
+    exec(&client, "INSERT INTO q VALUES ('a', 1)").await;
+    let feed_client = server.connect("millrace").await.expect("connect");
+    let feed = feed_client
+        .copy_out("COPY (SUBSCRIBE TO (SELECT k, sum(n) AS total FROM q GROUP BY k)) TO STDOUT")
+        .await
+        .expect("subscribe to a query");
+    assert_eq!(
+        one(&client, "SELECT count(*) FROM millrace_views").await,
+        "1",
+        "the query is maintained by a view while the feed runs"
+    );
+    exec(&client, "INSERT INTO q VALUES ('a', 2), ('b', 5)").await;
+    let mut feed = Box::pin(feed);
+    let mut lines: Vec<String> = Vec::new();
+    while lines.len() < 4 {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(20), feed.next())
+            .await
+            .expect("a change within 20 s")
+            .expect("feed open")
+            .expect("feed chunk");
+        lines.extend(String::from_utf8_lossy(&chunk).lines().map(str::to_string));
+    }
+    let mut changes: Vec<String> = lines
+        .iter()
+        .map(|l| l.split('\t').skip(1).collect::<Vec<_>>().join(" "))
+        .collect();
+    changes[1..].sort();
+    assert_eq!(changes, ["1 a 1", "-1 a 1", "1 a 3", "1 b 5"], "{lines:?}");
+    // The subscriber cancels (psql's Ctrl-C): its view goes with the feed.
+    feed_client
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    drop(feed);
+    for _ in 0..200 {
+        if one(&client, "SELECT count(*) FROM millrace_views").await == "0" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        one(&client, "SELECT count(*) FROM millrace_views").await,
+        "0"
+    );
+    exec(&client, "DROP TABLE q").await;
+}

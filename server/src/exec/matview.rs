@@ -136,6 +136,60 @@ pub async fn create(session: &mut Session, view: ast::CreateView) -> Result<Outp
     Ok(Output::command("CREATE MATERIALIZED VIEW"))
 }
 
+/// A materialized view of `query` that is not stored and not listed: it lives as long as the
+/// returned guard, which a `SUBSCRIBE TO (query)` holds while it streams.
+pub async fn create_ephemeral(session: &mut Session, query: &str) -> Result<EphemeralView> {
+    let id = session.engine.store().allocate_object_id();
+    let name = format!("_subscribe_{id}");
+    let Statement::CreateView(view) =
+        ddl::parse_one(&format!("CREATE MATERIALIZED VIEW {name} AS {query}"))?
+    else {
+        return Err(ServerError::Syntax(
+            "SUBSCRIBE TO (query) needs a query".into(),
+        ));
+    };
+    let compiled = compile_view(&session.ctx, &view).await?;
+    let record = CatalogRecord {
+        id,
+        kind: ObjectKind::MaterializedView,
+        database: session.database.clone(),
+        schema: session.current_schema(),
+        name,
+        sql: Statement::CreateView(view).to_string(),
+        depends_on: compiled.depends_on.clone(),
+        search_schema: Some(session.current_schema()),
+    };
+    let guard = EphemeralView {
+        engine: session.engine.clone(),
+        record: record.clone(),
+    };
+    start(&session.engine, record, compiled, false).await?;
+    if let Some(entry) = session.engine.views.view(id)
+        && let ViewStatus::Failed(reason) = entry.status()
+    {
+        return Err(PlanError::ViewFailed {
+            view: "SUBSCRIBE query".into(),
+            reason,
+        }
+        .into());
+    }
+    Ok(guard)
+}
+
+/// A view made for one subscription; dropped with it (also when the client cancels).
+pub struct EphemeralView {
+    engine: Arc<Engine>,
+    /// Its (unstored) catalog record.
+    pub record: CatalogRecord,
+}
+
+impl Drop for EphemeralView {
+    fn drop(&mut self) {
+        self.engine.views.deregister(self.record.id);
+        let _ = self.engine.catalog.deregister(&self.record);
+    }
+}
+
 /// Rebuilds a materialized view from its record on start (by backfill).
 pub async fn restore(
     engine: &Arc<Engine>,

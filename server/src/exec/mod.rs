@@ -102,7 +102,7 @@ pub struct Prepared {
     /// Output columns renamed back to the names the user wrote.
     pub renames: Vec<(usize, String)>,
     /// The view of a SUBSCRIBE (whose `statement` is None).
-    pub subscribe: Option<datafusion::sql::sqlparser::ast::ObjectName>,
+    pub subscribe: Option<crate::wire::sql::SubscribeTarget>,
     /// A command the SQL parser does not know (CREATE / DROP SINK).
     pub command: Option<Box<crate::wire::sql::Parsed>>,
 }

@@ -55,8 +55,8 @@ pub enum Parsed {
     Statement(Box<Statement>, Vec<(usize, String)>),
     /// A no-op command answered with the given tag.
     NoOp(&'static str),
-    /// `SUBSCRIBE [TO] view`, or `COPY (SUBSCRIBE [TO] view) TO STDOUT`: a live feed.
-    Subscribe(ObjectName),
+    /// `SUBSCRIBE [TO] view | (query)`, or `COPY (SUBSCRIBE ...) TO STDOUT`: a live feed.
+    Subscribe(SubscribeTarget),
     /// `CREATE SINK [IF NOT EXISTS] name FROM view WITH (...) [FORMAT ...]`.
     CreateSink(Box<CreateSink>),
     /// `DROP SINK [IF EXISTS] name`.
@@ -66,6 +66,15 @@ pub enum Parsed {
         /// No error when it does not exist.
         if_exists: bool,
     },
+}
+
+/// What a SUBSCRIBE follows.
+#[derive(Debug, Clone)]
+pub enum SubscribeTarget {
+    /// A materialized view.
+    View(ObjectName),
+    /// A query, maintained by a view that lives as long as the subscription.
+    Query(String),
 }
 
 /// A parsed `CREATE SINK`.
@@ -242,8 +251,8 @@ fn quote_dotted_option_keys(sql: &str) -> String {
     out
 }
 
-/// The view of a `SUBSCRIBE` command, in either of its spellings; `None` for other text.
-fn subscribe_command(sql: &str) -> Option<Result<ObjectName>> {
+/// The target of a `SUBSCRIBE` command, in either of its spellings; `None` for other text.
+fn subscribe_command(sql: &str) -> Option<Result<SubscribeTarget>> {
     let mut s = sql.trim().trim_end_matches(';').trim();
     let lower = s.to_ascii_lowercase();
     if let Some(open) = lower.strip_prefix("copy") {
@@ -270,15 +279,21 @@ fn subscribe_command(sql: &str) -> Option<Result<ObjectName>> {
     if let Some(after) = name.get(..3).filter(|to| to.eq_ignore_ascii_case("to ")) {
         name = name[after.len()..].trim_start();
     }
-    if name.starts_with('(') {
-        return Some(Err(ServerError::NotSupported(
-            "SUBSCRIBE to a query; create a materialized view and subscribe to it".into(),
-        )));
+    if let Some(inner) = name.strip_prefix('(') {
+        return Some(match inner.trim_end().strip_suffix(')') {
+            Some(query) if !query.trim().is_empty() => {
+                Ok(SubscribeTarget::Query(query.trim().to_string()))
+            }
+            _ => Err(ServerError::Syntax(
+                "SUBSCRIBE TO (query) needs a query in parentheses".into(),
+            )),
+        });
     }
     Some(
         Parser::new(&PostgreSqlDialect {})
             .try_with_sql(name)
             .and_then(|mut p| p.parse_object_name(false))
+            .map(SubscribeTarget::View)
             .map_err(ServerError::from),
     )
 }
@@ -338,7 +353,11 @@ mod tests {
     use super::*;
 
     fn view_of(sql: &str) -> Option<String> {
-        subscribe_command(sql).map(|r| r.map(|n| n.to_string()).unwrap_or_else(|e| e.to_string()))
+        subscribe_command(sql).map(|r| match r {
+            Ok(SubscribeTarget::View(n)) => n.to_string(),
+            Ok(SubscribeTarget::Query(q)) => format!("query: {q}"),
+            Err(e) => e.to_string(),
+        })
     }
 
     #[test]
@@ -410,6 +429,15 @@ mod tests {
         assert_eq!(view_of("COPY t TO STDOUT"), None);
         assert_eq!(view_of("SELECT subscribe FROM t"), None);
         assert_eq!(view_of("subscriber"), None);
+        assert_eq!(
+            view_of("COPY (SUBSCRIBE TO (SELECT a, count(*) FROM t GROUP BY a)) TO STDOUT")
+                .as_deref(),
+            Some("query: SELECT a, count(*) FROM t GROUP BY a")
+        );
+        assert_eq!(
+            view_of("SUBSCRIBE (SELECT 1);").as_deref(),
+            Some("query: SELECT 1")
+        );
     }
 
     #[test]
@@ -423,10 +451,10 @@ mod tests {
     }
 
     #[test]
-    fn subscribe_to_a_query_or_a_file_is_refused() {
+    fn subscribe_to_a_file_or_nothing_is_refused() {
         assert!(matches!(
-            subscribe_command("SUBSCRIBE TO (SELECT 1)"),
-            Some(Err(ServerError::NotSupported(_)))
+            subscribe_command("SUBSCRIBE TO ()"),
+            Some(Err(ServerError::Syntax(_)))
         ));
         assert!(matches!(
             subscribe_command("COPY (SUBSCRIBE v) TO '/tmp/x'"),

@@ -11,7 +11,6 @@ use std::fmt::Debug;
 
 use bytes::Bytes;
 use datafusion::arrow::array::RecordBatch;
-use datafusion::sql::sqlparser::ast::ObjectName;
 use futures::{Sink, SinkExt};
 use millrace_storage::ObjectKind;
 use pgwire::api::results::{Response, Tag};
@@ -26,28 +25,46 @@ use crate::exec::copy::{CopyFormat, encode_rows};
 use crate::exec::names::{parts, resolve};
 use crate::runtime::subscribe::with_epoch_and_diff;
 use crate::session::Session;
+use crate::wire::sql::SubscribeTarget;
 
-/// Streams the changes of `view` to `client` until the feed ends.
-pub async fn subscribe<C>(session: &Session, client: &mut C, view: &ObjectName) -> Result<Response>
+/// Streams the changes of a view, or of a query (through a view that lives as long as the
+/// feed), to `client` until the feed ends.
+pub async fn subscribe<C>(
+    session: &mut Session,
+    client: &mut C,
+    target: &SubscribeTarget,
+) -> Result<Response>
 where
     C: Sink<PgWireBackendMessage> + Unpin + Send,
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
-    let name = resolve(session, view)?;
-    let record = session
-        .engine
-        .catalog
-        .find(
-            &[ObjectKind::MaterializedView],
-            &name.database,
-            &name.schema,
-            &name.name,
-        )
-        .ok_or_else(|| millrace_planner::PlanError::UndefinedObject {
-            kind: "materialized view",
-            name: parts(view).pop().unwrap_or_default(),
-        })?;
+    let mut _ephemeral = None;
+    let record = match target {
+        SubscribeTarget::View(view) => {
+            let name = resolve(session, view)?;
+            session
+                .engine
+                .catalog
+                .find(
+                    &[ObjectKind::MaterializedView],
+                    &name.database,
+                    &name.schema,
+                    &name.name,
+                )
+                .ok_or_else(|| millrace_planner::PlanError::UndefinedObject {
+                    kind: "materialized view",
+                    name: parts(view).pop().unwrap_or_default(),
+                })?
+        }
+        SubscribeTarget::Query(query) => {
+            let view = crate::exec::matview::create_ephemeral(session, query).await?;
+            let record = view.record.clone();
+            _ephemeral = Some(view);
+            record
+        }
+    };
+    let name = &record;
     let setting = session.settings.get("subscribe_max_buffer")?;
     let limit: usize = setting.parse().map_err(|_| ServerError::InvalidSetting {
         name: "subscribe_max_buffer".into(),
