@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::broker::Broker;
-use millrace_sqllogictest::rows::{exec, one, rows};
+use millrace_sqllogictest::rows::{exec, one, rows, wait_for};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_postgres::Client;
@@ -59,24 +59,6 @@ async fn produce_good(
             good.insert((partition, offset), (user, url));
         }
     }
-}
-
-async fn wait_for(client: &Client, sql: &str, want: &str, what: &str) {
-    for _ in 0..600 {
-        if one(client, sql).await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{what}: `{sql}` never returned {want} (last {}); sources: {:?}",
-        one(client, sql).await,
-        rows(
-            client,
-            "SELECT name, status, reason, \"offset\", rows_ingested FROM millrace_sources"
-        )
-        .await
-    );
 }
 
 /// Checks the source holds exactly the good records, once each, and the view equals both the

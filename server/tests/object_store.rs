@@ -6,17 +6,15 @@
 //! across a `kill -9`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use millrace_sqllogictest::TestServer;
-use millrace_sqllogictest::rows::{exec, one, rows};
+use millrace_sqllogictest::rows::{exec, one, rows, wait_for};
 use millrace_sqllogictest::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use tokio_postgres::Client;
 
 fn bucket(s3: &S3Server) -> impl ObjectStore {
     AmazonS3Builder::new()
@@ -66,20 +64,6 @@ fn source(name: &str, prefix: &str, format: &str, s3: &S3Server, secret: &str) -
          FORMAT {format}",
         s3.endpoint()
     )
-}
-
-async fn wait_for(client: &Client, sql: &str, want: &str, what: &str) {
-    for _ in 0..600 {
-        if one(client, sql).await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{what}: `{sql}` never returned {want} (last {}); sources: {:?}",
-        one(client, sql).await,
-        rows(client, "SELECT name, status, reason FROM millrace_sources").await
-    );
 }
 
 fn text_rows(pairs: &[(i64, &str)]) -> Vec<Vec<Option<String>>> {

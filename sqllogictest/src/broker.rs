@@ -2,32 +2,14 @@
 //! loopback port, with topic creation and deletion, and pause / resume (SIGSTOP / SIGCONT)
 //! to make it unreachable mid-stream.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use crate::server::free_port;
-
-/// Path of the `tansu` binary: `$TANSU_BIN`, else the CI tool cache, else `tansu` on PATH.
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let cached = std::env::var("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/millrace/tools/bin/tansu"))
-        .unwrap_or_default();
-    if cached.exists() {
-        return cached;
-    }
-    PathBuf::from("tansu")
-}
+use crate::service::{Service, tool_bin};
 
 /// A running broker, killed on drop.
 pub struct Broker {
-    child: Child,
-    /// Port it listens on.
-    pub port: u16,
-    log_path: PathBuf,
+    service: Service,
     _tmp: tempfile::TempDir,
 }
 
@@ -36,62 +18,37 @@ impl Broker {
     pub fn start() -> std::io::Result<Broker> {
         let tmp = tempfile::tempdir()?;
         let port = free_port();
-        let log_path = tmp.path().join("tansu.log");
-        let log = std::fs::File::create(&log_path)?;
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(&url)
-            .arg("--advertised-listener-url")
-            .arg(&url)
-            .arg("--storage-engine")
-            .arg("memory://tansu/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|e| {
-                std::io::Error::other(format!(
-                    "cannot start the test broker {} ({e}); run .ci/install-deps",
-                    tansu_bin().display()
-                ))
-            })?;
-        let broker = Broker {
-            child,
-            port,
-            log_path,
-            _tmp: tmp,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err(std::io::Error::other(format!(
-                    "tansu did not start listening; log:\n{}",
-                    broker.log()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(broker)
+        let args = [
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        .map(String::from);
+        let service = Service::start(tool_bin("TANSU_BIN", "tansu"), &args, port, tmp.path())?;
+        Ok(Broker { service, _tmp: tmp })
     }
 
     /// `127.0.0.1:port`, as clients' bootstrap servers.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.service.port)
     }
 
     /// The broker's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.service.log()
     }
 
     fn topic_command(&self, args: &[&str]) -> std::io::Result<()> {
-        let out = Command::new(tansu_bin())
+        let out = Command::new(tool_bin("TANSU_BIN", "tansu"))
             .arg("topic")
             .args(args)
             .arg("--broker")
-            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .arg(format!("tcp://127.0.0.1:{}", self.service.port))
             .output()?;
         if !out.status.success() {
             return Err(std::io::Error::other(format!(
@@ -112,28 +69,13 @@ impl Broker {
         self.topic_command(&["delete", name])
     }
 
-    fn signal(&self, signal: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status();
-    }
-
     /// Freezes the broker: it keeps its connections but answers nothing.
     pub fn pause(&self) {
-        self.signal("STOP");
+        self.service.pause();
     }
 
     /// Thaws a paused broker.
     pub fn resume(&self) {
-        self.signal("CONT");
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.resume();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.service.resume();
     }
 }

@@ -7,6 +7,7 @@ pub mod rows;
 pub mod runner;
 pub mod s3;
 pub mod server;
+pub mod service;
 
 pub use db::MillraceDb;
 pub use server::TestServer;

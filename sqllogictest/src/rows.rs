@@ -52,3 +52,23 @@ pub async fn one(client: &Client, sql: &str) -> String {
         .and_then(|r| r.first().cloned().flatten())
         .unwrap_or_else(|| panic!("{sql}: no value"))
 }
+
+/// Polls `sql` until its single value is `want` (for at most a minute); on timeout panics
+/// with `what`, the last value and every source's status, for connector tests.
+pub async fn wait_for(client: &Client, sql: &str, want: &str, what: &str) {
+    for _ in 0..600 {
+        if one(client, sql).await == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{what}: `{sql}` never returned {want} (last {}); sources: {:?}",
+        one(client, sql).await,
+        rows(
+            client,
+            "SELECT name, status, reason, \"offset\", rows_ingested FROM millrace_sources"
+        )
+        .await
+    );
+}

@@ -84,17 +84,8 @@ pub struct KafkaOptions {
 impl KafkaOptions {
     /// The settings of a Kafka source feeding a table of `schema`.
     pub fn try_new(options: &ConnectorOptions, schema: &SchemaRef) -> Result<Self> {
-        let required = |keys: &[&str]| -> Result<String> {
-            keys.iter()
-                .find_map(|k| options.values.get(*k))
-                .cloned()
-                .ok_or_else(|| ServerError::InvalidSetting {
-                    name: keys[0].into(),
-                    value: String::new(),
-                })
-        };
-        let brokers = required(&["brokers", "properties.bootstrap.server"])?;
-        let topic = required(&["topic"])?;
+        let brokers = options.required(&["brokers", "properties.bootstrap.server"])?;
+        let topic = options.required(&["topic"])?;
         let startup = match options
             .values
             .get("scan.startup.mode")

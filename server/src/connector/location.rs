@@ -37,23 +37,17 @@ impl Location {
     /// The location named by the `path` option; S3 settings come from `s3.endpoint`,
     /// `s3.region`, `s3.access_key_id`, `s3.secret_access_key` or the `AWS_*` environment.
     pub fn try_new(options: &ConnectorOptions) -> Result<Self> {
-        let path = options
-            .values
-            .get("path")
-            .ok_or_else(|| ServerError::InvalidSetting {
-                name: "path".into(),
-                value: String::new(),
-            })?;
+        let path = options.required(&["path"])?;
         let Some(rest) = path.strip_prefix("s3://") else {
             return Ok(Location::Local(PathBuf::from(
-                path.strip_prefix("file://").unwrap_or(path),
+                path.strip_prefix("file://").unwrap_or(&path),
             )));
         };
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(ServerError::InvalidSetting {
                 name: "path".into(),
-                value: path.clone(),
+                value: path,
             });
         }
         let get = |keys: &[&str]| keys.iter().find_map(|k| options.values.get(*k)).cloned();

@@ -92,6 +92,17 @@ impl ConnectorOptions {
         self.values.get("connector").map_or("", |s| s.as_str())
     }
 
+    /// The value of the first of `keys` given; an error naming `keys[0]` when none is.
+    pub fn required(&self, keys: &[&str]) -> Result<String> {
+        keys.iter()
+            .find_map(|k| self.values.get(*k))
+            .cloned()
+            .ok_or_else(|| ServerError::InvalidSetting {
+                name: keys.first().copied().unwrap_or_default().into(),
+                value: String::new(),
+            })
+    }
+
     /// An optional numeric option.
     pub fn number(&self, key: &str) -> Result<Option<u64>> {
         self.values
@@ -161,15 +172,36 @@ impl ConnectorOptions {
     }
 }
 
-/// What a source is doing, as `millrace_sources` shows it.
+/// What a source or sink is doing, as `millrace_sources` and `millrace_sinks` show it.
 #[derive(Debug, Clone)]
 pub struct SourceStatus {
-    /// `running`, `unhealthy`, `finished` or `stopped`.
+    /// `running`, `unhealthy`, `finished` or `stopped` (sources); `starting`, `running`,
+    /// `retrying`, `circuit_open`, `half_open` or `stopped` (sinks).
     pub state: &'static str,
-    /// Why it is unhealthy.
+    /// Why it is not running.
     pub reason: Option<String>,
     /// When it entered this state.
     pub since: SystemTime,
+}
+
+/// A status that changes its `since` only when the state or the reason changes.
+pub trait StatusCell {
+    /// Sets the state and reason.
+    fn change(&self, state: &'static str, reason: Option<String>);
+}
+
+impl StatusCell for Mutex<SourceStatus> {
+    fn change(&self, state: &'static str, reason: Option<String>) {
+        if let Ok(mut s) = self.lock()
+            && (s.state != state || s.reason != reason)
+        {
+            *s = SourceStatus {
+                state,
+                reason,
+                since: SystemTime::now(),
+            };
+        }
+    }
 }
 
 /// Live figures of one source.
@@ -285,15 +317,7 @@ impl SourceStats {
     }
 
     fn set_status(&self, state: &'static str, reason: Option<String>) {
-        if let Ok(mut s) = self.status.lock()
-            && (s.state != state || s.reason != reason)
-        {
-            *s = SourceStatus {
-                state,
-                reason,
-                since: SystemTime::now(),
-            };
-        }
+        self.status.change(state, reason);
     }
 }
 

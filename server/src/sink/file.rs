@@ -17,15 +17,9 @@ pub struct FileTarget {
 impl FileTarget {
     /// The target named by `path`.
     pub fn try_new(options: &ConnectorOptions) -> Result<Self> {
-        let dir = options
-            .values
-            .get("path")
-            .ok_or_else(|| ServerError::InvalidSetting {
-                name: "path".into(),
-                value: String::new(),
-            })?;
+        let dir = options.required(&["path"])?;
         Ok(Self {
-            dir: PathBuf::from(dir.strip_prefix("file://").unwrap_or(dir)),
+            dir: PathBuf::from(dir.strip_prefix("file://").unwrap_or(&dir)),
         })
     }
 

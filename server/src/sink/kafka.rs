@@ -27,18 +27,8 @@ pub struct KafkaTarget {
 impl KafkaTarget {
     /// The target named by `brokers` and `topic` (`properties.*` go to librdkafka).
     pub fn try_new(options: &ConnectorOptions) -> Result<Self> {
-        let get = |key: &str| {
-            options
-                .values
-                .get(key)
-                .cloned()
-                .ok_or_else(|| ServerError::InvalidSetting {
-                    name: key.into(),
-                    value: String::new(),
-                })
-        };
-        let brokers = get("brokers").or_else(|_| get("properties.bootstrap.server"))?;
-        let topic = get("topic")?;
+        let brokers = options.required(&["brokers", "properties.bootstrap.server"])?;
+        let topic = options.required(&["topic"])?;
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &brokers)

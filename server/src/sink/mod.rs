@@ -37,7 +37,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::connector::ConnectorOptions;
+use crate::connector::{ConnectorOptions, SourceStatus, StatusCell};
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
 use mirror::Mirror;
@@ -115,17 +115,6 @@ struct Progress {
     pending: Option<String>,
 }
 
-/// What a sink is doing, as `millrace_sinks` shows it.
-#[derive(Debug, Clone)]
-pub struct SinkStatus {
-    /// `starting`, `running`, `retrying`, `circuit_open`, `half_open` or `stopped`.
-    pub state: &'static str,
-    /// The last failure, while not running.
-    pub reason: Option<String>,
-    /// When it entered this state.
-    pub since: SystemTime,
-}
-
 /// Live figures of one sink.
 #[derive(Debug)]
 pub struct SinkStats {
@@ -148,20 +137,12 @@ pub struct SinkStats {
     /// Times the circuit opened.
     pub circuit_opened: AtomicU64,
     /// Current state.
-    pub status: Mutex<SinkStatus>,
+    pub status: Mutex<SourceStatus>,
 }
 
 impl SinkStats {
     fn set_status(&self, state: &'static str, reason: Option<String>) {
-        if let Ok(mut s) = self.status.lock()
-            && (s.state != state || s.reason != reason)
-        {
-            *s = SinkStatus {
-                state,
-                reason,
-                since: SystemTime::now(),
-            };
-        }
+        self.status.change(state, reason);
     }
 }
 
@@ -226,7 +207,7 @@ impl Sinks {
             errors: AtomicU64::new(0),
             consecutive_failures: AtomicU64::new(0),
             circuit_opened: AtomicU64::new(0),
-            status: Mutex::new(SinkStatus {
+            status: Mutex::new(SourceStatus {
                 state: "starting",
                 reason: None,
                 since: SystemTime::now(),
