@@ -18,6 +18,10 @@ pub struct ServeConfig {
     /// Lets sessions inject faults (`SET millrace.inject_write_failures = n`), for tests.
     #[arg(long, env = "MILLRACE_FAILPOINTS", hide = true)]
     pub failpoints: bool,
+    /// Committed epochs that may wait for the views before writers and sources block
+    /// (back-pressure); small values are for tests.
+    #[arg(long, env = "MILLRACE_EPOCH_QUEUE", default_value_t = 256, hide = true)]
+    pub epoch_queue: usize,
 }
 
 impl ServeConfig {

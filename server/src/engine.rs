@@ -96,7 +96,7 @@ impl Engine {
             runtime,
             workers: config.workers(),
             connections: AtomicUsize::new(0),
-            views: ViewRuntime::new(config.workers()),
+            views: ViewRuntime::new(config.workers(), config.epoch_queue),
             sources: Arc::new(Sources::default()),
             sinks: Arc::new(crate::sink::Sinks::default()),
             failpoints: config.failpoints,

@@ -507,3 +507,59 @@ async fn file_sources_read_each_file_once_and_list_bad_records() {
         rows(&client, "SELECT url, count(*), sum(n) FROM ev GROUP BY url").await
     );
 }
+
+/// Rows a source may have committed ahead of its views with `--epoch-queue 4`: the epochs the
+/// coordinator merged into the step it is running (at most 4, the queue's capacity), the 4
+/// queued behind them, and the one whose writer waits for room; each at most a batch of 8192
+/// rows. Without back-pressure it would be most of the 200,000 rows.
+const AHEAD_BOUND: i64 = (2 * 4 + 1) * 8192;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_view_slows_its_source_instead_of_queueing_rows() {
+    let server = TestServer::start(&["--failpoints", "--epoch-queue", "4"]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    // Views take 20 µs per input row: at most 50k rows/s, far below what datagen produces.
+    exec(&client, "SET millrace.slow_views_us_per_row = 20").await;
+    exec(
+        &client,
+        "CREATE TABLE fast (id BIGINT) WITH (connector = 'datagen', rows_per_second = 10000000, total_rows = 200000)",
+    )
+    .await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW slow AS SELECT count(*) AS n FROM fast",
+    )
+    .await;
+    let mut most_ahead = 0i64;
+    let mut samples = 0;
+    loop {
+        // One statement: the table's committed rows against the view's count.
+        let r = rows(
+            &client,
+            "SELECT (SELECT count(*) FROM fast), (SELECT coalesce(max(n), 0) FROM slow)",
+        )
+        .await;
+        let table: i64 = r[0][0].as_deref().unwrap_or("0").parse().unwrap_or(0);
+        let view: i64 = r[0][1].as_deref().unwrap_or("0").parse().unwrap_or(0);
+        most_ahead = most_ahead.max(table - view);
+        samples += 1;
+        if view == 200_000 {
+            break;
+        }
+        assert!(
+            samples < 3000,
+            "the view never caught up: {table} vs {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("the source ran at most {most_ahead} rows ahead of its view ({samples} samples)");
+    assert!(
+        most_ahead <= AHEAD_BOUND,
+        "the source ran {most_ahead} rows ahead of its view; back-pressure should hold it to {AHEAD_BOUND}"
+    );
+    assert!(
+        samples > 5,
+        "the run was too short to observe back-pressure"
+    );
+    assert_eq!(one(&client, "SELECT count(*) FROM fast").await, "200000");
+}

@@ -10,9 +10,10 @@ use crate::error::{Result, ServerError};
 use crate::exec::Output;
 use crate::session::Session;
 
-/// `SET millrace.inject_write_failures = n`: the next `n` durable commits fail (tests of
-/// failure handling; only on a server started with `--failpoints`).
-fn inject_write_failures(session: &Session, value: &str) -> Result<Output> {
+/// Fault injection, only on a server started with `--failpoints`:
+/// `SET millrace.inject_write_failures = n` makes the next `n` durable commits fail;
+/// `SET millrace.slow_views_us_per_row = n` holds every view step up n µs per input row.
+fn inject_fault(session: &Session, name: &str, value: &str) -> Result<Output> {
     if !session.engine.failpoints {
         return Err(ServerError::NotSupported(
             "fault injection on a server started without --failpoints".into(),
@@ -22,10 +23,18 @@ fn inject_write_failures(session: &Session, value: &str) -> Result<Output> {
         .trim()
         .parse()
         .map_err(|_| ServerError::InvalidSetting {
-            name: "millrace.inject_write_failures".into(),
+            name: name.into(),
             value: value.into(),
         })?;
-    session.engine.store().inject_write_failures(n);
+    if name == "millrace.slow_views_us_per_row" {
+        session
+            .engine
+            .views
+            .slow_us_per_row
+            .store(n.into(), std::sync::atomic::Ordering::Relaxed);
+    } else {
+        session.engine.store().inject_write_failures(n);
+    }
     Ok(Output::command("SET"))
 }
 
@@ -39,8 +48,10 @@ pub fn run(session: &mut Session, statement: Statement) -> Result<Output> {
                 } => {
                     let name = variable.to_string().to_ascii_lowercase();
                     let value = values.iter().map(value_text).collect::<Vec<_>>().join(", ");
-                    if name == "millrace.inject_write_failures" {
-                        return inject_write_failures(session, &value);
+                    if name == "millrace.inject_write_failures"
+                        || name == "millrace.slow_views_us_per_row"
+                    {
+                        return inject_fault(session, &name, &value);
                     }
                     if value.eq_ignore_ascii_case("default") {
                         session.settings.reset(&name)?;

@@ -31,8 +31,6 @@ use tracing::{info, warn};
 use crate::error::{Result, ServerError};
 use crate::runtime::subscribe::{EpochDelta, FEED_CAPACITY};
 
-/// Epochs that may be queued before committing writers wait (back-pressure).
-const EPOCH_QUEUE: usize = 256;
 /// Epochs merged into one step at most.
 const MAX_COALESCE: usize = 64;
 
@@ -212,6 +210,12 @@ pub struct ViewRuntime {
     views: Mutex<BTreeMap<u64, Arc<ViewEntry>>>,
     /// Workers per keyed operator.
     pub workers: usize,
+    /// Fault injection: microseconds each input row of a view step is held up
+    /// (`SET millrace.slow_views_us_per_row`, tests of back-pressure only).
+    pub slow_us_per_row: AtomicU64,
+    /// Epochs merged into one step at most: [`MAX_COALESCE`], or the queue's capacity if
+    /// smaller, so that what waits for the views stays within two queues' worth.
+    coalesce: usize,
 }
 
 impl std::fmt::Debug for Command {
@@ -224,9 +228,11 @@ impl std::fmt::Debug for Command {
 }
 
 impl ViewRuntime {
-    /// A runtime whose coordinator is started by [`ViewRuntime::start`].
-    pub fn new(workers: usize) -> Arc<Self> {
-        let (tx, rx) = mpsc::channel(EPOCH_QUEUE);
+    /// A runtime whose coordinator is started by [`ViewRuntime::start`]; at most
+    /// `epoch_queue` committed epochs wait for it before committing writers block
+    /// (back-pressure).
+    pub fn new(workers: usize, epoch_queue: usize) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(epoch_queue.max(1));
         let (published, _) = watch::channel(0);
         Arc::new(Self {
             commands: tx,
@@ -236,6 +242,8 @@ impl ViewRuntime {
             read_lock: RwLock::new(()),
             views: Mutex::new(BTreeMap::new()),
             workers: workers.max(1),
+            slow_us_per_row: AtomicU64::new(0),
+            coalesce: MAX_COALESCE.min(epoch_queue.max(1)),
         })
     }
 
@@ -331,7 +339,7 @@ impl ViewRuntime {
         info!(workers = self.workers, "view coordinator started");
         while let Some(first) = rx.recv().await {
             let mut commands = vec![first];
-            while commands.len() < MAX_COALESCE {
+            while commands.len() < self.coalesce {
                 match rx.try_recv() {
                     Ok(c) => commands.push(c),
                     Err(_) => break,
@@ -391,6 +399,11 @@ impl ViewRuntime {
             let inputs = view.inputs_of(&changes);
             if inputs.is_empty() {
                 continue;
+            }
+            let slow = self.slow_us_per_row.load(Ordering::Relaxed);
+            if slow > 0 {
+                let rows: usize = inputs.values().map(|c| c.len()).sum();
+                tokio::time::sleep(std::time::Duration::from_micros(slow * rows as u64)).await;
             }
             let before = view.stats.lock().map(|s| s.clone()).unwrap_or_default();
             let result = {
