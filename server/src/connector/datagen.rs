@@ -85,7 +85,7 @@ impl Datagen {
                     });
                 }
             };
-            if !supported(&data_type) {
+            if !super::column_type_supported(&data_type) {
                 return Err(ServerError::NotSupported(format!(
                     "datagen for column \"{name}\" of type {data_type}"
                 )));
@@ -103,23 +103,6 @@ impl Datagen {
         }
         Ok(Self { schema, columns })
     }
-}
-
-fn supported(t: &DataType) -> bool {
-    matches!(
-        t,
-        DataType::Int8
-            | DataType::Int16
-            | DataType::Int32
-            | DataType::Int64
-            | DataType::Float32
-            | DataType::Float64
-            | DataType::Utf8
-            | DataType::Boolean
-            | DataType::Date32
-            | DataType::Timestamp(..)
-            | DataType::Decimal128(..)
-    )
 }
 
 /// splitmix64: a fast, well-mixed hash of one 64-bit value.

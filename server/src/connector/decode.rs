@@ -8,7 +8,7 @@
 use std::time::SystemTime;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, FieldRef, SchemaRef};
+use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
 use datafusion::common::ScalarValue;
 
 use super::{BadRecord, ConnectorOptions};
@@ -65,19 +65,7 @@ impl RecordDecoder {
     /// A decoder for `fields` (checked to be types a record can carry).
     pub fn try_new(options: &ConnectorOptions, fields: Vec<FieldRef>) -> Result<Self> {
         for field in &fields {
-            if !matches!(
-                field.data_type(),
-                DataType::Int16
-                    | DataType::Int32
-                    | DataType::Int64
-                    | DataType::Float32
-                    | DataType::Float64
-                    | DataType::Utf8
-                    | DataType::Boolean
-                    | DataType::Date32
-                    | DataType::Timestamp(..)
-                    | DataType::Decimal128(..)
-            ) {
+            if !super::column_type_supported(field.data_type()) {
                 return Err(ServerError::NotSupported(format!(
                     "source column \"{}\" of type {}",
                     field.name(),

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::sql::sqlparser::ast::{CreateTableOptions, Expr, SqlOption, Value};
 use millrace_planner::MillraceTable;
 use millrace_storage::WriteSet;
@@ -30,6 +30,24 @@ use tracing::{info, warn};
 
 use crate::engine::{Engine, TableChange};
 use crate::error::{Result, ServerError};
+
+/// Whether a connector can fill a column of type `t` (generated, or cast from record text).
+pub(crate) fn column_type_supported(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::Float32
+            | DataType::Float64
+            | DataType::Utf8
+            | DataType::Boolean
+            | DataType::Date32
+            | DataType::Timestamp(..)
+            | DataType::Decimal128(..)
+    )
+}
 
 /// Rows per commit at most, whatever the rate.
 pub(crate) const MAX_BATCH: u64 = 8192;
