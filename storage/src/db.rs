@@ -302,41 +302,34 @@ impl Store {
 
     /// The rows a sink has delivered, as (encoded row, copies), in key order.
     pub fn sink_rows(&self, sink_id: u64) -> Result<Vec<(Vec<u8>, i64)>> {
-        let start = sink_row_key(sink_id, &[]);
-        let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(CF_META)?,
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item?;
-            if !key.starts_with(&start) {
-                break;
-            }
-            let count = decode_u64(&value, "sink row count")? as i64;
-            out.push((key[start.len()..].to_vec(), count));
-        }
-        Ok(out)
+        self.meta_with_prefix(&sink_row_key(sink_id, &[]))?
+            .into_iter()
+            .map(|(row, count)| Ok((row, decode_u64(&count, "sink row count")? as i64)))
+            .collect()
     }
 
     /// Every kept bad record as (number, encoded record), oldest first.
     pub fn bad_records(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        let start = bad_record_key(0);
-        let prefix = &start[..start.len() - 8];
+        self.meta_with_prefix(BAD_RECORD_PREFIX)?
+            .into_iter()
+            .map(|(seq, value)| Ok((decode_u64(&seq, "bad record key")?, value)))
+            .collect()
+    }
+
+    /// The entries of the `meta` column family whose key starts with `prefix`, in key order,
+    /// as (key without the prefix, value).
+    fn meta_with_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(
             self.cf(CF_META)?,
-            IteratorMode::From(&start, Direction::Forward),
+            IteratorMode::From(prefix, Direction::Forward),
         );
         for item in iter {
             let (key, value) = item?;
             if !key.starts_with(prefix) {
                 break;
             }
-            out.push((
-                decode_u64(&key[prefix.len()..], "bad record key")?,
-                value.to_vec(),
-            ));
+            out.push((key[prefix.len()..].to_vec(), value.to_vec()));
         }
         Ok(out)
     }
@@ -366,8 +359,10 @@ fn offset_key(source_id: u64) -> Vec<u8> {
     key
 }
 
+const BAD_RECORD_PREFIX: &[u8] = b"bad_record/";
+
 fn bad_record_key(seq: u64) -> Vec<u8> {
-    let mut key = b"bad_record/".to_vec();
+    let mut key = BAD_RECORD_PREFIX.to_vec();
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }

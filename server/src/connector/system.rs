@@ -48,31 +48,16 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
             .iter()
             .map(|s| s.status.lock().map(|st| st.clone()).ok())
             .collect();
-        let columns: Vec<ArrayRef> = vec![
+        let mut columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(
                 all.iter().map(|s| s.name.as_str()),
             )),
             Arc::new(StringArray::from_iter_values(
                 all.iter().map(|s| s.connector.as_str()),
             )),
-            Arc::new(StringArray::from_iter_values(
-                statuses
-                    .iter()
-                    .map(|s| s.as_ref().map_or("unknown", |s| s.state)),
-            )),
-            Arc::new(StringArray::from_iter(
-                statuses
-                    .iter()
-                    .map(|s| s.as_ref().and_then(|s| s.reason.clone())),
-            )),
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(statuses.iter().map(|s| {
-                    s.as_ref()
-                        .and_then(|s| s.since.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_micros() as i64)
-                }))
-                .with_timezone("+00:00"),
-            ),
+        ];
+        columns.extend(status_columns(&statuses));
+        columns.extend::<[ArrayRef; 8]>([
             Arc::new(Int64Array::from_iter_values(
                 all.iter().map(|s| read(&s.offset)),
             )),
@@ -96,7 +81,7 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
             Arc::new(Int64Array::from_iter_values(
                 all.iter().map(|s| read(&s.bad_evicted)),
             )),
-        ];
+        ]);
         Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
     });
     catalog.register_system_table("millrace_sources", Arc::new(SystemTable::new(schema, fill)));
@@ -167,6 +152,30 @@ fn register_partitions(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
         "millrace_source_partitions",
         Arc::new(SystemTable::new(schema, fill)),
     );
+}
+
+/// The `status`, `reason` and `status_since` columns of sources or sinks.
+pub fn status_columns(statuses: &[Option<super::SourceStatus>]) -> Vec<ArrayRef> {
+    vec![
+        Arc::new(StringArray::from_iter_values(
+            statuses
+                .iter()
+                .map(|s| s.as_ref().map_or("unknown", |s| s.state)),
+        )),
+        Arc::new(StringArray::from_iter(
+            statuses
+                .iter()
+                .map(|s| s.as_ref().and_then(|s| s.reason.clone())),
+        )),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(statuses.iter().map(|s| {
+                s.as_ref()
+                    .and_then(|s| s.since.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_micros() as i64)
+            }))
+            .with_timezone("+00:00"),
+        ),
+    ]
 }
 
 /// Registers `millrace_source_errors`.

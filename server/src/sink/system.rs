@@ -3,16 +3,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::UNIX_EPOCH;
 
-use datafusion::arrow::array::{
-    ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-};
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use millrace_planner::Catalog;
 use millrace_planner::system_table::SystemTable;
 
 use super::Sinks;
+use crate::connector::system::status_columns;
 
 /// Registers `millrace_sinks` in the catalog.
 pub fn register(catalog: &Arc<Catalog>, sinks: &Arc<Sinks>) {
@@ -50,7 +48,7 @@ pub fn register(catalog: &Arc<Catalog>, sinks: &Arc<Sinks>) {
                 all.iter().map(|s| f(s).load(Ordering::Relaxed) as i64),
             )) as ArrayRef
         };
-        let columns: Vec<ArrayRef> = vec![
+        let mut columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(
                 all.iter().map(|s| s.name.as_str()),
             )),
@@ -60,20 +58,9 @@ pub fn register(catalog: &Arc<Catalog>, sinks: &Arc<Sinks>) {
             Arc::new(StringArray::from_iter_values(
                 all.iter().map(|s| s.connector.as_str()),
             )),
-            Arc::new(StringArray::from_iter_values((0..all.len()).map(state))),
-            Arc::new(StringArray::from_iter(
-                statuses
-                    .iter()
-                    .map(|s| s.as_ref().and_then(|s| s.reason.clone())),
-            )),
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(statuses.iter().map(|s| {
-                    s.as_ref()
-                        .and_then(|s| s.since.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_micros() as i64)
-                }))
-                .with_timezone("+00:00"),
-            ),
+        ];
+        columns.extend(status_columns(&statuses));
+        columns.extend([
             Arc::new(StringArray::from_iter_values((0..all.len()).map(
                 |i| match state(i) {
                     "circuit_open" => "open",
@@ -87,7 +74,7 @@ pub fn register(catalog: &Arc<Catalog>, sinks: &Arc<Sinks>) {
             counter(|s| &s.rows),
             counter(|s| &s.errors),
             counter(|s| &s.consecutive_failures),
-        ];
+        ]);
         Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
     });
     catalog.register_system_table("millrace_sinks", Arc::new(SystemTable::new(schema, fill)));
