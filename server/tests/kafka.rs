@@ -162,7 +162,7 @@ async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
     let client = server.connect("millrace").await.expect("connect");
     let source = format!(
         "CREATE SOURCE clicks (user_id BIGINT NOT NULL, url TEXT, ts TIMESTAMPTZ, _partition INT, _offset BIGINT) \
-         WITH (connector = 'kafka', brokers = '{}', topic = 'clicks', scan.startup.mode = 'earliest', max_record_bytes = 512) \
+         WITH (connector = 'kafka', brokers = '{}', topic = 'clicks', scan.startup.mode = 'earliest', max_record_bytes = 512, readers = 2) \
          FORMAT JSON",
         broker.address()
     );
@@ -212,6 +212,15 @@ async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
         "partitions caught up",
     )
     .await;
+    // The two partitions are read by two readers in parallel.
+    assert_eq!(
+        one(
+            &client,
+            "SELECT count(DISTINCT reader) FROM millrace_source_partitions WHERE source = 'clicks'"
+        )
+        .await,
+        "2"
+    );
 
     // A source is fed only by its connector.
     let err = client
@@ -356,6 +365,10 @@ async fn kafka_options_are_checked_before_anything_is_created() {
         ),
         (
             "CREATE SOURCE s (a INT) WITH (connector = 'kafka', brokers = '127.0.0.1:1', topic = 't', scan.startup.mode = 'sometime')",
+            "22023",
+        ),
+        (
+            "CREATE SOURCE s (a INT) WITH (connector = 'kafka', brokers = '127.0.0.1:1', topic = 't', readers = 0)",
             "22023",
         ),
         (

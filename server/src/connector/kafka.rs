@@ -1,13 +1,14 @@
 //! `connector = 'kafka'`: a topic's partitions read with librdkafka (rdkafka), each message
 //! one JSON or CSV record.
 //!
-//! The reader runs on its own blocking thread with one consumer assigned every partition of
-//! the topic (librdkafka fetches them in parallel). It gathers up to a batch of messages,
-//! decodes them (bad ones go to `millrace_source_errors`), and commits the rows like an
-//! INSERT together with the next offset of every partition, in one RocksDB write: the
-//! offsets and the data they produced are durable together, so a restart, a crash or a
-//! broker outage resumes exactly after the last committed message. Consumer-group offsets
-//! in the broker are not used.
+//! The source's session runs on its own blocking thread. It splits the topic's partitions
+//! over its readers (`readers = n`, by default one per pipeline worker; see
+//! [`super::kafka_reader`]), each a consumer on its own thread that polls and decodes its
+//! partitions in parallel with the others (bad records go to `millrace_source_errors`).
+//! The session commits each decoded batch like an INSERT together with the next offset of
+//! every partition, in one RocksDB write: the offsets and the data they produced are
+//! durable together, so a restart, a crash or a broker outage resumes exactly after the
+//! last committed message. Consumer-group offsets in the broker are not used.
 //!
 //! Every second the reader probes the broker (topic metadata and each partition's high
 //! watermark, which gives the lag). A failed probe, a consumer error or a failed commit ends
@@ -19,27 +20,27 @@
 //! message's key, partition, offset and timestamp instead of its payload.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
-use datafusion::common::ScalarValue;
 use millrace_planner::MillraceTable;
 use millrace_storage::WriteSet;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::decode::{BatchBuilder, RecordDecoder, bad_record};
-use super::{ConnectorOptions, MAX_BATCH, Pacer, PartitionStats, SourceStats, commit_rows};
+use super::decode::{BatchBuilder, RecordDecoder};
+use super::kafka_reader::{self, PartitionReader, ReadBatch};
+use super::{ConnectorOptions, Pacer, PartitionStats, SourceStats, commit_rows};
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
 
@@ -59,7 +60,7 @@ enum Startup {
 
 /// Where a table column's value comes from.
 #[derive(Debug, Clone, Copy)]
-enum Column {
+pub(super) enum Column {
     /// The n-th decoded payload field.
     Payload(usize),
     Key,
@@ -72,13 +73,16 @@ enum Column {
 #[derive(Debug, Clone)]
 pub struct KafkaOptions {
     brokers: String,
-    topic: String,
+    pub(super) topic: String,
     startup: Startup,
-    decoder: RecordDecoder,
-    columns: Vec<Column>,
-    schema: SchemaRef,
+    pub(super) decoder: RecordDecoder,
+    pub(super) columns: Vec<Column>,
+    pub(super) schema: SchemaRef,
     /// `properties.<name>` options, passed to librdkafka as `<name>`.
     properties: Vec<(String, String)>,
+    /// `readers = n`: how many consumers the partitions are split over (default: one per
+    /// pipeline worker).
+    pub(super) readers: Option<usize>,
 }
 
 impl KafkaOptions {
@@ -132,6 +136,15 @@ impl KafkaOptions {
                 (name != "bootstrap.server").then(|| (name.to_string(), v.clone()))
             })
             .collect();
+        let readers = match options.number("readers")? {
+            Some(0) => {
+                return Err(ServerError::InvalidSetting {
+                    name: "readers".into(),
+                    value: "0".into(),
+                });
+            }
+            n => n.map(|n| n as usize),
+        };
         let decoder = RecordDecoder::try_new(options, payload)?;
         if decoder.format() == super::decode::Format::Parquet {
             return Err(ServerError::NotSupported(
@@ -146,10 +159,11 @@ impl KafkaOptions {
             columns,
             schema: schema.clone(),
             properties,
+            readers,
         })
     }
 
-    fn consumer(&self, table_id: u64) -> Result<BaseConsumer> {
+    pub(super) fn consumer(&self, table_id: u64) -> Result<BaseConsumer> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
@@ -183,10 +197,12 @@ pub struct KafkaSource {
     pub stopped: watch::Receiver<bool>,
     /// The runtime commits run on.
     pub runtime: Handle,
+    /// Readers the partitions are split over (each its own consumer and thread).
+    pub readers: usize,
 }
 
 /// Next offset to read, by partition.
-type Offsets = BTreeMap<i32, i64>;
+pub(super) type Offsets = BTreeMap<i32, i64>;
 
 impl KafkaSource {
     /// Reads the topic until stopped (call on a blocking thread).
@@ -218,56 +234,91 @@ impl KafkaSource {
         }
     }
 
-    /// One consumer's life: assign, then read and commit until stopped, the partitions
-    /// change (Ok) or something fails (Err).
+    /// One consumer group's life: split the partitions over the readers, then commit what
+    /// they read until stopped, the partitions change (Ok) or something fails (Err).
     fn session(&mut self, committed: &mut Offsets, backoff: &mut Duration) -> Result<()> {
         let consumer = self.options.consumer(self.table.id)?;
         let partitions = self.partitions(&consumer)?;
         self.start_offsets(&consumer, &partitions, committed)?;
-        let mut assignment = TopicPartitionList::new();
-        for (p, next) in committed.iter() {
-            assignment
-                .add_partition_offset(&self.options.topic, *p, Offset::Offset(*next))
-                .map_err(kafka_error)?;
+        let shares = kafka_reader::split(committed, self.readers);
+        let halt = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::sync_channel(shares.len());
+        let pacer = Arc::new(Mutex::new(Pacer::new(
+            self.stats.limit.load(Ordering::Relaxed),
+        )));
+        let options = Arc::new(self.options.clone());
+        let mut threads = Vec::new();
+        for share in &shares {
+            let reader = PartitionReader {
+                options: options.clone(),
+                name: self.name.clone(),
+                table_id: self.table.id,
+                next: share.clone(),
+                halt: halt.clone(),
+                stats: self.stats.clone(),
+                pacer: pacer.clone(),
+                out: tx.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("kafka-{}", self.name))
+                .spawn(move || reader.run())
+                .map_err(|e| ServerError::Internal(format!("kafka reader thread: {e}")))?;
+            threads.push(spawned);
         }
-        consumer.assign(&assignment).map_err(kafka_error)?;
-        info!(source = %self.name, topic = %self.options.topic, partitions = partitions.len(), "kafka source assigned");
+        drop(tx);
+        self.show_readers(&shares);
+        info!(source = %self.name, topic = %self.options.topic, partitions = partitions.len(), readers = shares.len(), "kafka source assigned");
         self.stats.set_status("running", None);
-        let mut pacer = Pacer::new(self.stats.limit.load(Ordering::Relaxed));
+        let result = self.commit_loop(&consumer, &rx, partitions.len(), committed, backoff);
+        halt.store(true, Ordering::Relaxed);
+        drop(rx);
+        for t in threads {
+            let _ = t.join();
+        }
+        result
+    }
+
+    /// Commits the readers' batches one at a time, probing the broker every second.
+    fn commit_loop(
+        &mut self,
+        consumer: &BaseConsumer,
+        batches: &Receiver<Result<ReadBatch>>,
+        partitions: usize,
+        committed: &mut Offsets,
+        backoff: &mut Duration,
+    ) -> Result<()> {
         let mut probed = Instant::now() - PROBE_EVERY;
         loop {
             if *self.stopped.borrow() {
                 return Ok(());
             }
             if probed.elapsed() >= PROBE_EVERY {
-                if self.partitions(&consumer)?.len() != partitions.len() {
+                if self.partitions(consumer)?.len() != partitions {
                     info!(source = %self.name, "kafka partitions changed; reassigning");
                     return Ok(());
                 }
-                self.probe(&consumer, committed)?;
+                self.probe(consumer, committed)?;
                 probed = Instant::now();
             }
-            let allowance = pacer.allowance(self.stats.limit.load(Ordering::Relaxed));
-            if allowance == 0 {
-                std::thread::sleep(pacer.wait());
-                continue;
-            }
-            let (batch, mut rows, next) = self.read_batch(&consumer, committed, allowance)?;
-            if next == *committed {
-                continue;
-            }
-            let n = batch.num_rows() as u64;
-            let bad = std::mem::take(&mut rows.bad);
-            let staged = self.commit(batch, &next, bad)?;
+            let read = match batches.recv_timeout(Duration::from_millis(100)) {
+                Ok(read) => read?,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ServerError::Internal("kafka readers ended".into()));
+                }
+            };
+            let mut next = committed.clone();
+            next.extend(read.next.iter().map(|(p, o)| (*p, *o)));
+            let n = read.batch.num_rows() as u64;
+            let staged = self.commit(read.batch, &next, read.bad)?;
             *committed = next;
             *backoff = Duration::from_millis(100);
-            pacer.consumed(n);
             self.stats.set_status("running", None);
             self.show_offsets(committed);
             SourceStats::count(&self.stats.rows, n);
             self.stats.note_rows(n);
             if let Ok(mut parts) = self.stats.partitions.lock() {
-                for (p, (rows, bytes, bad)) in &rows.per_partition {
+                for (p, (rows, bytes, bad)) in &read.per_partition {
                     let part = parts.entry(p.to_string()).or_default();
                     part.rows += rows;
                     part.bytes += bytes;
@@ -370,83 +421,6 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// Polls messages until `limit` rows, a short pause in arrivals, or 100 ms.
-    fn read_batch(
-        &self,
-        consumer: &BaseConsumer,
-        committed: &Offsets,
-        limit: u64,
-    ) -> Result<(RecordBatch, ReadRows, Offsets)> {
-        let mut next = committed.clone();
-        let mut rows = BatchBuilder::new(self.options.schema.clone());
-        let mut read = ReadRows::default();
-        let deadline = Instant::now() + Duration::from_millis(100);
-        while (rows.len() as u64) < limit.min(MAX_BATCH) && Instant::now() < deadline {
-            let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
-                if rows.is_empty() && next == *committed {
-                    continue;
-                }
-                break;
-            };
-            let message = match polled {
-                Ok(m) => m,
-                Err(KafkaError::PartitionEOF(_)) => continue,
-                Err(e) => return Err(kafka_error(e)),
-            };
-            let (p, offset) = (message.partition(), message.offset());
-            match next.get(&p) {
-                Some(n) if offset >= *n => {}
-                _ => continue,
-            }
-            next.insert(p, offset + 1);
-            let payload = message.payload().unwrap_or_default();
-            let figures = read.per_partition.entry(p).or_default();
-            figures.1 += payload.len() as u64;
-            match self.options.decoder.decode(payload) {
-                Ok(values) => {
-                    figures.0 += 1;
-                    let key = message.key();
-                    let ms = message.timestamp().to_millis();
-                    let row = self
-                        .options
-                        .columns
-                        .iter()
-                        .zip(self.options.schema.fields())
-                        .map(|(column, field)| {
-                            let raw = match column {
-                                Column::Payload(i) => return values[*i].clone(),
-                                Column::Key => ScalarValue::Utf8(
-                                    key.map(|k| String::from_utf8_lossy(k).into_owned()),
-                                ),
-                                Column::Partition => ScalarValue::Int32(Some(p)),
-                                Column::Offset => ScalarValue::Int64(Some(offset)),
-                                Column::Timestamp => {
-                                    ScalarValue::TimestampMillisecond(ms, Some("+00:00".into()))
-                                }
-                            };
-                            raw.cast_to(field.data_type()).unwrap_or_else(|_| {
-                                ScalarValue::try_from(field.data_type())
-                                    .unwrap_or(ScalarValue::Null)
-                            })
-                        })
-                        .collect();
-                    rows.push(row);
-                }
-                Err(reason) => {
-                    figures.2 += 1;
-                    read.bad.push(bad_record(
-                        &self.name,
-                        p.to_string(),
-                        offset as u64,
-                        payload,
-                        reason,
-                    ));
-                }
-            }
-        }
-        Ok((rows.finish()?, read, next))
-    }
-
     /// Commits rows with the offsets after them and the bad records read beside them.
     fn commit(
         &self,
@@ -470,6 +444,17 @@ impl KafkaSource {
         Ok(staged)
     }
 
+    /// Publishes which reader owns each partition.
+    fn show_readers(&self, shares: &[Offsets]) {
+        if let Ok(mut parts) = self.stats.partitions.lock() {
+            for (reader, share) in shares.iter().enumerate() {
+                for p in share.keys() {
+                    parts.entry(p.to_string()).or_default().reader = Some(reader as i32);
+                }
+            }
+        }
+    }
+
     /// Publishes committed offsets: per partition, and their sum as the source's offset.
     fn show_offsets(&self, committed: &Offsets) {
         if let Ok(mut o) = self.stats.offset.lock() {
@@ -481,14 +466,6 @@ impl KafkaSource {
             }
         }
     }
-}
-
-/// What one poll round read.
-#[derive(Default)]
-struct ReadRows {
-    bad: Vec<super::BadRecord>,
-    /// Good rows, bytes and bad records by partition.
-    per_partition: BTreeMap<i32, (u64, u64, u64)>,
 }
 
 impl PartitionStats {
@@ -509,6 +486,6 @@ fn missing_topic(topic: &str) -> ServerError {
     ServerError::Connector(format!("kafka topic {topic} does not exist"))
 }
 
-fn kafka_error(e: KafkaError) -> ServerError {
+pub(super) fn kafka_error(e: KafkaError) -> ServerError {
     ServerError::Connector(format!("kafka: {e}"))
 }

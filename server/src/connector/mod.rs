@@ -11,6 +11,7 @@ pub mod datagen;
 pub mod decode;
 pub mod file;
 pub mod kafka;
+mod kafka_reader;
 pub mod location;
 pub mod nexmark;
 pub mod system;
@@ -254,6 +255,8 @@ pub struct SourceStats {
 /// Figures of one partition of a source.
 #[derive(Debug, Clone, Default)]
 pub struct PartitionStats {
+    /// The reader (thread and consumer) the partition is assigned to, if any.
+    pub reader: Option<i32>,
     /// Next offset to read (all before it are committed).
     pub offset: i64,
     /// The broker's high watermark when last probed.
@@ -551,6 +554,7 @@ impl Sources {
                 tokio::spawn(reader.run());
             }
             Reader::Kafka(options) => {
+                let readers = options.readers.unwrap_or(engine.workers);
                 let reader = kafka::KafkaSource {
                     engine,
                     table,
@@ -559,6 +563,7 @@ impl Sources {
                     stats: stats.clone(),
                     stopped,
                     runtime: tokio::runtime::Handle::current(),
+                    readers,
                 };
                 tokio::task::spawn_blocking(move || reader.run());
             }
@@ -714,6 +719,11 @@ impl Pacer {
     /// Counts rows read.
     pub(crate) fn consumed(&mut self, rows: u64) {
         self.done += rows;
+    }
+
+    /// Gives back rows counted by [`Pacer::consumed`] ahead of reading them but not read.
+    pub(crate) fn refund(&mut self, rows: u64) {
+        self.done = self.done.saturating_sub(rows);
     }
 
     /// Starts the schedule afresh: time spent failing is not owed as a burst afterwards.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use datafusion::arrow::array::{
-    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use millrace_planner::Catalog;
@@ -88,12 +89,13 @@ pub fn register(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
 }
 
 /// Registers `millrace_source_partitions`: per partition of each source, the committed
-/// offset, the broker's high watermark, the lag between them, rows and bytes read, the rate
+/// reader it is assigned to, the committed offset, the broker's high watermark, the lag between them, rows and bytes read, the rate
 /// and the bad records.
 fn register_partitions(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
     let schema = Arc::new(Schema::new(vec![
         Field::new("source", DataType::Utf8, false),
         Field::new("partition", DataType::Utf8, false),
+        Field::new("reader", DataType::Int32, true),
         Field::new("offset", DataType::Int64, false),
         Field::new("high_watermark", DataType::Int64, true),
         Field::new("lag", DataType::Int64, true),
@@ -122,6 +124,7 @@ fn register_partitions(catalog: &Arc<Catalog>, sources: &Arc<Sources>) {
             Arc::new(StringArray::from_iter_values(
                 parts.iter().map(|p| p.1.as_str()),
             )),
+            Arc::new(Int32Array::from_iter(parts.iter().map(|p| p.2.reader))),
             Arc::new(Int64Array::from_iter_values(
                 parts.iter().map(|p| p.2.offset),
             )),
