@@ -52,6 +52,16 @@ pub enum PlanError {
         /// Why its pipeline stopped.
         reason: String,
     },
+    /// A materialized view is computing its contents (SQLSTATE 55000); reads may retry.
+    #[error(
+        "materialized view \"{view}\" is {state}; try again when millrace_views shows it running"
+    )]
+    ViewNotReady {
+        /// The view's name.
+        view: String,
+        /// What it is doing.
+        state: String,
+    },
     /// An invariant of the planner or an operator was broken.
     #[error("internal error: {0}")]
     Internal(String),

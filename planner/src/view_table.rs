@@ -23,6 +23,8 @@ pub enum ViewStatus {
     Backfilling,
     /// Maintained every epoch.
     Running,
+    /// Its pipeline failed (the cause is kept) and is being restarted; reads wait for it.
+    Recovering(String),
     /// Its pipeline stopped on an error; reads report it.
     Failed(String),
 }
@@ -33,6 +35,7 @@ impl ViewStatus {
         match self {
             ViewStatus::Backfilling => "backfilling",
             ViewStatus::Running => "running",
+            ViewStatus::Recovering(_) => "recovering",
             ViewStatus::Failed(_) => "failed",
         }
     }
@@ -64,13 +67,29 @@ impl MaterializedView {
             .unwrap_or_else(|_| ViewStatus::Failed("status lock poisoned".into()))
     }
 
-    /// A snapshot of the contents, or the error that stopped the view.
+    /// A snapshot of the contents, or why there is none: the error that stopped the view,
+    /// or that it is still computing its contents (after CREATE, a restart or a failure).
     pub fn snapshot(&self) -> Result<TableSnapshot, PlanError> {
-        if let ViewStatus::Failed(reason) = self.status() {
-            return Err(PlanError::ViewFailed {
-                view: self.name.clone(),
-                reason,
-            });
+        match self.status() {
+            ViewStatus::Running => {}
+            ViewStatus::Failed(reason) => {
+                return Err(PlanError::ViewFailed {
+                    view: self.name.clone(),
+                    reason,
+                });
+            }
+            ViewStatus::Backfilling => {
+                return Err(PlanError::ViewNotReady {
+                    view: self.name.clone(),
+                    state: "being built".into(),
+                });
+            }
+            ViewStatus::Recovering(reason) => {
+                return Err(PlanError::ViewNotReady {
+                    view: self.name.clone(),
+                    state: format!("recovering from a failure ({reason})"),
+                });
+            }
         }
         let contents = self
             .contents

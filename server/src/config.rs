@@ -22,6 +22,10 @@ pub struct ServeConfig {
     /// (back-pressure); small values are for tests.
     #[arg(long, env = "MILLRACE_EPOCH_QUEUE", default_value_t = 256, hide = true)]
     pub epoch_queue: usize,
+    /// Failures in a row after which a materialized view is marked failed instead of being
+    /// restarted from its inputs.
+    #[arg(long, env = "MILLRACE_VIEW_MAX_RESTARTS", default_value_t = 3)]
+    pub view_max_restarts: u32,
 }
 
 impl ServeConfig {

@@ -96,13 +96,19 @@ impl Engine {
             runtime,
             workers: config.workers(),
             connections: AtomicUsize::new(0),
-            views: ViewRuntime::new(config.workers(), config.epoch_queue),
+            views: ViewRuntime::new(
+                config.workers(),
+                config.epoch_queue,
+                config.view_max_restarts,
+            ),
             sources: Arc::new(Sources::default()),
             sinks: Arc::new(crate::sink::Sinks::default()),
             failpoints: config.failpoints,
         });
         engine.views.start();
         crate::runtime::system::register(&engine.catalog, &engine.views);
+        crate::runtime::events::register(&engine.catalog, &engine.views.events);
+        tokio::spawn(crate::runtime::supervisor::run(engine.clone()));
         crate::connector::system::register(&engine.catalog, &engine.sources);
         crate::sink::system::register(&engine.catalog, &engine.sinks);
         engine.replay().await?;
@@ -392,8 +398,7 @@ impl Engine {
             }
             ObjectKind::MaterializedView => {
                 let ctx = self.session_context(&record.database, replay_schema(&record))?;
-                info!(view = %record.name, "rebuilding materialized view");
-                matview::restore(self, &ctx, record).await?;
+                matview::register_for_restore(self, &ctx, record).await?;
                 Ok(0)
             }
             ObjectKind::Sink => {
@@ -426,7 +431,7 @@ impl Engine {
 }
 
 /// The schema a record's SQL was planned in when it was created.
-fn replay_schema(record: &CatalogRecord) -> &str {
+pub(crate) fn replay_schema(record: &CatalogRecord) -> &str {
     record.search_schema.as_deref().unwrap_or(&record.schema)
 }
 

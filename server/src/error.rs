@@ -159,6 +159,7 @@ impl ServerError {
                 PlanError::DependentObjects { .. } => "2BP01",
                 PlanError::Unsupported(_) => "0A000",
                 PlanError::ViewFailed { .. } => "XX000",
+                PlanError::ViewNotReady { .. } => "55000",
                 PlanError::Internal(_) => "XX000",
             },
             ServerError::Storage(_) => "58030",

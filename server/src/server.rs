@@ -28,6 +28,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         addr.port(),
         DEFAULT_DATABASE
     );
+    tokio::spawn(crate::runtime::supervisor::restore_all(engine.clone()));
     let manager = Arc::new(ConnectionManager::new());
     let keys = Arc::new(RandomPidSecretKeyGenerator::default());
     let shutdown = shutdown_signal();

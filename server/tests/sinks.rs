@@ -5,12 +5,14 @@
 //! SQLSTATE.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::broker::Broker;
 use millrace_sqllogictest::rows::{exec, one, rows};
+use millrace_sqllogictest::sink_output::{
+    Multiset, apply_line, assert_replays_to, replay_files, view_state, wait_delivered,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::ClientConfig;
@@ -18,8 +20,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_postgres::Client;
-
-type Multiset = BTreeMap<Vec<String>, i64>;
 
 const VIEW: &str = "CREATE MATERIALIZED VIEW agg AS SELECT k % 5 AS g, count(*) AS n, sum(v) AS s FROM t GROUP BY k % 5";
 const COLUMNS: [&str; 3] = ["g", "n", "s"];
@@ -29,108 +29,6 @@ fn seed() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(7)
-}
-
-/// Applies one JSON line of a sink to `state`; returns its (seq, index).
-fn apply_line(state: &mut Multiset, line: &str) -> (u64, u64) {
-    let value: serde_json::Value = serde_json::from_str(line).expect("sink line is JSON");
-    let row: Vec<String> = COLUMNS
-        .iter()
-        .map(|c| match &value["row"][c] {
-            serde_json::Value::Null => "NULL".to_string(),
-            v => v.to_string(),
-        })
-        .collect();
-    let count = state.entry(row.clone()).or_default();
-    match value["op"].as_str() {
-        Some("insert") => *count += 1,
-        Some("delete") => *count -= 1,
-        other => panic!("bad op {other:?} in {line}"),
-    }
-    assert!(*count >= 0, "sink deleted a row it never inserted: {line}");
-    if *count == 0 {
-        state.remove(&row);
-    }
-    (
-        value["seq"].as_u64().expect("seq"),
-        value["index"].as_u64().expect("index"),
-    )
-}
-
-/// Replays a file sink's directory: files in order, numbered 1..n without a gap.
-fn replay_files(dir: &Path) -> (Multiset, u64) {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("sink dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    names.sort();
-    let mut state = Multiset::new();
-    for (i, name) in names.iter().enumerate() {
-        let seq = i as u64 + 1;
-        assert_eq!(name, &format!("{seq:020}.jsonl"), "files are numbered 1..n");
-        let text = std::fs::read_to_string(dir.join(name)).expect("read");
-        for (index, line) in text.lines().enumerate() {
-            assert_eq!(apply_line(&mut state, line), (seq, index as u64), "{name}");
-        }
-    }
-    (state, names.len() as u64)
-}
-
-/// The view's contents as a multiset.
-async fn view_state(client: &Client, sql: &str) -> Multiset {
-    let mut state = Multiset::new();
-    for row in rows(client, sql).await {
-        let row: Vec<String> = row
-            .into_iter()
-            .map(|v| v.unwrap_or_else(|| "NULL".into()))
-            .collect();
-        *state.entry(row).or_default() += 1;
-    }
-    state
-}
-
-/// Waits until the sink has delivered everything it numbered and is running.
-async fn wait_delivered(client: &Client, sink: &str) {
-    for _ in 0..600 {
-        let r = rows(
-            client,
-            &format!(
-                "SELECT status, seq = delivered_seq FROM millrace_sinks WHERE name = '{sink}'"
-            ),
-        )
-        .await;
-        if r == vec![vec![Some("running".to_string()), Some("t".to_string())]] {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "sink {sink} did not settle: {:?}",
-        rows(client, "SELECT * FROM millrace_sinks").await
-    );
-}
-
-/// Waits until the sink's delivered history (read back with `read_back`) replays to exactly
-/// `view`: the sink may still be working through the last epochs, but it must get there.
-async fn assert_replays_to<F>(client: &Client, view: &Multiset, read_back: F)
-where
-    F: Fn() -> Multiset,
-{
-    let mut delivered = read_back();
-    for _ in 0..100 {
-        if &delivered == view {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        delivered = read_back();
-    }
-    assert_eq!(
-        &delivered,
-        view,
-        "the sink's history replays to exactly the view; sink: {:?}",
-        rows(client, "SELECT * FROM millrace_sinks").await
-    );
 }
 
 /// One random write to `t`.
@@ -216,10 +114,13 @@ async fn file_sink_delivers_each_change_once_across_kill_9() {
     .await;
     wait_delivered(&client, "out").await;
     // The first change is the snapshot.
-    let (first, files) = replay_files(out.path());
+    let (first, files) = replay_files(out.path(), &COLUMNS);
     assert_eq!(files, 1);
     assert_eq!(first, view_state(&client, "SELECT g, n, s FROM agg").await);
-    crash_cycles(&mut server, "out", 4, || replay_files(out.path()).0).await;
+    crash_cycles(&mut server, "out", 4, || {
+        replay_files(out.path(), &COLUMNS).0
+    })
+    .await;
 
     // Sinks are catalog objects that depend on their view.
     let client = server.connect("millrace").await.expect("connect");
@@ -233,12 +134,12 @@ async fn file_sink_delivers_each_change_once_across_kill_9() {
         one(&client, "SELECT count(*) FROM millrace_sinks").await,
         "0"
     );
-    let files = replay_files(out.path()).1;
+    let files = replay_files(out.path(), &COLUMNS).1;
     exec(&client, "INSERT INTO t VALUES (3, 3)").await;
     exec(&client, "FLUSH").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        replay_files(out.path()).1,
+        replay_files(out.path(), &COLUMNS).1,
         files,
         "a dropped sink writes no more"
     );
@@ -312,7 +213,7 @@ async fn failing_sink_opens_its_circuit_and_never_blocks_other_views() {
         "closed:0"
     );
     let view = view_state(&client, "SELECT g, n, s FROM agg").await;
-    assert_replays_to(&client, &view, || replay_files(&out).0).await;
+    assert_replays_to(&client, &view, || replay_files(&out, &COLUMNS).0).await;
     assert!(server.is_running());
 }
 
@@ -410,7 +311,7 @@ fn replay_topic(broker: &Broker, topic: &str) -> (Multiset, usize) {
             continue;
         }
         seen.insert(id, line.clone());
-        apply_line(&mut state, &line);
+        apply_line(&mut state, &line, &COLUMNS);
     }
     (state, duplicates)
 }

@@ -8,6 +8,7 @@ pub mod runner;
 pub mod s3;
 pub mod server;
 pub mod service;
+pub mod sink_output;
 
 pub use db::MillraceDb;
 pub use server::TestServer;

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::source_as_provider;
@@ -28,6 +29,7 @@ use crate::exec::Output;
 use crate::exec::{ddl, names};
 use crate::runtime::{ViewEntry, backfill};
 use crate::session::Session;
+use tokio::sync::oneshot;
 
 /// A view's query, planned, optimized and compiled.
 struct Compiled {
@@ -190,26 +192,129 @@ impl Drop for EphemeralView {
     }
 }
 
-/// Rebuilds a materialized view from its record on start (by backfill).
-pub async fn restore(
+/// Registers a stored materialized view on start, before the server listens: compiled,
+/// listed in the catalog and the runtime as `recovering` (reads of it wait), with its
+/// contents computed afterwards by [`rebuild`] once its inputs are back. A view that no
+/// longer compiles is registered as failed, so that it can be dropped.
+pub async fn register_for_restore(
     engine: &Arc<Engine>,
     ctx: &SessionContext,
     record: CatalogRecord,
 ) -> Result<()> {
-    let Statement::CreateView(view) = crate::exec::ddl::parse_one(&record.sql)? else {
-        return Err(ServerError::Internal(format!(
+    let compiled = match crate::exec::ddl::parse_one(&record.sql) {
+        Ok(Statement::CreateView(view)) => compile_view(ctx, &view).await,
+        Ok(_) => Err(ServerError::Internal(format!(
             "record {} is not CREATE MATERIALIZED VIEW",
             record.id
-        )));
+        ))),
+        Err(e) => Err(e),
     };
-    let compiled = compile_view(ctx, &view).await?;
-    start(engine, record, compiled, false).await
+    let compiled = match compiled {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = format!("cannot be planned again: {e}");
+            engine
+                .views
+                .events
+                .record("view_failed", Some(&record.name), None, reason.clone());
+            let provider = Arc::new(MaterializedView {
+                id: record.id,
+                name: record.name.clone(),
+                schema: Arc::new(Schema::empty()),
+                sql: record.sql.clone(),
+                contents: Arc::new(RwLock::new(ViewContents::try_new(Arc::new(
+                    Schema::empty(),
+                ))?)),
+                status: Arc::new(RwLock::new(ViewStatus::Failed(reason))),
+            });
+            engine.catalog.register_relation(record, provider, None)?;
+            return Ok(());
+        }
+    };
+    let runtime = engine.views.clone();
+    let provider = Arc::new(MaterializedView {
+        id: record.id,
+        name: record.name.clone(),
+        schema: compiled.schema.clone(),
+        sql: record.sql.clone(),
+        contents: Arc::new(RwLock::new(ViewContents::try_new(compiled.schema.clone())?)),
+        status: Arc::new(RwLock::new(ViewStatus::Recovering(
+            "being restored after a restart".into(),
+        ))),
+    });
+    let sources = compiled.plan.sources();
+    let explain = compiled.plan.explain(runtime.workers);
+    let pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
+    let (entry, _ready) = ViewEntry::new(provider.clone(), sources, explain, pipeline);
+    runtime.register(entry);
+    engine.catalog.register_relation(record, provider, None)?;
+    Ok(())
 }
 
 /// EXPLAIN CREATE MATERIALIZED VIEW: the incremental plan, one operator per line.
 pub async fn explain(session: &Session, view: &ast::CreateView) -> Result<Vec<String>> {
     let compiled = compile_view(&session.ctx, view).await?;
     Ok(compiled.plan.explain(session.engine.views.workers))
+}
+
+/// Snapshots of a view's inputs (tables and running upstream views). The caller holds the
+/// write lock and has waited for the last committed epoch, so they are one consistent cut.
+fn snapshot_inputs(
+    engine: &Arc<Engine>,
+    sources: &[u64],
+    qualified: &str,
+) -> Result<Vec<(u64, Vec<RecordBatch>)>> {
+    let mut snapshots = Vec::with_capacity(sources.len());
+    for id in sources {
+        if let Some(table) = engine.catalog.table(*id) {
+            snapshots.push((*id, table.snapshot()?.batches));
+        } else if let Some(upstream) = engine.views.view(*id) {
+            if upstream.status() != ViewStatus::Running {
+                return Err(ServerError::ObjectNotReady(format!(
+                    "materialized view \"{}\" is {}",
+                    upstream.provider.name,
+                    upstream.status().label()
+                )));
+            }
+            snapshots.push((*id, upstream.provider.snapshot()?.batches));
+        } else {
+            return Err(ServerError::Internal(format!(
+                "source {id} of {qualified} is gone"
+            )));
+        }
+    }
+    Ok(snapshots)
+}
+
+/// Rebuilds a running view whose pipeline failed: its query compiled afresh into a new
+/// pipeline, backfilled from snapshots of its inputs taken now (beside the old contents,
+/// which stay readable until the rebuilt ones are published). The receiver is told when
+/// the backfill has caught up.
+pub async fn rebuild(engine: &Arc<Engine>, view: &Arc<ViewEntry>) -> Result<oneshot::Receiver<()>> {
+    let record = engine
+        .catalog
+        .record(view.id)
+        .ok_or_else(|| ServerError::Internal(format!("view {} has no catalog record", view.id)))?;
+    let ctx = engine.session_context(&record.database, crate::engine::replay_schema(&record))?;
+    let Statement::CreateView(ast) = crate::exec::ddl::parse_one(&record.sql)? else {
+        return Err(ServerError::Internal(format!(
+            "record {} is not CREATE MATERIALIZED VIEW",
+            record.id
+        )));
+    };
+    let compiled = compile_view(&ctx, &ast).await?;
+    let runtime = engine.views.clone();
+    let qualified = format!("{}.{}", record.schema, record.name);
+    let _writers = engine.write_lock.lock().await;
+    runtime.wait_published(runtime.committed_epoch()).await;
+    if runtime.view(view.id).is_none() {
+        return Err(ServerError::Internal(format!("{qualified} was dropped")));
+    }
+    let snapshots = snapshot_inputs(engine, &view.sources, &qualified)?;
+    let pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
+    let ready = view.begin_rebuild(pipeline)?;
+    tokio::spawn(backfill::run(runtime.clone(), view.clone(), snapshots));
+    Ok(ready)
 }
 
 /// Registers, backfills and publishes a view; writes its record first when `persist`.
@@ -235,25 +340,7 @@ async fn start(
         let _writers = engine.write_lock.lock().await;
         // Every source is at the last committed epoch once the coordinator has published it.
         runtime.wait_published(runtime.committed_epoch()).await;
-        let mut snapshots = Vec::with_capacity(sources.len());
-        for id in &sources {
-            if let Some(table) = engine.catalog.table(*id) {
-                snapshots.push((*id, table.snapshot()?.batches));
-            } else if let Some(upstream) = runtime.view(*id) {
-                if upstream.status() != ViewStatus::Running {
-                    return Err(ServerError::ObjectNotReady(format!(
-                        "materialized view \"{}\" is {}",
-                        upstream.provider.name,
-                        upstream.status().label()
-                    )));
-                }
-                snapshots.push((*id, upstream.provider.snapshot()?.batches));
-            } else {
-                return Err(ServerError::Internal(format!(
-                    "source {id} of {qualified} is gone"
-                )));
-            }
-        }
+        let snapshots = snapshot_inputs(engine, &sources, &qualified)?;
         if persist {
             let mut set = WriteSet::new();
             set.put_catalog(record.clone());
@@ -267,13 +354,14 @@ async fn start(
     };
     let _ = ready.await;
     if let ViewStatus::Failed(reason) = provider.status() {
-        runtime.deregister(record.id);
         if persist {
+            runtime.deregister(record.id);
             let mut set = WriteSet::new();
             set.delete_catalog(record.id);
             engine.commit_write_set(set)?;
         } else {
-            // NOTE: on restart a failing view stays registered so that it can be dropped.
+            // NOTE: on restart a failing view stays registered (and listed in
+            // millrace_views as failed) so that it can be dropped.
             engine
                 .catalog
                 .register_relation(record, provider.clone(), None)?;

@@ -112,6 +112,11 @@ pub async fn run(
     let schema = Arc::new(plan.schema().as_arrow().clone());
     // Read your own writes: materialized views first reach this session's last write.
     let views = session.engine.views.clone();
+    if views.any_busy() {
+        views
+            .wait_ready(&relation_dependencies(session, &plan))
+            .await;
+    }
     views.wait_published(session.write_epoch).await;
     let physical = {
         // All views a query reads are snapshotted at one epoch.

@@ -12,12 +12,23 @@ use crate::session::Session;
 
 /// Fault injection, only on a server started with `--failpoints`:
 /// `SET millrace.inject_write_failures = n` makes the next `n` durable commits fail;
-/// `SET millrace.slow_views_us_per_row = n` holds every view step up n µs per input row.
+/// `SET millrace.slow_views_us_per_row = n` holds every view step up n µs per input row;
+/// `SET millrace.fail_view_steps = 'view:n'` makes the next `n` steps of a view fail.
 fn inject_fault(session: &Session, name: &str, value: &str) -> Result<Output> {
     if !session.engine.failpoints {
         return Err(ServerError::NotSupported(
             "fault injection on a server started without --failpoints".into(),
         ));
+    }
+    let invalid = || ServerError::InvalidSetting {
+        name: name.into(),
+        value: value.into(),
+    };
+    if name == "millrace.fail_view_steps" {
+        let (view, n) = value.rsplit_once(':').ok_or_else(invalid)?;
+        let n: u32 = n.trim().parse().map_err(|_| invalid())?;
+        session.engine.views.inject_step_failures(view.trim(), n);
+        return Ok(Output::command("SET"));
     }
     let n: u32 = value
         .trim()
@@ -50,6 +61,7 @@ pub fn run(session: &mut Session, statement: Statement) -> Result<Output> {
                     let value = values.iter().map(value_text).collect::<Vec<_>>().join(", ");
                     if name == "millrace.inject_write_failures"
                         || name == "millrace.slow_views_us_per_row"
+                        || name == "millrace.fail_view_steps"
                     {
                         return inject_fault(session, &name, &value);
                     }

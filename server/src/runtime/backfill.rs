@@ -39,7 +39,11 @@ pub async fn run(
     }
     info!(view = %view.provider.name, rows = total, "backfill started");
     if let Err(e) = push(&view, snapshots, total).await {
-        view.fail(format!("backfill: {e}")).await;
+        if view.is_rebuilding() {
+            runtime.task_failed(&view, format!("backfill: {e}")).await;
+        } else {
+            view.fail(format!("backfill: {e}")).await;
+        }
     }
     if let Ok(mut b) = view.backfill.lock() {
         b.finished = Some(Instant::now());

@@ -10,25 +10,35 @@
 //! views at different epochs. A session waits for the epoch of its own last write before it
 //! reads ([`ViewRuntime::wait_published`]).
 //!
-//! A view whose pipeline fails is marked failed and skipped; the others go on. A view being
-//! backfilled (see `backfill.rs`) is skipped too and its inputs are queued until it catches up.
+//! A view whose pipeline fails (an operator error or panic) is not lost: its pipeline is
+//! dropped, the view turns `recovering`, and the supervisor (`supervisor.rs`) rebuilds it from
+//! snapshots of its inputs with backoff; the difference between the old and the rebuilt
+//! contents goes out as the view's change of the next epoch, so views built on it, SUBSCRIBE
+//! and sinks see exactly the changes they missed. After `max_restarts` failures in a row the
+//! view is marked failed. Meanwhile the other views go on. A view being backfilled (see
+//! `backfill.rs`) is skipped too and its inputs are queued until it catches up. Failures,
+//! restarts and their outcome are listed in `millrace_events` (`events.rs`).
 
 pub mod backfill;
+pub mod events;
 pub mod subscribe;
+pub mod supervisor;
 pub mod system;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use millrace_planner::Changelog;
 use millrace_planner::pipeline::{Pipeline, PipelineStats};
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
+use millrace_storage::ViewContents;
 use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::error::{Result, ServerError};
+use crate::runtime::events::EventLog;
 use crate::runtime::subscribe::{EpochDelta, FEED_CAPACITY};
 
 /// Epochs merged into one step at most.
@@ -90,6 +100,14 @@ pub struct ViewEntry {
     ready: Mutex<Option<oneshot::Sender<()>>>,
     /// Each published epoch's delta, for SUBSCRIBE (`subscribe.rs`).
     pub feed: broadcast::Sender<Arc<EpochDelta>>,
+    /// Failures since the view last processed an epoch after a restart.
+    pub failures_in_a_row: AtomicU32,
+    /// Restarts since the server started.
+    pub restarts: AtomicU32,
+    /// While rebuilding after a failure: the new contents being computed beside the old.
+    rebuild: Mutex<Option<ViewContents>>,
+    /// After a rebuild: the old contents' change into the new, published with the next epoch.
+    carried: Mutex<Option<Changelog>>,
 }
 
 impl ViewEntry {
@@ -114,8 +132,50 @@ impl ViewEntry {
             stats: Mutex::new(PipelineStats::default()),
             ready: Mutex::new(Some(tx)),
             feed: broadcast::channel(FEED_CAPACITY).0,
+            failures_in_a_row: AtomicU32::new(0),
+            restarts: AtomicU32::new(0),
+            rebuild: Mutex::new(None),
+            carried: Mutex::new(None),
         });
         (entry, rx)
+    }
+
+    /// Starts rebuilding a failed view with a fresh `pipeline`: new contents are computed
+    /// beside the old ones (which stay until the rebuilt view is published), and inputs
+    /// queue up from now on. The returned receiver is told when the backfill has caught up.
+    pub fn begin_rebuild(&self, pipeline: Pipeline) -> Result<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        let contents = ViewContents::try_new(self.provider.schema.clone())?;
+        if let Ok(mut r) = self.rebuild.lock() {
+            *r = Some(contents);
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            p.clear();
+        }
+        if let Ok(mut b) = self.backfill.lock() {
+            *b = Backfill::default();
+        }
+        if let Ok(mut ready) = self.ready.lock() {
+            *ready = Some(tx);
+        }
+        if let Ok(mut p) = self.pipeline.try_lock() {
+            *p = Some(pipeline);
+        } else {
+            return Err(ServerError::Internal("view pipeline busy".into()));
+        }
+        self.set_status(ViewStatus::Backfilling);
+        Ok(rx)
+    }
+
+    /// Whether the view is being rebuilt after a failure (rather than built at CREATE or
+    /// start-up).
+    pub fn is_rebuilding(&self) -> bool {
+        self.rebuild.lock().map(|r| r.is_some()).unwrap_or(false)
+    }
+
+    /// Whether a rebuilt view waits for an epoch to publish its change.
+    pub fn has_carried_change(&self) -> bool {
+        self.carried.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 
     /// Current status.
@@ -148,6 +208,12 @@ impl ViewEntry {
     /// Applies an output change to the stored contents.
     fn apply(&self, change: &Changelog) -> Result<()> {
         if change.is_empty() {
+            return Ok(());
+        }
+        if let Ok(mut rebuild) = self.rebuild.lock()
+            && let Some(contents) = rebuild.as_mut()
+        {
+            contents.apply(&change.batch, &change.weights)?;
             return Ok(());
         }
         let mut contents = self
@@ -216,6 +282,16 @@ pub struct ViewRuntime {
     /// Epochs merged into one step at most: [`MAX_COALESCE`], or the queue's capacity if
     /// smaller, so that what waits for the views stays within two queues' worth.
     coalesce: usize,
+    /// Failures in a row after which a view is marked failed instead of restarted.
+    pub max_restarts: u32,
+    /// Failures, restarts and recovery, for `millrace_events`.
+    pub events: Arc<EventLog>,
+    /// Ids of failed views, for the supervisor to restart.
+    failed: mpsc::UnboundedSender<u64>,
+    failed_rx: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
+    /// Fault injection: the next n steps of a view (by name) fail
+    /// (`SET millrace.fail_view_steps = 'view:n'`, tests of recovery only).
+    fail_steps: Mutex<HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -231,9 +307,10 @@ impl ViewRuntime {
     /// A runtime whose coordinator is started by [`ViewRuntime::start`]; at most
     /// `epoch_queue` committed epochs wait for it before committing writers block
     /// (back-pressure).
-    pub fn new(workers: usize, epoch_queue: usize) -> Arc<Self> {
+    pub fn new(workers: usize, epoch_queue: usize, max_restarts: u32) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(epoch_queue.max(1));
         let (published, _) = watch::channel(0);
+        let (failed, failed_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             commands: tx,
             commands_rx: Mutex::new(Some(rx)),
@@ -244,7 +321,67 @@ impl ViewRuntime {
             workers: workers.max(1),
             slow_us_per_row: AtomicU64::new(0),
             coalesce: MAX_COALESCE.min(epoch_queue.max(1)),
+            max_restarts,
+            events: Arc::new(EventLog::default()),
+            failed,
+            failed_rx: Mutex::new(Some(failed_rx)),
+            fail_steps: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The ids of failed views to restart (taken once, by the supervisor).
+    pub fn take_failed(&self) -> Option<mpsc::UnboundedReceiver<u64>> {
+        self.failed_rx.lock().ok().and_then(|mut r| r.take())
+    }
+
+    /// Makes the next `n` steps of view `name` fail (fault injection).
+    pub fn inject_step_failures(&self, name: &str, n: u32) {
+        if let Ok(mut f) = self.fail_steps.lock() {
+            f.insert(name.to_string(), n);
+        }
+    }
+
+    /// An injected failure for this step of `view`, if one is due.
+    pub fn injected_failure(&self, view: &ViewEntry) -> Option<String> {
+        let mut f = self.fail_steps.lock().ok()?;
+        let left = f.get_mut(&view.provider.name)?;
+        if *left == 0 {
+            return None;
+        }
+        *left -= 1;
+        Some("injected operator failure (millrace.fail_view_steps)".into())
+    }
+
+    /// A view's pipeline failed with `cause`: drops the pipeline and has the supervisor
+    /// rebuild it, or marks the view failed after `max_restarts` failures in a row.
+    pub async fn task_failed(&self, view: &Arc<ViewEntry>, cause: String) {
+        if self.view(view.id).is_none() {
+            return;
+        }
+        let name = view.provider.name.clone();
+        let failures = view.failures_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
+        self.events
+            .record("task_failed", Some(&name), Some(failures), cause.clone());
+        if let Ok(mut r) = view.rebuild.lock() {
+            *r = None;
+        }
+        if let Ok(mut c) = view.carried.lock() {
+            *c = None;
+        }
+        if let Ok(mut p) = view.pending.lock() {
+            p.clear();
+        }
+        if failures > self.max_restarts {
+            let reason = format!("{cause} (given up after {} restarts)", self.max_restarts);
+            self.events
+                .record("view_failed", Some(&name), Some(failures), reason.clone());
+            view.fail(reason).await;
+            return;
+        }
+        view.set_status(ViewStatus::Recovering(cause));
+        *view.pipeline.lock().await = None;
+        view.signal_ready();
+        let _ = self.failed.send(view.id);
     }
 
     /// Starts the coordinator task (once).
@@ -293,6 +430,40 @@ impl ViewRuntime {
             tokio::spawn(async move {
                 *entry.pipeline.lock().await = None;
             });
+        }
+    }
+
+    /// Whether any view is being built, restored or restarted (cheap; checked before
+    /// working out which views a query reads).
+    pub fn any_busy(&self) -> bool {
+        self.views
+            .lock()
+            .map(|v| {
+                v.values().any(|e| {
+                    matches!(
+                        e.status(),
+                        ViewStatus::Backfilling | ViewStatus::Recovering(_)
+                    )
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    /// Waits while any of the views among `ids` is being built, restored or restarted,
+    /// so that a read after a restart or a failure answers once the view is back (or has
+    /// failed for good) instead of failing.
+    pub async fn wait_ready(&self, ids: &[u64]) {
+        loop {
+            let busy = ids.iter().filter_map(|id| self.view(*id)).any(|v| {
+                matches!(
+                    v.status(),
+                    ViewStatus::Backfilling | ViewStatus::Recovering(_)
+                )
+            });
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -381,8 +552,10 @@ impl ViewRuntime {
     }
 
     async fn process_epoch(&self, epoch: u64, mut changes: EpochChanges) {
-        let mut staged: Vec<(Arc<ViewEntry>, Changelog)> = Vec::new();
+        // (view, its change, whether it is a rebuilt view published now)
+        let mut staged: Vec<(Arc<ViewEntry>, Changelog, bool)> = Vec::new();
         for view in self.views() {
+            let carried = view.carried.lock().ok().and_then(|mut c| c.take());
             match view.status() {
                 ViewStatus::Failed(_) => continue,
                 ViewStatus::Backfilling => {
@@ -394,10 +567,12 @@ impl ViewRuntime {
                     }
                     continue;
                 }
-                ViewStatus::Running => {}
+                // NOTE: the rebuild's snapshots, taken later, include what it misses now.
+                ViewStatus::Recovering(_) if carried.is_none() => continue,
+                ViewStatus::Recovering(_) | ViewStatus::Running => {}
             }
             let inputs = view.inputs_of(&changes);
-            if inputs.is_empty() {
+            if inputs.is_empty() && carried.is_none() {
                 continue;
             }
             let slow = self.slow_us_per_row.load(Ordering::Relaxed);
@@ -406,27 +581,75 @@ impl ViewRuntime {
                 tokio::time::sleep(std::time::Duration::from_micros(slow * rows as u64)).await;
             }
             let before = view.stats.lock().map(|s| s.clone()).unwrap_or_default();
-            let result = {
+            let result = if inputs.is_empty() {
+                Ok(None)
+            } else if let Some(cause) = self.injected_failure(&view) {
+                Err(cause)
+            } else {
                 let mut guard = view.pipeline.lock().await;
                 match guard.as_mut() {
-                    Some(p) => p.step(&inputs).await,
+                    Some(p) => p.step(&inputs).await.map(Some).map_err(|e| e.to_string()),
                     None => continue,
                 }
             };
-            match result {
-                Ok(out) => {
-                    view.record_stats(epoch, &before).await;
-                    changes.insert(view.id, out.clone());
-                    staged.push((view, out));
+            let out = match result {
+                Ok(out) => out,
+                Err(cause) => {
+                    self.task_failed(&view, cause).await;
+                    continue;
                 }
-                Err(e) => view.fail(e.to_string()).await,
+            };
+            if out.is_some() && carried.is_none() {
+                view.failures_in_a_row.store(0, Ordering::SeqCst);
             }
+            let recovered = carried.is_some();
+            let parts: Vec<Changelog> = carried.into_iter().chain(out).collect();
+            let out = match parts.len() {
+                1 => parts.into_iter().next(),
+                _ => {
+                    let schema = view.provider.schema.clone();
+                    Changelog::concat(&schema, parts)
+                        .and_then(|c| c.consolidate())
+                        .ok()
+                }
+            };
+            let Some(out) = out else {
+                self.task_failed(&view, "cannot merge a rebuilt view's change".into())
+                    .await;
+                continue;
+            };
+            view.record_stats(epoch, &before).await;
+            changes.insert(view.id, out.clone());
+            staged.push((view, out, recovered));
         }
         let _guard = self.read_lock.write().await;
-        for (view, out) in staged {
+        for (view, out, recovered) in staged {
             if let Err(e) = view.apply(&out) {
-                view.fail(e.to_string()).await;
+                self.task_failed(&view, e.to_string()).await;
                 continue;
+            }
+            if recovered {
+                view.set_status(ViewStatus::Running);
+                let failures = view.failures_in_a_row.load(Ordering::SeqCst);
+                let rows = view
+                    .provider
+                    .contents
+                    .read()
+                    .map(|c| c.num_rows())
+                    .unwrap_or(0);
+                let (kind, attempt) = match failures {
+                    0 => ("view_restored", None),
+                    n => ("view_restarted", Some(n)),
+                };
+                self.events.record(
+                    kind,
+                    Some(&view.provider.name),
+                    attempt,
+                    format!(
+                        "running at epoch {epoch} with {rows} rows ({} rows changed)",
+                        out.len()
+                    ),
+                );
             }
             // NOTE: sending fails only when nobody subscribes, which is fine.
             if view.feed.receiver_count() > 0 && !out.is_empty() {
@@ -436,7 +659,8 @@ impl ViewRuntime {
         self.published.send_replace(epoch);
     }
 
-    /// Replays the epochs a view missed while backfilling, then lets it run.
+    /// Replays the epochs a view missed while backfilling, then lets it run. A rebuilt view
+    /// instead carries the change from its old contents to the new into the next epoch.
     async fn finish_backfill(&self, view: Arc<ViewEntry>) {
         if view.status() != ViewStatus::Backfilling {
             view.signal_ready();
@@ -449,26 +673,44 @@ impl ViewRuntime {
             .unwrap_or_default();
         let queued = pending.len();
         for inputs in pending {
-            let result = {
-                let mut guard = view.pipeline.lock().await;
-                match guard.as_mut() {
-                    Some(p) => p.step(&inputs).await,
-                    None => return,
+            let result = match self.injected_failure(&view) {
+                Some(cause) => Err(cause),
+                None => {
+                    let mut guard = view.pipeline.lock().await;
+                    match guard.as_mut() {
+                        Some(p) => p.step(&inputs).await.map_err(|e| e.to_string()),
+                        None => return,
+                    }
                 }
             };
-            match result.map_err(ServerError::from).and_then(|out| {
-                view.apply(&out)?;
-                Ok(())
-            }) {
-                Ok(()) => {}
-                Err(e) => {
-                    view.fail(e.to_string()).await;
-                    return;
+            if let Err(cause) = result.and_then(|out| view.apply(&out).map_err(|e| e.to_string())) {
+                if view.is_rebuilding() {
+                    self.task_failed(&view, cause).await;
+                } else {
+                    view.fail(cause).await;
                 }
+                return;
             }
         }
         view.record_stats(self.published_epoch(), &PipelineStats::default())
             .await;
+        let rebuilt = view.rebuild.lock().ok().and_then(|mut r| r.take());
+        if let Some(rebuilt) = rebuilt {
+            match contents_change(&view, &rebuilt) {
+                Ok(change) => {
+                    if let Ok(mut c) = view.carried.lock() {
+                        *c = Some(change);
+                    }
+                    view.set_status(ViewStatus::Recovering(
+                        "publishing the rebuilt contents".into(),
+                    ));
+                    info!(view = %view.provider.name, caught_up_epochs = queued, "materialized view rebuilt");
+                }
+                Err(e) => self.task_failed(&view, e.to_string()).await,
+            }
+            view.signal_ready();
+            return;
+        }
         view.set_status(ViewStatus::Running);
         info!(view = %view.provider.name, caught_up_epochs = queued, "materialized view running");
         view.signal_ready();
@@ -478,4 +720,27 @@ impl ViewRuntime {
     async fn backfill_done(&self, view: Arc<ViewEntry>) {
         let _ = self.commands.send(Command::BackfillDone(view)).await;
     }
+}
+
+/// The change that turns a view's current contents into `rebuilt`: every current row
+/// deleted and every rebuilt row inserted, consolidated, so only the difference remains.
+fn contents_change(view: &ViewEntry, rebuilt: &ViewContents) -> Result<Changelog> {
+    let old = view
+        .provider
+        .contents
+        .read()
+        .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?
+        .snapshot()?;
+    let new = rebuilt.snapshot()?;
+    let schema = view.provider.schema.clone();
+    let parts: Vec<Changelog> = old
+        .batches
+        .into_iter()
+        .map(Changelog::deletes)
+        .chain(new.batches.into_iter().map(Changelog::inserts))
+        .collect();
+    if parts.is_empty() {
+        return Ok(Changelog::empty(schema));
+    }
+    Ok(Changelog::concat(&schema, parts)?.consolidate()?)
 }

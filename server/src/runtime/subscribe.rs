@@ -88,10 +88,11 @@ impl ViewRuntime {
             .ok_or_else(|| ServerError::Internal(format!("view {id} is not running")))?;
         match view.provider.status() {
             ViewStatus::Running => {}
-            ViewStatus::Backfilling => {
+            ViewStatus::Backfilling | ViewStatus::Recovering(_) => {
                 return Err(ServerError::ObjectNotReady(format!(
-                    "materialized view \"{}\" is still backfilling",
-                    view.provider.name
+                    "materialized view \"{}\" is {}",
+                    view.provider.name,
+                    view.provider.status().label()
                 )));
             }
             ViewStatus::Failed(reason) => {

@@ -12,6 +12,8 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use millrace_planner::Catalog;
 use millrace_planner::system_table::SystemTable;
 
+use millrace_planner::view_table::ViewStatus;
+
 use super::ViewRuntime;
 
 /// Registers the runtime's system tables in the catalog.
@@ -22,6 +24,7 @@ pub fn register(catalog: &Arc<Catalog>, runtime: &Arc<ViewRuntime>) {
         Field::new("database", DataType::Utf8, false),
         Field::new("status", DataType::Utf8, false),
         Field::new("error", DataType::Utf8, true),
+        Field::new("restarts", DataType::Int64, false),
         Field::new("epoch", DataType::UInt64, false),
         Field::new("published_epoch", DataType::UInt64, false),
         Field::new("rows", DataType::Int64, false),
@@ -57,6 +60,7 @@ pub fn register(catalog: &Arc<Catalog>, runtime: &Arc<ViewRuntime>) {
         let mut database = Vec::new();
         let mut status = Vec::new();
         let mut error = Vec::new();
+        let mut restarts = Vec::new();
         let mut epoch = Vec::new();
         let mut rows = Vec::new();
         let mut contents_bytes = Vec::new();
@@ -84,9 +88,10 @@ pub fn register(catalog: &Arc<Catalog>, runtime: &Arc<ViewRuntime>) {
             let st = v.status();
             status.push(st.label().to_string());
             error.push(match st {
-                millrace_planner::view_table::ViewStatus::Failed(reason) => Some(reason),
+                ViewStatus::Failed(reason) | ViewStatus::Recovering(reason) => Some(reason),
                 _ => None,
             });
+            restarts.push(v.restarts.load(std::sync::atomic::Ordering::SeqCst) as i64);
             let last = v.last_epoch.lock().map(|l| l.clone()).unwrap_or_default();
             let stats = v.stats.lock().map(|s| s.clone()).unwrap_or_default();
             epoch.push(last.epoch);
@@ -146,6 +151,7 @@ pub fn register(catalog: &Arc<Catalog>, runtime: &Arc<ViewRuntime>) {
             Arc::new(StringArray::from(database)),
             Arc::new(StringArray::from(status)),
             Arc::new(StringArray::from(error)),
+            Arc::new(Int64Array::from(restarts)),
             Arc::new(UInt64Array::from(epoch)),
             Arc::new(UInt64Array::from(vec![published; entries.len()])),
             Arc::new(Int64Array::from(rows)),

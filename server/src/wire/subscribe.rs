@@ -70,6 +70,7 @@ where
         name: "subscribe_max_buffer".into(),
         value: setting.clone(),
     })?;
+    session.engine.views.wait_ready(&[record.id]).await;
     let mut subscription = session.engine.views.subscribe(record.id).await?;
     let schema = subscription.schema.clone();
     let columns = schema.fields().len();
