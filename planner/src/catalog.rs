@@ -101,6 +101,14 @@ impl Catalog {
             .cloned()
     }
 
+    /// Ids of every table.
+    pub fn table_ids(&self) -> Vec<u64> {
+        self.tables
+            .read()
+            .map(|t| t.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// The table with the given id.
     pub fn table(&self, id: u64) -> Option<Arc<MillraceTable>> {
         self.tables.read().ok()?.get(&id).cloned()

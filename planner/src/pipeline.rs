@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::changelog::Changelog;
 use crate::error::{PlanError, Result};
 use crate::incremental::PlanNode;
-use crate::ops::{Operator, StateStats, evaluate};
+use crate::ops::{Operator, StateEntry, StateStats, evaluate};
 
 /// Jobs a partition instance may have queued before the router waits.
 const WORKER_QUEUE: usize = 2;
@@ -42,10 +42,33 @@ pub struct PipelineStats {
 
 type Reply = Result<(Changelog, StateStats)>;
 
-struct Job {
-    inputs: Vec<Changelog>,
-    reply: oneshot::Sender<Reply>,
+/// Work for one partition instance of an operator.
+enum Job {
+    Step {
+        inputs: Vec<Changelog>,
+        reply: oneshot::Sender<Reply>,
+    },
+    Checkpoint {
+        reply: oneshot::Sender<Result<Option<Vec<StateEntry>>>>,
+    },
+    Restore {
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
+
+/// One changed state entry of a pipeline: operator (numbered in plan order), partition,
+/// key, and the encoded entry (None: removed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointEntry {
+    pub op: u32,
+    pub partition: u32,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Restored state by (operator, partition): every live key with its entry.
+pub type RestoreEntries = HashMap<(u32, u32), Vec<(Vec<u8>, Vec<u8>)>>;
 
 struct Worker {
     jobs: mpsc::Sender<Job>,
@@ -116,6 +139,42 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// Keyed operators are split over this many partitions.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The state every operator changed since the last call (all of it the first time),
+    /// or None if some operator cannot be checkpointed. Call between steps.
+    pub async fn checkpoint(&mut self) -> Result<Option<Vec<CheckpointEntry>>> {
+        let mut entries = Vec::new();
+        let mut supported = true;
+        let mut next_op = 0u32;
+        // NOTE: an operator bug must fail this checkpoint, not the server.
+        std::panic::AssertUnwindSafe(checkpoint_stage(
+            &mut self.root,
+            &mut next_op,
+            &mut entries,
+            &mut supported,
+        ))
+        .catch_unwind()
+        .await
+        .map_err(|p| {
+            PlanError::Internal(format!("checkpoint panicked: {}", panic_message(&p)))
+        })??;
+        Ok(supported.then_some(entries))
+    }
+
+    /// Loads checkpointed state into a freshly started pipeline (same plan, same number of
+    /// workers), which then continues exactly as the checkpointed one would have.
+    pub async fn restore(&mut self, mut entries: RestoreEntries) -> Result<()> {
+        let mut next_op = 0u32;
+        std::panic::AssertUnwindSafe(restore_stage(&mut self.root, &mut next_op, &mut entries))
+            .catch_unwind()
+            .await
+            .map_err(|p| PlanError::Internal(format!("restore panicked: {}", panic_message(&p))))?
+    }
+
     /// Figures for `millrace_views`.
     pub fn stats(&self) -> PipelineStats {
         let mut stats = PipelineStats {
@@ -161,6 +220,118 @@ fn collect_stats(stage: &Stage, stats: &mut PipelineStats) {
     }
 }
 
+fn checkpoint_stage<'a>(
+    stage: &'a mut Stage,
+    next_op: &'a mut u32,
+    out: &'a mut Vec<CheckpointEntry>,
+    supported: &'a mut bool,
+) -> BoxFuture<'a, Result<()>> {
+    Box::pin(async move {
+        let op_index = *next_op;
+        match stage {
+            Stage::Source { .. } => return Ok(()),
+            Stage::Inline { op, inputs, .. } => {
+                *next_op += 1;
+                match op.checkpoint()? {
+                    Some(entries) => {
+                        out.extend(entries.into_iter().map(|(key, value)| CheckpointEntry {
+                            op: op_index,
+                            partition: 0,
+                            key,
+                            value,
+                        }))
+                    }
+                    None => *supported = false,
+                }
+                for input in inputs {
+                    checkpoint_stage(input, next_op, out, supported).await?;
+                }
+            }
+            Stage::Parallel {
+                workers, inputs, ..
+            } => {
+                *next_op += 1;
+                for (partition, worker) in workers.iter().enumerate() {
+                    let (reply, result) = oneshot::channel();
+                    worker
+                        .jobs
+                        .send(Job::Checkpoint { reply })
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))?;
+                    let entries = result
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))??;
+                    match entries {
+                        Some(entries) => {
+                            out.extend(entries.into_iter().map(|(key, value)| CheckpointEntry {
+                                op: op_index,
+                                partition: partition as u32,
+                                key,
+                                value,
+                            }))
+                        }
+                        None => *supported = false,
+                    }
+                }
+                for input in inputs {
+                    checkpoint_stage(input, next_op, out, supported).await?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn restore_stage<'a>(
+    stage: &'a mut Stage,
+    next_op: &'a mut u32,
+    entries: &'a mut RestoreEntries,
+) -> BoxFuture<'a, Result<()>> {
+    Box::pin(async move {
+        let op_index = *next_op;
+        match stage {
+            Stage::Source { .. } => return Ok(()),
+            Stage::Inline { op, inputs, .. } => {
+                *next_op += 1;
+                op.restore(entries.remove(&(op_index, 0)).unwrap_or_default())?;
+                for input in inputs {
+                    restore_stage(input, next_op, entries).await?;
+                }
+            }
+            Stage::Parallel {
+                workers,
+                inputs,
+                started,
+                ..
+            } => {
+                *next_op += 1;
+                *started = true;
+                for (partition, worker) in workers.iter().enumerate() {
+                    let (reply, result) = oneshot::channel();
+                    let mine = entries
+                        .remove(&(op_index, partition as u32))
+                        .unwrap_or_default();
+                    worker
+                        .jobs
+                        .send(Job::Restore {
+                            entries: mine,
+                            reply,
+                        })
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))?;
+                    result
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))??;
+                }
+                for input in inputs {
+                    restore_stage(input, next_op, entries).await?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 fn stage(node: PlanNode, workers: usize) -> Result<Stage> {
     match node {
         PlanNode::Source { id, schema, .. } => Ok(Stage::Source { id, schema }),
@@ -196,8 +367,19 @@ fn stage(node: PlanNode, workers: usize) -> Result<Stage> {
                 let (tx, mut rx) = mpsc::channel::<Job>(WORKER_QUEUE);
                 tokio::spawn(async move {
                     while let Some(job) = rx.recv().await {
-                        let result = instance.step(job.inputs).map(|out| (out, instance.state()));
-                        let _ = job.reply.send(result);
+                        match job {
+                            Job::Step { inputs, reply } => {
+                                let result =
+                                    instance.step(inputs).map(|out| (out, instance.state()));
+                                let _ = reply.send(result);
+                            }
+                            Job::Checkpoint { reply } => {
+                                let _ = reply.send(instance.checkpoint());
+                            }
+                            Job::Restore { entries, reply } => {
+                                let _ = reply.send(instance.restore(entries));
+                            }
+                        }
                     }
                 });
                 handles.push(Worker {
@@ -307,7 +489,7 @@ fn run<'a>(
                     let (reply, result) = oneshot::channel();
                     workers[w]
                         .jobs
-                        .send(Job {
+                        .send(Job::Step {
                             inputs: parts,
                             reply,
                         })

@@ -26,6 +26,10 @@ pub struct ServeConfig {
     /// restarted from its inputs.
     #[arg(long, env = "MILLRACE_VIEW_MAX_RESTARTS", default_value_t = 3)]
     pub view_max_restarts: u32,
+    /// Milliseconds between checkpoints of the views' state (0: none; views are then
+    /// rebuilt from their inputs after a restart).
+    #[arg(long, env = "MILLRACE_CHECKPOINT_INTERVAL_MS", default_value_t = 1000)]
+    pub checkpoint_interval_ms: u64,
 }
 
 impl ServeConfig {

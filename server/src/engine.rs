@@ -24,6 +24,7 @@ use crate::config::ServeConfig;
 use crate::connector::Sources;
 use crate::error::{Result, ServerError};
 use crate::exec::{ddl, matview};
+use crate::runtime::checkpoint::RestorePlan;
 use crate::runtime::{EpochChanges, ViewRuntime};
 use crate::session::functions;
 use millrace_planner::Changelog;
@@ -69,6 +70,8 @@ pub struct Engine {
     pub sinks: Arc<crate::sink::Sinks>,
     /// Whether sessions may inject faults (`--failpoints`, tests only).
     pub failpoints: bool,
+    /// Time between checkpoints (None: checkpoints off).
+    pub checkpoint_interval: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -90,24 +93,29 @@ impl Engine {
         })?;
         let store = Arc::new(Store::open(&config.data_dir.join("rocksdb"))?);
         let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        let views = ViewRuntime::new(
+            config.workers(),
+            config.epoch_queue,
+            config.view_max_restarts,
+            store.clone(),
+        );
         let engine = Arc::new(Engine {
             catalog: Arc::new(Catalog::new(store)),
             write_lock: tokio::sync::Mutex::new(()),
             runtime,
             workers: config.workers(),
             connections: AtomicUsize::new(0),
-            views: ViewRuntime::new(
-                config.workers(),
-                config.epoch_queue,
-                config.view_max_restarts,
-            ),
+            views,
             sources: Arc::new(Sources::default()),
             sinks: Arc::new(crate::sink::Sinks::default()),
             failpoints: config.failpoints,
+            checkpoint_interval: (config.checkpoint_interval_ms > 0)
+                .then(|| std::time::Duration::from_millis(config.checkpoint_interval_ms)),
         });
         engine.views.start();
         crate::runtime::system::register(&engine.catalog, &engine.views);
         crate::runtime::events::register(&engine.catalog, &engine.views.events);
+        crate::runtime::checkpoint::register(&engine.catalog, &engine.views);
         tokio::spawn(crate::runtime::supervisor::run(engine.clone()));
         crate::connector::system::register(&engine.catalog, &engine.sources);
         crate::sink::system::register(&engine.catalog, &engine.sinks);
@@ -115,6 +123,9 @@ impl Engine {
         engine.sources.load_bad_records(engine.store())?;
         engine.start_sources()?;
         engine.start_sinks()?;
+        if let Some(interval) = engine.checkpoint_interval {
+            tokio::spawn(checkpoint_ticker(Arc::downgrade(&engine), interval));
+        }
         Ok(engine)
     }
 
@@ -230,10 +241,38 @@ impl Engine {
         if !epoch.is_empty() {
             self.views.send_epoch(epoch);
         }
-        for (table, _) in &applied {
-            self.maybe_compact(table)?;
+        // NOTE: with checkpoints on, logs are rewritten by the checkpoint ticker, so that a
+        // checkpoint's log position stays valid.
+        if self.checkpoint_interval.is_none() {
+            for (table, _) in &applied {
+                self.maybe_compact(table)?;
+            }
         }
         Ok(touched)
+    }
+
+    /// Takes a checkpoint now (`CHECKPOINT`, and every checkpoint interval): rewrites the
+    /// logs that grew well past their rows, then queues the barrier behind the epochs
+    /// committed so far and waits until it commits. Returns the checkpointed epoch (None:
+    /// nothing changed since the last one).
+    pub async fn checkpoint(&self) -> Result<Option<u64>> {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        {
+            let _writers = self.write_lock.lock().await;
+            for id in self.catalog.table_ids() {
+                if let Some(table) = self.catalog.table(id) {
+                    self.maybe_compact(&table)?;
+                }
+            }
+            let barrier = crate::runtime::checkpoint::Barrier {
+                log_seq: self.store().next_log_seq(),
+                done: Some(done),
+            };
+            self.views.queue_checkpoint(barrier).await;
+        }
+        committed
+            .await
+            .map_err(|_| ServerError::Internal("the view coordinator stopped".into()))?
     }
 
     /// Rewrites a table's log as its live rows once the log has grown well past them, so that
@@ -309,11 +348,35 @@ impl Engine {
         }
         let records = self.store().catalog()?;
         info!(objects = records.len(), "replaying catalog");
+        let mut plan = RestorePlan::load(self.store())?;
+        if self.checkpoint_interval.is_none() {
+            plan.manifest = None;
+        }
+        let mut since_checkpoint = EpochChanges::new();
         let mut rows = 0usize;
         for record in records {
-            rows += self.replay_record(record).await?;
+            rows += self
+                .replay_record(record, &mut plan, &mut since_checkpoint)
+                .await?;
         }
         info!(rows, "catalog replayed; table caches rebuilt");
+        if !plan.restored.is_empty() {
+            // The changes committed after the checkpoint, as one epoch, for the restored views.
+            let rows: usize = since_checkpoint.values().map(|c| c.len()).sum();
+            let _writers = self.write_lock.lock().await;
+            let epoch = self.views.send_epoch(since_checkpoint);
+            self.views.wait_published(epoch).await;
+            self.views.events.record(
+                "checkpoint_replayed",
+                None,
+                None,
+                format!(
+                    "{} views restored from the checkpoint at epoch {}; {rows} changes since replayed",
+                    plan.restored.len(),
+                    plan.manifest.as_ref().map_or(0, |m| m.epoch)
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -360,7 +423,12 @@ impl Engine {
         Ok(())
     }
 
-    async fn replay_record(self: &Arc<Self>, record: CatalogRecord) -> Result<usize> {
+    async fn replay_record(
+        self: &Arc<Self>,
+        record: CatalogRecord,
+        plan: &mut RestorePlan,
+        since_checkpoint: &mut EpochChanges,
+    ) -> Result<usize> {
         match record.kind {
             ObjectKind::Database => {
                 self.catalog.register_database(record);
@@ -373,15 +441,35 @@ impl Engine {
             ObjectKind::Table => {
                 let ctx = self.session_context(&record.database, replay_schema(&record))?;
                 let table = ddl::build_table(&ctx, &record).await?;
-                let log = self.store().table_log(record.id)?;
+                let log = self.store().table_log_with_seqs(record.id)?;
+                plan.check_table(self.store(), record.id)?;
+                let after = plan.manifest.as_ref().map(|m| m.log_seq);
+                let mut changes = Vec::new();
                 {
                     let mut data = table
                         .data
                         .write()
                         .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
-                    for entry in &log {
-                        data.apply(entry)?;
+                    for (seq, entry) in &log {
+                        let tracked = after.is_some_and(|s| *seq >= s);
+                        match entry {
+                            LogEntry::Delete { row_ids } if tracked => {
+                                changes.push(Changelog::deletes(data.fetch(row_ids.values())?));
+                                data.apply(entry)?;
+                            }
+                            LogEntry::Insert { row_ids, .. } if tracked => {
+                                data.apply(entry)?;
+                                changes.push(Changelog::inserts(data.fetch(row_ids.values())?));
+                            }
+                            _ => data.apply(entry)?,
+                        }
                     }
+                }
+                if !changes.is_empty() {
+                    since_checkpoint.insert(
+                        record.id,
+                        Changelog::concat(&table.def.schema, changes)?.consolidate()?,
+                    );
                 }
                 let rows = table.data.read().map(|d| d.num_rows()).unwrap_or(0);
                 table.log_entries.store(log.len(), Ordering::SeqCst);
@@ -398,7 +486,7 @@ impl Engine {
             }
             ObjectKind::MaterializedView => {
                 let ctx = self.session_context(&record.database, replay_schema(&record))?;
-                matview::register_for_restore(self, &ctx, record).await?;
+                matview::register_for_restore(self, &ctx, record, plan).await?;
                 Ok(0)
             }
             ObjectKind::Sink => {
@@ -427,6 +515,19 @@ impl Engine {
     /// Counts a closed connection.
     pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes a checkpoint every `interval` while the engine lives.
+async fn checkpoint_ticker(engine: std::sync::Weak<Engine>, interval: std::time::Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        if let Err(e) = engine.checkpoint().await {
+            tracing::warn!(error = %e, "checkpoint failed");
+        }
     }
 }
 

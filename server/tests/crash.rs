@@ -4,7 +4,8 @@
 //! kill may or may not be there, never half of it) and every view over it equals its query
 //! run in batch; at the end the Kafka source holds every produced record exactly once, the
 //! views over it and over the join equal their queries, and the file sink's output replays
-//! to exactly its view. 20 cycles by default; `MILLRACE_CRASH_CYCLES` runs more and
+//! to exactly its view. Checkpoints are taken every second and at random, some failed by
+//! an injected storage error; views restore from the last good one. 20 cycles by default; `MILLRACE_CRASH_CYCLES` runs more and
 //! `MILLRACE_SEED` picks another seed.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -202,7 +203,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     let broker = Broker::start().expect("start tansu");
     broker.create_topic("ev", 2).expect("create topic");
     let out = tempfile::tempdir().expect("tmp");
-    let mut server = TestServer::start(&[]).expect("start");
+    let mut server = TestServer::start(&["--failpoints"]).expect("start");
     let client = server.connect("millrace").await.expect("connect");
     exec(
         &client,
@@ -246,8 +247,20 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut model = Accounts::new();
     let mut in_flight_landed = 0;
+    let (mut restored, mut failed_checkpoints) = (0, 0);
     for cycle in 0..cycles {
         let client = server.connect("millrace").await.expect("connect");
+        // A checkpoint now and then (besides the one every second), some of them failing
+        // in the storage layer: a failed checkpoint must leave the last good one usable.
+        match rng.random_range(0..4) {
+            0 => exec(&client, "CHECKPOINT").await,
+            1 => {
+                exec(&client, "SET millrace.inject_write_failures = 1").await;
+                let failed = client.batch_execute("CHECKPOINT").await.is_err();
+                failed_checkpoints += usize::from(failed);
+            }
+            _ => {}
+        }
         let writer = tokio::spawn(write_until_killed(
             client,
             StdRng::seed_from_u64(seed * 1000 + cycle),
@@ -261,6 +274,13 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
         }
         server.restart().expect("restart");
         let client = server.connect("millrace").await.expect("reconnect");
+        restored += one(
+            &client,
+            "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE 'from the checkpoint%'",
+        )
+        .await
+        .parse::<usize>()
+        .expect("count");
         let found = accounts(&client).await;
         if found != model {
             let mut with = model.clone();
@@ -315,8 +335,11 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     })
     .await;
     eprintln!(
-        "{cycles} kill -9 cycles: {} accounts, {} Kafka records, in-flight writes that landed: {in_flight_landed}",
+        "{cycles} kill -9 cycles: {} accounts, {} Kafka records, in-flight writes that landed: {in_flight_landed}, \
+         views restored from a checkpoint: {restored}, checkpoints failed by injection: {failed_checkpoints}",
         model.len(),
         produced.len()
     );
+    assert!(restored > 0, "no view was ever restored from a checkpoint");
+    assert!(failed_checkpoints > 0, "no checkpoint failure was injected");
 }

@@ -4,8 +4,10 @@
 //! incremental planner supports, then applies random DML (inserts, updates, deletes,
 //! including deletes that make groups vanish, deletes of the current min/max, NULLs
 //! everywhere). After every step each view must equal its query run as a plain SELECT over
-//! the same tables (multiset equality). The whole run repeats with 1, 2, 4 and 7 workers,
-//! and every worker must have received rows.
+//! the same tables (multiset equality). Between steps the test takes `CHECKPOINT`s and kills
+//! the server with `kill -9` at random: the views restore their checkpointed state (or are
+//! rebuilt) and must still equal their queries. The whole run repeats with 1, 2, 4 and 7
+//! workers, and every worker must have received rows.
 //!
 //! Seed: `MILLRACE_SEED` (default: random, printed). Steps per run: `MILLRACE_DIFF_STEPS`
 //! (default 40; raise it for a soak). A failure prints the seed and a SQL script that
@@ -347,10 +349,28 @@ fn change(rng: &mut StdRng) -> (String, Option<&'static str>) {
     }
 }
 
+/// Adds the rows each worker received (per `millrace_views`) to `totals`.
+async fn add_worker_rows(client: &Client, totals: &mut [u64]) -> Result<(), String> {
+    for row in rows(client, "SELECT worker_rows FROM millrace_views").await? {
+        for (i, n) in row[0].clone().unwrap_or_default().split(',').enumerate() {
+            if let (Some(t), Ok(n)) = (totals.get_mut(i), n.parse::<u64>()) {
+                *t += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a log.
+fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result<(), String> {
-    let server = TestServer::start(&["--workers", &workers.to_string()])
+    let mut server = TestServer::start(&["--workers", &workers.to_string()])
         .map_err(|e| format!("cannot start millrace: {e}"))?;
-    let client = server
+    let mut client = server
         .connect("millrace")
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -367,6 +387,7 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
         exec(&client, sql).await?;
     }
     let cases = cases();
+    let mut totals = vec![0u64; workers];
     for case in &cases {
         let sql = format!("CREATE MATERIALIZED VIEW {} AS {}", case.name, case.query);
         exec(&client, &sql).await?;
@@ -385,6 +406,37 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
             if let Some(edge) = edge {
                 *seen.entry(edge).or_default() += 1;
             }
+            // Checkpoints, and kill -9: views restore their checkpointed state and catch up
+            // with the changes after it (or are rebuilt), and must still equal the batch.
+            if rng.random_range(0..4) == 0 {
+                exec(&client, "CHECKPOINT")
+                    .await
+                    .map_err(|e| format!("{e}\nserver log:\n{}", server.log()))?;
+                script.push("CHECKPOINT".into());
+            }
+            if rng.random_range(0..8) == 0 {
+                add_worker_rows(&client, &mut totals).await?;
+                server.kill();
+                server
+                    .restart()
+                    .map_err(|e| format!("cannot restart millrace: {e}"))?;
+                client = server
+                    .connect("millrace")
+                    .await
+                    .map_err(|e| format!("reconnect: {e}"))?;
+                script.push("-- kill -9 and restart".into());
+                let restored = rows(
+                    &client,
+                    "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE 'from the checkpoint%'",
+                )
+                .await?;
+                let n: usize = restored[0][0]
+                    .as_deref()
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0);
+                *seen.entry("restored from a checkpoint").or_default() += n;
+            }
         }
         for case in &cases {
             let got = rows(&client, &format!("SELECT * FROM {}", case.name)).await?;
@@ -398,6 +450,9 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
                     script.join(";\n"),
                     case.name,
                     case.oracle
+                ) + &format!(
+                    "\n-- server log (end):\n{}",
+                    log_tail(&server.log(), 40)
                 ));
             }
             *seen.entry(case.construct).or_default() += 1;
@@ -416,16 +471,8 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
             }
         }
     }
-    // Every worker received rows.
-    let per_view = rows(&client, "SELECT worker_rows FROM millrace_views").await?;
-    let mut totals = vec![0u64; workers];
-    for row in per_view {
-        for (i, n) in row[0].clone().unwrap_or_default().split(',').enumerate() {
-            if let (Some(t), Ok(n)) = (totals.get_mut(i), n.parse::<u64>()) {
-                *t += n;
-            }
-        }
-    }
+    // Every worker received rows (counted per server process, summed over restarts).
+    add_worker_rows(&client, &mut totals).await?;
     if totals.contains(&0) {
         return Err(format!(
             "with {workers} workers, some worker got no rows: {totals:?}"
@@ -479,6 +526,7 @@ async fn views_equal_batch_queries_after_every_change() {
         "duplicate rows in a view",
         "topn ties",
         "global aggregate over empty input",
+        "restored from a checkpoint",
     ] {
         assert!(
             seen.get(edge).copied().unwrap_or(0) > 0,

@@ -20,6 +20,11 @@ use crate::log_entry::LogEntry;
 const CF_CATALOG: &str = "catalog";
 const CF_TABLE_LOG: &str = "table_log";
 const CF_META: &str = "meta";
+/// Checkpointed state of materialized views: operator state deltas and view contents.
+const CF_VIEW_STATE: &str = "view_state";
+/// Operator number under which a view's contents are checkpointed.
+pub const CONTENTS_OP: u32 = u32::MAX;
+const LOG_REBASED_PREFIX: &[u8] = b"log_rebased/";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 
 /// One change to durable state, part of a [`WriteSet`].
@@ -48,6 +53,18 @@ enum WriteOp {
         value: Vec<u8>,
     },
     DeleteBadRecord(u64),
+    PutViewState {
+        view_id: u64,
+        op: u32,
+        partition: u32,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+    DropViewState(u64),
+    PutMeta {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
 }
 
 /// All durable changes of one statement or transaction; committed atomically.
@@ -112,6 +129,38 @@ impl WriteSet {
         self.ops.push(WriteOp::DropLog(table_id));
     }
     /// Appends every change of `other` after this set's changes.
+    /// Sets (or with `None` removes) one checkpointed state entry of a view.
+    pub fn put_view_state(
+        &mut self,
+        view_id: u64,
+        op: u32,
+        partition: u32,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) {
+        self.ops.push(WriteOp::PutViewState {
+            view_id,
+            op,
+            partition,
+            key,
+            value,
+        });
+    }
+
+    /// Removes every checkpointed state entry of a view.
+    pub fn drop_view_state(&mut self, view_id: u64) {
+        self.ops.push(WriteOp::DropViewState(view_id));
+    }
+
+    /// Sets a metadata value (e.g. the checkpoint manifest).
+    pub fn put_meta(&mut self, key: &[u8], value: Vec<u8>) {
+        self.ops.push(WriteOp::PutMeta {
+            key: key.to_vec(),
+            value,
+        });
+    }
+
+    /// Appends another set's changes after these.
     pub fn extend(&mut self, other: WriteSet) {
         self.ops.extend(other.ops);
     }
@@ -150,7 +199,7 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let cfs = [CF_CATALOG, CF_TABLE_LOG, CF_META]
+        let cfs = [CF_CATALOG, CF_TABLE_LOG, CF_META, CF_VIEW_STATE]
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -227,6 +276,36 @@ impl Store {
                 }
                 WriteOp::DropLog(table_id) => {
                     batch.delete_range_cf(log, log_key(table_id, 0), log_key(table_id + 1, 0));
+                    // NOTE: entries before `seq` are gone: a checkpoint taken before it can
+                    // no longer be caught up from this table's log.
+                    batch.put_cf(
+                        self.cf(CF_META)?,
+                        log_rebased_key(table_id),
+                        seq.to_be_bytes(),
+                    );
+                }
+                WriteOp::PutViewState {
+                    view_id,
+                    op,
+                    partition,
+                    key,
+                    value,
+                } => {
+                    let key = view_state_key(view_id, op, partition, &key);
+                    match value {
+                        Some(value) => batch.put_cf(self.cf(CF_VIEW_STATE)?, key, value),
+                        None => batch.delete_cf(self.cf(CF_VIEW_STATE)?, key),
+                    }
+                }
+                WriteOp::DropViewState(view_id) => {
+                    batch.delete_range_cf(
+                        self.cf(CF_VIEW_STATE)?,
+                        view_id.to_be_bytes(),
+                        (view_id + 1).to_be_bytes(),
+                    );
+                }
+                WriteOp::PutMeta { key, value } => {
+                    batch.put_cf(self.cf(CF_META)?, key, value);
                 }
                 WriteOp::PutOffset { source_id, value } => {
                     batch.put_cf(self.cf(CF_META)?, offset_key(source_id), value);
@@ -336,6 +415,15 @@ impl Store {
 
     /// The log of one table, oldest entry first.
     pub fn table_log(&self, table_id: u64) -> Result<Vec<LogEntry>> {
+        Ok(self
+            .table_log_with_seqs(table_id)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// The log of one table with each entry's log sequence number, oldest first.
+    pub fn table_log_with_seqs(&self, table_id: u64) -> Result<Vec<(u64, LogEntry)>> {
         let start = log_key(table_id, 0);
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(
@@ -347,10 +435,81 @@ impl Store {
             if key.len() != 16 || key[..8] != table_id.to_be_bytes() {
                 break;
             }
-            out.push(LogEntry::decode(&value)?);
+            out.push((decode_u64(&key[8..], "log key")?, LogEntry::decode(&value)?));
         }
         Ok(out)
     }
+}
+
+impl Store {
+    /// The next log sequence number: every log entry written so far has a smaller one.
+    pub fn next_log_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::SeqCst)
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_META)?, key)?)
+    }
+
+    /// The log sequence number from which a table's log was last rewritten (compacted,
+    /// truncated), if ever.
+    pub fn log_rebased_at(&self, table_id: u64) -> Result<Option<u64>> {
+        self.meta(&log_rebased_key(table_id))?
+            .map(|v| decode_u64(&v, "log rebase"))
+            .transpose()
+    }
+
+    /// Every checkpointed state entry of a view.
+    pub fn view_state(&self, view_id: u64) -> Result<Vec<ViewStateEntry>> {
+        let prefix = view_id.to_be_bytes();
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_VIEW_STATE)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if key.len() < 16 || key[..8] != prefix {
+                break;
+            }
+            let op = u32::from_be_bytes([key[8], key[9], key[10], key[11]]);
+            let partition = u32::from_be_bytes([key[12], key[13], key[14], key[15]]);
+            out.push((op, partition, key[16..].to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Bytes of checkpointed view state on disk (RocksDB's estimate).
+    pub fn view_state_bytes(&self) -> u64 {
+        self.cf(CF_VIEW_STATE)
+            .ok()
+            .and_then(|cf| {
+                self.db
+                    .property_int_value_cf(cf, "rocksdb.estimate-live-data-size")
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// One checkpointed state entry of a view: operator, partition, key, value.
+pub type ViewStateEntry = (u32, u32, Vec<u8>, Vec<u8>);
+
+fn view_state_key(view_id: u64, op: u32, partition: u32, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + key.len());
+    k.extend_from_slice(&view_id.to_be_bytes());
+    k.extend_from_slice(&op.to_be_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+fn log_rebased_key(table_id: u64) -> Vec<u8> {
+    let mut k = LOG_REBASED_PREFIX.to_vec();
+    k.extend_from_slice(&table_id.to_be_bytes());
+    k
 }
 
 fn offset_key(source_id: u64) -> Vec<u8> {

@@ -4,7 +4,7 @@
 //! SELECTs read cheap snapshots of the Arrow chunks, exactly like a table's. Rows are found
 //! for deletion by their arrow-row encoding, which maps to the row ids holding copies of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use arrow::array::{RecordBatch, UInt32Array, UInt64Array};
 use arrow::compute::take_record_batch;
@@ -22,6 +22,8 @@ pub struct ViewContents {
     converter: RowConverter,
     /// Encoded row to the ids of its copies.
     copies: HashMap<Box<[u8]>, Vec<RowId>>,
+    /// Encoded rows whose number of copies changed since the last checkpoint.
+    dirty: HashSet<Box<[u8]>>,
 }
 
 impl ViewContents {
@@ -38,7 +40,46 @@ impl ViewContents {
             table: ColumnarTable::try_new(schema, None)?,
             converter,
             copies: HashMap::new(),
+            dirty: HashSet::new(),
         })
+    }
+
+    /// Rows whose number of copies changed since the last call, each with its count now
+    /// (0: gone), for a checkpoint.
+    pub fn take_dirty(&mut self) -> Vec<(Box<[u8]>, i64)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .map(|k| {
+                let n = self.copies.get(&k).map_or(0, |ids| ids.len() as i64);
+                (k, n)
+            })
+            .collect()
+    }
+
+    /// Every row with its number of copies (a full checkpoint); forgets what was dirty.
+    pub fn all_counts(&mut self) -> Vec<(Box<[u8]>, i64)> {
+        self.dirty.clear();
+        self.copies
+            .iter()
+            .map(|(k, ids)| (k.clone(), ids.len() as i64))
+            .collect()
+    }
+
+    /// Loads checkpointed rows (encoded, with their counts) into empty contents.
+    pub fn restore(&mut self, rows: &[(Vec<u8>, i64)]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let parser = self.converter.parser();
+        let columns = self
+            .converter
+            .convert_rows(rows.iter().map(|(k, _)| parser.parse(k)))?;
+        let batch = RecordBatch::try_new(self.table.schema(), columns)?;
+        let weights: Vec<i64> = rows.iter().map(|(_, n)| *n).collect();
+        self.apply(&batch, &weights)?;
+        self.dirty.clear();
+        Ok(())
     }
 
     /// Number of rows (copies counted).
@@ -67,6 +108,9 @@ impl ViewContents {
         let mut picks: Vec<u32> = Vec::new();
         let mut inserted_keys: Vec<usize> = Vec::new();
         for (i, &w) in weights.iter().enumerate() {
+            if w != 0 && !self.dirty.contains(rows.row(i).as_ref()) {
+                self.dirty.insert(rows.row(i).as_ref().into());
+            }
             if w < 0 {
                 let key = rows.row(i);
                 let ids = self
@@ -143,5 +187,31 @@ mod tests {
         v.apply(&b.slice(0, 1), &[-3]).unwrap();
         assert_eq!(v.num_rows(), 1);
         assert!(v.apply(&b.slice(0, 1), &[-1]).is_err());
+    }
+
+    #[test]
+    fn checkpointed_rows_restore_the_same_multiset() {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut v = ViewContents::try_new(schema.clone()).unwrap();
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![Some(1), None, Some(2)]))],
+        )
+        .unwrap();
+        v.apply(&b, &[2, 1, 1]).unwrap();
+        let all: Vec<(Vec<u8>, i64)> = v
+            .all_counts()
+            .into_iter()
+            .map(|(k, n)| (k.to_vec(), n))
+            .collect();
+        assert!(v.take_dirty().is_empty());
+        v.apply(&b.slice(2, 1), &[-1]).unwrap();
+        let dirty = v.take_dirty();
+        assert_eq!(dirty.len(), 1);
+        assert_eq!(dirty[0].1, 0, "the row is gone");
+        let mut w = ViewContents::try_new(schema).unwrap();
+        w.restore(&all).unwrap();
+        assert_eq!(w.num_rows(), 4);
+        assert!(w.take_dirty().is_empty());
     }
 }

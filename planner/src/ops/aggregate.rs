@@ -22,7 +22,8 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 use millrace_storage::{MemoryState, StateStore};
 
-use super::{Operator, StateStats, evaluate, evaluate_predicate, single_input};
+use super::codec::{Reader, Writer};
+use super::{Operator, StateEntry, StateStats, evaluate, evaluate_predicate, single_input};
 use crate::changelog::{Changelog, loose, make_batch};
 use crate::error::{PlanError, Result};
 
@@ -112,7 +113,71 @@ pub struct AggregateOp {
     always: HashSet<Box<[u8]>>,
     /// Approximate bytes of group state.
     bytes: i64,
+    /// Encoder of a group's last emitted values (and of sliding accumulators' states) for
+    /// checkpoints; None when some accumulator's state cannot be encoded.
+    codec: Option<GroupCodec>,
+    /// Whether a checkpoint holds `always` already (it is fixed after the first step).
+    always_saved: bool,
 }
+
+/// Encodes groups for checkpoints: the emitted values as one arrow row over the output
+/// types, each sliding accumulator's state as one arrow row over its state types.
+#[derive(Debug)]
+struct GroupCodec {
+    output: ScalarCodec,
+    states: Vec<Option<ScalarCodec>>,
+}
+
+/// A row of scalars of fixed types, as arrow-row bytes.
+#[derive(Debug)]
+struct ScalarCodec {
+    converter: RowConverter,
+    types: Vec<DataType>,
+}
+
+impl ScalarCodec {
+    fn new(types: Vec<DataType>) -> Result<Self> {
+        Ok(Self {
+            converter: RowConverter::new(
+                types.iter().map(|t| SortField::new(t.clone())).collect(),
+            )?,
+            types,
+        })
+    }
+
+    fn encode(&self, values: &[ScalarValue]) -> Result<Vec<u8>> {
+        if values.len() != self.types.len() {
+            return Err(PlanError::Internal("aggregate state arity".into()));
+        }
+        if values.is_empty() {
+            // NOTE: arrow rows of no columns have no rows (DISTINCT has no aggregates).
+            return Ok(Vec::new());
+        }
+        let arrays = values
+            .iter()
+            .zip(&self.types)
+            .map(|(v, t)| Ok(v.cast_to(t)?.to_array()?))
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        Ok(self
+            .converter
+            .convert_columns(&arrays)?
+            .row(0)
+            .data()
+            .to_vec())
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Vec<ArrayRef>> {
+        if self.types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parser = self.converter.parser();
+        Ok(self.converter.convert_rows([parser.parse(bytes)])?)
+    }
+}
+
+/// Key of the entry holding the operator's own flags (group keys are arrow rows or empty,
+/// and are stored after a 0 byte).
+const META_KEY: &[u8] = &[1];
 
 impl AggregateOp {
     /// An aggregate producing `schema` (group columns, grouping id if any, aggregates).
@@ -166,6 +231,7 @@ impl AggregateOp {
                 call,
             });
         }
+        let codec = group_codec(&schema, key_fields, &aggs).ok();
         Ok(Self {
             schema,
             grouping,
@@ -175,7 +241,87 @@ impl AggregateOp {
             started: false,
             always: HashSet::new(),
             bytes: 0,
+            codec,
+            always_saved: false,
         })
+    }
+
+    fn encode_group(codec: &GroupCodec, group: &mut Group) -> Result<Vec<u8>> {
+        let mut w = Writer::new();
+        w.i64(group.rows);
+        match &group.output {
+            Some(values) => w.u64(1).bytes(&codec.output.encode(values)?),
+            None => w.u64(0),
+        };
+        w.u64(group.states.len() as u64);
+        for (state, state_codec) in group.states.iter_mut().zip(&codec.states) {
+            match (state, state_codec) {
+                (AggState::Sliding(acc), Some(c)) => {
+                    w.u64(0).bytes(&c.encode(&acc.state()?)?);
+                }
+                (AggState::Values(values), _) => {
+                    w.u64(1).u64(values.len() as u64);
+                    for (value, count) in values.iter() {
+                        w.bytes(value).i64(*count);
+                    }
+                }
+                (AggState::Sliding(_), None) => {
+                    return Err(PlanError::Internal("no codec for an accumulator".into()));
+                }
+            }
+        }
+        Ok(w.finish())
+    }
+
+    fn decode_group(&self, codec: &GroupCodec, bytes: &[u8]) -> Result<(Group, i64)> {
+        let mut r = Reader::new(bytes);
+        let rows = r.i64()?;
+        let output = match r.u64()? {
+            0 => None,
+            _ => {
+                let arrays = codec.output.decode(r.bytes()?)?;
+                Some(
+                    arrays
+                        .iter()
+                        .map(|a| Ok(ScalarValue::try_from_array(a, 0)?))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            }
+        };
+        let n = r.u64()? as usize;
+        let mut states = Vec::with_capacity(n);
+        let mut bytes_held = 0i64;
+        for j in 0..n {
+            match r.u64()? {
+                0 => {
+                    let (Some(agg), Some(Some(c))) = (self.aggs.get(j), codec.states.get(j)) else {
+                        return Err(PlanError::Internal(
+                            "accumulator state without codec".into(),
+                        ));
+                    };
+                    let mut acc = agg.call.expr.create_sliding_accumulator()?;
+                    acc.merge_batch(&c.decode(r.bytes()?)?)?;
+                    states.push(AggState::Sliding(acc));
+                }
+                _ => {
+                    let mut values = BTreeMap::new();
+                    for _ in 0..r.u64()? {
+                        let value: Box<[u8]> = r.bytes()?.into();
+                        bytes_held += value.len() as i64 + VALUE_OVERHEAD;
+                        values.insert(value, r.i64()?);
+                    }
+                    states.push(AggState::Values(values));
+                }
+            }
+        }
+        Ok((
+            Group {
+                rows,
+                states,
+                output,
+            },
+            bytes_held,
+        ))
     }
 
     fn is_global(&self) -> bool {
@@ -303,6 +449,60 @@ impl Operator for AggregateOp {
             bytes: self.bytes.max(0) as u64,
             counters: self.groups.counters(),
         }
+    }
+
+    fn checkpoint(&mut self) -> Result<Option<Vec<StateEntry>>> {
+        let Some(codec) = &self.codec else {
+            return Ok(None);
+        };
+        let mut entries = Vec::new();
+        if !self.always_saved {
+            let mut meta = Writer::new();
+            meta.u64(self.always.len() as u64);
+            for key in &self.always {
+                meta.bytes(key);
+            }
+            entries.push((META_KEY.to_vec(), Some(meta.finish())));
+            self.always_saved = true;
+        }
+        for key in self.groups.take_dirty() {
+            let mut state_key = Vec::with_capacity(key.len() + 1);
+            state_key.push(0);
+            state_key.extend_from_slice(&key);
+            let value = match self.groups.peek_mut(&key) {
+                Some(group) => Some(Self::encode_group(codec, group)?),
+                None => None,
+            };
+            entries.push((state_key, value));
+        }
+        Ok(Some(entries))
+    }
+
+    fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let codec = self
+            .codec
+            .take()
+            .ok_or_else(|| PlanError::Internal("aggregate without a state codec".into()))?;
+        let result = (|| {
+            for (key, value) in entries {
+                if key == META_KEY {
+                    let mut r = Reader::new(&value);
+                    for _ in 0..r.u64()? {
+                        self.always.insert(r.bytes()?.into());
+                    }
+                    continue;
+                }
+                let group_key = key.get(1..).unwrap_or_default();
+                let (group, held) = self.decode_group(&codec, &value)?;
+                self.bytes += group_key.len() as i64 + GROUP_OVERHEAD + held;
+                self.groups.restore(group_key.into(), group);
+            }
+            Ok(())
+        })();
+        self.codec = Some(codec);
+        self.started = true;
+        self.always_saved = true;
+        result
     }
 
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
@@ -563,6 +763,35 @@ fn string_agg(
         }
     }
     Ok(ScalarValue::Utf8(out))
+}
+
+/// The checkpoint codec of an aggregate's groups, if every sliding accumulator's state has
+/// types arrow rows can encode.
+fn group_codec(schema: &SchemaRef, key_fields: usize, aggs: &[Agg]) -> Result<GroupCodec> {
+    let output = ScalarCodec::new(
+        schema.fields()[key_fields..]
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect(),
+    )?;
+    let mut states = Vec::with_capacity(aggs.len());
+    for agg in aggs {
+        states.push(match agg.kind {
+            // NOTE: a sliding accumulator's state can differ from the plain one's
+            // (state_fields): take the types from a fresh one.
+            Kind::Sliding => Some(ScalarCodec::new(
+                agg.call
+                    .expr
+                    .create_sliding_accumulator()?
+                    .state()?
+                    .iter()
+                    .map(|v| v.data_type())
+                    .collect(),
+            )?),
+            _ => None,
+        });
+    }
+    Ok(GroupCodec { output, states })
 }
 
 fn new_group(aggs: &[Agg]) -> Result<Group> {

@@ -32,6 +32,8 @@ impl Operator for FilterOp {
         self.schema.clone()
     }
 
+    crate::stateless_checkpoint!();
+
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
         let input = single_input(inputs, "filter")?;
         if input.is_empty() {

@@ -19,6 +19,9 @@ use datafusion::common::JoinType;
 use datafusion::physical_plan::PhysicalExpr;
 use millrace_storage::{MemoryState, StateStore};
 
+use super::StateEntry;
+use super::codec::{Reader, Writer};
+
 use super::{Operator, StateStats, evaluate, evaluate_predicate};
 use crate::changelog::{Changelog, RowCodec, loose, make_batch};
 use crate::error::{PlanError, Result};
@@ -351,6 +354,48 @@ impl Operator for JoinOp {
         }
         stats.bytes = self.bytes.max(0) as u64;
         stats
+    }
+
+    fn checkpoint(&mut self) -> Result<Option<Vec<StateEntry>>> {
+        let mut entries = Vec::new();
+        for (side, store) in self.sides.iter_mut().enumerate() {
+            for key in store.take_dirty() {
+                let mut state_key = Vec::with_capacity(key.len() + 1);
+                state_key.push(side as u8);
+                state_key.extend_from_slice(&key);
+                let value = store.peek(&key).map(|bucket| {
+                    let mut w = Writer::new();
+                    w.u64(bucket.len() as u64);
+                    for (row, entry) in bucket {
+                        w.bytes(row).i64(entry.weight).i64(entry.degree);
+                    }
+                    w.finish()
+                });
+                entries.push((state_key, value));
+            }
+        }
+        Ok(Some(entries))
+    }
+
+    fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        for (key, value) in entries {
+            let (&side, join_key) = key
+                .split_first()
+                .ok_or_else(|| PlanError::Internal("empty join state key".into()))?;
+            let side = usize::from(side).min(1);
+            let mut r = Reader::new(&value);
+            let mut bucket = Bucket::new();
+            for _ in 0..r.u64()? {
+                let row: Box<[u8]> = r.bytes()?.into();
+                let weight = r.i64()?;
+                let degree = r.i64()?;
+                self.bytes += row.len() as i64 + ENTRY_OVERHEAD;
+                bucket.insert(row, Entry { weight, degree });
+            }
+            self.bytes += join_key.len() as i64 + BUCKET_OVERHEAD;
+            self.sides[side].restore(join_key.into(), bucket);
+        }
+        Ok(())
     }
 
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {

@@ -7,6 +7,7 @@
 //! hash-partitioned instances at a time.
 
 pub mod aggregate;
+pub mod codec;
 pub mod filter;
 pub mod join;
 pub mod project;
@@ -61,6 +62,37 @@ pub trait Operator: Send + std::fmt::Debug {
     fn state(&self) -> StateStats {
         StateStats::default()
     }
+    /// The state changed since the last call, for a checkpoint: each changed key with its
+    /// encoded entry, or None where the entry was removed. `Ok(None)` means the operator
+    /// cannot be checkpointed, and its view is rebuilt from its inputs after a restart.
+    fn checkpoint(&mut self) -> Result<Option<Vec<StateEntry>>> {
+        Ok(None)
+    }
+    /// Loads what [`Operator::checkpoint`] wrote (the latest entry of every live key) into
+    /// a fresh operator that has not stepped, which then behaves as the checkpointed one.
+    fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let _ = entries;
+        Err(PlanError::Internal(format!(
+            "{} cannot be restored from a checkpoint",
+            self.describe()
+        )))
+    }
+}
+
+/// A changed state entry: key, and the encoded entry (None: removed).
+pub type StateEntry = (Vec<u8>, Option<Vec<u8>>);
+
+/// Implements checkpoint and restore for an operator without state.
+#[macro_export]
+macro_rules! stateless_checkpoint {
+    () => {
+        fn checkpoint(&mut self) -> $crate::error::Result<Option<Vec<$crate::ops::StateEntry>>> {
+            Ok(Some(Vec::new()))
+        }
+        fn restore(&mut self, _entries: Vec<(Vec<u8>, Vec<u8>)>) -> $crate::error::Result<()> {
+            Ok(())
+        }
+    };
 }
 
 /// Evaluates physical expressions over a batch into arrays of its length.

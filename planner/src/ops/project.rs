@@ -36,6 +36,8 @@ impl Operator for ProjectOp {
         self.schema.clone()
     }
 
+    crate::stateless_checkpoint!();
+
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
         let input = single_input(inputs, "projection")?;
         if input.is_empty() {

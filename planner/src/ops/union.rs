@@ -31,6 +31,8 @@ impl Operator for UnionOp {
         self.schema.clone()
     }
 
+    crate::stateless_checkpoint!();
+
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
         Changelog::concat(&self.schema, inputs)
     }

@@ -40,6 +40,8 @@ impl Operator for UnnestOp {
         self.schema.clone()
     }
 
+    crate::stateless_checkpoint!();
+
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
         let input = single_input(inputs, "unnest")?;
         if input.is_empty() {

@@ -34,6 +34,16 @@ impl Operator for ValuesOp {
         self.schema.clone()
     }
 
+    // NOTE: a view is checkpointed only after its first step, when the rows were emitted.
+    fn checkpoint(&mut self) -> Result<Option<Vec<crate::ops::StateEntry>>> {
+        Ok(Some(Vec::new()))
+    }
+
+    fn restore(&mut self, _entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        self.rows = None;
+        Ok(())
+    }
+
     fn step(&mut self, _inputs: Vec<Changelog>) -> Result<Changelog> {
         match self.rows.take() {
             Some(rows) => Changelog::inserts(rows).with_schema(&self.schema),

@@ -20,24 +20,26 @@
 //! restarts and their outcome are listed in `millrace_events` (`events.rs`).
 
 pub mod backfill;
+pub mod checkpoint;
 pub mod events;
 pub mod subscribe;
 pub mod supervisor;
 pub mod system;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use millrace_planner::Changelog;
 use millrace_planner::pipeline::{Pipeline, PipelineStats};
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
-use millrace_storage::ViewContents;
+use millrace_storage::{Store, ViewContents};
 use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::error::{Result, ServerError};
+use crate::runtime::checkpoint::{Barrier, Checkpoints};
 use crate::runtime::events::EventLog;
 use crate::runtime::subscribe::{EpochDelta, FEED_CAPACITY};
 
@@ -108,6 +110,12 @@ pub struct ViewEntry {
     rebuild: Mutex<Option<ViewContents>>,
     /// After a rebuild: the old contents' change into the new, published with the next epoch.
     carried: Mutex<Option<Changelog>>,
+    /// Whether the next checkpoint must write this view's state in full (a new or rebuilt
+    /// pipeline, or a checkpoint that failed to commit).
+    pub checkpoint_fresh: AtomicBool,
+    /// Whether changes of this pipeline were drained but never written (a failed
+    /// checkpoint): it is left out of checkpoints until it is rebuilt.
+    pub checkpoint_lost: AtomicBool,
 }
 
 impl ViewEntry {
@@ -136,6 +144,8 @@ impl ViewEntry {
             restarts: AtomicU32::new(0),
             rebuild: Mutex::new(None),
             carried: Mutex::new(None),
+            checkpoint_fresh: AtomicBool::new(true),
+            checkpoint_lost: AtomicBool::new(false),
         });
         (entry, rx)
     }
@@ -163,6 +173,8 @@ impl ViewEntry {
         } else {
             return Err(ServerError::Internal("view pipeline busy".into()));
         }
+        self.checkpoint_fresh.store(true, Ordering::SeqCst);
+        self.checkpoint_lost.store(false, Ordering::SeqCst);
         self.set_status(ViewStatus::Backfilling);
         Ok(rx)
     }
@@ -260,6 +272,7 @@ impl ViewEntry {
 enum Command {
     Epoch(u64, EpochChanges),
     BackfillDone(Arc<ViewEntry>),
+    Checkpoint(Barrier),
 }
 
 /// The registry of running views and the epoch coordinator's handle.
@@ -292,6 +305,10 @@ pub struct ViewRuntime {
     /// Fault injection: the next n steps of a view (by name) fail
     /// (`SET millrace.fail_view_steps = 'view:n'`, tests of recovery only).
     fail_steps: Mutex<HashMap<String, u32>>,
+    /// Where checkpoints are written.
+    store: Arc<Store>,
+    /// Checkpoints taken, for `millrace_checkpoints`.
+    pub checkpoints: Checkpoints,
 }
 
 impl std::fmt::Debug for Command {
@@ -299,6 +316,7 @@ impl std::fmt::Debug for Command {
         match self {
             Command::Epoch(e, _) => write!(f, "Epoch({e})"),
             Command::BackfillDone(v) => write!(f, "BackfillDone({})", v.id),
+            Command::Checkpoint(b) => write!(f, "Checkpoint({})", b.log_seq),
         }
     }
 }
@@ -307,7 +325,12 @@ impl ViewRuntime {
     /// A runtime whose coordinator is started by [`ViewRuntime::start`]; at most
     /// `epoch_queue` committed epochs wait for it before committing writers block
     /// (back-pressure).
-    pub fn new(workers: usize, epoch_queue: usize, max_restarts: u32) -> Arc<Self> {
+    pub fn new(
+        workers: usize,
+        epoch_queue: usize,
+        max_restarts: u32,
+        store: Arc<Store>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(epoch_queue.max(1));
         let (published, _) = watch::channel(0);
         let (failed, failed_rx) = mpsc::unbounded_channel();
@@ -326,7 +349,15 @@ impl ViewRuntime {
             failed,
             failed_rx: Mutex::new(Some(failed_rx)),
             fail_steps: Mutex::new(HashMap::new()),
+            store,
+            checkpoints: Checkpoints::default(),
         })
+    }
+
+    /// Queues a checkpoint barrier behind the epochs queued so far; `log_seq` is the log
+    /// position they reached. The caller holds the engine's write lock.
+    pub async fn queue_checkpoint(&self, barrier: Barrier) {
+        let _ = self.commands.send(Command::Checkpoint(barrier)).await;
     }
 
     /// The ids of failed views to restart (taken once, by the supervisor).
@@ -425,6 +456,9 @@ impl ViewRuntime {
     /// Forgets a dropped view; its pipeline's tasks end with it.
     pub fn deregister(&self, id: u64) {
         let entry = self.views.lock().ok().and_then(|mut v| v.remove(&id));
+        if let Ok(mut d) = self.checkpoints.dropped.lock() {
+            d.push(id);
+        }
         if let Some(entry) = entry {
             entry.signal_ready();
             tokio::spawn(async move {
@@ -510,7 +544,11 @@ impl ViewRuntime {
         info!(workers = self.workers, "view coordinator started");
         while let Some(first) = rx.recv().await {
             let mut commands = vec![first];
-            while commands.len() < self.coalesce {
+            // NOTE: a checkpoint barrier ends the batch: it must see exactly the epochs
+            // queued before it.
+            while commands.len() < self.coalesce
+                && !matches!(commands.last(), Some(Command::Checkpoint(_)))
+            {
                 match rx.try_recv() {
                     Ok(c) => commands.push(c),
                     Err(_) => break,
@@ -519,6 +557,7 @@ impl ViewRuntime {
             let mut epoch = None;
             let mut merged: HashMap<u64, Vec<Changelog>> = HashMap::new();
             let mut done = Vec::new();
+            let mut barrier = None;
             for command in commands {
                 match command {
                     Command::Epoch(e, changes) => {
@@ -528,6 +567,7 @@ impl ViewRuntime {
                         }
                     }
                     Command::BackfillDone(view) => done.push(view),
+                    Command::Checkpoint(b) => barrier = Some(b),
                 }
             }
             if let Some(epoch) = epoch {
@@ -547,6 +587,9 @@ impl ViewRuntime {
             }
             for view in done {
                 self.finish_backfill(view).await;
+            }
+            if let Some(barrier) = barrier {
+                self.checkpoint(barrier).await;
             }
         }
     }

@@ -216,14 +216,26 @@ impl SimpleQueryHandler for Connection {
         let mut out = Vec::with_capacity(parsed.len());
         for p in parsed {
             let result = match p {
-                Parsed::NoOp(tag) => {
-                    if tag == "FLUSH" {
+                Parsed::NoOp(tag) => match tag {
+                    "FLUSH" => {
                         // FLUSH: every write committed so far becomes visible in every view.
                         let views = session.engine.views.clone();
                         views.wait_published(views.committed_epoch()).await;
+                        Ok(Output::command(tag))
                     }
-                    Ok(Output::command(tag))
-                }
+                    // CHECKPOINT: the views' state is checkpointed before the command ends.
+                    "CHECKPOINT" if session.engine.checkpoint_interval.is_none() => {
+                        Err(crate::error::ServerError::NotSupported(
+                            "CHECKPOINT on a server started with --checkpoint-interval-ms 0".into(),
+                        ))
+                    }
+                    "CHECKPOINT" => session
+                        .engine
+                        .checkpoint()
+                        .await
+                        .map(|_| Output::command(tag)),
+                    _ => Ok(Output::command(tag)),
+                },
                 Parsed::Statement(s, renames) => run(session, *s, None, None)
                     .await
                     .and_then(|o| exec::rename_columns(o, &renames)),

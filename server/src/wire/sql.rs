@@ -38,11 +38,14 @@ const CATALOG_MARKERS: &[&str] = &[
     "pg_views",
 ];
 
-/// Statements FLUSH-like that we accept as no-ops before parsing (RisingWave compatibility).
+/// Statements without arguments recognised before parsing: FLUSH (RisingWave
+/// compatibility) and CHECKPOINT (PostgreSQL).
 fn no_op_command(sql: &str) -> Option<&'static str> {
     let s = sql.trim().trim_end_matches(';').trim();
     if s.eq_ignore_ascii_case("flush") {
         Some("FLUSH")
+    } else if s.eq_ignore_ascii_case("checkpoint") {
+        Some("CHECKPOINT")
     } else {
         None
     }
