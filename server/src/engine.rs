@@ -112,7 +112,8 @@ impl Engine {
             checkpoint_interval: (config.checkpoint_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(config.checkpoint_interval_ms)),
         });
-        engine.views.start();
+        // NOTE: the coordinator starts once checkpointed views have loaded their state
+        // (`supervisor::restore_all`); epochs committed meanwhile queue up for it.
         crate::runtime::system::register(&engine.catalog, &engine.views);
         crate::runtime::events::register(&engine.catalog, &engine.views.events);
         crate::runtime::checkpoint::register(&engine.catalog, &engine.views);
@@ -251,11 +252,11 @@ impl Engine {
         Ok(touched)
     }
 
-    /// Takes a checkpoint now (`CHECKPOINT`, and every checkpoint interval): rewrites the
-    /// logs that grew well past their rows, then queues the barrier behind the epochs
-    /// committed so far and waits until it commits. Returns the checkpointed epoch (None:
-    /// nothing changed since the last one).
-    pub async fn checkpoint(&self) -> Result<Option<u64>> {
+    /// Takes a checkpoint now (`CHECKPOINT`, flushed to disk, and every checkpoint interval):
+    /// rewrites the logs that grew well past their rows, then queues the barrier behind the
+    /// epochs committed so far and waits until it commits. Returns the checkpointed epoch
+    /// (None: nothing changed since the last one).
+    pub async fn checkpoint(&self, flush: bool) -> Result<Option<u64>> {
         let (done, committed) = tokio::sync::oneshot::channel();
         {
             let _writers = self.write_lock.lock().await;
@@ -267,6 +268,7 @@ impl Engine {
             let barrier = crate::runtime::checkpoint::Barrier {
                 log_seq: self.store().next_log_seq(),
                 done: Some(done),
+                flush,
             };
             self.views.queue_checkpoint(barrier).await;
         }
@@ -361,21 +363,16 @@ impl Engine {
         }
         info!(rows, "catalog replayed; table caches rebuilt");
         if !plan.restored.is_empty() {
-            // The changes committed after the checkpoint, as one epoch, for the restored views.
+            // The changes committed after the checkpoint, as the first epoch, for the views
+            // that restore their state (processed once they have loaded it).
             let rows: usize = since_checkpoint.values().map(|c| c.len()).sum();
             let _writers = self.write_lock.lock().await;
             let epoch = self.views.send_epoch(since_checkpoint);
-            self.views.wait_published(epoch).await;
-            self.views.events.record(
-                "checkpoint_replayed",
-                None,
-                None,
-                format!(
-                    "{} views restored from the checkpoint at epoch {}; {rows} changes since replayed",
-                    plan.restored.len(),
-                    plan.manifest.as_ref().map_or(0, |m| m.epoch)
-                ),
-            );
+            self.views.set_catch_up(crate::runtime::CatchUp {
+                epoch,
+                rows,
+                checkpoint_epoch: plan.manifest.as_ref().map_or(0, |m| m.epoch),
+            });
         }
         Ok(())
     }
@@ -525,7 +522,7 @@ async fn checkpoint_ticker(engine: std::sync::Weak<Engine>, interval: std::time:
         let Some(engine) = engine.upgrade() else {
             return;
         };
-        if let Err(e) = engine.checkpoint().await {
+        if let Err(e) = engine.checkpoint(false).await {
             tracing::warn!(error = %e, "checkpoint failed");
         }
     }

@@ -209,7 +209,9 @@ async fn bad_connector_options_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_source_turns_unhealthy_and_resumes_without_gap() {
-    let server = TestServer::start(&["--failpoints"]).expect("start");
+    // NOTE: no checkpoints, so that the injected failures hit the source's commits only.
+    let server =
+        TestServer::start(&["--failpoints", "--checkpoint-interval-ms", "0"]).expect("start");
     let client = server.connect("millrace").await.expect("connect");
     exec(
         &client,

@@ -480,6 +480,12 @@ impl Store {
         Ok(out)
     }
 
+    /// Flushes checkpointed view state from the memtable to disk, so that a restart does not
+    /// replay it from the WAL.
+    pub fn flush_view_state(&self) -> Result<()> {
+        Ok(self.db.flush_cf(self.cf(CF_VIEW_STATE)?)?)
+    }
+
     /// Bytes of checkpointed view state on disk (RocksDB's estimate).
     pub fn view_state_bytes(&self) -> u64 {
         self.cf(CF_VIEW_STATE)

@@ -4,7 +4,7 @@
 //! SELECTs read cheap snapshots of the Arrow chunks, exactly like a table's. Rows are found
 //! for deletion by their arrow-row encoding, which maps to the row ids holding copies of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use arrow::array::{RecordBatch, UInt32Array, UInt64Array};
 use arrow::compute::take_record_batch;
@@ -22,8 +22,9 @@ pub struct ViewContents {
     converter: RowConverter,
     /// Encoded row to the ids of its copies.
     copies: HashMap<Box<[u8]>, Vec<RowId>>,
-    /// Encoded rows whose number of copies changed since the last checkpoint.
-    dirty: HashSet<Box<[u8]>>,
+    /// Net change of each row's number of copies since the last checkpoint (a version of a
+    /// row that came and went in between nets to zero and is not written).
+    dirty: HashMap<Box<[u8]>, i64>,
 }
 
 impl ViewContents {
@@ -40,7 +41,7 @@ impl ViewContents {
             table: ColumnarTable::try_new(schema, None)?,
             converter,
             copies: HashMap::new(),
-            dirty: HashSet::new(),
+            dirty: HashMap::new(),
         })
     }
 
@@ -50,7 +51,8 @@ impl ViewContents {
         let dirty = std::mem::take(&mut self.dirty);
         dirty
             .into_iter()
-            .map(|k| {
+            .filter(|(_, delta)| *delta != 0)
+            .map(|(k, _)| {
                 let n = self.copies.get(&k).map_or(0, |ids| ids.len() as i64);
                 (k, n)
             })
@@ -108,8 +110,13 @@ impl ViewContents {
         let mut picks: Vec<u32> = Vec::new();
         let mut inserted_keys: Vec<usize> = Vec::new();
         for (i, &w) in weights.iter().enumerate() {
-            if w != 0 && !self.dirty.contains(rows.row(i).as_ref()) {
-                self.dirty.insert(rows.row(i).as_ref().into());
+            if w != 0 {
+                match self.dirty.get_mut(rows.row(i).as_ref()) {
+                    Some(delta) => *delta += w,
+                    None => {
+                        self.dirty.insert(rows.row(i).as_ref().into(), w);
+                    }
+                }
             }
             if w < 0 {
                 let key = rows.row(i);
@@ -206,8 +213,14 @@ mod tests {
             .collect();
         assert!(v.take_dirty().is_empty());
         v.apply(&b.slice(2, 1), &[-1]).unwrap();
+        v.apply(&b.slice(1, 1), &[1]).unwrap();
+        v.apply(&b.slice(1, 1), &[-1]).unwrap();
         let dirty = v.take_dirty();
-        assert_eq!(dirty.len(), 1);
+        assert_eq!(
+            dirty.len(),
+            1,
+            "a row that came and went is not written: {dirty:?}"
+        );
         assert_eq!(dirty[0].1, 0, "the row is gone");
         let mut w = ViewContents::try_new(schema).unwrap();
         w.restore(&all).unwrap();

@@ -31,7 +31,6 @@ use crate::runtime::checkpoint::{self, RestorePlan};
 use crate::runtime::{ViewEntry, backfill};
 use crate::session::Session;
 use tokio::sync::oneshot;
-use tracing::warn;
 
 /// A view's query, planned, optimized and compiled.
 struct Compiled {
@@ -237,85 +236,56 @@ pub async fn register_for_restore(
     let runtime = engine.views.clone();
     let sources = compiled.plan.sources();
     let explain = compiled.plan.explain(runtime.workers);
-    let mut pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
-    let mut contents = ViewContents::try_new(compiled.schema.clone())?;
+    let pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
     let restorable = plan.can_restore(record.id, &sources, runtime.workers, |id| {
         runtime.view(id).is_some()
     });
-    let restored = if restorable {
-        match restore_state(engine, record.id, &mut pipeline, &mut contents).await {
-            Ok(figures) => Some(figures),
-            Err(e) => {
-                warn!(view = %record.name, error = %e, "checkpointed state unusable; rebuilding");
-                pipeline = Pipeline::start(
-                    compile_view(ctx, &parse_create_view(&record)?).await?.plan,
-                    runtime.workers,
-                )?;
-                contents = ViewContents::try_new(compiled.schema.clone())?;
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let status = match restored {
-        Some(_) => ViewStatus::Running,
-        None => ViewStatus::Recovering("being restored after a restart".into()),
+    let status = match restorable {
+        true => ViewStatus::Recovering("loading its checkpointed state".into()),
+        false => ViewStatus::Recovering("being rebuilt after a restart".into()),
     };
     let provider = Arc::new(MaterializedView {
         id: record.id,
         name: record.name.clone(),
         schema: compiled.schema.clone(),
         sql: record.sql.clone(),
-        contents: Arc::new(RwLock::new(contents)),
+        contents: Arc::new(RwLock::new(ViewContents::try_new(compiled.schema.clone())?)),
         status: Arc::new(RwLock::new(status)),
     });
     let (entry, _ready) = ViewEntry::new(provider.clone(), sources, explain, pipeline);
-    if let Some((entries, rows)) = restored {
+    if restorable {
         entry
-            .checkpoint_fresh
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+            .restore_pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         plan.restored.insert(record.id);
-        runtime.events.record(
-            "view_restored",
-            Some(&record.name),
-            None,
-            format!(
-                "from the checkpoint at epoch {}: {entries} state entries, {rows} rows",
-                plan.manifest.as_ref().map_or(0, |m| m.epoch)
-            ),
-        );
     }
     runtime.register(entry);
     engine.catalog.register_relation(record, provider, None)?;
     Ok(())
 }
 
-/// Loads a view's checkpointed operator state and contents; returns how many state
-/// entries and rows it loaded.
-async fn restore_state(
-    engine: &Arc<Engine>,
-    view_id: u64,
-    pipeline: &mut Pipeline,
-    contents: &mut ViewContents,
-) -> Result<(usize, usize)> {
+/// Loads a view's checkpointed operator state and contents into its fresh pipeline;
+/// returns how many state entries and rows it loaded.
+pub async fn restore_state(engine: &Arc<Engine>, view: &ViewEntry) -> Result<(usize, usize)> {
     let store = engine.store().clone();
+    let view_id = view.id;
     let (state, rows) =
         tokio::task::block_in_place(move || checkpoint::load_view_state(&store, view_id))?;
     let entries = state.values().map(|v| v.len()).sum();
-    pipeline.restore(state).await?;
+    {
+        let mut guard = view.pipeline.lock().await;
+        let pipeline = guard
+            .as_mut()
+            .ok_or_else(|| ServerError::Internal("view has no pipeline".into()))?;
+        pipeline.restore(state).await?;
+    }
+    let mut contents = view
+        .provider
+        .contents
+        .write()
+        .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?;
     contents.restore(&rows)?;
     Ok((entries, contents.num_rows()))
-}
-
-fn parse_create_view(record: &CatalogRecord) -> Result<ast::CreateView> {
-    match crate::exec::ddl::parse_one(&record.sql)? {
-        Statement::CreateView(view) => Ok(view),
-        _ => Err(ServerError::Internal(format!(
-            "record {} is not CREATE MATERIALIZED VIEW",
-            record.id
-        ))),
-    }
 }
 
 /// EXPLAIN CREATE MATERIALIZED VIEW: the incremental plan, one operator per line.

@@ -117,7 +117,9 @@ pub async fn run(
             .wait_ready(&relation_dependencies(session, &plan))
             .await;
     }
-    views.wait_published(session.write_epoch).await;
+    views
+        .wait_published(session.write_epoch.max(views.read_floor()))
+        .await;
     let physical = {
         // All views a query reads are snapshotted at one epoch.
         let _epoch = views.read_lock.read().await;

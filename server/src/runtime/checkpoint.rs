@@ -46,6 +46,9 @@ use crate::error::{Result, ServerError};
 pub const MANIFEST_KEY: &[u8] = b"checkpoint/manifest";
 /// Checkpoints listed in `millrace_checkpoints`.
 const HISTORY: usize = 100;
+/// Bytes written by checkpoints after which the state is flushed out of RocksDB's memtable
+/// (so that a restart does not replay it from the WAL).
+const FLUSH_AFTER_BYTES: u64 = 32 << 20;
 
 /// What a committed checkpoint covers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +101,8 @@ pub struct Checkpoints {
     /// Log position and views of the last committed checkpoint (an idle server writes no
     /// new one).
     last: Mutex<Option<(u64, BTreeMap<u64, usize>)>>,
+    /// Bytes written since the state was last flushed to disk.
+    unflushed: std::sync::atomic::AtomicU64,
 }
 
 impl Checkpoints {
@@ -118,13 +123,22 @@ pub struct Barrier {
     pub log_seq: u64,
     /// Told the checkpointed epoch (None if nothing was written) when it commits.
     pub done: Option<oneshot::Sender<Result<Option<u64>>>>,
+    /// Whether to flush the state to disk before telling (`CHECKPOINT`), so that a restart
+    /// reads it from files rather than replaying RocksDB's WAL.
+    pub flush: bool,
 }
 
 impl ViewRuntime {
     /// Takes a checkpoint of every running view at the published epoch (called by the
     /// coordinator between epochs).
     pub(super) async fn checkpoint(&self, barrier: Barrier) {
-        let result = self.write_checkpoint(barrier.log_seq).await;
+        let mut result = self.write_checkpoint(barrier.log_seq).await;
+        if barrier.flush && result.is_ok() {
+            let store = self.store.clone();
+            if let Err(e) = tokio::task::block_in_place(move || store.flush_view_state()) {
+                result = Err(e.into());
+            }
+        }
         if let Err(e) = &result {
             warn!(error = %e, "checkpoint failed; its views are left out of the next ones");
         }
@@ -255,6 +269,21 @@ impl ViewRuntime {
         }
         if let Ok(mut last) = self.checkpoints.last.lock() {
             *last = Some((log_seq, views.clone()));
+        }
+        if self
+            .checkpoints
+            .unflushed
+            .fetch_add(bytes, Ordering::SeqCst)
+            + bytes
+            > FLUSH_AFTER_BYTES
+        {
+            self.checkpoints.unflushed.store(0, Ordering::SeqCst);
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.flush_view_state() {
+                    warn!(error = %e, "flushing checkpointed state failed");
+                }
+            });
         }
         if entries > 0 || !dropped.is_empty() {
             info!(

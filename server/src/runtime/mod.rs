@@ -46,6 +46,17 @@ use crate::runtime::subscribe::{EpochDelta, FEED_CAPACITY};
 /// Epochs merged into one step at most.
 const MAX_COALESCE: usize = 64;
 
+/// The first epoch after a restart: the table changes committed after the last checkpoint,
+/// which the views restored from it process before anything else.
+#[derive(Debug, Clone, Copy)]
+pub struct CatchUp {
+    pub epoch: u64,
+    /// Changed rows in it.
+    pub rows: usize,
+    /// The checkpoint's epoch (of the previous run).
+    pub checkpoint_epoch: u64,
+}
+
 /// Changes of one epoch, by source id (table or view).
 pub type EpochChanges = HashMap<u64, Changelog>;
 
@@ -116,6 +127,9 @@ pub struct ViewEntry {
     /// Whether changes of this pipeline were drained but never written (a failed
     /// checkpoint): it is left out of checkpoints until it is rebuilt.
     pub checkpoint_lost: AtomicBool,
+    /// Whether the view loads its state from the last checkpoint on start (else it is
+    /// rebuilt from its inputs).
+    pub restore_pending: AtomicBool,
 }
 
 impl ViewEntry {
@@ -146,6 +160,7 @@ impl ViewEntry {
             carried: Mutex::new(None),
             checkpoint_fresh: AtomicBool::new(true),
             checkpoint_lost: AtomicBool::new(false),
+            restore_pending: AtomicBool::new(false),
         });
         (entry, rx)
     }
@@ -195,7 +210,8 @@ impl ViewEntry {
         self.provider.status()
     }
 
-    fn set_status(&self, status: ViewStatus) {
+    /// Sets the status.
+    pub fn set_status(&self, status: ViewStatus) {
         if let Ok(mut s) = self.provider.status.write() {
             *s = status;
         }
@@ -307,6 +323,10 @@ pub struct ViewRuntime {
     fail_steps: Mutex<HashMap<String, u32>>,
     /// Where checkpoints are written.
     store: Arc<Store>,
+    /// The first epoch after a restart: the changes since the checkpoint.
+    catch_up: Mutex<Option<CatchUp>>,
+    /// See [`ViewRuntime::read_floor`].
+    read_floor: AtomicU64,
     /// Checkpoints taken, for `millrace_checkpoints`.
     pub checkpoints: Checkpoints,
 }
@@ -350,8 +370,30 @@ impl ViewRuntime {
             failed_rx: Mutex::new(Some(failed_rx)),
             fail_steps: Mutex::new(HashMap::new()),
             store,
+            catch_up: Mutex::new(None),
+            read_floor: AtomicU64::new(0),
             checkpoints: Checkpoints::default(),
         })
+    }
+
+    /// Notes the epoch holding the changes committed after the checkpoint; no read is
+    /// answered before it is published.
+    pub fn set_catch_up(&self, catch_up: CatchUp) {
+        self.read_floor.store(catch_up.epoch, Ordering::SeqCst);
+        if let Ok(mut c) = self.catch_up.lock() {
+            *c = Some(catch_up);
+        }
+    }
+
+    /// The first epoch a read may see: the catch-up epoch after a restart (views restored
+    /// from a checkpoint run before it is processed, but their contents are behind).
+    pub fn read_floor(&self) -> u64 {
+        self.read_floor.load(Ordering::SeqCst)
+    }
+
+    /// The catch-up epoch, once.
+    pub fn take_catch_up(&self) -> Option<CatchUp> {
+        self.catch_up.lock().ok().and_then(|mut c| c.take())
     }
 
     /// Queues a checkpoint barrier behind the epochs queued so far; `log_seq` is the log

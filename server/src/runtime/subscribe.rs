@@ -102,6 +102,7 @@ impl ViewRuntime {
                 }));
             }
         }
+        self.wait_published(self.read_floor()).await;
         // NOTE: the coordinator publishes (applies deltas, sends them, bumps the epoch) under
         // the write side of this lock, so snapshot, epoch and receiver are one cut.
         let _guard = self.read_lock.read().await;

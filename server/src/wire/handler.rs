@@ -231,7 +231,7 @@ impl SimpleQueryHandler for Connection {
                     }
                     "CHECKPOINT" => session
                         .engine
-                        .checkpoint()
+                        .checkpoint(true)
                         .await
                         .map(|_| Output::command(tag)),
                     _ => Ok(Output::command(tag)),

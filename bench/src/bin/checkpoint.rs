@@ -1,0 +1,234 @@
+//! Checkpoint benchmark: two fresh Millrace servers side by side, one checkpointing every
+//! second (the default) and one with checkpoints off (`--checkpoint-interval-ms 0`).
+//!
+//! 1. Overhead: one client inserts batches into a table under a GROUP BY view for
+//!    `BENCH_SECONDS`; rows per second and server CPU-seconds per million rows.
+//! 2. Recovery: `BENCH_ROWS` rows under a GROUP BY view and a join view, `CHECKPOINT`, more
+//!    writes, then `kill -9` and a restart: the time until the server accepts a connection,
+//!    and until a query of each view answers (restored from the checkpoint and caught up,
+//!    or rebuilt from the tables when checkpoints are off).
+//!
+//! Usage: `bench/run checkpoint` (MILLRACE_BIN names the server binary).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A millrace server of this benchmark.
+struct Server {
+    bin: String,
+    port: u16,
+    dir: std::path::PathBuf,
+    interval_ms: u64,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn start(
+        bin: &str,
+        port: u16,
+        dir: std::path::PathBuf,
+        interval_ms: u64,
+    ) -> Result<Self, Error> {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut s = Server {
+            bin: bin.into(),
+            port,
+            dir,
+            interval_ms,
+            child: None,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<(), Error> {
+        let child = Command::new(&self.bin)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--data-dir",
+                &self.dir.display().to_string(),
+                "--checkpoint-interval-ms",
+                &self.interval_ms.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.with_extension("log"))?)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Connects, retrying while the server starts.
+    async fn connect(&self) -> Result<Client, Error> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            match tokio_postgres::connect(
+                &format!(
+                    "host=127.0.0.1 port={} user=millrace dbname=millrace",
+                    self.port
+                ),
+                NoTls,
+            )
+            .await
+            {
+                Ok((client, conn)) => {
+                    tokio::spawn(conn);
+                    return Ok(client);
+                }
+                Err(e) if Instant::now() > deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn cpu_seconds(pid: u32) -> Result<f64, Error> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+    Ok((ticks(11) + ticks(12)) / 100.0)
+}
+
+/// Inserts batches for `seconds` under a GROUP BY view: (rows/s, CPU-s per million rows).
+async fn overhead(server: &Server, seconds: u64) -> Result<(f64, f64), Error> {
+    let c = server.connect().await?;
+    c.batch_execute(
+        "CREATE TABLE ev (k BIGINT, v BIGINT);
+         CREATE MATERIALIZED VIEW per_k AS SELECT k % 10000 AS g, count(*) AS n, sum(v) AS s FROM ev GROUP BY k % 10000",
+    )
+    .await?;
+    let cpu0 = cpu_seconds(server.pid())?;
+    let start = Instant::now();
+    let mut rows = 0u64;
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        c.batch_execute(&format!(
+            "INSERT INTO ev SELECT value, value % 97 FROM generate_series({}, {})",
+            i * 1000,
+            i * 1000 + 999
+        ))
+        .await?;
+        rows += 1000;
+        i += 1;
+    }
+    c.batch_execute("FLUSH").await?;
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server.pid())? - cpu0;
+    Ok((rows as f64 / wall, cpu * 1e6 / rows as f64))
+}
+
+/// Loads state, kills the server and measures its way back:
+/// (state bytes, accepts connections, views answer).
+async fn recovery(server: &mut Server, rows: usize) -> Result<(u64, Duration, Duration), Error> {
+    let c = server.connect().await?;
+    c.batch_execute(&format!(
+        "CREATE TABLE big (id BIGINT, g BIGINT, x BIGINT);
+         CREATE TABLE dim (g BIGINT, name TEXT);
+         INSERT INTO dim SELECT value, 'name ' || value FROM generate_series(0, 99999);
+         INSERT INTO big SELECT value, value % 100000, value % 1000 FROM generate_series(1, {rows});
+         CREATE MATERIALIZED VIEW per_g AS SELECT g, count(*) AS n, sum(x) AS sx FROM big GROUP BY g;
+         CREATE MATERIALIZED VIEW named AS SELECT big.id, dim.name FROM big JOIN dim ON big.g = dim.g;"
+    ))
+    .await?;
+    if server.interval_ms > 0 {
+        c.batch_execute("CHECKPOINT").await?;
+    }
+    c.batch_execute(
+        "INSERT INTO big SELECT value, value % 100000, 1 FROM generate_series(1, 1000)",
+    )
+    .await?;
+    let state: i64 = c
+        .query_one(
+            "SELECT CAST(sum(state_bytes + contents_bytes) AS BIGINT) FROM millrace_views",
+            &[],
+        )
+        .await?
+        .get(0);
+    drop(c);
+    server.kill();
+    let start = Instant::now();
+    server.spawn()?;
+    let c = server.connect().await?;
+    let accepts = start.elapsed();
+    let n: i64 = c.query_one("SELECT count(*) FROM named", &[]).await?.get(0);
+    let m: i64 = c
+        .query_one("SELECT CAST(sum(n) AS BIGINT) FROM per_g", &[])
+        .await?
+        .get(0);
+    let answers = start.elapsed();
+    if n != rows as i64 + 1000 || m != rows as i64 + 1000 {
+        return Err(format!(
+            "views after recovery: {n} and {m} rows, want {}",
+            rows + 1000
+        )
+        .into());
+    }
+    Ok((state.max(0) as u64, accepts, answers))
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Error> {
+    let bin = std::env::var("MILLRACE_BIN").unwrap_or_else(|_| "millrace".into());
+    let seconds = env_usize("BENCH_SECONDS", 10) as u64;
+    let rows = env_usize("BENCH_ROWS", 1_000_000);
+    let work = std::env::temp_dir().join(format!("millrace-ckpt-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "checkpoints every 1 s vs off; overhead: {seconds} s of 1000-row INSERTs under a GROUP BY view"
+    );
+    for (label, interval) in [("checkpoints every 1 s", 1000u64), ("checkpoints off", 0)] {
+        let server = Server::start(&bin, 56601, work.join(format!("o{interval}")), interval)?;
+        let (rps, cpu) = overhead(&server, seconds).await?;
+        println!("  {label:<24} {rps:>10.0} rows/s   {cpu:>6.2} server CPU-s per million rows");
+    }
+    println!(
+        "recovery after kill -9: {rows}-row table (+1000 rows after the checkpoint) under a GROUP BY view (100k groups) and a join view"
+    );
+    for (label, interval) in [
+        ("from the checkpoint", 1000u64),
+        ("rebuilt (checkpoints off)", 0),
+    ] {
+        let mut server = Server::start(&bin, 56602, work.join(format!("r{interval}")), interval)?;
+        let (state, accepts, answers) = recovery(&mut server, rows).await?;
+        println!(
+            "  {label:<26} view state {:>6} MiB   accepts connections after {:>7.2} s   views answer after {:>7.2} s",
+            state / (1 << 20),
+            accepts.as_secs_f64(),
+            answers.as_secs_f64()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
