@@ -59,6 +59,24 @@ pub struct MaterializedView {
 }
 
 impl MaterializedView {
+    /// A view with empty contents of `schema`, in `status`.
+    pub fn new(
+        id: u64,
+        name: String,
+        schema: SchemaRef,
+        sql: String,
+        status: ViewStatus,
+    ) -> Result<Self, PlanError> {
+        Ok(Self {
+            id,
+            name,
+            contents: Arc::new(RwLock::new(ViewContents::try_new(schema.clone())?)),
+            schema,
+            sql,
+            status: Arc::new(RwLock::new(status)),
+        })
+    }
+
     /// The current status.
     pub fn status(&self) -> ViewStatus {
         self.status

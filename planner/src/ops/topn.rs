@@ -6,15 +6,16 @@
 //! up. Rows that tie on the sort key are ordered by their encoding, so the choice among
 //! ties is deterministic (SQL leaves it unspecified).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::RowConverter;
 use datafusion::physical_expr::PhysicalSortExpr;
 
-use super::{Operator, StateStats, evaluate, single_input};
+use super::codec::{Reader, Writer};
+use super::{Operator, StateEntry, StateStats, evaluate, single_input};
 use crate::changelog::{Changelog, loose, make_batch, row_converter, sort_converter};
-use crate::error::Result;
+use crate::error::{PlanError, Result};
 
 /// (sort key, row) encodings: the order rows are ranked in.
 type OrderedRow = (Box<[u8]>, Box<[u8]>);
@@ -34,6 +35,9 @@ pub struct TopNOp {
     top: HashMap<Box<[u8]>, i64>,
     reads: u64,
     bytes: i64,
+    /// Entries changed since the last checkpoint, and whether the top changed.
+    dirty: HashSet<OrderedRow>,
+    top_dirty: bool,
 }
 
 impl TopNOp {
@@ -57,6 +61,8 @@ impl TopNOp {
             top: HashMap::new(),
             reads: 0,
             bytes: 0,
+            dirty: HashSet::new(),
+            top_dirty: false,
         })
     }
 }
@@ -85,6 +91,54 @@ impl Operator for TopNOp {
                 writes: 0,
             },
         }
+    }
+
+    fn checkpoint(&mut self) -> Result<Option<Vec<StateEntry>>> {
+        let mut entries = Vec::with_capacity(self.dirty.len() + 1);
+        for entry in self.dirty.drain() {
+            let mut key = Writer::new();
+            key.u64(0).bytes(&entry.0).bytes(&entry.1);
+            let value = self.state.get(&entry).map(|n| n.to_le_bytes().to_vec());
+            entries.push((key.finish(), value));
+        }
+        if self.top_dirty {
+            let mut top = Writer::new();
+            top.u64(self.top.len() as u64);
+            for (row, n) in &self.top {
+                top.bytes(row).i64(*n);
+            }
+            let mut key = Writer::new();
+            key.u64(1);
+            entries.push((key.finish(), Some(top.finish())));
+            self.top_dirty = false;
+        }
+        Ok(Some(entries))
+    }
+
+    fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        for (key, value) in entries {
+            let mut k = Reader::new(&key);
+            let mut v = Reader::new(&value);
+            match k.u64()? {
+                0 => {
+                    let entry: OrderedRow = (k.bytes()?.into(), k.bytes()?.into());
+                    self.bytes += (entry.0.len() + entry.1.len()) as i64 + 48;
+                    self.state.insert(entry, v.i64()?);
+                }
+                1 => {
+                    for _ in 0..v.u64()? {
+                        let row: Box<[u8]> = v.bytes()?.into();
+                        self.top.insert(row, v.i64()?);
+                    }
+                }
+                other => {
+                    return Err(PlanError::Internal(format!(
+                        "unknown TopN state entry {other}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
@@ -116,6 +170,7 @@ impl Operator for TopNOp {
                 self.state.remove(&entry);
                 self.bytes -= entry_bytes;
             }
+            self.dirty.insert(entry);
         }
         let mut new_top: HashMap<Box<[u8]>, i64> = HashMap::new();
         let mut position = 0usize;
@@ -146,6 +201,7 @@ impl Operator for TopNOp {
             }
         }
         self.top = new_top;
+        self.top_dirty |= !changes.is_empty();
         if changes.is_empty() {
             return Ok(Changelog::empty(self.schema.clone()));
         }

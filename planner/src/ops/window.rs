@@ -17,6 +17,8 @@ use datafusion::physical_expr::PhysicalSortExpr;
 use datafusion::physical_plan::PhysicalExpr;
 use millrace_storage::{MemoryState, StateStore};
 
+use super::codec::{Reader, Writer};
+
 use super::{Operator, StateStats, evaluate, single_input};
 use crate::changelog::{Changelog, loose, make_batch, row_converter, sort_converter};
 use crate::error::Result;
@@ -105,11 +107,35 @@ impl Operator for WindowOp {
         }
     }
 
-    // NOTE: not checkpointed (its view is rebuilt after a restart); the changed keys are
-    // dropped so that they do not pile up.
     fn checkpoint(&mut self) -> Result<Option<Vec<crate::ops::StateEntry>>> {
-        let _ = self.partitions.take_dirty();
-        Ok(None)
+        let mut entries = Vec::new();
+        for key in self.partitions.take_dirty() {
+            let value = self.partitions.peek(&key).map(|partition| {
+                let mut w = Writer::new();
+                w.u64(partition.len() as u64);
+                for ((sort_key, row), n) in partition {
+                    w.bytes(sort_key).bytes(row).i64(*n);
+                }
+                w.finish()
+            });
+            entries.push((key.to_vec(), value));
+        }
+        Ok(Some(entries))
+    }
+
+    fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        for (key, value) in entries {
+            let mut r = Reader::new(&value);
+            let mut partition = Partition::new();
+            for _ in 0..r.u64()? {
+                let sort_key: Box<[u8]> = r.bytes()?.into();
+                let row: Box<[u8]> = r.bytes()?.into();
+                self.bytes += (sort_key.len() + row.len()) as i64 + 48;
+                partition.insert((sort_key, row), r.i64()?);
+            }
+            self.partitions.restore(key.into(), partition);
+        }
+        Ok(())
     }
 
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {

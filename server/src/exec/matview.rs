@@ -6,7 +6,7 @@
 //! in the catalog. The same path rebuilds every view when the server starts.
 
 use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
@@ -21,7 +21,7 @@ use millrace_planner::incremental::{PlanNode, compile};
 use millrace_planner::pipeline::Pipeline;
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
 use millrace_planner::{MillraceTable, PlanError};
-use millrace_storage::{CatalogRecord, ObjectKind, ViewContents, WriteSet};
+use millrace_storage::{CatalogRecord, ObjectKind, WriteSet};
 
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
@@ -219,16 +219,13 @@ pub async fn register_for_restore(
                 .views
                 .events
                 .record("view_failed", Some(&record.name), None, reason.clone());
-            let provider = Arc::new(MaterializedView {
-                id: record.id,
-                name: record.name.clone(),
-                schema: Arc::new(Schema::empty()),
-                sql: record.sql.clone(),
-                contents: Arc::new(RwLock::new(ViewContents::try_new(Arc::new(
-                    Schema::empty(),
-                ))?)),
-                status: Arc::new(RwLock::new(ViewStatus::Failed(reason))),
-            });
+            let provider = Arc::new(MaterializedView::new(
+                record.id,
+                record.name.clone(),
+                Arc::new(Schema::empty()),
+                record.sql.clone(),
+                ViewStatus::Failed(reason),
+            )?);
             engine.catalog.register_relation(record, provider, None)?;
             return Ok(());
         }
@@ -244,14 +241,13 @@ pub async fn register_for_restore(
         true => ViewStatus::Recovering("loading its checkpointed state".into()),
         false => ViewStatus::Recovering("being rebuilt after a restart".into()),
     };
-    let provider = Arc::new(MaterializedView {
-        id: record.id,
-        name: record.name.clone(),
-        schema: compiled.schema.clone(),
-        sql: record.sql.clone(),
-        contents: Arc::new(RwLock::new(ViewContents::try_new(compiled.schema.clone())?)),
-        status: Arc::new(RwLock::new(status)),
-    });
+    let provider = Arc::new(MaterializedView::new(
+        record.id,
+        record.name.clone(),
+        compiled.schema.clone(),
+        record.sql.clone(),
+        status,
+    )?);
     let (entry, _ready) = ViewEntry::new(provider.clone(), sources, explain, pipeline);
     if restorable {
         entry
@@ -363,14 +359,13 @@ async fn start(
 ) -> Result<()> {
     let runtime = engine.views.clone();
     let qualified = format!("{}.{}", record.schema, record.name);
-    let provider = Arc::new(MaterializedView {
-        id: record.id,
-        name: record.name.clone(),
-        schema: compiled.schema.clone(),
-        sql: record.sql.clone(),
-        contents: Arc::new(RwLock::new(ViewContents::try_new(compiled.schema.clone())?)),
-        status: Arc::new(RwLock::new(ViewStatus::Backfilling)),
-    });
+    let provider = Arc::new(MaterializedView::new(
+        record.id,
+        record.name.clone(),
+        compiled.schema.clone(),
+        record.sql.clone(),
+        ViewStatus::Backfilling,
+    )?);
     let sources = compiled.plan.sources();
     let explain = compiled.plan.explain(runtime.workers);
     let ready = {

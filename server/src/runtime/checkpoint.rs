@@ -9,8 +9,9 @@
 //! changed since the last checkpoint, adds the rows of the view's contents whose counts
 //! changed, and commits all of it with the manifest (epoch, log position, views and their
 //! worker counts) as one synced RocksDB write. A view that is backfilling, recovering or
-//! failed is left out and does not hold back the others; a view whose operators cannot be
-//! checkpointed (TopN, window functions) is left out too and is rebuilt after a restart.
+//! failed is left out and does not hold back the others; so is a view whose state cannot be
+//! encoded (an aggregate whose accumulator state arrow rows cannot hold): after a restart
+//! such views are rebuilt from their inputs.
 //!
 //! On start ([`RestorePlan`]) the manifest decides which views restore their state instead
 //! of recomputing it: those in the manifest with the same worker count, whose tables' logs
