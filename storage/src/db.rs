@@ -413,15 +413,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The log of one table, oldest entry first.
-    pub fn table_log(&self, table_id: u64) -> Result<Vec<LogEntry>> {
-        Ok(self
-            .table_log_with_seqs(table_id)?
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect())
-    }
-
     /// The log of one table with each entry's log sequence number, oldest first.
     pub fn table_log_with_seqs(&self, table_id: u64) -> Result<Vec<(u64, LogEntry)>> {
         let start = log_key(table_id, 0);
@@ -484,19 +475,6 @@ impl Store {
     /// replay it from the WAL.
     pub fn flush_view_state(&self) -> Result<()> {
         Ok(self.db.flush_cf(self.cf(CF_VIEW_STATE)?)?)
-    }
-
-    /// Bytes of checkpointed view state on disk (RocksDB's estimate).
-    pub fn view_state_bytes(&self) -> u64 {
-        self.cf(CF_VIEW_STATE)
-            .ok()
-            .and_then(|cf| {
-                self.db
-                    .property_int_value_cf(cf, "rocksdb.estimate-live-data-size")
-                    .ok()
-                    .flatten()
-            })
-            .unwrap_or(0)
     }
 }
 
@@ -562,6 +540,14 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
     use std::sync::Arc;
 
+    fn log_entries(store: &Store, table_id: u64) -> Result<Vec<LogEntry>> {
+        Ok(store
+            .table_log_with_seqs(table_id)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
+    }
+
     fn record(id: u64) -> CatalogRecord {
         CatalogRecord {
             id,
@@ -605,16 +591,16 @@ mod tests {
         let store = Store::open(dir.path())?;
         assert_eq!(store.catalog()?.len(), 2);
         assert_eq!(store.allocate_object_id(), 3);
-        let log1 = store.table_log(1)?;
+        let log1 = log_entries(&store, 1)?;
         assert_eq!(log1.len(), 2);
         assert!(matches!(log1[1], LogEntry::Delete { .. }));
-        assert_eq!(store.table_log(2)?.len(), 1);
+        assert_eq!(log_entries(&store, 2)?.len(), 1);
         let mut drop = WriteSet::new();
         drop.drop_log(1);
         drop.delete_catalog(1);
         store.commit(drop)?;
-        assert!(store.table_log(1)?.is_empty());
-        assert_eq!(store.table_log(2)?.len(), 1);
+        assert!(log_entries(&store, 1)?.is_empty());
+        assert_eq!(log_entries(&store, 2)?.len(), 1);
         Ok(())
     }
 

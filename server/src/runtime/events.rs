@@ -1,6 +1,6 @@
 //! `millrace_events`: what happened to the server's pipelines, newest last — a view's task
 //! failing and its cause, each restart attempt and its outcome, a view given up on, and the
-//! progress of start-up recovery. Every event is logged too; the table keeps the latest
+//! progress of start-up recovery (views restored from the checkpoint or rebuilt). Every event is logged too; the table keeps the latest
 //! [`CAPACITY`] in memory.
 
 use std::collections::VecDeque;
@@ -25,7 +25,7 @@ pub struct Event {
     pub seq: u64,
     pub time: SystemTime,
     /// What happened: `task_failed`, `view_restarting`, `view_restarted`, `view_failed`,
-    /// `recovery_started`, `recovery_finished`.
+    /// `view_restored`, `checkpoint_replayed`, `recovery_started`, `recovery_finished`.
     pub kind: &'static str,
     /// The object it happened to (a view's name), if any.
     pub object: Option<String>,
