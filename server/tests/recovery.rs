@@ -2,7 +2,9 @@
 //! rebuilt from its inputs inside the running server and catches up exactly (its query run
 //! in batch is the oracle, and so is a SUBSCRIBE feed replayed row by row), while the other
 //! views keep running; a view that keeps failing is marked failed after `max_restarts`
-//! restarts and can be dropped, also after a `kill -9`; `millrace_events` tells the story.
+//! restarts and can be dropped, also after a `kill -9`; after a `kill -9` a view restores
+//! its checkpointed state and catches up instead of being recomputed; `millrace_events`
+//! tells the story.
 
 use std::collections::BTreeMap;
 
@@ -248,5 +250,67 @@ async fn a_view_that_keeps_failing_is_marked_failed_and_can_be_dropped() {
     assert_eq!(
         rows(&client, "SELECT name FROM millrace_views").await,
         vec![vec![Some("total".to_string())]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_restores_views_from_the_checkpoint_instead_of_recomputing_them() {
+    // NOTE: only the explicit CHECKPOINT below, so that the changes after it are known.
+    let mut server = TestServer::start(&["--checkpoint-interval-ms", "3600000"]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    exec(&client, "CREATE TABLE t (k INT, v INT)").await;
+    exec(
+        &client,
+        "INSERT INTO t SELECT value % 100, value FROM generate_series(1, 20000)",
+    )
+    .await;
+    let query = "SELECT k, count(*) AS n, sum(v) AS s, min(v) AS mn FROM t GROUP BY k";
+    exec(&client, &format!("CREATE MATERIALIZED VIEW agg AS {query}")).await;
+    exec(&client, "CHECKPOINT").await;
+    let written = rows(
+        &client,
+        "SELECT views, entries_written > 0 FROM millrace_checkpoints WHERE error IS NULL AND views > 0",
+    )
+    .await;
+    assert!(
+        written.contains(&vec![Some("1".into()), Some("t".into())]),
+        "a checkpoint wrote the view: {written:?}"
+    );
+    // Changes after the checkpoint: caught up from the table log after the restart.
+    exec(&client, "DELETE FROM t WHERE k = 5").await;
+    exec(&client, "INSERT INTO t VALUES (5, 1), (1000, 2)").await;
+    drop(client);
+    server.kill();
+    server.restart().expect("restart");
+    let client = server.connect("millrace").await.expect("reconnect");
+    assert_eq!(
+        sorted(&client, "SELECT * FROM agg").await,
+        sorted(&client, query).await
+    );
+    assert_eq!(
+        events(&client, "agg").await,
+        ["view_restored"],
+        "restored, not rebuilt"
+    );
+    let detail = one(
+        &client,
+        "SELECT detail FROM millrace_events WHERE kind = 'checkpoint_replayed'",
+    )
+    .await;
+    assert!(detail.starts_with("202 changes"), "{detail}");
+    assert_eq!(
+        one(
+            &client,
+            "SELECT backfill_rows_total FROM millrace_views WHERE name = 'agg'"
+        )
+        .await,
+        "0",
+        "no backfill ran"
+    );
+    // And it keeps being maintained.
+    exec(&client, "UPDATE t SET v = v + 1 WHERE k = 7").await;
+    assert_eq!(
+        sorted(&client, "SELECT * FROM agg").await,
+        sorted(&client, query).await
     );
 }
