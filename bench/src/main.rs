@@ -8,16 +8,10 @@
 use std::time::{Duration, Instant};
 
 use futures::SinkExt;
+use millrace_bench::{cpu_seconds, env_usize};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::{Client, NoTls};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn connect(port: u16, user: &str, db: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(
@@ -193,21 +187,6 @@ async fn view_latency(
     }
     latencies.sort();
     Ok(latencies)
-}
-
-/// CPU seconds (user + system) the process `pid` has used, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: u32) -> Result<f64, Box<dyn std::error::Error>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // NOTE: fields after the parenthesised command name; utime and stime are the 12th and
-    // 13th of them, in clock ticks (100 per second on Linux).
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .ok_or("bad /proc stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).ok_or("no utime")?.parse::<f64>()?
-        + fields.get(12).ok_or("no stime")?.parse::<f64>()?;
-    Ok(ticks / 100.0)
 }
 
 /// Nexmark bids from the `nexmark` connector into a view of query `view` (or into the table

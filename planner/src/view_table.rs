@@ -30,6 +30,12 @@ pub enum ViewStatus {
 }
 
 impl ViewStatus {
+    /// Whether the view is computing its contents (built, restored or restarted), so that
+    /// reads wait for it.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, ViewStatus::Backfilling | ViewStatus::Recovering(_))
+    }
+
     /// Name shown in `millrace_views`.
     pub fn label(&self) -> &'static str {
         match self {

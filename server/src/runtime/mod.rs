@@ -514,14 +514,7 @@ impl ViewRuntime {
     pub fn any_busy(&self) -> bool {
         self.views
             .lock()
-            .map(|v| {
-                v.values().any(|e| {
-                    matches!(
-                        e.status(),
-                        ViewStatus::Backfilling | ViewStatus::Recovering(_)
-                    )
-                })
-            })
+            .map(|v| v.values().any(|e| e.status().is_busy()))
             .unwrap_or(false)
     }
 
@@ -530,12 +523,10 @@ impl ViewRuntime {
     /// failed for good) instead of failing.
     pub async fn wait_ready(&self, ids: &[u64]) {
         loop {
-            let busy = ids.iter().filter_map(|id| self.view(*id)).any(|v| {
-                matches!(
-                    v.status(),
-                    ViewStatus::Backfilling | ViewStatus::Recovering(_)
-                )
-            });
+            let busy = ids
+                .iter()
+                .filter_map(|id| self.view(*id))
+                .any(|v| v.status().is_busy());
             if !busy {
                 return;
             }
