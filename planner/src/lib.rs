@@ -23,6 +23,7 @@ pub mod row_id;
 pub mod scalar_subquery;
 pub mod system_table;
 pub mod table;
+pub mod tiered_scan;
 pub mod using_joins;
 pub mod view_table;
 

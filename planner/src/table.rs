@@ -12,16 +12,12 @@ use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::Session;
 use datafusion::common::{Constraints, DataFusionError, ScalarValue};
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use millrace_storage::{ColumnarTable, TableSnapshot};
 
 use crate::lookup::{LookupExec, column_range, key_bounds};
-
-/// Rows per scan partition above which a scan is split across partitions.
-const ROWS_PER_PARTITION: usize = 65_536;
 
 /// Everything the planner knows about a table's shape.
 #[derive(Debug, Clone)]
@@ -187,22 +183,14 @@ impl TableProvider for MillraceTable {
             };
             return Ok(Arc::new(LookupExec::new(description, rows)));
         }
-        let partitions = partition(self.snapshot()?.batches);
-        Ok(MemorySourceConfig::try_new_exec(
-            &partitions,
-            self.def.schema.clone(),
-            projection.cloned(),
-        )?)
+        let snapshot = {
+            let data = self
+                .data
+                .read()
+                .map_err(|_| DataFusionError::Internal("table lock poisoned".into()))?;
+            data.tiered_snapshot()
+                .map_err(|e| DataFusionError::External(Box::new(e)))?
+        };
+        crate::tiered_scan::scan(snapshot, projection)
     }
-}
-
-/// Spreads batches over partitions so that large scans run in parallel.
-pub(crate) fn partition(batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let n = (rows / ROWS_PER_PARTITION).clamp(1, 8);
-    let mut out = vec![Vec::new(); n];
-    for (i, b) in batches.into_iter().enumerate() {
-        out[i % n].push(b);
-    }
-    out
 }

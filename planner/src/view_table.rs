@@ -8,11 +8,10 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::Session;
 use datafusion::common::DataFusionError;
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
-use millrace_storage::{TableSnapshot, ViewContents};
+use millrace_storage::{TableSnapshot, TieredSnapshot, ViewContents};
 
 use crate::error::PlanError;
 
@@ -94,6 +93,26 @@ impl MaterializedView {
     /// A snapshot of the contents, or why there is none: the error that stopped the view,
     /// or that it is still computing its contents (after CREATE, a restart or a failure).
     pub fn snapshot(&self) -> Result<TableSnapshot, PlanError> {
+        self.readable()?;
+        let contents = self
+            .contents
+            .read()
+            .map_err(|_| PlanError::Internal("view contents lock poisoned".into()))?;
+        Ok(contents.snapshot()?)
+    }
+
+    /// Like [`MaterializedView::snapshot`], leaving cold chunks on object storage.
+    pub fn tiered_snapshot(&self) -> Result<TieredSnapshot, PlanError> {
+        self.readable()?;
+        let contents = self
+            .contents
+            .read()
+            .map_err(|_| PlanError::Internal("view contents lock poisoned".into()))?;
+        Ok(contents.table().tiered_snapshot()?)
+    }
+
+    /// Whether the contents can be read now, or why not.
+    fn readable(&self) -> Result<(), PlanError> {
         match self.status() {
             ViewStatus::Running => {}
             ViewStatus::Failed(reason) => {
@@ -115,11 +134,7 @@ impl MaterializedView {
                 });
             }
         }
-        let contents = self
-            .contents
-            .read()
-            .map_err(|_| PlanError::Internal("view contents lock poisoned".into()))?;
-        Ok(contents.snapshot()?)
+        Ok(())
     }
 }
 
@@ -157,12 +172,8 @@ impl TableProvider for MaterializedView {
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         let snapshot = self
-            .snapshot()
+            .tiered_snapshot()
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        Ok(MemorySourceConfig::try_new_exec(
-            &crate::table::partition(snapshot.batches),
-            self.schema.clone(),
-            projection.cloned(),
-        )?)
+        crate::tiered_scan::scan(snapshot, projection)
     }
 }

@@ -72,6 +72,8 @@ pub struct Engine {
     pub failpoints: bool,
     /// Time between checkpoints (None: checkpoints off).
     pub checkpoint_interval: Option<std::time::Duration>,
+    /// The memory budget and the object store that chunks are evicted to.
+    pub cache: Arc<crate::runtime::cache::CacheManager>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -91,8 +93,19 @@ impl Engine {
                 config.data_dir.display()
             ))
         })?;
-        let store = Arc::new(Store::open(&config.data_dir.join("rocksdb"))?);
-        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        let budget = crate::runtime::cache::MemoryBudget::new(config.memory_limit);
+        let store = Arc::new(Store::open_with_memory(
+            &config.data_dir.join("rocksdb"),
+            budget.rocksdb.map(|b| b as usize),
+        )?);
+        let mut runtime = RuntimeEnvBuilder::new();
+        if let Some(queries) = budget.queries {
+            runtime = runtime.with_memory_limit(queries as usize, 1.0);
+        }
+        let runtime = runtime.build_arc()?;
+        let cold =
+            crate::runtime::cache::cold_store(config.object_store.as_deref(), &config.data_dir)?;
+        let cache = crate::runtime::cache::CacheManager::try_new(cold, budget)?;
         let views = ViewRuntime::new(
             config.workers(),
             config.epoch_queue,
@@ -111,6 +124,7 @@ impl Engine {
             failpoints: config.failpoints,
             checkpoint_interval: (config.checkpoint_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(config.checkpoint_interval_ms)),
+            cache,
         });
         // NOTE: the coordinator starts once checkpointed views have loaded their state
         // (`supervisor::restore_all`); epochs committed meanwhile queue up for it.
@@ -120,6 +134,9 @@ impl Engine {
         tokio::spawn(crate::runtime::supervisor::run(engine.clone()));
         crate::connector::system::register(&engine.catalog, &engine.sources);
         crate::sink::system::register(&engine.catalog, &engine.sinks);
+        crate::runtime::cache::register(&engine);
+        // The budget holds while the tables are rebuilt from their logs, too.
+        tokio::spawn(crate::runtime::cache::run(Arc::downgrade(&engine)));
         engine.replay().await?;
         engine.sources.load_bad_records(engine.store())?;
         engine.start_sources()?;

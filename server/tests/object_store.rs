@@ -122,6 +122,14 @@ async fn s3_files_are_read_exactly_once_with_bad_records_listed() {
         rows(&client, "SELECT * FROM per_name").await,
         rows(&client, "SELECT name, count(*) FROM ev GROUP BY name").await
     );
+    // The unreadable file can be listed after the readable one was committed.
+    wait_for(
+        &client,
+        "SELECT count(*) FROM millrace_source_errors",
+        "4",
+        "bad records listed",
+    )
+    .await;
     let bad = rows(
         &client,
         "SELECT source, partition, \"offset\", reason FROM millrace_source_errors",

@@ -34,6 +34,8 @@ pub struct TestServer {
     args: Vec<String>,
     /// Where the server's log goes.
     pub log_path: PathBuf,
+    /// Extra environment variables.
+    envs: Vec<(String, String)>,
 }
 
 /// A loopback port nothing listens on (at the moment of asking).
@@ -47,6 +49,11 @@ pub fn free_port() -> u16 {
 impl TestServer {
     /// Starts a server on a fresh temporary data directory.
     pub fn start(args: &[&str]) -> std::io::Result<TestServer> {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts a server with extra environment variables (e.g. `AWS_*` for an object store).
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> std::io::Result<TestServer> {
         let tmp = tempfile::tempdir()?;
         let data_dir = tmp.path().join("data");
         let log_path = tmp.path().join("server.log");
@@ -57,6 +64,10 @@ impl TestServer {
             _tmp: Some(tmp),
             args: args.iter().map(|s| s.to_string()).collect(),
             log_path,
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.spawn()?;
         Ok(s)
@@ -78,6 +89,7 @@ impl TestServer {
                 "MILLRACE_LOG",
                 std::env::var("MILLRACE_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -170,6 +182,22 @@ impl TestServer {
     pub fn restart(&mut self) -> std::io::Result<()> {
         self.kill();
         self.spawn()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident set size now and at its peak, in bytes (VmRSS and VmHWM of /proc).
+    pub fn rss(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
     }
 
     /// Whether the process is still running.

@@ -4,15 +4,22 @@
 //! applies the same [`LogEntry`]s here after they are committed, and scans take a cheap
 //! [`TableSnapshot`] of Arc'd batches. A unique index on the primary key answers point lookups
 //! and enforces uniqueness.
+//!
+//! Chunks are hot (Arrow columns in memory) or cold (evicted under memory pressure to a
+//! Parquet file on object storage, see `cold.rs`; only row ids and liveness stay in memory).
+//! Every read sees both: scans get the cold chunks as files to read with projection
+//! ([`ColumnarTable::tiered_snapshot`]), point lookups read just the rows they need.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
 use arrow::compute::{concat_batches, filter, filter_record_batch, interleave};
 use arrow::datatypes::SchemaRef;
 use arrow_row::{RowConverter, SortField};
 
+use crate::cold::{ColdFile, ColdStore};
 use crate::error::{Result, StorageError};
 use crate::index::SecondaryIndex;
 use crate::log_entry::LogEntry;
@@ -20,6 +27,10 @@ use crate::log_entry::LogEntry;
 /// Identifier of a row inside one table; never reused.
 pub type RowId = u64;
 
+/// Inserts larger than this are cut into chunks of this many rows: the unit of eviction,
+/// and small enough that a query operator holding one batch of a chunk (DataFusion charges
+/// the whole buffer to its memory pool) stays within a small pool.
+const MAX_CHUNK_ROWS: usize = 16_384;
 /// Chunks smaller than this are merged with their small neighbours.
 const SMALL_CHUNK_ROWS: usize = 4096;
 /// How many small chunks may pile up before they are merged.
@@ -43,40 +54,233 @@ impl TableSnapshot {
     }
 }
 
+/// One part of a tiered snapshot.
+#[derive(Debug, Clone)]
+pub enum SnapshotPart {
+    /// Live rows in memory.
+    Hot(RecordBatch),
+    /// Rows in a cold file: the live positions (all rows when `None`).
+    Cold {
+        /// The file (kept alive by the snapshot).
+        file: Arc<ColdFile>,
+        /// Ascending positions of the live rows, or `None` when every row is live.
+        rows: Option<Arc<[usize]>>,
+    },
+}
+
+impl SnapshotPart {
+    /// Number of live rows.
+    pub fn num_rows(&self) -> usize {
+        match self {
+            SnapshotPart::Hot(b) => b.num_rows(),
+            SnapshotPart::Cold { file, rows } => rows.as_ref().map_or(file.rows, |r| r.len()),
+        }
+    }
+}
+
+/// A snapshot whose cold chunks stay on object storage until the scan reads them.
+#[derive(Debug, Clone)]
+pub struct TieredSnapshot {
+    /// The table schema.
+    pub schema: SchemaRef,
+    /// Hot batches and cold files, in chunk order.
+    pub parts: Vec<SnapshotPart>,
+}
+
+/// Cache figures of one table or view, for `millrace_cache`.
+#[derive(Debug, Clone, Default)]
+pub struct CacheStats {
+    /// Bytes held in memory (hot columns, row ids, liveness, indexes).
+    pub memory_bytes: u64,
+    /// Bytes of cold files on object storage.
+    pub object_store_bytes: u64,
+    /// Chunks in memory.
+    pub hot_chunks: u64,
+    /// Chunks on object storage.
+    pub cold_chunks: u64,
+    /// Reads served from memory (chunks read).
+    pub hits: u64,
+    /// Reads that went to object storage (chunks read).
+    pub misses: u64,
+    /// Chunks evicted so far.
+    pub evictions: u64,
+}
+
+/// Logical clock of chunk reads and writes: the eviction order (least recent first).
+static ACCESS_CLOCK: AtomicU64 = AtomicU64::new(1);
+
+fn tick() -> u64 {
+    ACCESS_CLOCK.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Where a chunk's rows are.
+#[derive(Debug)]
+enum Rows {
+    Hot(RecordBatch),
+    Cold(Arc<ColdFile>),
+}
+
 #[derive(Debug)]
 struct Chunk {
     /// Rows as appended (including rows deleted since).
-    batch: RecordBatch,
-    /// Row ids aligned with `batch`.
+    rows: Rows,
+    /// Row ids aligned with the rows.
     row_ids: UInt64Array,
-    /// Liveness of each row of `batch`.
+    /// Liveness of each row.
     live: Vec<bool>,
     /// Number of `true` entries in `live`.
     live_count: usize,
-    /// Live rows and their ids, computed on first read after a change.
+    /// Live rows and their ids of a hot chunk, computed on first read after a change.
     visible: OnceLock<(RecordBatch, UInt64Array)>,
+    /// Live row ids of a cold chunk, computed on first read after a change.
+    visible_ids: OnceLock<UInt64Array>,
+    /// [`ACCESS_CLOCK`] at the last read.
+    last_used: AtomicU64,
+    /// Whether its row ids ascend and their range overlaps no other regular chunk's, so that
+    /// the table finds its rows by range (else each id is in the table's `irregular` map).
+    regular: bool,
 }
 
 impl Chunk {
-    fn visible(&self) -> Result<&(RecordBatch, UInt64Array)> {
+    fn new(batch: RecordBatch, row_ids: UInt64Array) -> Self {
+        Self {
+            live: vec![true; batch.num_rows()],
+            live_count: batch.num_rows(),
+            rows: Rows::Hot(batch),
+            row_ids,
+            visible: OnceLock::new(),
+            visible_ids: OnceLock::new(),
+            last_used: AtomicU64::new(tick()),
+            regular: false,
+        }
+    }
+
+    fn first_id(&self) -> Option<RowId> {
+        self.row_ids.values().first().copied()
+    }
+
+    fn last_id(&self) -> Option<RowId> {
+        self.row_ids.values().last().copied()
+    }
+
+    fn changed(&mut self) {
+        self.visible = OnceLock::new();
+        self.visible_ids = OnceLock::new();
+    }
+
+    fn touch(&self) {
+        self.last_used.store(tick(), Ordering::Relaxed);
+    }
+
+    fn all_live(&self) -> bool {
+        self.live_count == self.live.len()
+    }
+
+    /// Ascending positions of the live rows.
+    fn live_positions(&self) -> Vec<usize> {
+        self.live
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.then_some(i))
+            .collect()
+    }
+
+    fn mask(&self) -> BooleanArray {
+        BooleanArray::from(self.live.clone())
+    }
+
+    fn visible_row_ids(&self) -> Result<UInt64Array> {
+        if let Rows::Hot(_) = self.rows {
+            return self.visible_hot().map(|(_, ids)| ids.clone());
+        }
+        if let Some(ids) = self.visible_ids.get() {
+            return Ok(ids.clone());
+        }
+        let ids = if self.all_live() {
+            self.row_ids.clone()
+        } else {
+            downcast_ids(filter(&self.row_ids, &self.mask())?)?
+        };
+        Ok(self.visible_ids.get_or_init(|| ids).clone())
+    }
+
+    fn visible_hot(&self) -> Result<&(RecordBatch, UInt64Array)> {
         if let Some(v) = self.visible.get() {
             return Ok(v);
         }
-        let computed = if self.live_count == self.batch.num_rows() {
-            (self.batch.clone(), self.row_ids.clone())
+        let Rows::Hot(batch) = &self.rows else {
+            return Err(corrupt("a cold chunk has no rows in memory"));
+        };
+        let computed = if self.all_live() {
+            (batch.clone(), self.row_ids.clone())
         } else {
-            let mask = BooleanArray::from(self.live.clone());
-            let batch = filter_record_batch(&self.batch, &mask)?;
-            let ids = filter(&self.row_ids, &mask)?;
-            let ids = ids
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .ok_or_else(|| corrupt("row ids"))?
-                .clone();
-            (batch, ids)
+            let mask = self.mask();
+            (
+                filter_record_batch(batch, &mask)?,
+                downcast_ids(filter(&self.row_ids, &mask)?)?,
+            )
         };
         Ok(self.visible.get_or_init(|| computed))
     }
+
+    /// Live rows and their ids; a cold chunk's rows are read from its file.
+    fn visible(&self, stats: &Counters) -> Result<(RecordBatch, UInt64Array)> {
+        self.touch();
+        match &self.rows {
+            Rows::Hot(_) => {
+                stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.visible_hot().cloned()
+            }
+            Rows::Cold(file) => {
+                stats.misses.fetch_add(1, Ordering::Relaxed);
+                let positions = (!self.all_live()).then(|| self.live_positions());
+                let batch = file.read(None, positions.as_deref())?;
+                Ok((batch, self.visible_row_ids()?))
+            }
+        }
+    }
+
+    /// The rows at the given ascending positions (live or not).
+    fn rows_at(&self, positions: &[usize], stats: &Counters) -> Result<RecordBatch> {
+        self.touch();
+        match &self.rows {
+            Rows::Hot(batch) => {
+                stats.hits.fetch_add(1, Ordering::Relaxed);
+                let idx = arrow::array::UInt32Array::from(
+                    positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                );
+                Ok(arrow::compute::take_record_batch(batch, &idx)?)
+            }
+            Rows::Cold(file) => {
+                stats.misses.fetch_add(1, Ordering::Relaxed);
+                file.read(None, Some(positions))
+            }
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        let rows = match &self.rows {
+            Rows::Hot(b) => b.get_array_memory_size(),
+            Rows::Cold(_) => 0,
+        };
+        rows + self.row_ids.get_array_memory_size() + self.live.capacity()
+    }
+}
+
+/// Hits, misses and evictions of one table.
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+}
+
+fn downcast_ids(ids: ArrayRef) -> Result<UInt64Array> {
+    Ok(ids
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .ok_or_else(|| corrupt("row ids"))?
+        .clone())
 }
 
 /// The columnar cache of one table.
@@ -86,8 +290,14 @@ pub struct ColumnarTable {
     schema: SchemaRef,
     /// Chunks by chunk id (ids only grow, so removing a chunk moves nothing).
     chunks: BTreeMap<u64, Chunk>,
-    /// Where each live row sits: (chunk id, row within the chunk).
-    locations: HashMap<RowId, (u64, usize)>,
+    /// First row id of each regular chunk (row ids ascend within it and the ranges of regular
+    /// chunks are disjoint): a row is found by range, then by binary search in the chunk.
+    starts: BTreeMap<RowId, u64>,
+    /// Where the rows of irregular chunks sit (rare: an insert whose ids interleave with
+    /// another's, as transactions allocating ids concurrently can produce).
+    irregular: HashMap<RowId, (u64, usize)>,
+    /// Number of live rows.
+    live_rows: usize,
     /// Next chunk id.
     next_chunk: u64,
     /// Next row id to hand out.
@@ -100,6 +310,8 @@ pub struct ColumnarTable {
     key_index: HashMap<Box<[u8]>, RowId>,
     /// Secondary indexes (CREATE INDEX).
     indexes: Vec<SecondaryIndex>,
+    /// Hits, misses and evictions.
+    counters: Counters,
 }
 
 impl ColumnarTable {
@@ -116,13 +328,16 @@ impl ColumnarTable {
         Ok(Self {
             schema,
             chunks: BTreeMap::new(),
-            locations: HashMap::new(),
+            starts: BTreeMap::new(),
+            irregular: HashMap::new(),
+            live_rows: 0,
             next_chunk: 0,
             next_row_id: 1,
             primary_key,
             key_converter,
             key_index: HashMap::new(),
             indexes: Vec::new(),
+            counters: Counters::default(),
         })
     }
 
@@ -138,15 +353,80 @@ impl ColumnarTable {
 
     /// Number of live rows.
     pub fn num_rows(&self) -> usize {
-        self.locations.len()
+        self.live_rows
+    }
+
+    /// Where a live row sits: (chunk id, row within the chunk).
+    fn locate(&self, id: RowId) -> Option<(u64, usize)> {
+        let (chunk_id, row) = match self.irregular.get(&id) {
+            Some(&at) => at,
+            None => {
+                let (_, &chunk_id) = self.starts.range(..=id).next_back()?;
+                let chunk = self.chunks.get(&chunk_id)?;
+                (chunk_id, chunk.row_ids.values().binary_search(&id).ok()?)
+            }
+        };
+        let chunk = self.chunks.get(&chunk_id)?;
+        (chunk.row_ids.values().get(row) == Some(&id) && chunk.live[row]).then_some((chunk_id, row))
+    }
+
+    /// Adds a chunk, finding its rows by range when its ids allow.
+    fn place(&mut self, chunk_id: u64, mut chunk: Chunk) {
+        let ids = chunk.row_ids.values();
+        let ascending = ids.windows(2).all(|w| w[0] < w[1]);
+        chunk.regular = match (chunk.first_id(), chunk.last_id()) {
+            (Some(first), Some(last)) if ascending => !self.overlaps_regular(first, last),
+            _ => false,
+        };
+        if chunk.regular {
+            if let Some(first) = chunk.first_id() {
+                self.starts.insert(first, chunk_id);
+            }
+        } else {
+            for (row, &id) in ids.iter().enumerate() {
+                if chunk.live[row] {
+                    self.irregular.insert(id, (chunk_id, row));
+                }
+            }
+        }
+        self.chunks.insert(chunk_id, chunk);
+    }
+
+    fn overlaps_regular(&self, first: RowId, last: RowId) -> bool {
+        if self.starts.range(first..=last).next().is_some() {
+            return true;
+        }
+        self.starts
+            .range(..first)
+            .next_back()
+            .and_then(|(_, c)| self.chunks.get(c))
+            .and_then(Chunk::last_id)
+            .is_some_and(|l| l >= first)
+    }
+
+    /// Removes a chunk and the ways to its rows.
+    fn unplace(&mut self, chunk_id: u64) -> Option<Chunk> {
+        let chunk = self.chunks.remove(&chunk_id)?;
+        if chunk.regular {
+            if let Some(first) = chunk.first_id() {
+                self.starts.remove(&first);
+            }
+        } else {
+            for id in chunk.row_ids.values() {
+                if self.irregular.get(id).is_some_and(|(c, _)| *c == chunk_id) {
+                    self.irregular.remove(id);
+                }
+            }
+        }
+        Some(chunk)
     }
 
     /// Builds a secondary index over the current rows.
     pub fn add_index(&mut self, name: &str, columns: Vec<usize>) -> Result<()> {
         let mut index = SecondaryIndex::try_new(name, columns, &self.schema)?;
         for chunk in self.chunks.values() {
-            let (batch, ids) = chunk.visible()?;
-            index.insert(batch, ids.values())?;
+            let (batch, ids) = chunk.visible(&self.counters)?;
+            index.insert(&batch, ids.values())?;
         }
         self.indexes.retain(|i| i.name != name);
         self.indexes.push(index);
@@ -165,15 +445,89 @@ impl ColumnarTable {
 
     /// Whether a live row has this id.
     pub fn contains(&self, id: RowId) -> bool {
-        self.locations.contains_key(&id)
+        self.locate(id).is_some()
     }
 
-    /// Approximate bytes held in memory.
+    /// Approximate bytes held in memory: hot columns, row ids, liveness and the indexes.
     pub fn memory_bytes(&self) -> usize {
+        // A hash map entry costs about its key and value plus a control byte and the unused
+        // share of the table.
+        let locations = self.irregular.capacity() * 25 + self.starts.len() * 40;
+        let keys: usize = self.key_index.keys().map(|k| k.len() + 40).sum();
+        self.chunks.values().map(Chunk::memory_bytes).sum::<usize>() + locations + keys
+    }
+
+    /// Cache figures: bytes in memory and on object storage, chunks, hits, misses, evictions.
+    pub fn cache_stats(&self) -> CacheStats {
+        let mut stats = CacheStats {
+            memory_bytes: self.memory_bytes() as u64,
+            hits: self.counters.hits.load(Ordering::Relaxed),
+            misses: self.counters.misses.load(Ordering::Relaxed),
+            evictions: self.counters.evictions.load(Ordering::Relaxed),
+            ..CacheStats::default()
+        };
+        for chunk in self.chunks.values() {
+            match &chunk.rows {
+                Rows::Hot(_) => stats.hot_chunks += 1,
+                Rows::Cold(file) => {
+                    stats.cold_chunks += 1;
+                    stats.object_store_bytes += file.bytes;
+                }
+            }
+        }
+        stats
+    }
+
+    /// Hot chunks that could be evicted: (chunk id, last read, bytes in memory).
+    pub fn eviction_candidates(&self) -> Vec<(u64, u64, usize)> {
         self.chunks
-            .values()
-            .map(|c| c.batch.get_array_memory_size() + c.row_ids.get_array_memory_size())
-            .sum()
+            .iter()
+            .filter_map(|(id, c)| match &c.rows {
+                Rows::Hot(b) => Some((
+                    *id,
+                    c.last_used.load(Ordering::Relaxed),
+                    b.get_array_memory_size(),
+                )),
+                Rows::Cold(_) => None,
+            })
+            .collect()
+    }
+
+    /// The rows of a hot chunk (for writing them to a cold file).
+    pub fn chunk_rows(&self, chunk_id: u64) -> Option<RecordBatch> {
+        match &self.chunks.get(&chunk_id)?.rows {
+            Rows::Hot(b) => Some(b.clone()),
+            Rows::Cold(_) => None,
+        }
+    }
+
+    /// Writes a hot chunk's rows to `store` and drops them from memory. Returns the bytes
+    /// freed (0 when the chunk is gone or already cold).
+    pub fn evict(&mut self, chunk_id: u64, owner: &str, store: &Arc<ColdStore>) -> Result<usize> {
+        let Some(batch) = self.chunk_rows(chunk_id) else {
+            return Ok(0);
+        };
+        let file = store.write(owner, &batch)?;
+        Ok(self.mark_cold(chunk_id, file))
+    }
+
+    /// Replaces a hot chunk's rows by the cold file holding the same rows; returns the bytes
+    /// freed. A chunk that went away meanwhile leaves the file to be collected.
+    pub fn mark_cold(&mut self, chunk_id: u64, file: ColdFile) -> usize {
+        let Some(chunk) = self.chunks.get_mut(&chunk_id) else {
+            return 0;
+        };
+        let Rows::Hot(batch) = &chunk.rows else {
+            return 0;
+        };
+        if batch.num_rows() != file.rows {
+            return 0;
+        }
+        let freed = batch.get_array_memory_size();
+        chunk.rows = Rows::Cold(Arc::new(file));
+        chunk.changed();
+        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        freed
     }
 
     /// Hands out `n` fresh row ids.
@@ -187,14 +541,22 @@ impl ColumnarTable {
     pub fn apply(&mut self, entry: &LogEntry) -> Result<()> {
         match entry {
             LogEntry::Insert { row_ids, batch } => self.insert(row_ids, batch),
-            LogEntry::Delete { row_ids } => {
-                self.delete(row_ids.values());
-                Ok(())
-            }
+            LogEntry::Delete { row_ids } => self.delete(row_ids.values()),
         }
     }
 
     fn insert(&mut self, row_ids: &UInt64Array, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() > MAX_CHUNK_ROWS {
+            // Each chunk gets its own copy of its rows, so that evicting it frees them.
+            for start in (0..batch.num_rows()).step_by(MAX_CHUNK_ROWS) {
+                let len = MAX_CHUNK_ROWS.min(batch.num_rows() - start);
+                let slice = batch.slice(start, len);
+                let rows = concat_batches(&slice.schema(), [&slice])?;
+                let ids = UInt64Array::from(row_ids.values()[start..start + len].to_vec());
+                self.insert(&ids, &rows)?;
+            }
+            return Ok(());
+        }
         if batch.num_rows() == 0 {
             return Ok(());
         }
@@ -206,59 +568,74 @@ impl ColumnarTable {
         let chunk_id = self.next_chunk;
         self.next_chunk += 1;
         for (row, &id) in row_ids.values().iter().enumerate() {
-            self.locations.insert(id, (chunk_id, row));
             self.next_row_id = self.next_row_id.max(id + 1);
             if let Some(keys) = &keys {
                 self.key_index.insert(keys[row].clone(), id);
             }
         }
-        self.chunks.insert(
-            chunk_id,
-            Chunk {
-                live: vec![true; batch.num_rows()],
-                live_count: batch.num_rows(),
-                batch,
-                row_ids: row_ids.clone(),
-                visible: OnceLock::new(),
-            },
-        );
+        self.live_rows += batch.num_rows();
+        self.place(chunk_id, Chunk::new(batch, row_ids.clone()));
         self.merge_small_chunks()
     }
 
-    fn delete(&mut self, ids: &[RowId]) {
-        let mut removed_keys = Vec::new();
+    /// Deletes rows. The deleted rows' keys are read (from a cold file if need be) before
+    /// anything changes, so a failed read leaves the table as it was.
+    fn delete(&mut self, ids: &[RowId]) -> Result<()> {
+        let mut removed: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
         for id in ids {
-            let Some((chunk_id, row)) = self.locations.remove(id) else {
-                continue;
-            };
+            if let Some((chunk_id, row)) = self.locate(*id) {
+                removed.entry(chunk_id).or_default().push(row);
+            }
+        }
+        let mut gone = Vec::new();
+        for (chunk_id, rows) in &mut removed {
+            rows.sort_unstable();
+            rows.dedup();
+            if (self.key_converter.is_some() || !self.indexes.is_empty())
+                && let Some(chunk) = self.chunks.get(chunk_id)
+            {
+                let batch = chunk.rows_at(rows, &self.counters)?;
+                let ids: Vec<RowId> = rows.iter().map(|&r| chunk.row_ids.value(r)).collect();
+                gone.push((batch, ids));
+            }
+        }
+        for (batch, ids) in &gone {
+            if let Some(keys) = self.encode_keys(batch)? {
+                for key in keys {
+                    self.key_index.remove(&key);
+                }
+            }
+            for index in &mut self.indexes {
+                index.remove(batch, ids)?;
+            }
+        }
+        for (chunk_id, rows) in removed {
             let Some(chunk) = self.chunks.get_mut(&chunk_id) else {
                 continue;
             };
-            if chunk.live[row] {
+            for &row in &rows {
                 chunk.live[row] = false;
                 chunk.live_count -= 1;
-                chunk.visible = OnceLock::new();
-                removed_keys.push((chunk_id, row));
             }
-        }
-        if self.key_converter.is_some() || !self.indexes.is_empty() {
-            for (chunk_id, row) in removed_keys {
-                let Some(chunk) = self.chunks.get(&chunk_id) else {
-                    continue;
-                };
-                let one = chunk.batch.slice(row, 1);
-                let id = chunk.row_ids.value(row);
-                if let Ok(Some(keys)) = self.encode_keys(&one)
-                    && let Some(key) = keys.into_iter().next()
-                {
-                    self.key_index.remove(&key);
-                }
-                for index in &mut self.indexes {
-                    let _ = index.remove(&one, &[id]);
+            self.live_rows -= rows.len();
+            chunk.changed();
+            if !chunk.regular {
+                for row in rows {
+                    let id = chunk.row_ids.value(row);
+                    self.irregular.remove(&id);
                 }
             }
         }
-        self.chunks.retain(|_, c| c.live_count > 0);
+        let empty: Vec<u64> = self
+            .chunks
+            .iter()
+            .filter(|(_, c)| c.live_count == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in empty {
+            self.unplace(id);
+        }
+        Ok(())
     }
 
     /// Brings a batch written under an older schema (fewer columns) up to the current one.
@@ -291,30 +668,18 @@ impl ColumnarTable {
         let mut ids = Vec::new();
         for id in small.iter().rev() {
             if let Some(chunk) = self.chunks.get(id) {
-                let (b, r) = chunk.visible()?;
-                batches.push(b.clone());
+                let (b, r) = chunk.visible(&self.counters)?;
+                batches.push(b);
                 ids.extend_from_slice(r.values());
             }
         }
-        for id in &small {
-            self.chunks.remove(id);
-        }
         let merged = concat_batches(&self.schema, &batches)?;
+        for id in &small {
+            self.unplace(*id);
+        }
         let chunk_id = self.next_chunk;
         self.next_chunk += 1;
-        for (row, id) in ids.iter().enumerate() {
-            self.locations.insert(*id, (chunk_id, row));
-        }
-        self.chunks.insert(
-            chunk_id,
-            Chunk {
-                live: vec![true; merged.num_rows()],
-                live_count: merged.num_rows(),
-                batch: merged,
-                row_ids: UInt64Array::from(ids),
-                visible: OnceLock::new(),
-            },
-        );
+        self.place(chunk_id, Chunk::new(merged, UInt64Array::from(ids)));
         Ok(())
     }
 
@@ -363,26 +728,37 @@ impl ColumnarTable {
             .collect())
     }
 
-    /// The live rows with the given ids, in the order given (unknown ids are skipped).
+    /// The live rows with the given ids, in the order given (unknown ids are skipped). Rows
+    /// of cold chunks are read from their files, only the rows asked for.
     pub fn fetch(&self, ids: &[RowId]) -> Result<RecordBatch> {
-        let mut chunk_order: Vec<u64> = Vec::new();
-        let mut chunk_pos: HashMap<u64, usize> = HashMap::new();
-        let mut picks = Vec::with_capacity(ids.len());
+        // Per chunk: the rows wanted, in ascending order, deduplicated.
+        let mut wanted: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        let mut located = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(&(chunk_id, row)) = self.locations.get(id) {
-                let pos = *chunk_pos.entry(chunk_id).or_insert_with(|| {
-                    chunk_order.push(chunk_id);
-                    chunk_order.len() - 1
-                });
-                picks.push((pos, row));
+            if let Some((chunk_id, row)) = self.locate(*id) {
+                wanted.entry(chunk_id).or_default().push(row);
+                located.push((chunk_id, row));
             }
         }
-        if picks.is_empty() {
+        if located.is_empty() {
             return Ok(RecordBatch::new_empty(self.schema.clone()));
         }
-        let batches: Vec<&RecordBatch> = chunk_order
+        let mut batches = Vec::with_capacity(wanted.len());
+        let mut position: HashMap<(u64, usize), (usize, usize)> = HashMap::new();
+        for (chunk_id, rows) in &mut wanted {
+            rows.sort_unstable();
+            rows.dedup();
+            let Some(chunk) = self.chunks.get(chunk_id) else {
+                continue;
+            };
+            for (i, &row) in rows.iter().enumerate() {
+                position.insert((*chunk_id, row), (batches.len(), i));
+            }
+            batches.push(chunk.rows_at(rows, &self.counters)?);
+        }
+        let picks: Vec<(usize, usize)> = located
             .iter()
-            .filter_map(|id| self.chunks.get(id).map(|c| &c.batch))
+            .filter_map(|key| position.get(key).copied())
             .collect();
         let mut columns = Vec::with_capacity(self.schema.fields().len());
         for col in 0..self.schema.fields().len() {
@@ -392,19 +768,46 @@ impl ColumnarTable {
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 
-    /// A consistent snapshot of the live rows.
+    /// A consistent snapshot of the live rows; cold chunks are read into it.
     pub fn snapshot(&self) -> Result<TableSnapshot> {
         let mut batches = Vec::with_capacity(self.chunks.len());
         let mut row_ids = Vec::with_capacity(self.chunks.len());
         for chunk in self.chunks.values() {
-            let (b, r) = chunk.visible()?;
-            batches.push(b.clone());
-            row_ids.push(r.clone());
+            let (b, r) = chunk.visible(&self.counters)?;
+            batches.push(b);
+            row_ids.push(r);
         }
         Ok(TableSnapshot {
             schema: self.schema.clone(),
             batches,
             row_ids,
+        })
+    }
+
+    /// A consistent snapshot that leaves cold chunks on object storage: a scan reads each
+    /// with the columns it needs (counted as a miss here).
+    pub fn tiered_snapshot(&self) -> Result<TieredSnapshot> {
+        let mut parts = Vec::with_capacity(self.chunks.len());
+        for chunk in self.chunks.values() {
+            match &chunk.rows {
+                Rows::Hot(_) => {
+                    let (b, _) = chunk.visible(&self.counters)?;
+                    parts.push(SnapshotPart::Hot(b));
+                }
+                Rows::Cold(file) => {
+                    chunk.touch();
+                    self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    let rows = (!chunk.all_live()).then(|| chunk.live_positions().into());
+                    parts.push(SnapshotPart::Cold {
+                        file: file.clone(),
+                        rows,
+                    });
+                }
+            }
+        }
+        Ok(TieredSnapshot {
+            schema: self.schema.clone(),
+            parts,
         })
     }
 
@@ -504,6 +907,111 @@ mod tests {
             .flat_map(|r| r.values().to_vec())
             .collect();
         assert!(!all.contains(&5) && !all.contains(&50));
+        Ok(())
+    }
+
+    #[test]
+    fn evicted_chunks_read_through_from_cold_files() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let cold = ColdStore::try_new(Arc::new(fs), "cache", "test")?;
+        let mut t = ColumnarTable::try_new(schema(), Some(vec![0]))?;
+        t.add_index("by_v", vec![1])?;
+        let e = rows(&mut t, (0..10_000).collect())?;
+        t.apply(&e)?;
+        let before = t.snapshot()?;
+        let hot_bytes = t.memory_bytes();
+        let candidates = t.eviction_candidates();
+        assert_eq!(candidates.len(), 1);
+        let freed = t.evict(candidates[0].0, "t", &cold)?;
+        assert!(freed > 0 && t.memory_bytes() + freed <= hot_bytes);
+        assert_eq!(t.cache_stats().cold_chunks, 1);
+        assert!(t.eviction_candidates().is_empty());
+        let after = t.snapshot()?;
+        assert_eq!(after.batches, before.batches);
+        assert_eq!(after.row_ids, before.row_ids);
+        // Point reads touch only the rows asked for, in the order asked.
+        let got = t.fetch(&[9_000, 3])?;
+        let keys = got.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(keys.values().to_vec(), vec![8_999, 2]);
+        // Deleting cold rows forgets their keys: the key can be inserted again.
+        t.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from(vec![1, 2]),
+        })?;
+        assert!(
+            t.lookup_keys(&[Arc::new(Int64Array::from(vec![1]))])?
+                .is_empty()
+        );
+        assert_eq!(
+            t.indexes()[0]
+                .range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)
+                .len(),
+            9_998
+        );
+        let again = rows(&mut t, vec![0])?;
+        if let LogEntry::Insert { batch, .. } = &again {
+            assert_eq!(t.find_duplicate_key(&HashSet::new(), batch)?, None);
+        }
+        let tiered = t.tiered_snapshot()?;
+        let live: usize = tiered.parts.iter().map(SnapshotPart::num_rows).sum();
+        assert_eq!(live, 9_998);
+        let stats = t.cache_stats();
+        assert!(stats.misses >= 3 && stats.object_store_bytes > 0 && stats.evictions == 1);
+        // The file goes when the last chunk and snapshot referring to it do.
+        t.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from((3..=10_000).collect::<Vec<u64>>()),
+        })?;
+        assert_eq!(cold.collect_garbage()?, 0);
+        drop(tiered);
+        assert_eq!(cold.collect_garbage()?, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn rows_are_found_when_inserts_interleave_their_ids() -> Result<()> {
+        let mut t = ColumnarTable::try_new(schema(), Some(vec![0]))?;
+        let insert = |ids: Vec<u64>, keys: Vec<i64>| -> Result<LogEntry> {
+            let vals: Vec<String> = keys.iter().map(|k| format!("v{k}")).collect();
+            Ok(LogEntry::Insert {
+                row_ids: UInt64Array::from(ids),
+                batch: RecordBatch::try_new(
+                    schema(),
+                    vec![
+                        Arc::new(Int64Array::from(keys)),
+                        Arc::new(StringArray::from(vals)),
+                    ],
+                )?,
+            })
+        };
+        t.apply(&insert(vec![1, 2, 3, 10, 11], vec![1, 2, 3, 10, 11])?)?;
+        // Inside the first insert's range, and out of order: found by id, not by range.
+        t.apply(&insert(vec![6, 5], vec![6, 5])?)?;
+        t.apply(&insert(vec![20, 21], vec![20, 21])?)?;
+        assert_eq!(t.num_rows(), 9);
+        assert!(t.contains(5) && t.contains(6) && t.contains(21) && !t.contains(4));
+        let keys = |b: RecordBatch| -> Vec<i64> {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        };
+        assert_eq!(keys(t.fetch(&[21, 5, 10, 6, 4])?), vec![21, 5, 10, 6]);
+        t.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from(vec![5, 10, 20, 21]),
+        })?;
+        assert_eq!(t.num_rows(), 5);
+        assert!(!t.contains(5) && !t.contains(10) && !t.contains(21) && t.contains(6));
+        assert_eq!(keys(t.fetch(&[6, 11, 1])?), vec![6, 11, 1]);
+        assert_eq!(
+            t.lookup_keys(&[Arc::new(Int64Array::from(vec![6, 5, 21]))])?,
+            vec![6]
+        );
+        // The emptied chunk is gone: its range takes new rows again.
+        t.apply(&insert(vec![20, 22], vec![20, 22])?)?;
+        assert_eq!(keys(t.fetch(&[22, 20])?), vec![22, 20]);
+        assert_eq!(t.snapshot()?.num_rows(), 7);
         Ok(())
     }
 }

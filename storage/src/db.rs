@@ -182,6 +182,10 @@ pub struct Store {
     commit_lock: Mutex<()>,
     /// Number of upcoming commits that fail on purpose (fault-injection tests).
     injected_failures: AtomicU32,
+    /// The block cache that memtables are also charged to, when memory is budgeted.
+    cache: Option<rocksdb::Cache>,
+    /// Keeps the memtables within their share of the budget.
+    _write_buffers: Option<rocksdb::WriteBufferManager>,
 }
 
 impl std::fmt::Debug for Store {
@@ -195,13 +199,43 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) the store under `path`.
     pub fn open(path: &Path) -> Result<Store> {
+        Self::open_with_memory(path, None)
+    }
+
+    /// Opens the store with its memtables and block cache held within `memory` bytes
+    /// together (a block cache that the write-buffer manager charges memtables to).
+    pub fn open_with_memory(path: &Path, memory: Option<usize>) -> Result<Store> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cache = memory.map(|m| rocksdb::Cache::new_lru_cache(m.max(4 << 20)));
+        let write_buffers = match (&cache, memory) {
+            (Some(cache), Some(m)) => {
+                let wbm = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+                    (m / 2).max(2 << 20),
+                    false,
+                    cache.clone(),
+                );
+                opts.set_write_buffer_manager(&wbm);
+                Some(wbm)
+            }
+            _ => None,
+        };
+        let cf_options = || {
+            let mut o = Options::default();
+            if let (Some(cache), Some(m)) = (&cache, memory) {
+                let mut table = rocksdb::BlockBasedOptions::default();
+                table.set_block_cache(cache);
+                o.set_block_based_table_factory(&table);
+                // Several memtables per family must fit the write-buffer share.
+                o.set_write_buffer_size((m / 8).clamp(1 << 20, 64 << 20));
+            }
+            o
+        };
         let cfs = [CF_CATALOG, CF_TABLE_LOG, CF_META, CF_VIEW_STATE]
             .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let store = Store {
             db,
@@ -209,6 +243,8 @@ impl Store {
             next_object_id: AtomicU64::new(1),
             commit_lock: Mutex::new(()),
             injected_failures: AtomicU32::new(0),
+            cache,
+            _write_buffers: write_buffers,
         };
         let seq = match store.db.get_cf(store.cf(CF_META)?, META_NEXT_SEQ)? {
             Some(bytes) => decode_u64(&bytes, "next_seq")?,
@@ -219,6 +255,23 @@ impl Store {
         store.next_object_id.store(max_id + 1, Ordering::SeqCst);
         info!(path = %path.display(), next_seq = seq, "opened durable store");
         Ok(store)
+    }
+
+    /// Bytes RocksDB holds in memory: its memtables and block cache.
+    pub fn memory_bytes(&self) -> u64 {
+        if let Some(cache) = &self.cache {
+            return cache.get_usage() as u64;
+        }
+        [CF_CATALOG, CF_TABLE_LOG, CF_META, CF_VIEW_STATE]
+            .into_iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()
+            })
+            .sum()
     }
 
     fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {

@@ -25,9 +25,21 @@ pub enum StorageError {
         /// What was wrong with it.
         detail: String,
     },
+    /// The object store holding cold chunks refused a read, write or delete.
+    #[error("object store {0}")]
+    ObjectStore(String),
+    /// A cold chunk's Parquet file could not be written or read.
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
     /// A fault injected by a test (see `Store::inject_write_failures`).
     #[error("injected storage fault: {0}")]
     Injected(String),
+}
+
+impl From<object_store::Error> for StorageError {
+    fn from(e: object_store::Error) -> Self {
+        StorageError::ObjectStore(e.to_string())
+    }
 }
 
 /// Result type of the storage crate.

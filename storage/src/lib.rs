@@ -7,6 +7,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod catalog_record;
+pub mod cold;
 pub mod columnar;
 pub mod db;
 pub mod error;
@@ -16,7 +17,8 @@ pub mod state;
 pub mod view_contents;
 
 pub use catalog_record::{CatalogRecord, ObjectKind};
-pub use columnar::{ColumnarTable, RowId, TableSnapshot};
+pub use cold::{ColdFile, ColdStore};
+pub use columnar::{CacheStats, ColumnarTable, RowId, SnapshotPart, TableSnapshot, TieredSnapshot};
 pub use db::{Store, WriteSet};
 pub use error::{Result, StorageError};
 pub use index::SecondaryIndex;

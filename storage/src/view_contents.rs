@@ -99,6 +99,17 @@ impl ViewContents {
         self.table.snapshot()
     }
 
+    /// The rows as a columnar table (for cache figures and eviction; changes go through
+    /// [`ViewContents::apply`]).
+    pub fn table(&self) -> &ColumnarTable {
+        &self.table
+    }
+
+    /// The rows as a columnar table, for evicting chunks.
+    pub fn table_mut(&mut self) -> &mut ColumnarTable {
+        &mut self.table
+    }
+
     /// Applies a changelog: each row is added `weight` times (removed when negative).
     /// Removing a row that is not present is an error: it means the view diverged.
     pub fn apply(&mut self, batch: &RecordBatch, weights: &[i64]) -> Result<()> {

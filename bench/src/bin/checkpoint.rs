@@ -10,102 +10,9 @@
 //!
 //! Usage: `bench/run checkpoint` (MILLRACE_BIN names the server binary).
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use millrace_bench::{cpu_seconds, env_usize};
-use tokio_postgres::{Client, NoTls};
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
-/// A millrace server of this benchmark.
-struct Server {
-    bin: String,
-    port: u16,
-    dir: std::path::PathBuf,
-    interval_ms: u64,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn start(
-        bin: &str,
-        port: u16,
-        dir: std::path::PathBuf,
-        interval_ms: u64,
-    ) -> Result<Self, Error> {
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut s = Server {
-            bin: bin.into(),
-            port,
-            dir,
-            interval_ms,
-            child: None,
-        };
-        s.spawn()?;
-        Ok(s)
-    }
-
-    fn spawn(&mut self) -> Result<(), Error> {
-        let child = Command::new(&self.bin)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-                "--data-dir",
-                &self.dir.display().to_string(),
-                "--checkpoint-interval-ms",
-                &self.interval_ms.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.with_extension("log"))?)
-            .spawn()?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Connects, retrying while the server starts.
-    async fn connect(&self) -> Result<Client, Error> {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            match tokio_postgres::connect(
-                &format!(
-                    "host=127.0.0.1 port={} user=millrace dbname=millrace",
-                    self.port
-                ),
-                NoTls,
-            )
-            .await
-            {
-                Ok((client, conn)) => {
-                    tokio::spawn(conn);
-                    return Ok(client);
-                }
-                Err(e) if Instant::now() > deadline => return Err(e.into()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use millrace_bench::{Error, Server, cpu_seconds, env_usize};
 
 /// Inserts batches for `seconds` under a GROUP BY view: (rows/s, CPU-s per million rows).
 async fn overhead(server: &Server, seconds: u64) -> Result<(f64, f64), Error> {
@@ -137,7 +44,11 @@ async fn overhead(server: &Server, seconds: u64) -> Result<(f64, f64), Error> {
 
 /// Loads state, kills the server and measures its way back:
 /// (state bytes, accepts connections, views answer).
-async fn recovery(server: &mut Server, rows: usize) -> Result<(u64, Duration, Duration), Error> {
+async fn recovery(
+    server: &mut Server,
+    rows: usize,
+    checkpoints: bool,
+) -> Result<(u64, Duration, Duration), Error> {
     let c = server.connect().await?;
     c.batch_execute(&format!(
         "CREATE TABLE big (id BIGINT, g BIGINT, x BIGINT);
@@ -148,7 +59,7 @@ async fn recovery(server: &mut Server, rows: usize) -> Result<(u64, Duration, Du
          CREATE MATERIALIZED VIEW named AS SELECT big.id, dim.name FROM big JOIN dim ON big.g = dim.g;"
     ))
     .await?;
-    if server.interval_ms > 0 {
+    if checkpoints {
         c.batch_execute("CHECKPOINT").await?;
     }
     c.batch_execute(
@@ -195,7 +106,8 @@ async fn main() -> Result<(), Error> {
         "checkpoints every 1 s vs off; overhead: {seconds} s of 1000-row INSERTs under a GROUP BY view"
     );
     for (label, interval) in [("checkpoints every 1 s", 1000u64), ("checkpoints off", 0)] {
-        let server = Server::start(&bin, 56601, work.join(format!("o{interval}")), interval)?;
+        let args = ["--checkpoint-interval-ms".to_string(), interval.to_string()];
+        let server = Server::start(&bin, 56601, work.join(format!("o{interval}")), &args)?;
         let (rps, cpu) = overhead(&server, seconds).await?;
         println!("  {label:<24} {rps:>10.0} rows/s   {cpu:>6.2} server CPU-s per million rows");
     }
@@ -206,8 +118,9 @@ async fn main() -> Result<(), Error> {
         ("from the checkpoint", 1000u64),
         ("rebuilt (checkpoints off)", 0),
     ] {
-        let mut server = Server::start(&bin, 56602, work.join(format!("r{interval}")), interval)?;
-        let (state, accepts, answers) = recovery(&mut server, rows).await?;
+        let args = ["--checkpoint-interval-ms".to_string(), interval.to_string()];
+        let mut server = Server::start(&bin, 56602, work.join(format!("r{interval}")), &args)?;
+        let (state, accepts, answers) = recovery(&mut server, rows, interval > 0).await?;
         println!(
             "  {label:<26} view state {:>6} MiB   accepts connections after {:>7.2} s   views answer after {:>7.2} s",
             state / (1 << 20),

@@ -13,7 +13,9 @@ use crate::session::Session;
 /// Fault injection, only on a server started with `--failpoints`:
 /// `SET millrace.inject_write_failures = n` makes the next `n` durable commits fail;
 /// `SET millrace.slow_views_us_per_row = n` holds every view step up n µs per input row;
-/// `SET millrace.fail_view_steps = 'view:n'` makes the next `n` steps of a view fail.
+/// `SET millrace.fail_view_steps = 'view:n'` makes the next `n` steps of a view fail;
+/// `SET millrace.inject_object_store_failures = n` makes the next `n` PUTs of evicted chunks
+/// fail.
 fn inject_fault(session: &Session, name: &str, value: &str) -> Result<Output> {
     if !session.engine.failpoints {
         return Err(ServerError::NotSupported(
@@ -37,7 +39,9 @@ fn inject_fault(session: &Session, name: &str, value: &str) -> Result<Output> {
             name: name.into(),
             value: value.into(),
         })?;
-    if name == "millrace.slow_views_us_per_row" {
+    if name == "millrace.inject_object_store_failures" {
+        session.engine.cache.cold.inject_write_failures(n.into());
+    } else if name == "millrace.slow_views_us_per_row" {
         session
             .engine
             .views
@@ -62,6 +66,7 @@ pub fn run(session: &mut Session, statement: Statement) -> Result<Output> {
                     if name == "millrace.inject_write_failures"
                         || name == "millrace.slow_views_us_per_row"
                         || name == "millrace.fail_view_steps"
+                        || name == "millrace.inject_object_store_failures"
                     {
                         return inject_fault(session, &name, &value);
                     }

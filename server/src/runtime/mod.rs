@@ -20,6 +20,7 @@
 //! restarts and their outcome are listed in `millrace_events` (`events.rs`).
 
 pub mod backfill;
+pub mod cache;
 pub mod checkpoint;
 pub mod events;
 pub mod subscribe;

@@ -1,0 +1,129 @@
+//! Tiered-cache benchmark: two fresh Millrace servers side by side with the same table, one
+//! without a memory limit (everything in memory) and one under `--memory-limit` whose
+//! columnar cache is mostly evicted to Parquet files in the local object store.
+//!
+//! For each: how much of the table is in memory and in the object store, peak RSS, the rate
+//! of primary-key point lookups (one client, one row each), and the time of a full scan with
+//! a filter and of a GROUP BY over every row.
+//!
+//! Usage: `bench/run spill` (MILLRACE_BIN names the server binary; BENCH_ROWS, default
+//! 1,000,000; BENCH_LIMIT, default 128MiB; BENCH_LOOKUPS, default 2000).
+
+use std::time::{Duration, Instant};
+
+use millrace_bench::{Error, Server, env_usize, rss};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_postgres::Client;
+
+/// Loads `rows` rows of about 120 bytes into `big`.
+async fn load(c: &Client, rows: usize) -> Result<(), Error> {
+    c.batch_execute("CREATE TABLE big (id BIGINT PRIMARY KEY, g BIGINT, s TEXT)")
+        .await?;
+    let step = 100_000;
+    for from in (0..rows).step_by(step) {
+        let to = (from + step).min(rows) - 1;
+        c.batch_execute(&format!(
+            "INSERT INTO big SELECT value, value % 1000, 'row ' || value || ' ' || repeat('x', 100) \
+             FROM generate_series({from}, {to})"
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// (bytes in memory, bytes in the object store, cold chunks, all chunks) of `big`.
+async fn cache(c: &Client) -> Result<(i64, i64, i64, i64), Error> {
+    let r = c
+        .query_one(
+            "SELECT memory_bytes, object_store_bytes, cold_chunks, hot_chunks + cold_chunks \
+             FROM millrace_cache WHERE name = 'big'",
+            &[],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1), r.get(2), r.get(3)))
+}
+
+/// Lookups per second over `n` random ids, checking each answer.
+async fn lookups(c: &Client, rows: usize, n: usize) -> Result<f64, Error> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let stmt = c.prepare("SELECT g, s FROM big WHERE id = $1").await?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let id = rng.random_range(0..rows as i64);
+        let row = c.query_one(&stmt, &[&id]).await?;
+        let s: String = row.get(1);
+        if !s.starts_with(&format!("row {id} ")) {
+            return Err(format!("lookup of {id} answered {s:?}").into());
+        }
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Seconds of the best of three runs of `sql`, and its first value.
+async fn timed(c: &Client, sql: &str) -> Result<(f64, i64), Error> {
+    let mut best = Duration::MAX;
+    let mut value = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let rows = c.query(sql, &[]).await?;
+        best = best.min(start.elapsed());
+        value = rows.first().map_or(0, |r| r.get(0));
+    }
+    Ok((best.as_secs_f64(), value))
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Error> {
+    let bin = std::env::var("MILLRACE_BIN").unwrap_or_else(|_| "millrace".into());
+    let rows = env_usize("BENCH_ROWS", 1_000_000);
+    let limit = std::env::var("BENCH_LIMIT").unwrap_or_else(|_| "128MiB".into());
+    let n = env_usize("BENCH_LOOKUPS", 2000);
+    let work = std::env::temp_dir().join(format!("millrace-spill-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "tiered cache: {rows}-row table (~120 bytes a row), in memory vs --memory-limit {limit}"
+    );
+    let mut answers = Vec::new();
+    for (label, args) in [
+        ("in memory (no limit)", vec![]),
+        (
+            "spilled (--memory-limit)",
+            vec!["--memory-limit".to_string(), limit.clone()],
+        ),
+    ] {
+        let server = Server::start(&bin, 56611, work.join(label.replace(' ', "_")), &args)?;
+        let c = server.connect().await?;
+        let (idle, _) = rss(server.pid())?;
+        load(&c, rows).await?;
+        // Let the cache manager catch up with the load.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (memory, stored, cold, chunks) = cache(&c).await?;
+        let per_sec = lookups(&c, rows, n).await?;
+        let (scan, matched) = timed(&c, "SELECT count(*) FROM big WHERE s LIKE 'row 7%'").await?;
+        let (group, groups) = timed(
+            &c,
+            "SELECT count(*) FROM (SELECT g, count(*), max(s) FROM big GROUP BY g) t",
+        )
+        .await?;
+        let (_, peak) = rss(server.pid())?;
+        println!(
+            "  {label:<26} table in memory {:>5} MiB, in object store {:>4} MiB ({cold}/{chunks} chunks cold); \
+             RSS idle {:>4} MiB, peak {:>5} MiB",
+            memory >> 20,
+            stored >> 20,
+            idle >> 20,
+            peak >> 20
+        );
+        println!(
+            "  {:<26} point lookups {per_sec:>7.0}/s   filtered scan {scan:>6.3} s   GROUP BY (1000 groups) {group:>6.3} s",
+            ""
+        );
+        answers.push((matched, groups));
+    }
+    if answers.windows(2).any(|w| w[0] != w[1]) {
+        return Err(format!("the two servers answered differently: {answers:?}").into());
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! The memory budget (`--memory-limit`) and the tiered cache manager behind `millrace_cache`.
+//!
+//! One budget bounds the process. RocksDB's memtables and block cache get an eighth of it
+//! (a block cache that its write-buffer manager charges memtables to), DataFusion's memory
+//! pool for queries a quarter, and the rest is the columnar cache: the Arrow chunks of tables
+//! and view contents plus the views' operator state. Every 100 ms the manager adds up what
+//! the cache holds; above its share it evicts the least recently read chunks, over all tables
+//! and views, to Parquet files on the object store (`storage::cold`) until the cache is at
+//! 80% of its share. Reads see evicted chunks through their files. The files of chunks that
+//! were deleted, merged or dropped are deleted on the same tick.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use millrace_planner::system_table::SystemTable;
+use millrace_planner::table::MillraceTable;
+use millrace_planner::view_table::MaterializedView;
+use millrace_storage::{CacheStats, ColdStore, ColumnarTable};
+use tracing::{info, warn};
+
+use crate::engine::Engine;
+use crate::error::{Result, ServerError};
+
+/// How often the manager checks the budget.
+const TICK: Duration = Duration::from_millis(100);
+/// Chunks smaller than this stay in memory (evicting them frees too little).
+const MIN_EVICT_BYTES: usize = 64 << 10;
+
+/// How the memory limit is shared out.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryBudget {
+    /// The whole limit, if any.
+    pub limit: Option<u64>,
+    /// RocksDB memtables and block cache.
+    pub rocksdb: Option<u64>,
+    /// DataFusion's memory pool for queries.
+    pub queries: Option<u64>,
+    /// Tables' and views' chunks and operator state.
+    pub cache: Option<u64>,
+}
+
+impl MemoryBudget {
+    /// The shares of `limit` (no shares without a limit).
+    pub fn new(limit: Option<u64>) -> Self {
+        let Some(limit) = limit else {
+            return Self {
+                limit: None,
+                rocksdb: None,
+                queries: None,
+                cache: None,
+            };
+        };
+        let rocksdb = (limit / 8).max(8 << 20);
+        let queries = (limit / 4).max(16 << 20);
+        Self {
+            limit: Some(limit),
+            rocksdb: Some(rocksdb),
+            queries: Some(queries),
+            cache: Some(limit.saturating_sub(rocksdb + queries).max(16 << 20)),
+        }
+    }
+}
+
+/// The cache manager's state.
+pub struct CacheManager {
+    /// Where evicted chunks go.
+    pub cold: Arc<ColdStore>,
+    /// The budget.
+    pub budget: MemoryBudget,
+    /// Eviction passes that failed (the object store refused a write), for `millrace_cache`.
+    pub failed_evictions: AtomicU64,
+    /// The last failure.
+    pub last_error: Mutex<Option<String>>,
+    /// Bytes the cache held at the last tick.
+    pub cache_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for CacheManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheManager")
+            .field("cold", &self.cold)
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
+/// A table or view whose chunks can be evicted.
+enum Owner {
+    Table(Arc<MillraceTable>),
+    View(Arc<MaterializedView>),
+}
+
+impl Owner {
+    /// Name of the owner's directory in the object store.
+    fn dir(&self) -> String {
+        match self {
+            Owner::Table(t) => format!("t{}", t.id),
+            Owner::View(v) => format!("v{}", v.id),
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&ColumnarTable) -> T) -> Option<T> {
+        match self {
+            Owner::Table(t) => t.data.read().ok().map(|d| f(&d)),
+            Owner::View(v) => v.contents.read().ok().map(|c| f(c.table())),
+        }
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut ColumnarTable) -> T) -> Option<T> {
+        match self {
+            Owner::Table(t) => t.data.write().ok().map(|mut d| f(&mut d)),
+            Owner::View(v) => v.contents.write().ok().map(|mut c| f(c.table_mut())),
+        }
+    }
+}
+
+impl CacheManager {
+    /// The manager of `cold` under `budget`; removes the files a previous run left behind.
+    pub fn try_new(cold: Arc<ColdStore>, budget: MemoryBudget) -> Result<Arc<Self>> {
+        let orphans = cold.remove_orphans()?;
+        if orphans > 0 {
+            info!(
+                orphans,
+                store = cold.url(),
+                "removed cold files of a previous run"
+            );
+        }
+        Ok(Arc::new(Self {
+            cold,
+            budget,
+            failed_evictions: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            cache_bytes: AtomicU64::new(0),
+        }))
+    }
+
+    /// Every table and view with its cache figures, and the operator state of each view.
+    fn owners(engine: &Engine) -> Vec<(Owner, CacheStats, u64)> {
+        let mut out = Vec::new();
+        for id in engine.catalog.table_ids() {
+            if let Some(table) = engine.catalog.table(id) {
+                let owner = Owner::Table(table);
+                if let Some(stats) = owner.read(ColumnarTable::cache_stats) {
+                    out.push((owner, stats, 0));
+                }
+            }
+        }
+        for view in engine.views.views() {
+            let state = view.stats.lock().map(|s| s.state.bytes).unwrap_or(0);
+            let owner = Owner::View(view.provider.clone());
+            if let Some(stats) = owner.read(ColumnarTable::cache_stats) {
+                out.push((owner, stats, state));
+            }
+        }
+        out
+    }
+
+    /// One tick: evicts while over budget, then deletes unreferenced files.
+    fn tick(&self, engine: &Engine) {
+        let owners = Self::owners(engine);
+        let mut used: u64 = owners
+            .iter()
+            .map(|(_, s, state)| s.memory_bytes + state)
+            .sum();
+        self.cache_bytes.store(used, Ordering::Relaxed);
+        if let Some(share) = self.budget.cache
+            && used > share
+        {
+            let target = share / 10 * 8;
+            match self.evict(&owners, used - target) {
+                Ok(freed) => used = used.saturating_sub(freed),
+                Err(e) => {
+                    self.failed_evictions.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "evicting chunks to the object store failed; retrying");
+                    if let Ok(mut last) = self.last_error.lock() {
+                        *last = Some(e.to_string());
+                    }
+                }
+            }
+            self.cache_bytes.store(used, Ordering::Relaxed);
+        }
+        if let Err(e) = self.cold.collect_garbage() {
+            warn!(error = %e, "deleting unreferenced cold files failed; retrying");
+        }
+    }
+
+    /// Evicts the least recently read chunks until `want` bytes are freed; returns the bytes
+    /// freed. Each chunk is written without holding its table's lock, then swapped in.
+    fn evict(&self, owners: &[(Owner, CacheStats, u64)], want: u64) -> Result<u64> {
+        let mut candidates: Vec<(u64, usize, usize, u64)> = Vec::new();
+        for (i, (owner, _, _)) in owners.iter().enumerate() {
+            for (chunk, last_used, bytes) in owner
+                .read(ColumnarTable::eviction_candidates)
+                .unwrap_or_default()
+            {
+                if bytes >= MIN_EVICT_BYTES {
+                    candidates.push((last_used, i, bytes, chunk));
+                }
+            }
+        }
+        candidates.sort_unstable();
+        let mut freed = 0u64;
+        for (_, i, _, chunk) in candidates {
+            if freed >= want {
+                break;
+            }
+            let owner = &owners[i].0;
+            let Some(Some(batch)) = owner.read(|t| t.chunk_rows(chunk)) else {
+                continue;
+            };
+            let file = self.cold.write(&owner.dir(), &batch)?;
+            freed += owner.write(|t| t.mark_cold(chunk, file)).unwrap_or(0) as u64;
+        }
+        if freed > 0 {
+            tracing::debug!(freed, want, "evicted chunks to the object store");
+        }
+        Ok(freed)
+    }
+}
+
+/// Runs the manager until the engine goes away.
+pub async fn run(engine: Weak<Engine>) {
+    loop {
+        tokio::time::sleep(TICK).await;
+        let Some(e) = engine.upgrade() else {
+            return;
+        };
+        let manager = e.cache.clone();
+        // Writing Parquet and talking to the object store block; keep them off the runtime.
+        let _ = tokio::task::spawn_blocking(move || manager.tick(&e)).await;
+    }
+}
+
+/// One row of `millrace_cache`.
+struct CacheRow {
+    name: String,
+    kind: &'static str,
+    stats: CacheStats,
+    state: u64,
+    budget: Option<u64>,
+    detail: Option<String>,
+}
+
+impl CacheRow {
+    fn system(name: &str, memory_bytes: u64, budget: Option<u64>, detail: &str) -> Self {
+        Self {
+            name: name.into(),
+            kind: "system",
+            stats: CacheStats {
+                memory_bytes,
+                ..CacheStats::default()
+            },
+            state: 0,
+            budget,
+            detail: Some(detail.into()),
+        }
+    }
+}
+
+/// Registers `millrace_cache`: per table and view, bytes in memory and in the object store,
+/// chunks, hits, misses and evictions; plus rows for RocksDB, queries and the whole budget.
+pub fn register(engine: &Arc<Engine>) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("memory_bytes", DataType::Int64, false),
+        Field::new("state_bytes", DataType::Int64, false),
+        Field::new("object_store_bytes", DataType::Int64, false),
+        Field::new("hot_chunks", DataType::Int64, false),
+        Field::new("cold_chunks", DataType::Int64, false),
+        Field::new("hits", DataType::Int64, false),
+        Field::new("misses", DataType::Int64, false),
+        Field::new("evictions", DataType::Int64, false),
+        Field::new("budget_bytes", DataType::Int64, true),
+        Field::new("detail", DataType::Utf8, true),
+    ]));
+    let weak = Arc::downgrade(engine);
+    let table_schema = schema.clone();
+    let fill = Arc::new(move || {
+        let Some(engine) = weak.upgrade() else {
+            return Ok(RecordBatch::new_empty(table_schema.clone()));
+        };
+        let manager = &engine.cache;
+        let records = engine.catalog.records();
+        let mut rows: Vec<CacheRow> = Vec::new();
+        let mut total = CacheStats::default();
+        let mut total_state = 0;
+        for (owner, stats, state) in CacheManager::owners(&engine) {
+            let (id, kind) = match &owner {
+                Owner::Table(t) => (t.id, "table"),
+                Owner::View(v) => (v.id, "view"),
+            };
+            let name = records
+                .iter()
+                .find(|r| r.id == id)
+                .map(|r| r.name.clone())
+                .unwrap_or_else(|| owner.dir());
+            total.memory_bytes += stats.memory_bytes;
+            total.object_store_bytes += stats.object_store_bytes;
+            total.hot_chunks += stats.hot_chunks;
+            total.cold_chunks += stats.cold_chunks;
+            total.hits += stats.hits;
+            total.misses += stats.misses;
+            total.evictions += stats.evictions;
+            total_state += state;
+            rows.push(CacheRow {
+                name,
+                kind,
+                stats,
+                state,
+                budget: None,
+                detail: None,
+            });
+        }
+        let counters = &manager.cold.counters;
+        let failed = manager.failed_evictions.load(Ordering::Relaxed);
+        let last = manager.last_error.lock().ok().and_then(|l| l.clone());
+        rows.push(CacheRow {
+            name: "columnar cache".into(),
+            kind: "total",
+            stats: total,
+            state: total_state,
+            budget: manager.budget.cache,
+            detail: Some(format!(
+                "object store {}: {} files written, {} deleted, {} reads; {failed} failed eviction passes{}",
+                manager.cold.url(),
+                counters.files_written.load(Ordering::Relaxed),
+                counters.files_deleted.load(Ordering::Relaxed),
+                counters.reads.load(Ordering::Relaxed),
+                last.map(|e| format!(" (last: {e})")).unwrap_or_default()
+            )),
+        });
+        rows.push(CacheRow::system(
+            "rocksdb",
+            engine.store().memory_bytes(),
+            manager.budget.rocksdb,
+            "memtables and block cache",
+        ));
+        rows.push(CacheRow::system(
+            "queries",
+            engine.runtime.memory_pool.reserved() as u64,
+            manager.budget.queries,
+            "DataFusion memory pool",
+        ));
+        let int = |f: &dyn Fn(&CacheRow) -> u64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| f(r) as i64),
+            ))
+        };
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.name.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.kind))),
+            int(&|r| r.stats.memory_bytes),
+            int(&|r| r.state),
+            int(&|r| r.stats.object_store_bytes),
+            int(&|r| r.stats.hot_chunks),
+            int(&|r| r.stats.cold_chunks),
+            int(&|r| r.stats.hits),
+            int(&|r| r.stats.misses),
+            int(&|r| r.stats.evictions),
+            Arc::new(Int64Array::from_iter(
+                rows.iter().map(|r| r.budget.map(|b| b as i64)),
+            )),
+            Arc::new(StringArray::from_iter(
+                rows.iter().map(|r| r.detail.as_deref()),
+            )),
+        ];
+        Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
+    });
+    engine
+        .catalog
+        .register_system_table("millrace_cache", Arc::new(SystemTable::new(schema, fill)));
+}
+
+/// The object store chunks are evicted to: `s3://bucket/prefix` (with the `AWS_*`
+/// environment) or a local directory; `objects` under the data dir by default.
+pub fn cold_store(setting: Option<&str>, data_dir: &std::path::Path) -> Result<Arc<ColdStore>> {
+    let invalid = |detail: String| ServerError::InvalidSetting {
+        name: "object-store".into(),
+        value: detail,
+    };
+    match setting {
+        Some(url) if url.starts_with("s3://") => {
+            let rest = &url["s3://".len()..];
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(invalid(url.to_string()));
+            }
+            // NOTE: an unreachable store should fail an eviction pass in seconds (it is
+            // retried on the next tick), not after object_store's three minutes of retries.
+            let retry = object_store::RetryConfig {
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(10),
+                ..object_store::RetryConfig::default()
+            };
+            let mut client = object_store::ClientOptions::new()
+                .with_timeout(Duration::from_secs(10))
+                .with_connect_timeout(Duration::from_secs(2));
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry);
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT")
+                && endpoint.starts_with("http://")
+            {
+                client = client.with_allow_http(true);
+            }
+            builder = builder.with_client_options(client);
+            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err()
+            {
+                builder = builder.with_region("us-east-1");
+            }
+            let store = builder
+                .build()
+                .map_err(|e| invalid(format!("{url}: {e}")))?;
+            let prefix = format!("{}/cache", prefix.trim_matches('/'));
+            Ok(ColdStore::try_new(
+                Arc::new(store),
+                prefix.trim_start_matches('/'),
+                url,
+            )?)
+        }
+        _ => {
+            let dir = setting
+                .map(|s| std::path::PathBuf::from(s.strip_prefix("file://").unwrap_or(s)))
+                .unwrap_or_else(|| data_dir.join("objects"));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+            Ok(ColdStore::try_new(
+                Arc::new(fs),
+                "cache",
+                &dir.display().to_string(),
+            )?)
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The cold tier of the columnar cache: immutable Parquet files on object storage.
+//!
+//! When the process is over its memory budget, the cache manager evicts the least recently
+//! used chunks of tables and view contents: each chunk's rows are written once as a Parquet
+//! file (a local directory under the data dir by default, or an S3 bucket) and the chunk keeps
+//! only its row ids and liveness in memory. Scans read the files back with projection and
+//! row selection; point lookups read the selected rows only. A file is deleted once no chunk
+//! and no running scan refer to it (its [`ColdFile`] handle is dropped). The files are a
+//! cache of the durable table logs in RocksDB, so whatever a crash leaves behind is an
+//! orphan, removed on the next start.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::compute::concat_batches;
+use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Result, StorageError};
+
+/// Rows per Parquet row group: small enough that a point lookup decodes little.
+const ROW_GROUP_ROWS: usize = 8192;
+
+/// Object-store traffic of the cold tier, for `millrace_cache`.
+#[derive(Debug, Default)]
+pub struct ColdCounters {
+    /// Files written.
+    pub files_written: AtomicU64,
+    /// Bytes written.
+    pub bytes_written: AtomicU64,
+    /// Files deleted.
+    pub files_deleted: AtomicU64,
+    /// Reads (GETs) of files.
+    pub reads: AtomicU64,
+    /// Bytes read.
+    pub bytes_read: AtomicU64,
+    /// Bytes held by live files now.
+    pub bytes_stored: AtomicU64,
+}
+
+/// Where cold chunks go: a prefix in an object store.
+pub struct ColdStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: String,
+    /// Drives object-store I/O for the synchronous callers (the cache lives under locks).
+    io: tokio::runtime::Handle,
+    /// Files no longer referenced, deleted by [`ColdStore::collect_garbage`].
+    garbage: Mutex<Vec<(Path, u64)>>,
+    next_file: AtomicU64,
+    /// Test failpoint: this many next writes fail.
+    failing_writes: AtomicU64,
+    /// Traffic so far.
+    pub counters: ColdCounters,
+}
+
+impl std::fmt::Debug for ColdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ColdStore").field("url", &self.url).finish()
+    }
+}
+
+/// One immutable Parquet file holding a chunk's rows; deleted when the last handle goes.
+#[derive(Debug)]
+pub struct ColdFile {
+    store: Arc<ColdStore>,
+    path: Path,
+    /// Rows in the file.
+    pub rows: usize,
+    /// Size of the file.
+    pub bytes: u64,
+    /// Schema of the rows.
+    pub schema: SchemaRef,
+}
+
+impl ColdFile {
+    /// Reads rows of the file (see [`ColdStore::read`]).
+    pub fn read(
+        &self,
+        projection: Option<&[usize]>,
+        rows: Option<&[usize]>,
+    ) -> Result<RecordBatch> {
+        self.store.read(self, projection, rows)
+    }
+
+    /// Reads rows of the file in batches (see [`ColdStore::read_batches`]).
+    pub fn read_batches(
+        &self,
+        projection: Option<&[usize]>,
+        rows: Option<&[usize]>,
+    ) -> Result<Vec<RecordBatch>> {
+        Ok(self.store.read_batches(self, projection, rows)?.1)
+    }
+}
+
+impl Drop for ColdFile {
+    fn drop(&mut self) {
+        if let Ok(mut garbage) = self.store.garbage.lock() {
+            garbage.push((self.path.clone(), self.bytes));
+        }
+    }
+}
+
+impl ColdStore {
+    /// A cold tier writing under `prefix` of `store`; `url` names it in messages. Starts the
+    /// I/O thread its synchronous calls run on.
+    pub fn try_new(store: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Result<Arc<Self>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("millrace-cold-io".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("millrace-cold-io")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(runtime.handle().clone()));
+                // The runtime lives as long as the process.
+                runtime.block_on(futures::future::pending::<()>());
+            })
+            .map_err(|e| io_error(url, e.to_string()))?;
+        let io = rx
+            .recv()
+            .map_err(|e| io_error(url, e.to_string()))?
+            .map_err(|e| io_error(url, e))?;
+        Ok(Arc::new(Self {
+            store,
+            prefix: Path::from(prefix),
+            url: url.to_string(),
+            io,
+            garbage: Mutex::new(Vec::new()),
+            next_file: AtomicU64::new(0),
+            failing_writes: AtomicU64::new(0),
+            counters: ColdCounters::default(),
+        }))
+    }
+
+    /// Where the files go, for messages and `millrace_cache`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Test failpoint: the next `n` file writes fail as if the store refused the PUT.
+    pub fn inject_write_failures(&self, n: u64) {
+        self.failing_writes.store(n, Ordering::SeqCst);
+    }
+
+    /// Runs an object-store call on the I/O runtime and waits for it.
+    fn block<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.io.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| io_error(&self.url, "the object-store I/O thread stopped".into()))
+    }
+
+    /// Writes `batch` as a new Parquet file; `owner` names the table or view in its path.
+    pub fn write(self: &Arc<Self>, owner: &str, batch: &RecordBatch) -> Result<ColdFile> {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::LZ4_RAW)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        let mut buffer = Vec::with_capacity(batch.get_array_memory_size() / 2);
+        let mut writer = ArrowWriter::try_new(&mut buffer, batch.schema(), Some(props))?;
+        writer.write(batch)?;
+        writer.close()?;
+        if self
+            .failing_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StorageError::Injected(format!(
+                "PUT to {} refused by a failpoint",
+                self.url
+            )));
+        }
+        let n = self.next_file.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .prefix
+            .clone()
+            .join(owner)
+            .join(format!("{n:08}.parquet"));
+        let bytes = buffer.len() as u64;
+        let store = self.store.clone();
+        let target = path.clone();
+        self.block(async move { store.put(&target, PutPayload::from(buffer)).await })??;
+        self.counters.files_written.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(bytes, Ordering::Relaxed);
+        self.counters
+            .bytes_stored
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(ColdFile {
+            store: self.clone(),
+            path,
+            rows: batch.num_rows(),
+            bytes,
+            schema: batch.schema(),
+        })
+    }
+
+    /// Reads rows of `file`: the columns in `projection` (all when `None`) of the rows at the
+    /// ascending positions `rows` (all when `None`).
+    pub fn read(
+        &self,
+        file: &ColdFile,
+        projection: Option<&[usize]>,
+        rows: Option<&[usize]>,
+    ) -> Result<RecordBatch> {
+        let (schema, batches) = self.read_batches(file, projection, rows)?;
+        Ok(concat_batches(&schema, &batches)?)
+    }
+
+    /// [`ColdStore::read`] as batches of at most a row group each, for scans.
+    pub fn read_batches(
+        &self,
+        file: &ColdFile,
+        projection: Option<&[usize]>,
+        rows: Option<&[usize]>,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let store = self.store.clone();
+        let path = file.path.clone();
+        let bytes: Bytes = self.block(async move { store.get(&path).await?.bytes().await })??;
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+        let schema = match projection {
+            Some(p) => {
+                let mask = ProjectionMask::roots(builder.parquet_schema(), p.iter().copied());
+                builder = builder.with_projection(mask);
+                Arc::new(file.schema.project(p)?)
+            }
+            None => file.schema.clone(),
+        };
+        if let Some(rows) = rows {
+            builder = builder.with_row_selection(selection(rows, file.rows));
+        }
+        let reader = builder.with_batch_size(ROW_GROUP_ROWS).build()?;
+        let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((schema, batches))
+    }
+
+    /// Deletes the files no chunk refers to any more; returns how many.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let paths = match self.garbage.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(_) => return Ok(0),
+        };
+        let n = paths.len();
+        for (path, bytes) in paths {
+            let store = self.store.clone();
+            match self.block(async move { store.delete(&path).await })? {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.counters.files_deleted.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes_stored.fetch_sub(
+                bytes.min(self.counters.bytes_stored.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+        }
+        Ok(n)
+    }
+
+    /// Deletes every file under the prefix: on start nothing refers to them (the tables are
+    /// rebuilt from their logs), so they are what a crash left behind. Returns how many.
+    pub fn remove_orphans(&self) -> Result<usize> {
+        let store = self.store.clone();
+        let prefix = self.prefix.clone();
+        self.block(async move {
+            let paths: Vec<Path> = store
+                .list(Some(&prefix))
+                .filter_map(|m| async move { m.ok().map(|m| m.location) })
+                .collect()
+                .await;
+            let n = paths.len();
+            for path in paths {
+                match store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(n)
+        })?
+        .map_err(Into::into)
+    }
+}
+
+/// A row selection picking the ascending positions `rows` out of `total`.
+fn selection(rows: &[usize], total: usize) -> RowSelection {
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    for &r in rows {
+        match ranges.last_mut() {
+            Some(last) if last.end == r => last.end = r + 1,
+            _ => ranges.push(r..r + 1),
+        }
+    }
+    let mut selectors = Vec::with_capacity(ranges.len() * 2 + 1);
+    let mut at = 0;
+    for range in ranges {
+        if range.start > at {
+            selectors.push(RowSelector::skip(range.start - at));
+        }
+        selectors.push(RowSelector::select(range.len()));
+        at = range.end;
+    }
+    if total > at {
+        selectors.push(RowSelector::skip(total - at));
+    }
+    RowSelection::from(selectors)
+}
+
+fn io_error(url: &str, detail: String) -> StorageError {
+    StorageError::ObjectStore(format!("{url}: {detail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use object_store::local::LocalFileSystem;
+
+    fn batch(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from((0..n).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(
+                    (0..n).map(|i| format!("v{i}")).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn write_read_select_and_collect() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let cold = ColdStore::try_new(Arc::new(fs), "cache", "test").unwrap();
+        let b = batch(20_000);
+        let file = cold.write("t1", &b).unwrap();
+        assert_eq!(cold.read(&file, None, None).unwrap(), b);
+        let picked = cold
+            .read(&file, Some(&[1]), Some(&[3, 4, 9000, 19_999]))
+            .unwrap();
+        let v = picked
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert_eq!(
+            v.iter().flatten().collect::<Vec<_>>(),
+            vec!["v3", "v4", "v9000", "v19999"]
+        );
+        cold.inject_write_failures(1);
+        assert!(matches!(
+            cold.write("t1", &b),
+            Err(StorageError::Injected(_))
+        ));
+        assert_eq!(cold.collect_garbage().unwrap(), 0);
+        drop(file);
+        assert_eq!(cold.collect_garbage().unwrap(), 1);
+        assert_eq!(cold.counters.bytes_stored.load(Ordering::Relaxed), 0);
+        let orphan = cold.write("t2", &b).unwrap();
+        std::mem::forget(orphan);
+        assert_eq!(cold.remove_orphans().unwrap(), 1);
+    }
+}
