@@ -18,6 +18,16 @@ enum Command {
     Serve(ServeConfig),
 }
 
+// NOTE: glibc's malloc kept 345 MB of RSS for 96 MB in use after loading 400k rows under a
+// 64 MiB limit (fragmented per-thread arenas); jemalloc returns freed pages within a second.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc settings: purge freed pages after a second, on its own background thread.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
-const LIMIT: &str = "64MiB";
+const LIMIT: &str = "96MiB";
 
 /// The table as the test wrote it: id -> (g, s).
 type Model = BTreeMap<i64, (i64, String)>;

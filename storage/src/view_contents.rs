@@ -2,29 +2,47 @@
 //!
 //! The view runtime applies each epoch's output changelog (rows with signed weights) here;
 //! SELECTs read cheap snapshots of the Arrow chunks, exactly like a table's. Rows are found
-//! for deletion by their arrow-row encoding, which maps to the row ids holding copies of it.
+//! for deletion by a hash of their arrow-row encoding, which maps to the row ids holding
+//! copies of it. The index holds no row, so evicted chunks free their memory: when two
+//! different rows share a hash, the entry is marked mixed and its copies are told apart by
+//! reading them (from memory or their cold file).
 
 use std::collections::HashMap;
 
 use arrow::array::{RecordBatch, UInt32Array, UInt64Array};
 use arrow::compute::take_record_batch;
 use arrow::datatypes::SchemaRef;
-use arrow_row::{RowConverter, SortField};
+use arrow_row::{RowConverter, Rows, SortField};
 
 use crate::columnar::{ColumnarTable, RowId, TableSnapshot};
 use crate::error::{Result, StorageError};
 use crate::log_entry::LogEntry;
+
+/// The copies of the rows with one hash.
+#[derive(Debug, Default)]
+struct Copies {
+    /// Row ids of the copies.
+    ids: Vec<RowId>,
+    /// Whether the copies may hold different rows (a hash collision).
+    mixed: bool,
+}
+
+/// Index entry bytes: the hash, the entry, its ids and the map's slot.
+const ENTRY_BYTES: usize = 64;
 
 /// The maintained contents of one materialized view.
 #[derive(Debug)]
 pub struct ViewContents {
     table: ColumnarTable,
     converter: RowConverter,
-    /// Encoded row to the ids of its copies.
-    copies: HashMap<Box<[u8]>, Vec<RowId>>,
+    /// Hash of the encoded row to the ids of its copies.
+    copies: HashMap<u64, Copies>,
     /// Net change of each row's number of copies since the last checkpoint (a version of a
     /// row that came and went in between nets to zero and is not written).
     dirty: HashMap<Box<[u8]>, i64>,
+    hasher: ahash::RandomState,
+    /// Bits of the hash used (all; tests use few to force collisions).
+    hash_mask: u64,
 }
 
 impl ViewContents {
@@ -42,30 +60,64 @@ impl ViewContents {
             converter,
             copies: HashMap::new(),
             dirty: HashMap::new(),
+            hasher: ahash::RandomState::with_seeds(0x6d69, 0x6c6c, 0x7261, 0x6365),
+            hash_mask: u64::MAX,
         })
+    }
+
+    fn hash(&self, row: &[u8]) -> u64 {
+        self.hasher.hash_one(row) & self.hash_mask
+    }
+
+    /// The encoded rows with the given ids, in that order.
+    fn encoded(&self, ids: &[RowId]) -> Result<Rows> {
+        let batch = self.table.fetch(ids)?;
+        Ok(self.converter.convert_columns(batch.columns())?)
+    }
+
+    /// The ids of the copies of the encoded row `row`.
+    fn ids_of(&self, row: &[u8]) -> Result<Vec<RowId>> {
+        let Some(entry) = self.copies.get(&self.hash(row)) else {
+            return Ok(Vec::new());
+        };
+        if !entry.mixed {
+            return Ok(entry.ids.clone());
+        }
+        let rows = self.encoded(&entry.ids)?;
+        Ok(entry
+            .ids
+            .iter()
+            .zip(rows.iter())
+            .filter(|(_, r)| r.as_ref() == row)
+            .map(|(id, _)| *id)
+            .collect())
     }
 
     /// Rows whose number of copies changed since the last call, each with its count now
     /// (0: gone), for a checkpoint.
-    pub fn take_dirty(&mut self) -> Vec<(Box<[u8]>, i64)> {
+    pub fn take_dirty(&mut self) -> Result<Vec<(Box<[u8]>, i64)>> {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
-            .filter(|(_, delta)| *delta != 0)
-            .map(|(k, _)| {
-                let n = self.copies.get(&k).map_or(0, |ids| ids.len() as i64);
-                (k, n)
-            })
-            .collect()
+        let mut out = Vec::with_capacity(dirty.len());
+        for (k, delta) in dirty {
+            if delta != 0 {
+                let n = self.ids_of(&k)?.len() as i64;
+                out.push((k, n));
+            }
+        }
+        Ok(out)
     }
 
     /// Every row with its number of copies (a full checkpoint); forgets what was dirty.
-    pub fn all_counts(&mut self) -> Vec<(Box<[u8]>, i64)> {
+    pub fn all_counts(&mut self) -> Result<Vec<(Box<[u8]>, i64)>> {
         self.dirty.clear();
-        self.copies
-            .iter()
-            .map(|(k, ids)| (k.clone(), ids.len() as i64))
-            .collect()
+        let mut counts: HashMap<Box<[u8]>, i64> = HashMap::new();
+        for batch in self.table.snapshot()?.batches {
+            let rows = self.converter.convert_columns(batch.columns())?;
+            for row in rows.iter() {
+                *counts.entry(row.as_ref().into()).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
     }
 
     /// Loads checkpointed rows (encoded, with their counts) into empty contents.
@@ -91,7 +143,9 @@ impl ViewContents {
 
     /// Approximate bytes held.
     pub fn memory_bytes(&self) -> usize {
-        self.table.memory_bytes() + self.copies.keys().map(|k| k.len() + 32).sum::<usize>()
+        let index = self.copies.len() * ENTRY_BYTES;
+        let dirty: usize = self.dirty.keys().map(|k| k.len() + 40).sum();
+        self.table.memory_bytes() + index + dirty
     }
 
     /// A consistent snapshot for a scan.
@@ -117,9 +171,9 @@ impl ViewContents {
             return Ok(());
         }
         let rows = self.converter.convert_columns(batch.columns())?;
+        let hashes: Vec<u64> = rows.iter().map(|r| self.hash(r.as_ref())).collect();
         let mut deletes = Vec::new();
         let mut picks: Vec<u32> = Vec::new();
-        let mut inserted_keys: Vec<usize> = Vec::new();
         for (i, &w) in weights.iter().enumerate() {
             if w != 0 {
                 match self.dirty.get_mut(rows.row(i).as_ref()) {
@@ -130,21 +184,41 @@ impl ViewContents {
                 }
             }
             if w < 0 {
-                let key = rows.row(i);
-                let ids = self
+                let row = rows.row(i);
+                let mixed = self
                     .copies
-                    .get_mut(key.as_ref())
+                    .get(&hashes[i])
+                    .ok_or_else(|| missing_row(w))?
+                    .mixed;
+                let candidates = if mixed {
+                    self.ids_of(row.as_ref())?
+                } else {
+                    Vec::new()
+                };
+                let entry = self
+                    .copies
+                    .get_mut(&hashes[i])
                     .ok_or_else(|| missing_row(w))?;
-                for _ in 0..(-w) {
-                    deletes.push(ids.pop().ok_or_else(|| missing_row(w))?);
+                for k in 0..(-w) as usize {
+                    let id = if mixed {
+                        let id = *candidates.get(k).ok_or_else(|| missing_row(w))?;
+                        let at = entry
+                            .ids
+                            .iter()
+                            .position(|x| *x == id)
+                            .ok_or_else(|| missing_row(w))?;
+                        entry.ids.swap_remove(at)
+                    } else {
+                        entry.ids.pop().ok_or_else(|| missing_row(w))?
+                    };
+                    deletes.push(id);
                 }
-                if ids.is_empty() {
-                    self.copies.remove(key.as_ref());
+                if entry.ids.is_empty() {
+                    self.copies.remove(&hashes[i]);
                 }
             } else {
                 for _ in 0..w {
                     picks.push(i as u32);
-                    inserted_keys.push(i);
                 }
             }
         }
@@ -153,21 +227,62 @@ impl ViewContents {
                 row_ids: UInt64Array::from(deletes),
             })?;
         }
-        if !picks.is_empty() {
-            let batch = take_record_batch(batch, &UInt32Array::from(picks))?;
-            let batch = RecordBatch::try_new(self.table.schema(), batch.columns().to_vec())?;
-            let ids = self.table.allocate_row_ids(batch.num_rows());
-            for (&row, &id) in inserted_keys.iter().zip(ids.values()) {
-                self.copies
-                    .entry(rows.row(row).as_ref().into())
-                    .or_default()
-                    .push(id);
-            }
-            self.table.apply(&LogEntry::Insert {
-                row_ids: ids,
-                batch,
-            })?;
+        if picks.is_empty() {
+            return Ok(());
         }
+        // A hash already held by other rows, or by another row of this batch, may be a
+        // collision: compare with one copy and mark the entry mixed if they differ.
+        let mut first_in_batch: HashMap<u64, usize> = HashMap::new();
+        let mut to_compare: Vec<(usize, RowId)> = Vec::new();
+        let mut mixed_now: Vec<u64> = Vec::new();
+        for &p in &picks {
+            let i = p as usize;
+            let h = hashes[i];
+            match first_in_batch.get(&h) {
+                Some(&j) => {
+                    if rows.row(j) != rows.row(i) {
+                        mixed_now.push(h);
+                    }
+                }
+                None => {
+                    first_in_batch.insert(h, i);
+                    if let Some(entry) = self.copies.get(&h)
+                        && !entry.mixed
+                        && let Some(&id) = entry.ids.first()
+                    {
+                        to_compare.push((i, id));
+                    }
+                }
+            }
+        }
+        if !to_compare.is_empty() {
+            let ids: Vec<RowId> = to_compare.iter().map(|(_, id)| *id).collect();
+            let held = self.encoded(&ids)?;
+            for ((i, _), other) in to_compare.iter().zip(held.iter()) {
+                if rows.row(*i) != other {
+                    mixed_now.push(hashes[*i]);
+                }
+            }
+        }
+        let batch = take_record_batch(batch, &UInt32Array::from(picks.clone()))?;
+        let batch = RecordBatch::try_new(self.table.schema(), batch.columns().to_vec())?;
+        let ids = self.table.allocate_row_ids(batch.num_rows());
+        for (&row, &id) in picks.iter().zip(ids.values()) {
+            self.copies
+                .entry(hashes[row as usize])
+                .or_default()
+                .ids
+                .push(id);
+        }
+        for h in mixed_now {
+            if let Some(entry) = self.copies.get_mut(&h) {
+                entry.mixed = true;
+            }
+        }
+        self.table.apply(&LogEntry::Insert {
+            row_ids: ids,
+            batch,
+        })?;
         Ok(())
     }
 }
@@ -219,14 +334,15 @@ mod tests {
         v.apply(&b, &[2, 1, 1]).unwrap();
         let all: Vec<(Vec<u8>, i64)> = v
             .all_counts()
+            .unwrap()
             .into_iter()
             .map(|(k, n)| (k.to_vec(), n))
             .collect();
-        assert!(v.take_dirty().is_empty());
+        assert!(v.take_dirty().unwrap().is_empty());
         v.apply(&b.slice(2, 1), &[-1]).unwrap();
         v.apply(&b.slice(1, 1), &[1]).unwrap();
         v.apply(&b.slice(1, 1), &[-1]).unwrap();
-        let dirty = v.take_dirty();
+        let dirty = v.take_dirty().unwrap();
         assert_eq!(
             dirty.len(),
             1,
@@ -236,6 +352,79 @@ mod tests {
         let mut w = ViewContents::try_new(schema).unwrap();
         w.restore(&all).unwrap();
         assert_eq!(w.num_rows(), 4);
-        assert!(w.take_dirty().is_empty());
+        assert!(w.take_dirty().unwrap().is_empty());
+    }
+
+    #[test]
+    fn colliding_hashes_keep_rows_apart() {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut v = ViewContents::try_new(schema.clone()).unwrap();
+        v.hash_mask = 0b11;
+        let batch = |vals: Vec<i64>| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vals))]).unwrap()
+        };
+        let mut model: std::collections::BTreeMap<i64, i64> = Default::default();
+        for round in 0..20i64 {
+            let vals: Vec<i64> = (0..10).map(|i| (i * 7 + round) % 13).collect();
+            let weights: Vec<i64> = (0..10).map(|i| 1 + (i + round) % 2).collect();
+            v.apply(&batch(vals.clone()), &weights).unwrap();
+            for (x, w) in vals.iter().zip(&weights) {
+                *model.entry(*x).or_default() += w;
+            }
+            // Remove one copy of a few rows that are held.
+            let held: Vec<i64> = model
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(x, _)| *x)
+                .take(3)
+                .collect();
+            v.apply(&batch(held.clone()), &vec![-1; held.len()])
+                .unwrap();
+            for x in held {
+                *model.entry(x).or_default() -= 1;
+            }
+        }
+        let mut got: Vec<i64> = v
+            .snapshot()
+            .unwrap()
+            .batches
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        got.sort();
+        let want: Vec<i64> = model
+            .iter()
+            .flat_map(|(x, n)| std::iter::repeat_n(*x, *n as usize))
+            .collect();
+        assert_eq!(got, want);
+        // Counts for a checkpoint tell the colliding rows apart too.
+        let mut counts: Vec<(i64, i64)> = v
+            .take_dirty()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| {
+                let parser = v.converter.parser();
+                let cols = v.converter.convert_rows([parser.parse(&k)]).unwrap();
+                let x = cols[0]
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .value(0);
+                (x, n)
+            })
+            .collect();
+        counts.sort();
+        let want: Vec<(i64, i64)> = model.into_iter().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(counts, want);
+        // Removing a row that is not held is refused.
+        assert!(v.apply(&batch(vec![99]), &[-1]).is_err());
     }
 }

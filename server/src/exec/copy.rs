@@ -164,7 +164,10 @@ pub async fn start(
             CopySource::Query(q) => q.to_string(),
         };
         let statement = crate::exec::ddl::parse_one(&sql)?;
-        let Output::Rows { schema, batches } = query::run(session, statement, None, None).await?
+        let Output::Rows { schema, batches } = query::run(session, statement, None, None)
+            .await?
+            .collect()
+            .await?
         else {
             return Err(ServerError::Internal("COPY query produced no rows".into()));
         };

@@ -30,6 +30,15 @@ pub enum Output {
         /// The rows.
         batches: Vec<RecordBatch>,
     },
+    /// Rows of a large result, sent as they are computed: the first batches, then the rest.
+    Stream {
+        /// Column names and types.
+        schema: SchemaRef,
+        /// Batches already computed.
+        head: Vec<RecordBatch>,
+        /// The remaining batches.
+        rest: RowStream,
+    },
     /// A command tag such as `CREATE TABLE` or `INSERT 0 3`.
     Command {
         /// The tag's words.
@@ -57,7 +66,36 @@ pub enum Output {
     Empty,
 }
 
+/// The rest of a streamed result.
+pub struct RowStream(pub datafusion::execution::SendableRecordBatchStream);
+
+impl std::fmt::Debug for RowStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RowStream")
+    }
+}
+
 impl Output {
+    /// Computes a streamed result to the end (for COPY TO, which sends it in one piece).
+    pub async fn collect(self) -> Result<Output> {
+        use futures::TryStreamExt;
+        match self {
+            Output::Stream {
+                schema,
+                mut head,
+                rest,
+            } => {
+                let rest: Vec<RecordBatch> = rest.0.try_collect().await?;
+                head.extend(rest);
+                Ok(Output::Rows {
+                    schema,
+                    batches: head,
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
     /// A command tag without a row count.
     pub fn command(tag: &str) -> Output {
         Output::Command {
@@ -112,10 +150,11 @@ pub fn rename_columns(output: Output, renames: &[(usize, String)]) -> Result<Out
     if renames.is_empty() {
         return Ok(output);
     }
-    let Output::Rows { schema, batches } = output else {
-        return Ok(output);
+    let old_schema = match &output {
+        Output::Rows { schema, .. } | Output::Stream { schema, .. } => schema.clone(),
+        _ => return Ok(output),
     };
-    let fields: Vec<datafusion::arrow::datatypes::Field> = schema
+    let fields: Vec<datafusion::arrow::datatypes::Field> = old_schema
         .fields()
         .iter()
         .enumerate()
@@ -125,11 +164,37 @@ pub fn rename_columns(output: Output, renames: &[(usize, String)]) -> Result<Out
         })
         .collect();
     let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
-    let batches = batches
-        .into_iter()
-        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(Output::Rows { schema, batches })
+    let renamed = |b: RecordBatch| RecordBatch::try_new(schema.clone(), b.columns().to_vec());
+    match output {
+        Output::Rows { batches, .. } => {
+            let batches = batches
+                .into_iter()
+                .map(renamed)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(Output::Rows { schema, batches })
+        }
+        Output::Stream { head, rest, .. } => {
+            use futures::StreamExt;
+            let head = head
+                .into_iter()
+                .map(renamed)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let target = schema.clone();
+            let rest = rest.0.map(move |b| {
+                b.and_then(|b| {
+                    RecordBatch::try_new(target.clone(), b.columns().to_vec()).map_err(Into::into)
+                })
+            });
+            let rest = RowStream(Box::pin(
+                datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                    schema.clone(),
+                    rest,
+                ),
+            ));
+            Ok(Output::Stream { schema, head, rest })
+        }
+        other => Ok(other),
+    }
 }
 
 /// Runs one statement in a session.

@@ -125,6 +125,25 @@ pub async fn run(
         let _epoch = views.read_lock.read().await;
         state.create_physical_plan(&plan).await?
     };
-    let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
+    // A small result is computed in full before it is sent, so that an error fails the
+    // statement before any row goes out; a large one streams, holding a batch at a time.
+    let mut stream = datafusion::physical_plan::execute_stream(physical, state.task_ctx())?;
+    let mut batches = Vec::new();
+    let mut bytes = 0;
+    while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+        let batch = batch?;
+        bytes += batch.get_array_memory_size();
+        batches.push(batch);
+        if bytes > STREAM_AFTER_BYTES {
+            return Ok(Output::Stream {
+                schema,
+                head: batches,
+                rest: crate::exec::RowStream(stream),
+            });
+        }
+    }
     Ok(Output::Rows { schema, batches })
 }
+
+/// Results larger than this are streamed to the client rather than computed in full first.
+const STREAM_AFTER_BYTES: usize = 8 << 20;

@@ -151,7 +151,12 @@ impl CacheManager {
         for view in engine.views.views() {
             let state = view.stats.lock().map(|s| s.state.bytes).unwrap_or(0);
             let owner = Owner::View(view.provider.clone());
-            if let Some(stats) = owner.read(ColumnarTable::cache_stats) {
+            // The contents' row index (encoded rows to their copies) is memory too.
+            let stats = view.provider.contents.read().ok().map(|c| CacheStats {
+                memory_bytes: c.memory_bytes() as u64,
+                ..c.table().cache_stats()
+            });
+            if let Some(stats) = stats {
                 out.push((owner, stats, state));
             }
         }

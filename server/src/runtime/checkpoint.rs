@@ -183,7 +183,18 @@ impl ViewRuntime {
             let rows = match view.provider.contents.write() {
                 Ok(mut c) if fresh => c.all_counts(),
                 Ok(mut c) => c.take_dirty(),
-                Err(_) => Vec::new(),
+                Err(_) => Ok(Vec::new()),
+            };
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(e) => {
+                    // The rows changed since the last checkpoint are forgotten: leave the
+                    // view out of checkpoints until it is rebuilt.
+                    warn!(view = %view.provider.name, error = %e, "reading the view's changed rows failed");
+                    view.checkpoint_lost.store(true, Ordering::SeqCst);
+                    skipped += 1;
+                    continue;
+                }
             };
             let state = match state {
                 Ok(Some(state)) if !view.checkpoint_lost.load(Ordering::SeqCst) => state,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
-use futures::stream;
+use futures::{StreamExt, stream};
 use pgwire::api::portal::Format;
 use pgwire::api::results::{CopyResponse, QueryResponse, Response, Tag};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
@@ -30,6 +30,28 @@ pub fn response(session: &Session, output: Output, format: &Format) -> PgWireRes
                 rows.extend(encode_recordbatch(fields.clone(), batch));
             }
             Response::Query(QueryResponse::new(fields, stream::iter(rows)))
+        }
+        Output::Stream { schema, head, rest } => {
+            let fields = Arc::new(arrow_schema_to_pg_fields(
+                &schema,
+                format,
+                Some(session.settings.format_options()),
+            )?);
+            let tz = session.settings.time_zone();
+            let encode_fields = fields.clone();
+            let rows = stream::iter(head.into_iter().map(Ok))
+                .chain(rest.0)
+                .flat_map(move |batch| {
+                    let encoded: Vec<PgWireResult<_>> = match batch
+                        .map_err(ServerError::from)
+                        .and_then(|b| crate::wire::text::render(b, &encode_fields, &tz))
+                    {
+                        Ok(batch) => encode_recordbatch(encode_fields.clone(), batch).collect(),
+                        Err(e) => vec![Err(pg_error_ref(&e))],
+                    };
+                    stream::iter(encoded)
+                });
+            Response::Query(QueryResponse::new(fields, rows))
         }
         Output::Command { tag, rows } => {
             let t = if tag == "INSERT 0" {
