@@ -39,6 +39,10 @@ pub struct ServeConfig {
     /// `AWS_*` environment) or a local directory (default: `objects` under the data dir).
     #[arg(long, env = "MILLRACE_OBJECT_STORE")]
     pub object_store: Option<String>,
+    /// Bytes the columnar cache may hold, overriding its share of `--memory-limit`; chunks of
+    /// any size are then evicted (tests use a tiny value to make every chunk cold).
+    #[arg(long, env = "MILLRACE_CACHE_BYTES", value_parser = parse_bytes, hide = true)]
+    pub cache_bytes: Option<u64>,
 }
 
 /// Parses a size: bytes, or a number with a unit (kB, MB, GB, KiB, MiB, GiB, TB, TiB).

@@ -93,7 +93,8 @@ impl Engine {
                 config.data_dir.display()
             ))
         })?;
-        let budget = crate::runtime::cache::MemoryBudget::new(config.memory_limit);
+        let budget =
+            crate::runtime::cache::MemoryBudget::new(config.memory_limit, config.cache_bytes);
         let store = Arc::new(Store::open_with_memory(
             &config.data_dir.join("rocksdb"),
             budget.rocksdb.map(|b| b as usize),

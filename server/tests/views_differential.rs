@@ -7,7 +7,10 @@
 //! the same tables (multiset equality). Between steps the test takes `CHECKPOINT`s and kills
 //! the server with `kill -9` at random: the views restore their checkpointed state (or are
 //! rebuilt) and must still equal their queries. The whole run repeats with 1, 2, 4 and 7
-//! workers, and every worker must have received rows.
+//! workers, and every worker must have received rows. The runs with 2 and 7 workers give the
+//! columnar cache one byte (`--cache-bytes 1`), so that the chunks of tables and view contents
+//! are evicted to Parquet files as soon as the cache manager ticks and every read, delete and
+//! checkpoint goes through the cold tier.
 //!
 //! Seed: `MILLRACE_SEED` (default: random, printed). Steps per run: `MILLRACE_DIFF_STEPS`
 //! (default 40; raise it for a soak). A failure prints the seed and a SQL script that
@@ -368,8 +371,13 @@ fn log_tail(log: &str, n: usize) -> String {
 }
 
 async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result<(), String> {
-    let mut server = TestServer::start(&["--workers", &workers.to_string()])
-        .map_err(|e| format!("cannot start millrace: {e}"))?;
+    let workers_arg = workers.to_string();
+    let mut args = vec!["--workers", workers_arg.as_str()];
+    let cold = workers == 2 || workers == 7;
+    if cold {
+        args.extend(["--cache-bytes", "1"]);
+    }
+    let mut server = TestServer::start(&args).map_err(|e| format!("cannot start millrace: {e}"))?;
     let mut client = server
         .connect("millrace")
         .await
@@ -485,6 +493,26 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
     .await?;
     if !failed.is_empty() {
         return Err(format!("views not running: {failed:?}"));
+    }
+    if cold {
+        // Reads went to the cold tier (counted since the last restart).
+        let misses = rows(
+            &client,
+            "SELECT misses, evictions FROM millrace_cache WHERE kind = 'total'",
+        )
+        .await?;
+        let n = |i: usize| -> i64 {
+            misses
+                .first()
+                .and_then(|r| r[i].as_deref())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        if n(0) == 0 || n(1) == 0 {
+            return Err(format!(
+                "with --cache-bytes 1 nothing was read from evicted chunks: {misses:?}"
+            ));
+        }
     }
     Ok(())
 }

@@ -40,17 +40,21 @@ pub struct MemoryBudget {
     pub queries: Option<u64>,
     /// Tables' and views' chunks and operator state.
     pub cache: Option<u64>,
+    /// Whether the cache share was set on its own (`--cache-bytes`): chunks of any size are
+    /// evicted.
+    pub cache_only: bool,
 }
 
 impl MemoryBudget {
-    /// The shares of `limit` (no shares without a limit).
-    pub fn new(limit: Option<u64>) -> Self {
+    /// The shares of `limit` (no shares without a limit); `cache` overrides the cache's.
+    pub fn new(limit: Option<u64>, cache: Option<u64>) -> Self {
         let Some(limit) = limit else {
             return Self {
                 limit: None,
                 rocksdb: None,
                 queries: None,
-                cache: None,
+                cache,
+                cache_only: cache.is_some(),
             };
         };
         let rocksdb = (limit / 8).max(8 << 20);
@@ -59,7 +63,8 @@ impl MemoryBudget {
             limit: Some(limit),
             rocksdb: Some(rocksdb),
             queries: Some(queries),
-            cache: Some(limit.saturating_sub(rocksdb + queries).max(16 << 20)),
+            cache: cache.or(Some(limit.saturating_sub(rocksdb + queries).max(16 << 20))),
+            cache_only: cache.is_some(),
         }
     }
 }
@@ -201,7 +206,7 @@ impl CacheManager {
                 .read(ColumnarTable::eviction_candidates)
                 .unwrap_or_default()
             {
-                if bytes >= MIN_EVICT_BYTES {
+                if bytes >= MIN_EVICT_BYTES || self.budget.cache_only {
                     candidates.push((last_used, i, bytes, chunk));
                 }
             }
