@@ -550,8 +550,12 @@ impl ColumnarTable {
             // Each chunk gets its own copy of its rows, so that evicting it frees them.
             for start in (0..batch.num_rows()).step_by(MAX_CHUNK_ROWS) {
                 let len = MAX_CHUNK_ROWS.min(batch.num_rows() - start);
-                let slice = batch.slice(start, len);
-                let rows = concat_batches(&slice.schema(), [&slice])?;
+                // NOTE: `take` copies; a slice (or concatenating one slice) would share the
+                // whole insert's buffers, so evicting one chunk would free nothing.
+                let picks = arrow::array::UInt32Array::from_iter_values(
+                    (start as u32)..((start + len) as u32),
+                );
+                let rows = arrow::compute::take_record_batch(batch, &picks)?;
                 let ids = UInt64Array::from(row_ids.values()[start..start + len].to_vec());
                 self.insert(&ids, &rows)?;
             }

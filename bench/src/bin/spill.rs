@@ -99,6 +99,7 @@ async fn main() -> Result<(), Error> {
         // Let the cache manager catch up with the load.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (memory, stored, cold, chunks) = cache(&c).await?;
+        let (loaded, load_peak) = rss(server.pid())?;
         let per_sec = lookups(&c, rows, n).await?;
         let (scan, matched) = timed(&c, "SELECT count(*) FROM big WHERE s LIKE 'row 7%'").await?;
         let (group, groups) = timed(
@@ -109,10 +110,12 @@ async fn main() -> Result<(), Error> {
         let (_, peak) = rss(server.pid())?;
         println!(
             "  {label:<26} table in memory {:>5} MiB, in object store {:>4} MiB ({cold}/{chunks} chunks cold); \
-             RSS idle {:>4} MiB, peak {:>5} MiB",
+             RSS idle {:>4} MiB, after the load {:>4} MiB (peak {:>4} MiB), after the queries peak {:>4} MiB",
             memory >> 20,
             stored >> 20,
             idle >> 20,
+            loaded >> 20,
+            load_peak >> 20,
             peak >> 20
         );
         println!(
