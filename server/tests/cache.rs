@@ -337,7 +337,7 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
     // Refused PUTs: eviction fails, is counted, and succeeds later; nothing is lost.
     exec(&client, "SET millrace.inject_object_store_failures = 3").await;
     let evictions = cache_total(&client, "evictions").await;
-    insert_range(&client, &mut model, 400_000, 450_000).await;
+    insert_range(&client, &mut model, 400_000, 500_000).await;
     eventually("failed eviction passes are reported", || async {
         failed_passes(&client).await == 3
     })
@@ -421,7 +421,7 @@ async fn chunks_spill_to_s3_and_survive_an_unreachable_store() {
     // The store freezes: eviction passes fail and are retried; writes are still acknowledged.
     s3.pause();
     assert_eq!(failed_passes(&client).await, 0);
-    insert_range(&client, &mut model, 300_000, 350_000).await;
+    insert_range(&client, &mut model, 300_000, 500_000).await;
     eventually("failed passes while the store is unreachable", || async {
         failed_passes(&client).await > 0
     })
