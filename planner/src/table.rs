@@ -171,7 +171,7 @@ impl TableProvider for MillraceTable {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         _limit: Option<usize>,
@@ -191,6 +191,6 @@ impl TableProvider for MillraceTable {
             data.tiered_snapshot()
                 .map_err(|e| DataFusionError::External(Box::new(e)))?
         };
-        crate::tiered_scan::scan(snapshot, projection)
+        crate::tiered_scan::scan(state, snapshot, projection, filters)
     }
 }

@@ -3,19 +3,29 @@
 //!
 //! Hot chunks are projected in memory; each cold chunk's Parquet file is read on a blocking
 //! thread with only the projected columns and only the live rows (a row selection), so a scan
-//! of a mostly spilled table holds one chunk at a time rather than the whole table. When
-//! nothing is cold the providers use DataFusion's memory scan instead.
+//! of a mostly spilled table holds one chunk at a time rather than the whole table. The scan's
+//! filters become a pruning predicate over each file's row-group statistics (min, max, nulls,
+//! kept in memory from when the file was written): row groups, or whole files, that cannot
+//! hold a matching row are not read. When nothing is cold the providers use DataFusion's
+//! memory scan instead.
 
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
+use std::collections::HashSet;
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::common::DataFusionError;
+use datafusion::catalog::Session;
+use datafusion::common::pruning::PruningStatistics;
 use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{Column, DFSchema, DataFusionError, ScalarValue};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::TaskContext;
+use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::utils::conjunction;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
@@ -23,7 +33,8 @@ use datafusion::physical_plan::{
     SendableRecordBatchStream,
 };
 use futures::StreamExt;
-use millrace_storage::{SnapshotPart, TieredSnapshot};
+use millrace_storage::{ColdFile, SnapshotPart, TieredSnapshot};
+use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 
 /// Rows per scan partition above which a scan is split across partitions.
 const ROWS_PER_PARTITION: usize = 65_536;
@@ -35,6 +46,8 @@ pub struct TieredScanExec {
     partitions: Vec<Vec<SnapshotPart>>,
     /// Columns read (all when `None`).
     projection: Option<Vec<usize>>,
+    /// The filters as a predicate over row-group statistics.
+    pruning: Option<Arc<PruningPredicate>>,
     /// Plan properties.
     properties: Arc<PlanProperties>,
 }
@@ -44,6 +57,7 @@ impl TieredScanExec {
     pub fn try_new(
         snapshot: TieredSnapshot,
         projection: Option<Vec<usize>>,
+        pruning: Option<Arc<PruningPredicate>>,
     ) -> datafusion::error::Result<Self> {
         let schema: SchemaRef = match &projection {
             Some(p) => Arc::new(snapshot.schema.project(p)?),
@@ -59,6 +73,7 @@ impl TieredScanExec {
         Ok(Self {
             partitions,
             projection,
+            pruning,
             properties,
         })
     }
@@ -88,17 +103,21 @@ pub(crate) fn partition<T: Clone>(items: Vec<T>, rows: impl Fn(&T) -> usize) -> 
 /// The scan of a snapshot: DataFusion's memory scan when every chunk is hot, else a
 /// [`TieredScanExec`].
 pub fn scan(
+    state: &dyn Session,
     snapshot: TieredSnapshot,
     projection: Option<&Vec<usize>>,
+    filters: &[Expr],
 ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
     if snapshot
         .parts
         .iter()
         .any(|p| matches!(p, SnapshotPart::Cold { .. }))
     {
+        let pruning = pruning_predicate(state, &snapshot.schema, filters);
         return Ok(Arc::new(TieredScanExec::try_new(
             snapshot,
             projection.cloned(),
+            pruning,
         )?));
     }
     let batches: Vec<RecordBatch> = snapshot
@@ -116,6 +135,88 @@ pub fn scan(
     )?)
 }
 
+/// The filters as a predicate over row-group statistics, when they give one.
+fn pruning_predicate(
+    state: &dyn Session,
+    schema: &SchemaRef,
+    filters: &[Expr],
+) -> Option<Arc<PruningPredicate>> {
+    let filter = conjunction(filters.iter().cloned())?;
+    let df_schema = DFSchema::try_from(schema.as_ref().clone()).ok()?;
+    let expr = state.create_physical_expr(filter, &df_schema).ok()?;
+    PruningPredicateBuilder::new()
+        .with_file_schema(schema.clone())
+        .build(expr)
+}
+
+/// The row groups of one cold file as pruning containers.
+struct RowGroupStats<'a> {
+    file: &'a ColdFile,
+}
+
+impl RowGroupStats<'_> {
+    fn converter(&self, column: &Column) -> Option<StatisticsConverter<'_>> {
+        StatisticsConverter::try_new(
+            column.name(),
+            &self.file.schema,
+            self.file.metadata.file_metadata().schema_descr(),
+        )
+        .ok()
+    }
+}
+
+impl PruningStatistics for RowGroupStats<'_> {
+    fn min_values(&self, column: &Column) -> Option<ArrayRef> {
+        self.converter(column)?
+            .row_group_mins(self.file.metadata.row_groups())
+            .ok()
+    }
+
+    fn max_values(&self, column: &Column) -> Option<ArrayRef> {
+        self.converter(column)?
+            .row_group_maxes(self.file.metadata.row_groups())
+            .ok()
+    }
+
+    fn num_containers(&self) -> usize {
+        self.file.metadata.num_row_groups()
+    }
+
+    fn null_counts(&self, column: &Column) -> Option<ArrayRef> {
+        let counts = self
+            .converter(column)?
+            .row_group_null_counts(self.file.metadata.row_groups())
+            .ok()?;
+        Some(Arc::new(counts))
+    }
+
+    fn row_counts(&self) -> Option<ArrayRef> {
+        let counts: UInt64Array = self
+            .file
+            .metadata
+            .row_groups()
+            .iter()
+            .map(|g| Some(g.num_rows().max(0) as u64))
+            .collect();
+        Some(Arc::new(counts))
+    }
+
+    fn contained(&self, _column: &Column, _values: &HashSet<ScalarValue>) -> Option<BooleanArray> {
+        None
+    }
+}
+
+/// The row groups of `file` that may hold rows matching `pruning` (None: all).
+fn row_groups(file: &ColdFile, pruning: Option<&PruningPredicate>) -> Option<Vec<usize>> {
+    let keep = pruning?.prune(&RowGroupStats { file }).ok()?;
+    Some(
+        keep.iter()
+            .enumerate()
+            .filter_map(|(i, k)| k.then_some(i))
+            .collect(),
+    )
+}
+
 impl DisplayAs for TieredScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         let (hot, cold) = self.counts();
@@ -123,7 +224,11 @@ impl DisplayAs for TieredScanExec {
             f,
             "TieredScanExec: partitions={}, hot_chunks={hot}, cold_chunks={cold}",
             self.partitions.len()
-        )
+        )?;
+        if let Some(p) = &self.pruning {
+            write!(f, ", pruning_predicate={}", p.predicate_expr())?;
+        }
+        Ok(())
     }
 }
 
@@ -161,10 +266,12 @@ impl ExecutionPlan for TieredScanExec {
     ) -> datafusion::error::Result<SendableRecordBatchStream> {
         let parts = self.partitions.get(partition).cloned().unwrap_or_default();
         let projection = self.projection.clone();
+        let pruning = self.pruning.clone();
         let schema = self.properties.eq_properties.schema().clone();
         let stream = futures::stream::iter(parts)
             .then(move |part| {
                 let projection = projection.clone();
+                let pruning = pruning.clone();
                 async move {
                     match part {
                         SnapshotPart::Hot(batch) => Ok(vec![match &projection {
@@ -173,7 +280,12 @@ impl ExecutionPlan for TieredScanExec {
                         }]),
                         SnapshotPart::Cold { file, rows } => {
                             tokio::task::spawn_blocking(move || {
-                                file.read_batches(projection.as_deref(), rows.as_deref())
+                                let groups = row_groups(&file, pruning.as_deref());
+                                file.read_batches(
+                                    projection.as_deref(),
+                                    rows.as_deref(),
+                                    groups.as_deref(),
+                                )
                             })
                             .await
                             .map_err(|e| DataFusionError::External(Box::new(e)))?

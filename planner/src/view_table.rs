@@ -158,22 +158,20 @@ impl TableProvider for MaterializedView {
         &self,
         filters: &[&Expr],
     ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![
-            TableProviderFilterPushDown::Unsupported;
-            filters.len()
-        ])
+        // Inexact: the filters prune row groups of cold chunks; DataFusion applies them.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         let snapshot = self
             .tiered_snapshot()
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        crate::tiered_scan::scan(snapshot, projection)
+        crate::tiered_scan::scan(state, snapshot, projection, filters)
     }
 }

@@ -87,6 +87,24 @@ async fn failed_passes(client: &Client) -> i64 {
         .unwrap_or(-1)
 }
 
+/// Files and row groups that scans' filters ruled out (from the `columnar cache` row).
+async fn pruned(client: &Client) -> (i64, i64) {
+    let detail = one(
+        client,
+        "SELECT detail FROM millrace_cache WHERE kind = 'total'",
+    )
+    .await;
+    let number_before = |what: &str| -> i64 {
+        detail
+            .split(what)
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1)
+    };
+    (number_before(" files and"), number_before(" row groups;"))
+}
+
 /// Polls until `check` holds (at most a minute); panics with `what` otherwise.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -311,6 +329,28 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
     })
     .await;
     check_reads(&client, &model, &mut rng, "after the load").await;
+
+    // A range filter on the key skips the row groups and files whose statistics exclude it.
+    let explain = rows(
+        &client,
+        "EXPLAIN SELECT count(*) FROM big WHERE id >= 390000",
+    )
+    .await;
+    assert!(
+        format!("{explain:?}").contains("pruning_predicate"),
+        "the scan prunes by statistics: {explain:?}"
+    );
+    let (files, groups) = pruned(&client).await;
+    let want = model.range(390_000..).count().to_string();
+    assert_eq!(
+        one(&client, "SELECT count(*) FROM big WHERE id >= 390000").await,
+        want
+    );
+    let (files_after, groups_after) = pruned(&client).await;
+    assert!(
+        files_after > files && groups_after > groups,
+        "pruned files {files} -> {files_after}, row groups {groups} -> {groups_after}"
+    );
     for round in 0..3 {
         churn(&client, &mut model, &mut rng).await;
         check_reads(&client, &model, &mut rng, &format!("after churn {round}")).await;

@@ -24,6 +24,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::basic::Compression;
+use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Result, StorageError};
@@ -46,6 +47,10 @@ pub struct ColdCounters {
     pub bytes_read: AtomicU64,
     /// Bytes held by live files now.
     pub bytes_stored: AtomicU64,
+    /// Row groups a scan's filter ruled out by their statistics.
+    pub row_groups_pruned: AtomicU64,
+    /// Files a scan's filter ruled out entirely (not read).
+    pub files_pruned: AtomicU64,
 }
 
 /// Where cold chunks go: a prefix in an object store.
@@ -81,6 +86,9 @@ pub struct ColdFile {
     pub bytes: u64,
     /// Schema of the rows.
     pub schema: SchemaRef,
+    /// The file's footer: row groups with their column statistics (for pruning scans
+    /// without reading the file).
+    pub metadata: Arc<ParquetMetaData>,
 }
 
 impl ColdFile {
@@ -93,13 +101,45 @@ impl ColdFile {
         self.store.read(self, projection, rows)
     }
 
-    /// Reads rows of the file in batches (see [`ColdStore::read_batches`]).
+    /// Reads rows of the file in batches (see [`ColdStore::read_batches`]), only from the row
+    /// groups `row_groups` (ascending) when given: a scan's filter ruled the others out.
     pub fn read_batches(
         &self,
         projection: Option<&[usize]>,
         rows: Option<&[usize]>,
+        row_groups: Option<&[usize]>,
     ) -> Result<Vec<RecordBatch>> {
-        Ok(self.store.read_batches(self, projection, rows)?.1)
+        let Some(groups) = row_groups else {
+            return Ok(self.store.read_batches(self, projection, rows, None)?.1);
+        };
+        let pruned = self.metadata.num_row_groups().saturating_sub(groups.len()) as u64;
+        let counters = &self.store.counters;
+        counters
+            .row_groups_pruned
+            .fetch_add(pruned, Ordering::Relaxed);
+        if groups.is_empty() {
+            counters.files_pruned.fetch_add(1, Ordering::Relaxed);
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .store
+            .read_batches(self, projection, rows, Some(groups))?
+            .1)
+    }
+
+    /// First row and number of rows of each row group.
+    fn row_group_ranges(&self) -> Vec<(usize, usize)> {
+        let mut start = 0;
+        self.metadata
+            .row_groups()
+            .iter()
+            .map(|g| {
+                let n = g.num_rows().max(0) as usize;
+                let range = (start, n);
+                start += n;
+                range
+            })
+            .collect()
     }
 }
 
@@ -184,7 +224,7 @@ impl ColdStore {
         let mut buffer = Vec::with_capacity(batch.get_array_memory_size() / 2);
         let mut writer = ArrowWriter::try_new(&mut buffer, batch.schema(), Some(props))?;
         writer.write(batch)?;
-        writer.close()?;
+        let metadata = Arc::new(writer.close()?);
         if self
             .failing_writes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -218,6 +258,7 @@ impl ColdStore {
             rows: batch.num_rows(),
             bytes,
             schema: batch.schema(),
+            metadata,
         })
     }
 
@@ -229,16 +270,18 @@ impl ColdStore {
         projection: Option<&[usize]>,
         rows: Option<&[usize]>,
     ) -> Result<RecordBatch> {
-        let (schema, batches) = self.read_batches(file, projection, rows)?;
+        let (schema, batches) = self.read_batches(file, projection, rows, None)?;
         Ok(concat_batches(&schema, &batches)?)
     }
 
-    /// [`ColdStore::read`] as batches of at most a row group each, for scans.
+    /// [`ColdStore::read`] as batches of at most a row group each, for scans; only from the
+    /// ascending `row_groups` when given.
     pub fn read_batches(
         &self,
         file: &ColdFile,
         projection: Option<&[usize]>,
         rows: Option<&[usize]>,
+        row_groups: Option<&[usize]>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let store = self.store.clone();
         let path = file.path.clone();
@@ -256,8 +299,32 @@ impl ColdStore {
             }
             None => file.schema.clone(),
         };
-        if let Some(rows) = rows {
-            builder = builder.with_row_selection(selection(rows, file.rows));
+        match (row_groups, rows) {
+            (None, None) => {}
+            (None, Some(rows)) => builder = builder.with_row_selection(selection(rows, file.rows)),
+            (Some(groups), rows) => {
+                // The selection counts only the rows of the groups read.
+                let ranges = file.row_group_ranges();
+                let mut rebased = Vec::new();
+                let mut offset = 0;
+                for &g in groups {
+                    let Some(&(start, n)) = ranges.get(g) else {
+                        continue;
+                    };
+                    match rows {
+                        Some(rows) => {
+                            let from = rows.partition_point(|&r| r < start);
+                            let to = rows.partition_point(|&r| r < start + n);
+                            rebased.extend(rows[from..to].iter().map(|r| r - start + offset));
+                        }
+                        None => rebased.extend(offset..offset + n),
+                    }
+                    offset += n;
+                }
+                builder = builder
+                    .with_row_groups(groups.to_vec())
+                    .with_row_selection(selection(&rebased, offset));
+            }
         }
         let reader = builder.with_batch_size(ROW_GROUP_ROWS).build()?;
         let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
@@ -382,6 +449,24 @@ mod tests {
             v.iter().flatten().collect::<Vec<_>>(),
             vec!["v3", "v4", "v9000", "v19999"]
         );
+        // Only the second row group (rows 8192..16384): of the rows asked for, 9000 and 9001.
+        let groups = file
+            .read_batches(Some(&[0]), Some(&[3, 9000, 9001, 19_999]), Some(&[1]))
+            .unwrap();
+        let keys: Vec<i64> = groups
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(keys, vec![9000, 9001]);
+        assert!(file.read_batches(None, None, Some(&[])).unwrap().is_empty());
+        assert_eq!(cold.counters.files_pruned.load(Ordering::Relaxed), 1);
         cold.inject_write_failures(1);
         assert!(matches!(
             cold.write("t1", &b),

@@ -335,11 +335,13 @@ pub fn register(engine: &Arc<Engine>) {
             state: total_state,
             budget: manager.budget.cache,
             detail: Some(format!(
-                "object store {}: {} files written, {} deleted, {} reads; {failed} failed eviction passes{}",
+                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}",
                 manager.cold.url(),
                 counters.files_written.load(Ordering::Relaxed),
                 counters.files_deleted.load(Ordering::Relaxed),
                 counters.reads.load(Ordering::Relaxed),
+                counters.files_pruned.load(Ordering::Relaxed),
+                counters.row_groups_pruned.load(Ordering::Relaxed),
                 last.map(|e| format!(" (last: {e})")).unwrap_or_default()
             )),
         });
