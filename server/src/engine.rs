@@ -456,39 +456,45 @@ impl Engine {
             ObjectKind::Table => {
                 let ctx = self.session_context(&record.database, replay_schema(&record))?;
                 let table = ddl::build_table(&ctx, &record).await?;
-                let log = self.store().table_log_with_seqs(record.id)?;
                 plan.check_table(self.store(), record.id)?;
                 let after = plan.manifest.as_ref().map(|m| m.log_seq);
                 let mut changes = Vec::new();
-                {
+                let entries = {
                     let mut data = table
                         .data
                         .write()
                         .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
-                    for (seq, entry) in &log {
-                        let tracked = after.is_some_and(|s| *seq >= s);
-                        match entry {
+                    let mut replay = self.cache.replay_budget(record.id);
+                    self.store().for_each_log_entry(record.id, |seq, entry| {
+                        let tracked = after.is_some_and(|s| seq >= s);
+                        match &entry {
                             LogEntry::Delete { row_ids } if tracked => {
                                 changes.push(Changelog::deletes(data.fetch(row_ids.values())?));
-                                data.apply(entry)?;
+                                data.apply(&entry)?;
                             }
                             LogEntry::Insert { row_ids, .. } if tracked => {
-                                data.apply(entry)?;
+                                data.apply(&entry)?;
                                 changes.push(Changelog::inserts(data.fetch(row_ids.values())?));
                             }
-                            _ => data.apply(entry)?,
+                            _ => data.apply(&entry)?,
                         }
-                    }
-                }
+                        replay.applied(&entry, &mut data);
+                        Ok(())
+                    })?
+                };
                 if !changes.is_empty() {
                     since_checkpoint.insert(
                         record.id,
                         Changelog::concat(&table.def.schema, changes)?.consolidate()?,
                     );
                 }
-                let rows = table.data.read().map(|d| d.num_rows()).unwrap_or(0);
-                table.log_entries.store(log.len(), Ordering::SeqCst);
-                info!(table = %record.name, rows, log_entries = log.len(), "table restored");
+                let (rows, cold_chunks) = table
+                    .data
+                    .read()
+                    .map(|d| (d.num_rows(), d.cache_stats().cold_chunks))
+                    .unwrap_or((0, 0));
+                table.log_entries.store(entries, Ordering::SeqCst);
+                info!(table = %record.name, rows, log_entries = entries, cold_chunks, "table restored");
                 self.catalog
                     .register_relation(record, table.clone(), Some(table))?;
                 Ok(rows)

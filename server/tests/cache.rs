@@ -412,6 +412,20 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
             .contains("removed cold files of a previous run"),
         "orphans of the killed run are removed"
     );
+    // The replay evicted as it went: the table was partly cold before it was registered.
+    let log = server.log();
+    let restored = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("table restored") && l.contains("table=big"))
+        .unwrap_or_default();
+    let cold: i64 = restored
+        .split("cold_chunks=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(cold > 0, "the replay kept the table in memory: {restored}");
     churn(&client, &mut model, &mut rng).await;
     check_reads(&client, &model, &mut rng, "after kill -9").await;
     eventually("only live chunks have files after the restart", || async {

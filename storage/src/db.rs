@@ -468,20 +468,37 @@ impl Store {
 
     /// The log of one table with each entry's log sequence number, oldest first.
     pub fn table_log_with_seqs(&self, table_id: u64) -> Result<Vec<(u64, LogEntry)>> {
-        let start = log_key(table_id, 0);
         let mut out = Vec::new();
+        self.for_each_log_entry(table_id, |seq, entry| {
+            out.push((seq, entry));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each entry of a table's log in order, with its sequence number, decoding
+    /// one entry at a time (a restart replays tables larger than memory this way); returns
+    /// the number of entries.
+    pub fn for_each_log_entry(
+        &self,
+        table_id: u64,
+        mut f: impl FnMut(u64, LogEntry) -> Result<()>,
+    ) -> Result<usize> {
+        let start = log_key(table_id, 0);
         let iter = self.db.iterator_cf(
             self.cf(CF_TABLE_LOG)?,
             IteratorMode::From(&start, Direction::Forward),
         );
+        let mut n = 0;
         for item in iter {
             let (key, value) = item?;
             if key.len() != 16 || key[..8] != table_id.to_be_bytes() {
                 break;
             }
-            out.push((decode_u64(&key[8..], "log key")?, LogEntry::decode(&value)?));
+            f(decode_u64(&key[8..], "log key")?, LogEntry::decode(&value)?)?;
+            n += 1;
         }
-        Ok(out)
+        Ok(n)
     }
 }
 

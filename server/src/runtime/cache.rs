@@ -92,6 +92,58 @@ impl std::fmt::Debug for CacheManager {
     }
 }
 
+/// The object-store directory of a table's chunks.
+fn table_dir(id: u64) -> String {
+    format!("t{id}")
+}
+
+/// Keeps a table within the cache's share while a restart replays its log (before the table
+/// is registered and seen by the manager's ticks): every eighth of the share applied, the
+/// least recently written chunks beyond 60% of the share are evicted.
+pub struct ReplayBudget<'a> {
+    manager: &'a CacheManager,
+    dir: String,
+    since_check: usize,
+}
+
+impl ReplayBudget<'_> {
+    /// Called after each log entry is applied to `data`.
+    pub fn applied(&mut self, entry: &millrace_storage::LogEntry, data: &mut ColumnarTable) {
+        let Some(share) = self.manager.budget.cache else {
+            return;
+        };
+        if let millrace_storage::LogEntry::Insert { batch, .. } = entry {
+            self.since_check += batch.get_array_memory_size();
+        }
+        if self.since_check < (share / 8) as usize {
+            return;
+        }
+        self.since_check = 0;
+        let target = (share / 10 * 6) as usize;
+        let mut used = data.memory_bytes();
+        if used <= target {
+            return;
+        }
+        let mut candidates = data.eviction_candidates();
+        candidates.sort_unstable_by_key(|(_, last_used, _)| *last_used);
+        for (chunk, _, _) in candidates {
+            if used <= target {
+                break;
+            }
+            match data.evict(chunk, &self.dir, &self.manager.cold) {
+                Ok(freed) => used = used.saturating_sub(freed),
+                Err(e) => {
+                    warn!(error = %e, "evicting a chunk while replaying failed; continuing in memory");
+                    self.manager
+                        .failed_evictions
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// A table or view whose chunks can be evicted.
 enum Owner {
     Table(Arc<MillraceTable>),
@@ -102,7 +154,7 @@ impl Owner {
     /// Name of the owner's directory in the object store.
     fn dir(&self) -> String {
         match self {
-            Owner::Table(t) => format!("t{}", t.id),
+            Owner::Table(t) => table_dir(t.id),
             Owner::View(v) => format!("v{}", v.id),
         }
     }
@@ -140,6 +192,15 @@ impl CacheManager {
             last_error: Mutex::new(None),
             cache_bytes: AtomicU64::new(0),
         }))
+    }
+
+    /// The budget a restart replays table `id` under.
+    pub fn replay_budget(&self, id: u64) -> ReplayBudget<'_> {
+        ReplayBudget {
+            manager: self,
+            dir: table_dir(id),
+            since_check: 0,
+        }
     }
 
     /// Every table and view with its cache figures, and the operator state of each view.
