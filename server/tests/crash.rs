@@ -5,7 +5,10 @@
 //! run in batch; at the end the Kafka source holds every produced record exactly once, the
 //! views over it and over the join equal their queries, and the file sink's output replays
 //! to exactly its view. Checkpoints are taken every second and at random, some failed by
-//! an injected storage error; views restore from the last good one. 20 cycles by default; `MILLRACE_CRASH_CYCLES` runs more and
+//! an injected storage error; views restore from the last good one. The columnar cache gets
+//! one byte (`--cache-bytes 1`), so chunks of the table and the views are evicted to Parquet
+//! files all the time and kills land in the middle of uploads; each start removes the files
+//! the killed run left. 20 cycles by default; `MILLRACE_CRASH_CYCLES` runs more and
 //! `MILLRACE_SEED` picks another seed.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -203,7 +206,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     let broker = Broker::start().expect("start tansu");
     broker.create_topic("ev", 2).expect("create topic");
     let out = tempfile::tempdir().expect("tmp");
-    let mut server = TestServer::start(&["--failpoints"]).expect("start");
+    let mut server = TestServer::start(&["--failpoints", "--cache-bytes", "1"]).expect("start");
     let client = server.connect("millrace").await.expect("connect");
     exec(
         &client,
@@ -247,7 +250,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut model = Accounts::new();
     let mut in_flight_landed = 0;
-    let (mut restored, mut failed_checkpoints) = (0, 0);
+    let (mut restored, mut failed_checkpoints, mut evictions) = (0, 0, 0);
     for cycle in 0..cycles {
         let client = server.connect("millrace").await.expect("connect");
         // A checkpoint now and then (besides the one every second), some of them failing
@@ -295,6 +298,13 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
             model = with;
         }
         check_views(&client, &ACCT_VIEWS, &format!("cycle {cycle}")).await;
+        evictions += one(
+            &client,
+            "SELECT evictions FROM millrace_cache WHERE kind = 'total'",
+        )
+        .await
+        .parse::<u64>()
+        .expect("evictions");
     }
 
     stop.store(true, Ordering::Relaxed);
@@ -336,10 +346,18 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     .await;
     eprintln!(
         "{cycles} kill -9 cycles: {} accounts, {} Kafka records, in-flight writes that landed: {in_flight_landed}, \
-         views restored from a checkpoint: {restored}, checkpoints failed by injection: {failed_checkpoints}",
+         views restored from a checkpoint: {restored}, checkpoints failed by injection: {failed_checkpoints}, \
+         chunks evicted: {evictions}",
         model.len(),
         produced.len()
     );
     assert!(restored > 0, "no view was ever restored from a checkpoint");
+    assert!(evictions > 0, "no chunk was evicted");
+    assert!(
+        server
+            .log()
+            .contains("removed cold files of a previous run"),
+        "a start removed the files of a killed run"
+    );
     assert!(failed_checkpoints > 0, "no checkpoint failure was injected");
 }
