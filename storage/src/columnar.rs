@@ -849,10 +849,15 @@ mod tests {
     }
 
     fn rows(t: &mut ColumnarTable, keys: Vec<i64>) -> Result<LogEntry> {
-        let n = keys.len();
+        let ids = t.allocate_row_ids(keys.len());
+        rows_with_ids(ids, keys)
+    }
+
+    /// An insert of `keys` (with values `v<key>`) under the given row ids.
+    fn rows_with_ids(row_ids: UInt64Array, keys: Vec<i64>) -> Result<LogEntry> {
         let vals: Vec<String> = keys.iter().map(|k| format!("v{k}")).collect();
         Ok(LogEntry::Insert {
-            row_ids: t.allocate_row_ids(n),
+            row_ids,
             batch: RecordBatch::try_new(
                 schema(),
                 vec![
@@ -974,19 +979,7 @@ mod tests {
     #[test]
     fn rows_are_found_when_inserts_interleave_their_ids() -> Result<()> {
         let mut t = ColumnarTable::try_new(schema(), Some(vec![0]))?;
-        let insert = |ids: Vec<u64>, keys: Vec<i64>| -> Result<LogEntry> {
-            let vals: Vec<String> = keys.iter().map(|k| format!("v{k}")).collect();
-            Ok(LogEntry::Insert {
-                row_ids: UInt64Array::from(ids),
-                batch: RecordBatch::try_new(
-                    schema(),
-                    vec![
-                        Arc::new(Int64Array::from(keys)),
-                        Arc::new(StringArray::from(vals)),
-                    ],
-                )?,
-            })
-        };
+        let insert = |ids: Vec<u64>, keys: Vec<i64>| rows_with_ids(UInt64Array::from(ids), keys);
         t.apply(&insert(vec![1, 2, 3, 10, 11], vec![1, 2, 3, 10, 11])?)?;
         // Inside the first insert's range, and out of order: found by id, not by range.
         t.apply(&insert(vec![6, 5], vec![6, 5])?)?;

@@ -61,6 +61,7 @@ enum WriteOp {
         value: Option<Vec<u8>>,
     },
     DropViewState(u64),
+    DropViewStateOp(u64, u32),
     PutMeta {
         key: Vec<u8>,
         value: Vec<u8>,
@@ -150,6 +151,11 @@ impl WriteSet {
     /// Removes every checkpointed state entry of a view.
     pub fn drop_view_state(&mut self, view_id: u64) {
         self.ops.push(WriteOp::DropViewState(view_id));
+    }
+
+    /// Deletes the checkpointed state of one operator of a view (or of its contents).
+    pub fn drop_view_state_op(&mut self, view_id: u64, op: u32) {
+        self.ops.push(WriteOp::DropViewStateOp(view_id, op));
     }
 
     /// Sets a metadata value (e.g. the checkpoint manifest).
@@ -355,6 +361,17 @@ impl Store {
                         self.cf(CF_VIEW_STATE)?,
                         view_id.to_be_bytes(),
                         (view_id + 1).to_be_bytes(),
+                    );
+                }
+                WriteOp::DropViewStateOp(view_id, op) => {
+                    let end = match op.checked_add(1) {
+                        Some(next) => view_state_key(view_id, next, 0, &[])[..12].to_vec(),
+                        None => (view_id + 1).to_be_bytes().to_vec(),
+                    };
+                    batch.delete_range_cf(
+                        self.cf(CF_VIEW_STATE)?,
+                        &view_state_key(view_id, op, 0, &[])[..12],
+                        &end,
                     );
                 }
                 WriteOp::PutMeta { key, value } => {
@@ -737,6 +754,25 @@ mod tests {
                 (256, b"256".to_vec())
             ]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn dropping_one_operators_state_keeps_the_others() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Injected(e.to_string()))?;
+        let store = Store::open(dir.path())?;
+        let mut set = WriteSet::default();
+        for (view, op) in [(7, 1), (7, u32::MAX), (7, 2), (8, 0)] {
+            set.put_view_state(view, op, 0, b"k".to_vec(), Some(b"v".to_vec()));
+        }
+        store.commit(set)?;
+        let mut set = WriteSet::default();
+        set.drop_view_state_op(7, u32::MAX);
+        set.drop_view_state_op(7, 1);
+        store.commit(set)?;
+        let ops: Vec<u32> = store.view_state(7)?.iter().map(|e| e.0).collect();
+        assert_eq!(ops, vec![2]);
+        assert_eq!(store.view_state(8)?.len(), 1);
         Ok(())
     }
 }

@@ -18,6 +18,9 @@ use crate::columnar::{ColumnarTable, RowId, TableSnapshot};
 use crate::error::{Result, StorageError};
 use crate::log_entry::LogEntry;
 
+/// Encoded rows with their number of copies, as a checkpoint writes them (0: gone).
+pub type RowCounts = Vec<(Box<[u8]>, i64)>;
+
 /// The copies of the rows with one hash.
 #[derive(Debug, Default)]
 struct Copies {
@@ -26,6 +29,10 @@ struct Copies {
     /// Whether the copies may hold different rows (a hash collision).
     mixed: bool,
 }
+
+/// Changed rows remembered for the next checkpoint before the contents are written in full
+/// instead (at least; a quarter of the rows when that is more).
+const DIRTY_LIMIT: usize = 1 << 16;
 
 /// Index entry bytes: the hash, the entry, its ids and the map's slot.
 const ENTRY_BYTES: usize = 64;
@@ -43,6 +50,11 @@ pub struct ViewContents {
     hasher: ahash::RandomState,
     /// Bits of the hash used (all; tests use few to force collisions).
     hash_mask: u64,
+    /// Whether more rows changed than `dirty` may hold since the last checkpoint (checkpoints
+    /// off, or far apart): they are no longer tracked and the next checkpoint writes all rows.
+    dirty_overflow: bool,
+    /// The least number of changed rows tracked (tests lower it).
+    dirty_limit: usize,
 }
 
 impl ViewContents {
@@ -62,6 +74,8 @@ impl ViewContents {
             dirty: HashMap::new(),
             hasher: ahash::RandomState::with_seeds(0x6d69, 0x6c6c, 0x7261, 0x6365),
             hash_mask: u64::MAX,
+            dirty_overflow: false,
+            dirty_limit: DIRTY_LIMIT,
         })
     }
 
@@ -95,7 +109,7 @@ impl ViewContents {
 
     /// Rows whose number of copies changed since the last call, each with its count now
     /// (0: gone), for a checkpoint.
-    pub fn take_dirty(&mut self) -> Result<Vec<(Box<[u8]>, i64)>> {
+    pub fn take_dirty(&mut self) -> Result<RowCounts> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut out = Vec::with_capacity(dirty.len());
         for (k, delta) in dirty {
@@ -107,9 +121,19 @@ impl ViewContents {
         Ok(out)
     }
 
+    /// What the next checkpoint writes of the contents: the changed rows, or every row when
+    /// too many changed to track (`true`: the checkpointed rows are to be replaced).
+    pub fn take_changes(&mut self) -> Result<(bool, RowCounts)> {
+        if self.dirty_overflow {
+            return Ok((true, self.all_counts()?));
+        }
+        Ok((false, self.take_dirty()?))
+    }
+
     /// Every row with its number of copies (a full checkpoint); forgets what was dirty.
-    pub fn all_counts(&mut self) -> Result<Vec<(Box<[u8]>, i64)>> {
+    pub fn all_counts(&mut self) -> Result<RowCounts> {
         self.dirty.clear();
+        self.dirty_overflow = false;
         let mut counts: HashMap<Box<[u8]>, i64> = HashMap::new();
         for batch in self.table.snapshot()?.batches {
             let rows = self.converter.convert_columns(batch.columns())?;
@@ -133,6 +157,7 @@ impl ViewContents {
         let weights: Vec<i64> = rows.iter().map(|(_, n)| *n).collect();
         self.apply(&batch, &weights)?;
         self.dirty.clear();
+        self.dirty_overflow = false;
         Ok(())
     }
 
@@ -175,7 +200,7 @@ impl ViewContents {
         let mut deletes = Vec::new();
         let mut picks: Vec<u32> = Vec::new();
         for (i, &w) in weights.iter().enumerate() {
-            if w != 0 {
+            if w != 0 && !self.dirty_overflow {
                 match self.dirty.get_mut(rows.row(i).as_ref()) {
                     Some(delta) => *delta += w,
                     None => {
@@ -221,6 +246,10 @@ impl ViewContents {
                     picks.push(i as u32);
                 }
             }
+        }
+        if self.dirty.len() > self.dirty_limit.max(self.copies.len() / 4) {
+            self.dirty.clear();
+            self.dirty_overflow = true;
         }
         if !deletes.is_empty() {
             self.table.apply(&LogEntry::Delete {
@@ -426,5 +455,27 @@ mod tests {
         assert_eq!(counts, want);
         // Removing a row that is not held is refused.
         assert!(v.apply(&batch(vec![99]), &[-1]).is_err());
+    }
+
+    #[test]
+    fn too_many_changed_rows_make_the_next_checkpoint_full() {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut v = ViewContents::try_new(schema.clone()).unwrap();
+        v.dirty_limit = 4;
+        let batch = |vals: Vec<i64>| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vals))]).unwrap()
+        };
+        v.apply(&batch(vec![1, 2, 3]), &[1, 1, 1]).unwrap();
+        let (full, rows) = v.take_changes().unwrap();
+        assert!(!full && rows.len() == 3);
+        v.apply(&batch((10..20).collect()), &[1; 10]).unwrap();
+        v.apply(&batch(vec![1]), &[-1]).unwrap();
+        assert!(v.dirty.is_empty(), "changes beyond the limit are not kept");
+        let (full, rows) = v.take_changes().unwrap();
+        assert!(full, "the checkpoint replaces the rows");
+        assert_eq!(rows.len(), 12, "every row held, none of the removed");
+        assert!(rows.iter().all(|(_, n)| *n == 1));
+        let (full, rows) = v.take_changes().unwrap();
+        assert!(!full && rows.is_empty(), "tracking resumes");
     }
 }

@@ -181,11 +181,11 @@ impl ViewRuntime {
             };
             let fresh = view.checkpoint_fresh.load(Ordering::SeqCst);
             let rows = match view.provider.contents.write() {
-                Ok(mut c) if fresh => c.all_counts(),
-                Ok(mut c) => c.take_dirty(),
-                Err(_) => Ok(Vec::new()),
+                Ok(mut c) if fresh => c.all_counts().map(|rows| (true, rows)),
+                Ok(mut c) => c.take_changes(),
+                Err(_) => Ok((false, Vec::new())),
             };
-            let rows = match rows {
+            let (all_rows, rows) = match rows {
                 Ok(rows) => rows,
                 Err(e) => {
                     // The rows changed since the last checkpoint are forgotten: leave the
@@ -211,6 +211,8 @@ impl ViewRuntime {
             };
             if fresh {
                 set.drop_view_state(view.id);
+            } else if all_rows {
+                set.drop_view_state_op(view.id, CONTENTS_OP);
             }
             for e in state {
                 entries += 1;

@@ -13,15 +13,24 @@ use crate::error::ServerError;
 use crate::exec::Output;
 use crate::session::Session;
 
+/// The row description of `schema` in the session's output format.
+fn pg_fields(
+    session: &Session,
+    schema: &datafusion::arrow::datatypes::Schema,
+    format: &Format,
+) -> PgWireResult<Arc<Vec<pgwire::api::results::FieldInfo>>> {
+    Ok(Arc::new(arrow_schema_to_pg_fields(
+        schema,
+        format,
+        Some(session.settings.format_options()),
+    )?))
+}
+
 /// Encodes one statement's output.
 pub fn response(session: &Session, output: Output, format: &Format) -> PgWireResult<Response> {
     Ok(match output {
         Output::Rows { schema, batches } => {
-            let fields = Arc::new(arrow_schema_to_pg_fields(
-                &schema,
-                format,
-                Some(session.settings.format_options()),
-            )?);
+            let fields = pg_fields(session, &schema, format)?;
             let tz = session.settings.time_zone();
             let mut rows = Vec::new();
             for batch in batches {
@@ -32,11 +41,7 @@ pub fn response(session: &Session, output: Output, format: &Format) -> PgWireRes
             Response::Query(QueryResponse::new(fields, stream::iter(rows)))
         }
         Output::Stream { schema, head, rest } => {
-            let fields = Arc::new(arrow_schema_to_pg_fields(
-                &schema,
-                format,
-                Some(session.settings.format_options()),
-            )?);
+            let fields = pg_fields(session, &schema, format)?;
             let tz = session.settings.time_zone();
             let encode_fields = fields.clone();
             let rows = stream::iter(head.into_iter().map(Ok))
