@@ -353,6 +353,13 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     );
     assert!(restored > 0, "no view was ever restored from a checkpoint");
     assert!(evictions > 0, "no chunk was evicted");
+    // With a one-byte share, what cannot be evicted (operator state, row indexes) is reported.
+    let detail = one(
+        &client,
+        "SELECT detail FROM millrace_cache WHERE kind = 'total'",
+    )
+    .await;
+    assert!(detail.contains("cannot be evicted"), "{detail}");
     assert!(
         server
             .log()

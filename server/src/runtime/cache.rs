@@ -81,6 +81,9 @@ pub struct CacheManager {
     pub last_error: Mutex<Option<String>>,
     /// Bytes the cache held at the last tick.
     pub cache_bytes: AtomicU64,
+    /// Bytes over the cache's share that eviction could not free at the last tick (operator
+    /// state and row indexes stay in memory).
+    pub over_share: AtomicU64,
 }
 
 impl std::fmt::Debug for CacheManager {
@@ -191,6 +194,7 @@ impl CacheManager {
             failed_evictions: AtomicU64::new(0),
             last_error: Mutex::new(None),
             cache_bytes: AtomicU64::new(0),
+            over_share: AtomicU64::new(0),
         }))
     }
 
@@ -252,6 +256,16 @@ impl CacheManager {
                 }
             }
             self.cache_bytes.store(used, Ordering::Relaxed);
+        }
+        let over = self
+            .budget
+            .cache
+            .map_or(0, |share| used.saturating_sub(share));
+        if self.over_share.swap(over, Ordering::Relaxed) == 0 && over > 0 {
+            warn!(
+                over_bytes = over,
+                "the columnar cache stays over its share: operator state and row indexes cannot be evicted"
+            );
         }
         if let Err(e) = self.cold.collect_garbage() {
             warn!(error = %e, "deleting unreferenced cold files failed; retrying");
@@ -396,14 +410,20 @@ pub fn register(engine: &Arc<Engine>) {
             state: total_state,
             budget: manager.budget.cache,
             detail: Some(format!(
-                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}",
+                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}{}",
                 manager.cold.url(),
                 counters.files_written.load(Ordering::Relaxed),
                 counters.files_deleted.load(Ordering::Relaxed),
                 counters.reads.load(Ordering::Relaxed),
                 counters.files_pruned.load(Ordering::Relaxed),
                 counters.row_groups_pruned.load(Ordering::Relaxed),
-                last.map(|e| format!(" (last: {e})")).unwrap_or_default()
+                last.map(|e| format!(" (last: {e})")).unwrap_or_default(),
+                match manager.over_share.load(Ordering::Relaxed) {
+                    0 => String::new(),
+                    over => format!(
+                        "; {over} bytes over the share that cannot be evicted (operator state, row indexes)"
+                    ),
+                }
             )),
         });
         rows.push(CacheRow::system(
