@@ -308,6 +308,9 @@ pub struct ColumnarTable {
     key_converter: Option<RowConverter>,
     /// Primary-key bytes to the row holding them.
     key_index: HashMap<Box<[u8]>, RowId>,
+    /// Bytes of the keys in `key_index` (kept as they change: summing them on every cache
+    /// tick would walk every key).
+    key_bytes: usize,
     /// Secondary indexes (CREATE INDEX).
     indexes: Vec<SecondaryIndex>,
     /// Hits, misses and evictions.
@@ -336,6 +339,7 @@ impl ColumnarTable {
             primary_key,
             key_converter,
             key_index: HashMap::new(),
+            key_bytes: 0,
             indexes: Vec::new(),
             counters: Counters::default(),
         })
@@ -453,7 +457,7 @@ impl ColumnarTable {
         // A hash map entry costs about its key and value plus a control byte and the unused
         // share of the table.
         let locations = self.irregular.capacity() * 25 + self.starts.len() * 40;
-        let keys: usize = self.key_index.keys().map(|k| k.len() + 40).sum();
+        let keys = self.key_bytes + self.key_index.len() * 40;
         self.chunks.values().map(Chunk::memory_bytes).sum::<usize>() + locations + keys
     }
 
@@ -573,8 +577,10 @@ impl ColumnarTable {
         self.next_chunk += 1;
         for (row, &id) in row_ids.values().iter().enumerate() {
             self.next_row_id = self.next_row_id.max(id + 1);
-            if let Some(keys) = &keys {
-                self.key_index.insert(keys[row].clone(), id);
+            if let Some(keys) = &keys
+                && self.key_index.insert(keys[row].clone(), id).is_none()
+            {
+                self.key_bytes += keys[row].len();
             }
         }
         self.live_rows += batch.num_rows();
@@ -606,7 +612,9 @@ impl ColumnarTable {
         for (batch, ids) in &gone {
             if let Some(keys) = self.encode_keys(batch)? {
                 for key in keys {
-                    self.key_index.remove(&key);
+                    if self.key_index.remove(&key).is_some() {
+                        self.key_bytes -= key.len();
+                    }
                 }
             }
             for index in &mut self.indexes {
@@ -1008,6 +1016,8 @@ mod tests {
         // The emptied chunk is gone: its range takes new rows again.
         t.apply(&insert(vec![20, 22], vec![20, 22])?)?;
         assert_eq!(keys(t.fetch(&[22, 20])?), vec![22, 20]);
+        let held: usize = t.key_index.keys().map(|k| k.len()).sum();
+        assert_eq!(t.key_bytes, held, "key bytes follow inserts and deletes");
         assert_eq!(t.snapshot()?.num_rows(), 7);
         Ok(())
     }

@@ -47,6 +47,8 @@ pub struct ViewContents {
     /// Net change of each row's number of copies since the last checkpoint (a version of a
     /// row that came and went in between nets to zero and is not written).
     dirty: HashMap<Box<[u8]>, i64>,
+    /// Bytes of the rows in `dirty` (kept as it changes, for the cache's figures).
+    dirty_bytes: usize,
     hasher: ahash::RandomState,
     /// Bits of the hash used (all; tests use few to force collisions).
     hash_mask: u64,
@@ -72,11 +74,17 @@ impl ViewContents {
             converter,
             copies: HashMap::new(),
             dirty: HashMap::new(),
+            dirty_bytes: 0,
             hasher: ahash::RandomState::with_seeds(0x6d69, 0x6c6c, 0x7261, 0x6365),
             hash_mask: u64::MAX,
             dirty_overflow: false,
             dirty_limit: DIRTY_LIMIT,
         })
+    }
+
+    fn forget_dirty(&mut self) {
+        self.dirty.clear();
+        self.dirty_bytes = 0;
     }
 
     fn hash(&self, row: &[u8]) -> u64 {
@@ -111,6 +119,7 @@ impl ViewContents {
     /// (0: gone), for a checkpoint.
     pub fn take_dirty(&mut self) -> Result<RowCounts> {
         let dirty = std::mem::take(&mut self.dirty);
+        self.dirty_bytes = 0;
         let mut out = Vec::with_capacity(dirty.len());
         for (k, delta) in dirty {
             if delta != 0 {
@@ -132,7 +141,7 @@ impl ViewContents {
 
     /// Every row with its number of copies (a full checkpoint); forgets what was dirty.
     pub fn all_counts(&mut self) -> Result<RowCounts> {
-        self.dirty.clear();
+        self.forget_dirty();
         self.dirty_overflow = false;
         let mut counts: HashMap<Box<[u8]>, i64> = HashMap::new();
         for batch in self.table.snapshot()?.batches {
@@ -156,7 +165,7 @@ impl ViewContents {
         let batch = RecordBatch::try_new(self.table.schema(), columns)?;
         let weights: Vec<i64> = rows.iter().map(|(_, n)| *n).collect();
         self.apply(&batch, &weights)?;
-        self.dirty.clear();
+        self.forget_dirty();
         self.dirty_overflow = false;
         Ok(())
     }
@@ -169,7 +178,7 @@ impl ViewContents {
     /// Approximate bytes held.
     pub fn memory_bytes(&self) -> usize {
         let index = self.copies.len() * ENTRY_BYTES;
-        let dirty: usize = self.dirty.keys().map(|k| k.len() + 40).sum();
+        let dirty = self.dirty_bytes + self.dirty.len() * 40;
         self.table.memory_bytes() + index + dirty
     }
 
@@ -204,6 +213,7 @@ impl ViewContents {
                 match self.dirty.get_mut(rows.row(i).as_ref()) {
                     Some(delta) => *delta += w,
                     None => {
+                        self.dirty_bytes += rows.row(i).as_ref().len();
                         self.dirty.insert(rows.row(i).as_ref().into(), w);
                     }
                 }
@@ -248,7 +258,7 @@ impl ViewContents {
             }
         }
         if self.dirty.len() > self.dirty_limit.max(self.copies.len() / 4) {
-            self.dirty.clear();
+            self.forget_dirty();
             self.dirty_overflow = true;
         }
         if !deletes.is_empty() {
@@ -433,6 +443,8 @@ mod tests {
             .flat_map(|(x, n)| std::iter::repeat_n(*x, *n as usize))
             .collect();
         assert_eq!(got, want);
+        let held: usize = v.dirty.keys().map(|k| k.len()).sum();
+        assert_eq!(v.dirty_bytes, held, "dirty bytes follow the changed rows");
         // Counts for a checkpoint tell the colliding rows apart too.
         let mut counts: Vec<(i64, i64)> = v
             .take_dirty()
