@@ -949,8 +949,7 @@ mod tests {
         assert_eq!(after.row_ids, before.row_ids);
         // Point reads touch only the rows asked for, in the order asked.
         let got = t.fetch(&[9_000, 3])?;
-        let keys = got.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-        assert_eq!(keys.values().to_vec(), vec![8_999, 2]);
+        assert_eq!(crate::test_util::first_i64s([&got]), vec![8_999, 2]);
         // Deleting cold rows forgets their keys: the key can be inserted again.
         t.apply(&LogEntry::Delete {
             row_ids: UInt64Array::from(vec![1, 2]),
@@ -994,14 +993,7 @@ mod tests {
         t.apply(&insert(vec![20, 21], vec![20, 21])?)?;
         assert_eq!(t.num_rows(), 9);
         assert!(t.contains(5) && t.contains(6) && t.contains(21) && !t.contains(4));
-        let keys = |b: RecordBatch| -> Vec<i64> {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .values()
-                .to_vec()
-        };
+        let keys = |b: RecordBatch| crate::test_util::first_i64s([&b]);
         assert_eq!(keys(t.fetch(&[21, 5, 10, 6, 4])?), vec![21, 5, 10, 6]);
         t.apply(&LogEntry::Delete {
             row_ids: UInt64Array::from(vec![5, 10, 20, 21]),

@@ -14,6 +14,8 @@ pub mod error;
 pub mod index;
 pub mod log_entry;
 pub mod state;
+#[cfg(test)]
+mod test_util;
 pub mod view_contents;
 
 pub use catalog_record::{CatalogRecord, ObjectKind};

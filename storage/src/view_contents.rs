@@ -423,20 +423,7 @@ mod tests {
                 *model.entry(x).or_default() -= 1;
             }
         }
-        let mut got: Vec<i64> = v
-            .snapshot()
-            .unwrap()
-            .batches
-            .iter()
-            .flat_map(|b| {
-                b.column(0)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .unwrap()
-                    .values()
-                    .to_vec()
-            })
-            .collect();
+        let mut got = crate::test_util::first_i64s(&v.snapshot().unwrap().batches);
         got.sort();
         let want: Vec<i64> = model
             .iter()
