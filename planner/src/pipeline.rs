@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::changelog::Changelog;
 use crate::error::{PlanError, Result};
 use crate::incremental::PlanNode;
-use crate::ops::{Operator, StateEntry, StateStats, evaluate};
+use crate::ops::{Operator, StateControl, StateEntry, StateStats, evaluate};
+use millrace_storage::StateTier;
 
 /// Jobs a partition instance may have queued before the router waits.
 const WORKER_QUEUE: usize = 2;
@@ -54,6 +55,10 @@ enum Job {
     Restore {
         entries: Vec<(Vec<u8>, Vec<u8>)>,
         reply: oneshot::Sender<Result<()>>,
+    },
+    Control {
+        control: StateControl,
+        reply: oneshot::Sender<Result<(u64, StateStats)>>,
     },
 }
 
@@ -103,6 +108,11 @@ pub struct Pipeline {
     workers: usize,
     rows_in: u64,
     rows_out: u64,
+    /// Where operator state is evicted to, when the view has a durable home.
+    tier: Option<Arc<StateTier>>,
+    /// Evictions that failed (state kept in memory), and the last failure.
+    eviction_failures: u64,
+    last_eviction_error: Option<String>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -114,16 +124,77 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
-    /// Starts a plan with keyed operators split across `workers` tasks. Must run inside a
-    /// tokio runtime.
-    pub fn start(plan: PlanNode, workers: usize) -> Result<Self> {
+    /// Starts a plan with keyed operators split across `workers` tasks, their state
+    /// evictable to `tier`. Must run inside a tokio runtime.
+    pub fn start(plan: PlanNode, workers: usize, tier: Option<Arc<StateTier>>) -> Result<Self> {
         let workers = workers.max(1);
+        let mut next_op = 0;
         Ok(Self {
-            root: stage(plan, workers)?,
+            root: stage(plan, workers, &mut next_op, tier.as_ref())?,
             workers,
             rows_in: 0,
             rows_out: 0,
+            tier,
+            eviction_failures: 0,
+            last_eviction_error: None,
         })
+    }
+
+    /// The warm tier the pipeline's state is evicted to.
+    pub fn tier(&self) -> Option<&Arc<StateTier>> {
+        self.tier.as_ref()
+    }
+
+    /// Sends `control` to every operator instance; returns per operator (numbered in plan
+    /// order) what its instances answered, summed.
+    async fn control(&mut self, control: StateControl) -> Result<Vec<(u32, u64)>> {
+        let mut out = Vec::new();
+        let mut next_op = 0u32;
+        std::panic::AssertUnwindSafe(control_stage(&mut self.root, &mut next_op, control, &mut out))
+            .catch_unwind()
+            .await
+            .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??;
+        Ok(out)
+    }
+
+    /// Makes every operator that can continue the checkpoint in the warm tier lazily;
+    /// returns the operators that must be restored eagerly with [`Pipeline::restore`].
+    pub async fn restore_lazily(&mut self) -> Result<Vec<u32>> {
+        if self.tier.is_none() {
+            return Ok(Vec::new());
+        }
+        let answers = self.control(StateControl::RestoreLazily).await?;
+        let mut eager: Vec<u32> = Vec::new();
+        for (op, lazy) in answers {
+            if lazy == 0 && !eager.contains(&op) {
+                eager.push(op);
+            }
+        }
+        Ok(eager)
+    }
+
+    /// The checkpoint that last took the operators' changed state committed.
+    pub async fn committed(&mut self) -> Result<()> {
+        self.control(StateControl::Committed).await.map(|_| ())
+    }
+
+    /// Evicts `fraction` of every operator's state in memory; returns the bytes freed. A
+    /// failed eviction keeps the state in memory and is counted.
+    pub async fn evict(&mut self, fraction: f64) -> u64 {
+        match self.control(StateControl::Evict(fraction)).await {
+            Ok(freed) => freed.iter().map(|(_, b)| b).sum(),
+            Err(e) => {
+                self.eviction_failures += 1;
+                tracing::warn!(error = %e, "evicting operator state failed; it stays in memory");
+                self.last_eviction_error = Some(e.to_string());
+                0
+            }
+        }
+    }
+
+    /// Failed evictions, and the last failure.
+    pub fn eviction_failures(&self) -> (u64, Option<&str>) {
+        (self.eviction_failures, self.last_eviction_error.as_deref())
     }
 
     /// Pushes one epoch's source changes through the pipeline and returns the view's change.
@@ -136,6 +207,9 @@ impl Pipeline {
             .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??
             .consolidate()?;
         self.rows_out += out.len() as u64;
+        if let Some(fraction) = self.tier.as_ref().and_then(|t| t.take_eviction()) {
+            self.evict(fraction).await;
+        }
         Ok(out)
     }
 
@@ -282,6 +356,62 @@ fn checkpoint_stage<'a>(
     })
 }
 
+fn control_stage<'a>(
+    stage: &'a mut Stage,
+    next_op: &'a mut u32,
+    control: StateControl,
+    out: &'a mut Vec<(u32, u64)>,
+) -> BoxFuture<'a, Result<()>> {
+    Box::pin(async move {
+        let op_index = *next_op;
+        match stage {
+            Stage::Source { .. } => return Ok(()),
+            Stage::Inline { op, inputs, .. } => {
+                *next_op += 1;
+                out.push((op_index, op.control(control)?));
+                for input in inputs {
+                    control_stage(input, next_op, control, out).await?;
+                }
+            }
+            Stage::Parallel {
+                workers,
+                inputs,
+                started,
+                ..
+            } => {
+                *next_op += 1;
+                if control == StateControl::RestoreLazily {
+                    *started = true;
+                }
+                let mut total = 0;
+                let mut all = true;
+                for worker in workers.iter_mut() {
+                    let (reply, result) = oneshot::channel();
+                    worker
+                        .jobs
+                        .send(Job::Control { control, reply })
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))?;
+                    let (answer, state) = result
+                        .await
+                        .map_err(|_| PlanError::Internal("a pipeline worker stopped".into()))??;
+                    worker.state = state;
+                    total += answer;
+                    all &= answer > 0;
+                }
+                if control == StateControl::RestoreLazily {
+                    total = u64::from(all);
+                }
+                out.push((op_index, total));
+                for input in inputs {
+                    control_stage(input, next_op, control, out).await?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 fn restore_stage<'a>(
     stage: &'a mut Stage,
     next_op: &'a mut u32,
@@ -332,18 +462,30 @@ fn restore_stage<'a>(
     })
 }
 
-fn stage(node: PlanNode, workers: usize) -> Result<Stage> {
+/// Builds the stage of `node`, numbering operators in plan order (as checkpoints do) and
+/// attaching each instance to its place in `tier`.
+fn stage(
+    node: PlanNode,
+    workers: usize,
+    next_op: &mut u32,
+    tier: Option<&Arc<StateTier>>,
+) -> Result<Stage> {
     match node {
         PlanNode::Source { id, schema, .. } => Ok(Stage::Source { id, schema }),
         PlanNode::Operator {
-            op,
+            mut op,
             inputs,
             partitioning,
         } => {
+            let op_index = *next_op;
+            *next_op += 1;
             let inputs = inputs
                 .into_iter()
-                .map(|i| stage(i, workers))
+                .map(|i| stage(i, workers, next_op, tier))
                 .collect::<Result<Vec<_>>>()?;
+            if let Some(tier) = tier {
+                op.attach(&tier.location(op_index, 0));
+            }
             let Some(partitioning) = partitioning else {
                 return Ok(Stage::Inline {
                     op,
@@ -362,8 +504,11 @@ fn stage(node: PlanNode, workers: usize) -> Result<Stage> {
             }
             let schema = op.schema();
             let mut handles = Vec::with_capacity(workers);
-            for _ in 0..workers {
+            for partition in 0..workers {
                 let mut instance = (partitioning.factory)()?;
+                if let Some(tier) = tier {
+                    instance.attach(&tier.location(op_index, partition as u32));
+                }
                 let (tx, mut rx) = mpsc::channel::<Job>(WORKER_QUEUE);
                 tokio::spawn(async move {
                     while let Some(job) = rx.recv().await {
@@ -378,6 +523,11 @@ fn stage(node: PlanNode, workers: usize) -> Result<Stage> {
                             }
                             Job::Restore { entries, reply } => {
                                 let _ = reply.send(instance.restore(entries));
+                            }
+                            Job::Control { control, reply } => {
+                                let result =
+                                    instance.control(control).map(|n| (n, instance.state()));
+                                let _ = reply.send(result);
                             }
                         }
                     }

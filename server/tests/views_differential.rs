@@ -498,7 +498,7 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
         // Reads went to the cold tier (counted since the last restart).
         let misses = rows(
             &client,
-            "SELECT misses, evictions FROM millrace_cache WHERE kind = 'total'",
+            "SELECT misses, evictions, state_evicted, state_fetched FROM millrace_cache WHERE kind = 'total'",
         )
         .await?;
         let n = |i: usize| -> i64 {
@@ -511,6 +511,12 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
         if n(0) == 0 || n(1) == 0 {
             return Err(format!(
                 "with --cache-bytes 1 nothing was read from evicted chunks: {misses:?}"
+            ));
+        }
+        // Operator state (joins, aggregates, windows) went to RocksDB and was read back.
+        if n(2) == 0 || n(3) == 0 {
+            return Err(format!(
+                "with --cache-bytes 1 no operator state was evicted and read back: {misses:?}"
             ));
         }
     }

@@ -66,6 +66,7 @@ enum WriteOp {
         key: Vec<u8>,
         value: Vec<u8>,
     },
+    DeleteMeta(Vec<u8>),
 }
 
 /// All durable changes of one statement or transaction; committed atomically.
@@ -164,6 +165,11 @@ impl WriteSet {
             key: key.to_vec(),
             value,
         });
+    }
+
+    /// Removes a metadata value.
+    pub fn delete_meta(&mut self, key: &[u8]) {
+        self.ops.push(WriteOp::DeleteMeta(key.to_vec()));
     }
 
     /// Appends another set's changes after these.
@@ -377,6 +383,7 @@ impl Store {
                 WriteOp::PutMeta { key, value } => {
                     batch.put_cf(self.cf(CF_META)?, key, value);
                 }
+                WriteOp::DeleteMeta(key) => batch.delete_cf(self.cf(CF_META)?, key),
                 WriteOp::PutOffset { source_id, value } => {
                     batch.put_cf(self.cf(CF_META)?, offset_key(source_id), value);
                 }
@@ -556,6 +563,90 @@ impl Store {
             out.push((op, partition, key[16..].to_vec(), value.to_vec()));
         }
         Ok(out)
+    }
+
+    /// The checkpointed state entries of one operator of a view: partition, key, value.
+    pub fn view_state_op(&self, view_id: u64, op: u32) -> Result<Vec<(u32, Vec<u8>, Vec<u8>)>> {
+        let prefix = view_state_key(view_id, op, 0, &[]);
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_VIEW_STATE)?,
+            IteratorMode::From(&prefix[..12], Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if key.len() < 16 || key[..12] != prefix[..12] {
+                break;
+            }
+            let partition = u32::from_be_bytes([key[12], key[13], key[14], key[15]]);
+            out.push((partition, key[16..].to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// One state entry of a view's operator partition, as last written.
+    pub fn view_state_entry(
+        &self,
+        view_id: u64,
+        op: u32,
+        partition: u32,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
+        let key = view_state_key(view_id, op, partition, key);
+        Ok(self.db.get_cf(self.cf(CF_VIEW_STATE)?, key)?)
+    }
+
+    /// Writes operator state evicted from memory in place of its checkpointed entries,
+    /// outside any checkpoint. The caller has marked the view's checkpoint stale first (see
+    /// `state::StateTier`). The write goes to the WAL unsynced: the next checkpoint's synced
+    /// commit makes it durable together with the entries that reference it. Honours
+    /// injected write failures.
+    pub fn spill_view_state(
+        &self,
+        view_id: u64,
+        op: u32,
+        partition: u32,
+        entries: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<()> {
+        if self
+            .injected_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StorageError::Injected("state spill refused".into()));
+        }
+        let cf = self.cf(CF_VIEW_STATE)?;
+        let mut batch = WriteBatch::default();
+        for (key, value) in entries {
+            let key = view_state_key(view_id, op, partition, key);
+            match value {
+                Some(value) => batch.put_cf(cf, key, value),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        Ok(self.db.write(batch)?)
+    }
+
+    /// Sets a metadata value and, when `remove_view_state` names a view, deletes that view's
+    /// state in the same synced write.
+    pub fn put_meta_now(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        remove_view_state: Option<u64>,
+    ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META)?, key, value);
+        if let Some(view_id) = remove_view_state {
+            batch.delete_range_cf(
+                self.cf(CF_VIEW_STATE)?,
+                view_id.to_be_bytes(),
+                (view_id + 1).to_be_bytes(),
+            );
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.write_opt(batch, &opts)?)
     }
 
     /// Flushes checkpointed view state from the memtable to disk, so that a restart does not

@@ -31,6 +31,9 @@ pub enum StorageError {
     /// A cold chunk's Parquet file could not be written or read.
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    /// An operator could not encode a state entry for the warm tier.
+    #[error("state entry encoding: {0}")]
+    StateCodec(String),
     /// A fault injected by a test (see `Store::inject_write_failures`).
     #[error("injected storage fault: {0}")]
     Injected(String),

@@ -14,6 +14,7 @@ pub mod error;
 pub mod index;
 pub mod log_entry;
 pub mod state;
+pub mod state_tier;
 #[cfg(test)]
 mod test_util;
 pub mod view_contents;
@@ -25,5 +26,6 @@ pub use db::{Store, WriteSet};
 pub use error::{Result, StorageError};
 pub use index::SecondaryIndex;
 pub use log_entry::LogEntry;
-pub use state::{MemoryState, StateCounters, StateKey, StateStore};
+pub use state::{EncodeFn, SizeFn, StateCounters, StateKey, StateStore, TieredState};
+pub use state_tier::{StateLocation, StateTier};
 pub use view_contents::ViewContents;

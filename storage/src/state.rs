@@ -2,11 +2,18 @@
 //!
 //! Operators in the planner's operator library (aggregate, join, TopN, window) address their
 //! state by encoded key bytes (arrow-row encodings of group or join keys) and never see how
-//! it is held. [`MemoryState`] keeps it in a hash map. Every store counts the state rows it
-//! reads and writes, which `millrace_views` reports per epoch, and remembers which keys
-//! changed since the last checkpoint, so that a checkpoint writes only the state delta.
+//! it is held. [`TieredState`] keeps the entries in use in a hash map (the hot tier). Once
+//! its pipeline is attached to a [`StateLocation`], it can evict the least recently used
+//! entries to the warm tier in RocksDB (see `state_tier.rs`) and an operator reads a missed
+//! key back with [`StateStore::fetch`]. Every store counts the state rows it reads and
+//! writes, which `millrace_views` reports per epoch, and remembers which keys changed since
+//! the last committed checkpoint, so that a checkpoint writes only the state delta and
+//! eviction knows which entries must be written before they leave memory.
 
 use std::collections::{HashMap, HashSet};
+
+use crate::error::Result;
+use crate::state_tier::StateLocation;
 
 /// Encoded key of one entry of operator state.
 pub type StateKey = Box<[u8]>;
@@ -18,19 +25,27 @@ pub struct StateCounters {
     pub reads: u64,
     /// Entries inserted, changed or removed.
     pub writes: u64,
+    /// Entries evicted from memory, and read back from the warm tier.
+    pub evicted: u64,
+    pub fetched: u64,
 }
+
+/// Encodes an entry for the warm tier (the operator's checkpoint encoding).
+pub type EncodeFn<'a, V> = dyn FnMut(&mut V) -> Result<Vec<u8>> + 'a;
+/// The bytes an entry accounts for in its operator's state figure.
+pub type SizeFn<'a, V> = dyn Fn(&[u8], &V) -> i64 + 'a;
 
 /// Keyed operator state.
 pub trait StateStore<V>: Send + std::fmt::Debug {
-    /// The entry under `key`, if any.
+    /// The entry under `key`, if it is in memory.
     fn get(&mut self, key: &[u8]) -> Option<&V>;
-    /// The entry under `key` for changing, created with `init` when absent.
+    /// The entry under `key` for changing, created with `init` when absent from memory.
     fn get_or_insert_with(&mut self, key: &[u8], init: &mut dyn FnMut() -> V) -> &mut V;
     /// Removes the entry under `key`.
     fn remove(&mut self, key: &[u8]) -> Option<V>;
-    /// Number of entries.
+    /// Number of entries in memory.
     fn len(&self) -> usize;
-    /// Whether the store holds no entry.
+    /// Whether the store holds no entry in memory.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -42,56 +57,114 @@ pub trait StateStore<V>: Send + std::fmt::Debug {
     fn peek(&self, key: &[u8]) -> Option<&V>;
     /// [`StateStore::peek`] for encoders that need `&mut` (not counted, not dirty).
     fn peek_mut(&mut self, key: &[u8]) -> Option<&mut V>;
-    /// Keys inserted, changed or removed since the last call (for checkpoints).
+    /// Keys inserted, changed or removed since the last committed checkpoint (for a
+    /// checkpoint; see [`StateStore::committed`]).
     fn take_dirty(&mut self) -> Vec<StateKey>;
-    /// Puts an entry back from a checkpoint (not counted, not dirty).
+    /// The checkpoint that took the dirty keys committed: they are clean now. (If it did
+    /// not, the next [`StateStore::take_dirty`] returns them again.)
+    fn committed(&mut self);
+    /// Puts an entry back from a checkpoint or the warm tier (not counted, not dirty).
     fn restore(&mut self, key: StateKey, value: V);
+    /// The encoded entry under `key` when it is not in memory but in the warm tier; the
+    /// operator decodes it and puts it back with [`StateStore::restore`]. None when the
+    /// key is in memory or absent.
+    fn fetch(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Places the store in its view's warm tier (before the first change).
+    fn attach(&mut self, location: StateLocation);
+    /// Continues the checkpoint held at the store's location, reading entries key by key
+    /// as they are used instead of restoring them up front. False if not attached.
+    fn restore_lazily(&mut self) -> bool;
+    /// Evicts the least recently used `fraction` of the entries in memory. Changed entries
+    /// are encoded and written to the warm tier first (if that fails, nothing is evicted).
+    /// Returns the bytes freed as `size` counts them.
+    fn evict(
+        &mut self,
+        fraction: f64,
+        encode: &mut EncodeFn<'_, V>,
+        size: &SizeFn<'_, V>,
+    ) -> Result<i64>;
 }
 
-/// Operator state held in memory (keys hashed with aHash: they are arrow-row encodings,
-/// hashed on every change, and SipHash showed up in profiles).
 #[derive(Debug)]
-pub struct MemoryState<V> {
-    entries: HashMap<StateKey, V, ahash::RandomState>,
-    counters: StateCounters,
-    dirty: HashSet<StateKey, ahash::RandomState>,
+struct Slot<V> {
+    value: V,
+    /// Access clock at the last use (for least-recently-used eviction).
+    used: u64,
 }
 
-impl<V> Default for MemoryState<V> {
+/// Operator state held in memory with a warm tier (keys hashed with aHash: they are
+/// arrow-row encodings, hashed on every change, and SipHash showed up in profiles).
+#[derive(Debug)]
+pub struct TieredState<V> {
+    entries: HashMap<StateKey, Slot<V>, ahash::RandomState>,
+    counters: StateCounters,
+    /// Changed since the last checkpoint took them.
+    dirty: HashSet<StateKey, ahash::RandomState>,
+    /// Taken by a checkpoint that has not committed yet.
+    pending: HashSet<StateKey, ahash::RandomState>,
+    clock: u64,
+    location: Option<StateLocation>,
+    /// Some entries may be in the warm tier and not in memory.
+    cold: bool,
+}
+
+impl<V> Default for TieredState<V> {
     fn default() -> Self {
         Self {
             entries: HashMap::default(),
             counters: StateCounters::default(),
             dirty: HashSet::default(),
+            pending: HashSet::default(),
+            clock: 0,
+            location: None,
+            cold: false,
         }
     }
 }
 
-impl<V> MemoryState<V> {
+impl<V> TieredState<V> {
     fn mark(&mut self, key: &[u8]) {
         if !self.dirty.contains(key) {
             self.dirty.insert(key.into());
         }
     }
+
+    fn changed(&self, key: &[u8]) -> bool {
+        self.dirty.contains(key) || self.pending.contains(key)
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
 }
 
-impl<V: Send + std::fmt::Debug> StateStore<V> for MemoryState<V> {
+impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
     fn get(&mut self, key: &[u8]) -> Option<&V> {
         self.counters.reads += 1;
-        self.entries.get(key)
+        let now = self.tick();
+        let slot = self.entries.get_mut(key)?;
+        slot.used = now;
+        Some(&slot.value)
     }
 
     fn get_or_insert_with(&mut self, key: &[u8], init: &mut dyn FnMut() -> V) -> &mut V {
         self.counters.reads += 1;
         self.counters.writes += 1;
         self.mark(key);
-        self.entries.entry(key.into()).or_insert_with(init)
+        let now = self.tick();
+        let slot = self.entries.entry(key.into()).or_insert_with(|| Slot {
+            value: init(),
+            used: now,
+        });
+        slot.used = now;
+        &mut slot.value
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<V> {
         self.counters.writes += 1;
         self.mark(key);
-        self.entries.remove(key)
+        self.entries.remove(key).map(|s| s.value)
     }
 
     fn len(&self) -> usize {
@@ -107,19 +180,118 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for MemoryState<V> {
     }
 
     fn peek(&self, key: &[u8]) -> Option<&V> {
-        self.entries.get(key)
+        self.entries.get(key).map(|s| &s.value)
     }
 
     fn peek_mut(&mut self, key: &[u8]) -> Option<&mut V> {
-        self.entries.get_mut(key)
+        self.entries.get_mut(key).map(|s| &mut s.value)
     }
 
     fn take_dirty(&mut self) -> Vec<StateKey> {
-        self.dirty.drain().collect()
+        let dirty = std::mem::take(&mut self.dirty);
+        self.pending.extend(dirty);
+        self.pending.iter().cloned().collect()
+    }
+
+    fn committed(&mut self) {
+        self.pending.clear();
     }
 
     fn restore(&mut self, key: StateKey, value: V) {
-        self.entries.insert(key, value);
+        let used = self.tick();
+        self.entries.insert(key, Slot { value, used });
+    }
+
+    fn fetch(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if !self.cold || self.entries.contains_key(key) || self.changed(key) {
+            // In memory, never evicted, or removed since the last checkpoint.
+            return Ok(None);
+        }
+        let Some(location) = &self.location else {
+            return Ok(None);
+        };
+        let value = location.get(key)?;
+        if value.is_some() {
+            self.counters.fetched += 1;
+        }
+        Ok(value)
+    }
+
+    fn attach(&mut self, location: StateLocation) {
+        self.location = Some(location);
+    }
+
+    fn restore_lazily(&mut self) -> bool {
+        self.cold = self.location.is_some();
+        self.cold
+    }
+
+    fn evict(
+        &mut self,
+        fraction: f64,
+        encode: &mut EncodeFn<'_, V>,
+        size: &SizeFn<'_, V>,
+    ) -> Result<i64> {
+        let Some(location) = self.location.clone() else {
+            return Ok(0);
+        };
+        let n = self.entries.len();
+        let k = ((n as f64) * fraction.clamp(0.0, 1.0)).ceil() as usize;
+        let cutoff = match k {
+            0 => None,
+            k if k >= n => Some(u64::MAX),
+            k => {
+                let mut used: Vec<u64> = self.entries.values().map(|s| s.used).collect();
+                Some(*used.select_nth_unstable(k - 1).1)
+            }
+        };
+        let victims: Vec<StateKey> = match cutoff {
+            Some(cutoff) => self
+                .entries
+                .iter()
+                .filter(|(_, s)| s.used <= cutoff)
+                .map(|(key, _)| key.clone())
+                .take(k)
+                .collect(),
+            None => Vec::new(),
+        };
+        // Changed entries are written before they leave memory; so are removals, which
+        // then need no tombstone in memory.
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for key in &victims {
+            if self.changed(key)
+                && let Some(slot) = self.entries.get_mut(key)
+            {
+                writes.push((key.to_vec(), Some(encode(&mut slot.value)?)));
+            }
+        }
+        for key in self.dirty.iter().chain(self.pending.iter()) {
+            if !self.entries.contains_key(key) {
+                writes.push((key.to_vec(), None));
+            }
+        }
+        writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        writes.dedup_by(|a, b| a.0 == b.0);
+        let written: Vec<Vec<u8>> = writes.iter().map(|(key, _)| key.clone()).collect();
+        location.spill(writes)?;
+        for key in &written {
+            self.dirty.remove(key.as_slice());
+            self.pending.remove(key.as_slice());
+        }
+        let mut freed = 0;
+        for key in &victims {
+            if let Some(slot) = self.entries.remove(key) {
+                freed += size(key, &slot.value);
+            }
+        }
+        if !victims.is_empty() {
+            self.cold = true;
+            self.counters.evicted += victims.len() as u64;
+            if self.entries.len() < self.entries.capacity() / 4 {
+                self.entries.shrink_to_fit();
+            }
+        }
+        Ok(freed)
     }
 }
 
@@ -129,7 +301,7 @@ mod tests {
 
     #[test]
     fn counts_reads_and_writes() {
-        let mut s: MemoryState<i64> = MemoryState::default();
+        let mut s: TieredState<i64> = TieredState::default();
         *s.get_or_insert_with(b"a", &mut || 0) += 2;
         assert_eq!(s.get(b"a"), Some(&2));
         assert_eq!(s.get(b"b"), None);
@@ -141,7 +313,7 @@ mod tests {
 
     #[test]
     fn remembers_changed_keys_until_taken() {
-        let mut s: MemoryState<i64> = MemoryState::default();
+        let mut s: TieredState<i64> = TieredState::default();
         *s.get_or_insert_with(b"a", &mut || 0) += 1;
         *s.get_or_insert_with(b"b", &mut || 0) += 1;
         s.remove(b"a");
@@ -149,6 +321,8 @@ mod tests {
         let mut dirty = s.take_dirty();
         dirty.sort();
         assert_eq!(dirty, vec![Box::from(&b"a"[..]), Box::from(&b"b"[..])]);
+        assert_eq!(s.take_dirty().len(), 2, "taken again until committed");
+        s.committed();
         assert!(s.take_dirty().is_empty());
         s.restore(b"c".as_slice().into(), 3);
         assert_eq!(s.peek(b"c"), Some(&3));

@@ -125,7 +125,7 @@ fn setup(rows: i64) -> Result<Setup, Error> {
 async fn pipeline(setup: &Setup, sql: &str, workers: usize) -> Result<Pipeline, Error> {
     let state = setup.ctx.state();
     let plan = state.optimize(&state.create_logical_plan(sql).await?)?;
-    let mut pipeline = Pipeline::start(compile(&plan, state.execution_props())?, workers)?;
+    let mut pipeline = Pipeline::start(compile(&plan, state.execution_props())?, workers, None)?;
     pipeline.step(&HashMap::new()).await?;
     for (id, table) in [(1u64, &setup.facts), (2u64, &setup.dims)] {
         for batch in table.snapshot()?.batches {

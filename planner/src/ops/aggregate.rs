@@ -20,10 +20,12 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::Accumulator;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
-use millrace_storage::{MemoryState, StateStore};
+use millrace_storage::{StateLocation, StateStore, StorageError, TieredState};
 
 use super::codec::{Reader, Writer};
-use super::{Operator, StateEntry, StateStats, evaluate, evaluate_predicate, single_input};
+use super::{
+    Operator, StateControl, StateEntry, StateStats, evaluate, evaluate_predicate, single_input,
+};
 use crate::changelog::{Changelog, loose, make_batch};
 use crate::error::{PlanError, Result};
 
@@ -107,6 +109,8 @@ pub struct AggregateOp {
     key_converter: RowConverter,
     aggs: Vec<Agg>,
     groups: Box<dyn StateStore<Group>>,
+    /// Where the groups are evicted to (their keys start with 0, the meta entry is 1).
+    location: Option<StateLocation>,
     started: bool,
     /// Groups that exist even over empty input: the global aggregate, and the empty
     /// grouping set `()` of GROUPING SETS / ROLLUP / CUBE.
@@ -118,6 +122,22 @@ pub struct AggregateOp {
     codec: Option<GroupCodec>,
     /// Whether a checkpoint holds `always` already (it is fixed after the first step).
     always_saved: bool,
+}
+
+/// The bytes a group accounts for in the aggregate's state figure.
+fn group_size(key: &[u8], group: &Group) -> i64 {
+    let held: i64 = group
+        .states
+        .iter()
+        .map(|state| match state {
+            AggState::Values(values) => values
+                .keys()
+                .map(|v| v.len() as i64 + VALUE_OVERHEAD)
+                .sum(),
+            AggState::Sliding(_) => 0,
+        })
+        .sum();
+    key.len() as i64 + GROUP_OVERHEAD + held
 }
 
 /// Encodes groups for checkpoints: the emitted values as one arrow row over the output
@@ -237,7 +257,8 @@ impl AggregateOp {
             grouping,
             key_converter,
             aggs,
-            groups: Box::new(MemoryState::default()),
+            groups: Box::new(TieredState::default()),
+            location: None,
             started: false,
             always: HashSet::new(),
             bytes: 0,
@@ -322,6 +343,20 @@ impl AggregateOp {
             },
             bytes_held,
         ))
+    }
+
+    /// Brings the group under `key` back from the warm tier if it was evicted.
+    fn fault_in(&mut self, key: &[u8]) -> Result<()> {
+        if let Some(value) = self.groups.fetch(key)? {
+            let codec = self
+                .codec
+                .as_ref()
+                .ok_or_else(|| PlanError::Internal("evicted group without a codec".into()))?;
+            let (group, held) = self.decode_group(codec, &value)?;
+            self.bytes += key.len() as i64 + GROUP_OVERHEAD + held;
+            self.groups.restore(key.into(), group);
+        }
+        Ok(())
     }
 
     fn is_global(&self) -> bool {
@@ -505,6 +540,51 @@ impl Operator for AggregateOp {
         result
     }
 
+    fn attach(&mut self, location: &StateLocation) {
+        if self.codec.is_some() {
+            self.groups.attach(location.with_prefix(&[0]));
+            self.location = Some(location.clone());
+        }
+    }
+
+    fn control(&mut self, control: StateControl) -> Result<u64> {
+        match control {
+            StateControl::RestoreLazily => {
+                let Some(location) = &self.location else {
+                    return Ok(0);
+                };
+                if let Some(meta) = location.get(META_KEY)? {
+                    let mut r = Reader::new(&meta);
+                    for _ in 0..r.u64()? {
+                        self.always.insert(r.bytes()?.into());
+                    }
+                }
+                self.started = true;
+                self.always_saved = true;
+                Ok(u64::from(self.groups.restore_lazily()))
+            }
+            StateControl::Evict(fraction) => {
+                let Some(codec) = &self.codec else {
+                    return Ok(0);
+                };
+                let freed = self.groups.evict(
+                    fraction,
+                    &mut |group: &mut Group| {
+                        Self::encode_group(codec, group)
+                            .map_err(|e| StorageError::StateCodec(e.to_string()))
+                    },
+                    &group_size,
+                )?;
+                self.bytes -= freed;
+                Ok(freed.max(0) as u64)
+            }
+            StateControl::Committed => {
+                self.groups.committed();
+                Ok(0)
+            }
+        }
+    }
+
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
         let input = single_input(inputs, "aggregate")?;
         let n = input.len();
@@ -576,6 +656,7 @@ impl Operator for AggregateOp {
                         None => &[],
                     };
                     let w = input.weights[i];
+                    self.fault_in(key)?;
                     let mut fresh = match self.groups.get(key) {
                         Some(_) => None,
                         None => {
@@ -656,6 +737,7 @@ impl Operator for AggregateOp {
         let mut weights: Vec<i64> = Vec::new();
         let mut reads = 0u64;
         for key in &touched {
+            self.fault_in(key)?;
             let global = self.always.contains(key);
             let mut fresh = match self.groups.get(key) {
                 Some(_) => None,

@@ -17,12 +17,12 @@ use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::JoinType;
 use datafusion::physical_plan::PhysicalExpr;
-use millrace_storage::{MemoryState, StateStore};
+use millrace_storage::{StateLocation, StateStore, TieredState};
 
 use super::StateEntry;
 use super::codec::{Reader, Writer};
 
-use super::{Operator, StateStats, evaluate, evaluate_predicate};
+use super::{Operator, StateControl, StateStats, evaluate, evaluate_predicate};
 use crate::changelog::{Changelog, RowCodec, loose, make_batch};
 use crate::error::{PlanError, Result};
 
@@ -126,11 +126,21 @@ impl JoinOp {
             rows,
             null_rows,
             sides: [
-                Box::new(MemoryState::default()),
-                Box::new(MemoryState::default()),
+                Box::new(TieredState::default()),
+                Box::new(TieredState::default()),
             ],
             bytes: 0,
         })
+    }
+
+    /// Brings the bucket under `key` of `side` back from the warm tier if it was evicted.
+    fn fault_in(&mut self, side: usize, key: &[u8]) -> Result<()> {
+        if let Some(value) = self.sides[side].fetch(key)? {
+            let bucket = decode_bucket(&value)?;
+            self.bytes += bucket_size(key, &bucket);
+            self.sides[side].restore(key.into(), bucket);
+        }
+        Ok(())
     }
 
     /// Joins one side's changes with the other side's state, emits the output changes and
@@ -145,6 +155,10 @@ impl JoinOp {
             .map(|i| key_arrays.iter().any(|a| a.is_null(i)))
             .collect();
         let keys = self.keys.encode(&key_arrays, delta.len())?;
+        for i in 0..delta.len() {
+            self.fault_in(side, keys.row(i))?;
+            self.fault_in(other, keys.row(i))?;
+        }
         let rows = self.rows[side].encode(delta.batch.columns(), delta.len())?;
 
         // Candidate pairs: (delta row, other row, other weight).
@@ -363,15 +377,7 @@ impl Operator for JoinOp {
                 let mut state_key = Vec::with_capacity(key.len() + 1);
                 state_key.push(side as u8);
                 state_key.extend_from_slice(&key);
-                let value = store.peek(&key).map(|bucket| {
-                    let mut w = Writer::new();
-                    w.u64(bucket.len() as u64);
-                    for (row, entry) in bucket {
-                        w.bytes(row).i64(entry.weight).i64(entry.degree);
-                    }
-                    w.finish()
-                });
-                entries.push((state_key, value));
+                entries.push((state_key, store.peek(&key).map(encode_bucket)));
             }
         }
         Ok(Some(entries))
@@ -383,19 +389,47 @@ impl Operator for JoinOp {
                 .split_first()
                 .ok_or_else(|| PlanError::Internal("empty join state key".into()))?;
             let side = usize::from(side).min(1);
-            let mut r = Reader::new(&value);
-            let mut bucket = Bucket::new();
-            for _ in 0..r.u64()? {
-                let row: Box<[u8]> = r.bytes()?.into();
-                let weight = r.i64()?;
-                let degree = r.i64()?;
-                self.bytes += row.len() as i64 + ENTRY_OVERHEAD;
-                bucket.insert(row, Entry { weight, degree });
-            }
-            self.bytes += join_key.len() as i64 + BUCKET_OVERHEAD;
+            let bucket = decode_bucket(&value)?;
+            self.bytes += bucket_size(join_key, &bucket);
             self.sides[side].restore(join_key.into(), bucket);
         }
         Ok(())
+    }
+
+    fn attach(&mut self, location: &StateLocation) {
+        for (side, store) in self.sides.iter_mut().enumerate() {
+            store.attach(location.with_prefix(&[side as u8]));
+        }
+    }
+
+    fn control(&mut self, control: StateControl) -> Result<u64> {
+        match control {
+            StateControl::RestoreLazily => {
+                let mut lazy = true;
+                for store in &mut self.sides {
+                    lazy &= store.restore_lazily();
+                }
+                Ok(u64::from(lazy))
+            }
+            StateControl::Evict(fraction) => {
+                let mut freed = 0;
+                for store in &mut self.sides {
+                    freed += store.evict(
+                        fraction,
+                        &mut |bucket: &mut Bucket| Ok(encode_bucket(bucket)),
+                        &bucket_size,
+                    )?;
+                }
+                self.bytes -= freed;
+                Ok(freed.max(0) as u64)
+            }
+            StateControl::Committed => {
+                for store in &mut self.sides {
+                    store.committed();
+                }
+                Ok(0)
+            }
+        }
     }
 
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
@@ -407,6 +441,38 @@ impl Operator for JoinOp {
         self.process(1, &right, &mut out)?;
         self.emit(out)
     }
+}
+
+/// A bucket as checkpoints and the warm tier hold it: each row with its weight and degree.
+fn encode_bucket(bucket: &Bucket) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u64(bucket.len() as u64);
+    for (row, entry) in bucket {
+        w.bytes(row).i64(entry.weight).i64(entry.degree);
+    }
+    w.finish()
+}
+
+fn decode_bucket(value: &[u8]) -> Result<Bucket> {
+    let mut r = Reader::new(value);
+    let mut bucket = Bucket::new();
+    for _ in 0..r.u64()? {
+        let row: Box<[u8]> = r.bytes()?.into();
+        let weight = r.i64()?;
+        let degree = r.i64()?;
+        bucket.insert(row, Entry { weight, degree });
+    }
+    Ok(bucket)
+}
+
+/// The bytes a bucket accounts for in the join's state figure.
+fn bucket_size(key: &[u8], bucket: &Bucket) -> i64 {
+    key.len() as i64
+        + BUCKET_OVERHEAD
+        + bucket
+            .keys()
+            .map(|row| row.len() as i64 + ENTRY_OVERHEAD)
+            .sum::<i64>()
 }
 
 fn take_columns(batch: &RecordBatch, indices: impl Iterator<Item = u32>) -> Result<Vec<ArrayRef>> {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::physical_plan::PhysicalExpr;
-use millrace_storage::StateCounters;
+use millrace_storage::{StateCounters, StateLocation};
 
 use crate::changelog::Changelog;
 use crate::error::{PlanError, Result};
@@ -45,6 +45,8 @@ impl StateStats {
         self.bytes += other.bytes;
         self.counters.reads += other.counters.reads;
         self.counters.writes += other.counters.writes;
+        self.counters.evicted += other.counters.evicted;
+        self.counters.fetched += other.counters.fetched;
     }
 }
 
@@ -77,6 +79,29 @@ pub trait Operator: Send + std::fmt::Debug {
             self.describe()
         )))
     }
+    /// Gives the operator its place in its view's warm tier (called once, before the first
+    /// step). An operator whose state can be evicted keeps it.
+    fn attach(&mut self, location: &StateLocation) {
+        let _ = location;
+    }
+    /// Handles a [`StateControl`]; returns the bytes freed by an eviction, and for
+    /// `RestoreLazily` 1 if the operator continues its checkpoint lazily (0: restore it
+    /// eagerly with [`Operator::restore`]).
+    fn control(&mut self, control: StateControl) -> Result<u64> {
+        let _ = control;
+        Ok(0)
+    }
+}
+
+/// What a pipeline asks of every operator instance between epochs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StateControl {
+    /// Continue the checkpoint in the warm tier, reading entries as they are used.
+    RestoreLazily,
+    /// Evict this fraction of the state held in memory.
+    Evict(f64),
+    /// The last checkpoint committed.
+    Committed,
 }
 
 /// A changed state entry: key, and the encoded entry (None: removed).

@@ -88,7 +88,7 @@ impl Operator for TopNOp {
             bytes: self.bytes.max(0) as u64,
             counters: millrace_storage::StateCounters {
                 reads: self.reads,
-                writes: 0,
+                ..Default::default()
             },
         }
     }

@@ -15,11 +15,11 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalSortExpr;
 use datafusion::physical_plan::PhysicalExpr;
-use millrace_storage::{MemoryState, StateStore};
+use millrace_storage::{StateLocation, StateStore, TieredState};
 
 use super::codec::{Reader, Writer};
 
-use super::{Operator, StateStats, evaluate, single_input};
+use super::{Operator, StateControl, StateStats, evaluate, single_input};
 use crate::changelog::{Changelog, loose, make_batch, row_converter, sort_converter};
 use crate::error::Result;
 
@@ -77,7 +77,7 @@ impl WindowOp {
             functions,
             partition_converter,
             sort_converter,
-            partitions: Box::new(MemoryState::default()),
+            partitions: Box::new(TieredState::default()),
             bytes: 0,
         })
     }
@@ -110,14 +110,7 @@ impl Operator for WindowOp {
     fn checkpoint(&mut self) -> Result<Option<Vec<crate::ops::StateEntry>>> {
         let mut entries = Vec::new();
         for key in self.partitions.take_dirty() {
-            let value = self.partitions.peek(&key).map(|partition| {
-                let mut w = Writer::new();
-                w.u64(partition.len() as u64);
-                for ((sort_key, row), n) in partition {
-                    w.bytes(sort_key).bytes(row).i64(*n);
-                }
-                w.finish()
-            });
+            let value = self.partitions.peek(&key).map(encode_partition);
             entries.push((key.to_vec(), value));
         }
         Ok(Some(entries))
@@ -125,17 +118,34 @@ impl Operator for WindowOp {
 
     fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
         for (key, value) in entries {
-            let mut r = Reader::new(&value);
-            let mut partition = Partition::new();
-            for _ in 0..r.u64()? {
-                let sort_key: Box<[u8]> = r.bytes()?.into();
-                let row: Box<[u8]> = r.bytes()?.into();
-                self.bytes += (sort_key.len() + row.len()) as i64 + 48;
-                partition.insert((sort_key, row), r.i64()?);
-            }
+            let partition = decode_partition(&value)?;
+            self.bytes += partition_size(&key, &partition);
             self.partitions.restore(key.into(), partition);
         }
         Ok(())
+    }
+
+    fn attach(&mut self, location: &StateLocation) {
+        self.partitions.attach(location.clone());
+    }
+
+    fn control(&mut self, control: StateControl) -> Result<u64> {
+        match control {
+            StateControl::RestoreLazily => Ok(u64::from(self.partitions.restore_lazily())),
+            StateControl::Evict(fraction) => {
+                let freed = self.partitions.evict(
+                    fraction,
+                    &mut |partition: &mut Partition| Ok(encode_partition(partition)),
+                    &partition_size,
+                )?;
+                self.bytes -= freed;
+                Ok(freed.max(0) as u64)
+            }
+            StateControl::Committed => {
+                self.partitions.committed();
+                Ok(0)
+            }
+        }
     }
 
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
@@ -174,6 +184,11 @@ impl Operator for WindowOp {
         let mut changes: Vec<(Box<[u8]>, Vec<u64>, i64)> = Vec::new();
         let mut seen = HashSet::new();
         for (key, members) in by_partition {
+            if let Some(value) = self.partitions.fetch(&key)? {
+                let partition = decode_partition(&value)?;
+                self.bytes += partition_size(&key, &partition);
+                self.partitions.restore(key.clone(), partition);
+            }
             seen.insert(key.clone());
             let before = match self.partitions.get(&key) {
                 Some(p) => {
@@ -268,4 +283,34 @@ fn number(functions: &[Rank], partition: &Partition) -> HashMap<(Box<[u8]>, Vec<
         }
     }
     out
+}
+
+/// A partition as checkpoints and the warm tier hold it: its (sort key, row) entries with
+/// their counts.
+fn encode_partition(partition: &Partition) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u64(partition.len() as u64);
+    for ((sort_key, row), n) in partition {
+        w.bytes(sort_key).bytes(row).i64(*n);
+    }
+    w.finish()
+}
+
+fn decode_partition(value: &[u8]) -> Result<Partition> {
+    let mut r = Reader::new(value);
+    let mut partition = Partition::new();
+    for _ in 0..r.u64()? {
+        let sort_key: Box<[u8]> = r.bytes()?.into();
+        let row: Box<[u8]> = r.bytes()?.into();
+        partition.insert((sort_key, row), r.i64()?);
+    }
+    Ok(partition)
+}
+
+/// The bytes a partition accounts for in the window's state figure.
+fn partition_size(_key: &[u8], partition: &Partition) -> i64 {
+    partition
+        .keys()
+        .map(|(sort_key, row)| (sort_key.len() + row.len()) as i64 + 48)
+        .sum()
 }

@@ -21,7 +21,7 @@ use millrace_planner::incremental::{PlanNode, compile};
 use millrace_planner::pipeline::Pipeline;
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
 use millrace_planner::{MillraceTable, PlanError};
-use millrace_storage::{CatalogRecord, ObjectKind, WriteSet};
+use millrace_storage::{CatalogRecord, ObjectKind, StateTier, WriteSet};
 
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
@@ -233,10 +233,15 @@ pub async fn register_for_restore(
     let runtime = engine.views.clone();
     let sources = compiled.plan.sources();
     let explain = compiled.plan.explain(runtime.workers);
-    let pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
-    let restorable = plan.can_restore(record.id, &sources, runtime.workers, |id| {
-        runtime.view(id).is_some()
-    });
+    // A view whose state was overwritten after its last checkpoint (evicted operator
+    // state) cannot continue that checkpoint.
+    let stale = StateTier::is_marked(engine.store(), record.id)?;
+    let restorable = !stale
+        && plan.can_restore(record.id, &sources, runtime.workers, |id| {
+            runtime.view(id).is_some()
+        });
+    let tier = StateTier::new(engine.store().clone(), record.id, !restorable);
+    let pipeline = Pipeline::start(compiled.plan, runtime.workers, Some(tier))?;
     let status = match restorable {
         true => ViewStatus::Recovering("loading its checkpointed state".into()),
         false => ViewStatus::Recovering("being rebuilt after a restart".into()),
@@ -260,21 +265,26 @@ pub async fn register_for_restore(
     Ok(())
 }
 
-/// Loads a view's checkpointed operator state and contents into its fresh pipeline;
-/// returns how many state entries and rows it loaded.
+/// Loads a view's checkpointed contents into its fresh pipeline, and the state of operators
+/// that cannot read it lazily from the warm tier; returns how many state entries (read up
+/// front) and rows it loaded.
 pub async fn restore_state(engine: &Arc<Engine>, view: &ViewEntry) -> Result<(usize, usize)> {
     let store = engine.store().clone();
     let view_id = view.id;
-    let (state, rows) =
-        tokio::task::block_in_place(move || checkpoint::load_view_state(&store, view_id))?;
-    let entries = state.values().map(|v| v.len()).sum();
-    {
+    let entries = {
         let mut guard = view.pipeline.lock().await;
         let pipeline = guard
             .as_mut()
             .ok_or_else(|| ServerError::Internal("view has no pipeline".into()))?;
+        let eager = pipeline.restore_lazily().await?;
+        let store = store.clone();
+        let state =
+            tokio::task::block_in_place(move || checkpoint::load_op_state(&store, view_id, &eager))?;
+        let entries = state.values().map(|v| v.len()).sum();
         pipeline.restore(state).await?;
-    }
+        entries
+    };
+    let rows = tokio::task::block_in_place(move || checkpoint::load_contents(&store, view_id))?;
     let mut contents = view
         .provider
         .contents
@@ -344,7 +354,8 @@ pub async fn rebuild(engine: &Arc<Engine>, view: &Arc<ViewEntry>) -> Result<ones
         return Err(ServerError::Internal(format!("{qualified} was dropped")));
     }
     let snapshots = snapshot_inputs(engine, &view.sources, &qualified)?;
-    let pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
+    let tier = StateTier::new(engine.store().clone(), view.id, true);
+    let pipeline = Pipeline::start(compiled.plan, runtime.workers, Some(tier))?;
     let ready = view.begin_rebuild(pipeline)?;
     tokio::spawn(backfill::run(runtime.clone(), view.clone(), snapshots));
     Ok(ready)
@@ -378,7 +389,8 @@ async fn start(
             set.put_catalog(record.clone());
             engine.commit_write_set(set)?;
         }
-        let pipeline = Pipeline::start(compiled.plan, runtime.workers)?;
+        let tier = StateTier::new(engine.store().clone(), record.id, true);
+        let pipeline = Pipeline::start(compiled.plan, runtime.workers, Some(tier))?;
         let (entry, ready) = ViewEntry::new(provider.clone(), sources, explain, pipeline);
         runtime.register(entry.clone());
         tokio::spawn(backfill::run(runtime.clone(), entry, snapshots));

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use millrace_planner::ops::StateStats;
 use millrace_planner::system_table::SystemTable;
 use millrace_planner::table::MillraceTable;
 use millrace_planner::view_table::MaterializedView;
@@ -23,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
+use crate::runtime::ViewEntry;
 
 /// How often the manager checks the budget.
 const TICK: Duration = Duration::from_millis(100);
@@ -84,6 +86,8 @@ pub struct CacheManager {
     /// Bytes over the cache's share that eviction could not free at the last tick (operator
     /// state and row indexes stay in memory).
     pub over_share: AtomicU64,
+    /// Passes that evicted operator state.
+    pub state_evictions: AtomicU64,
 }
 
 impl std::fmt::Debug for CacheManager {
@@ -195,6 +199,7 @@ impl CacheManager {
             last_error: Mutex::new(None),
             cache_bytes: AtomicU64::new(0),
             over_share: AtomicU64::new(0),
+            state_evictions: AtomicU64::new(0),
         }))
     }
 
@@ -208,18 +213,18 @@ impl CacheManager {
     }
 
     /// Every table and view with its cache figures, and the operator state of each view.
-    fn owners(engine: &Engine) -> Vec<(Owner, CacheStats, u64)> {
+    fn owners(engine: &Engine) -> Vec<(Owner, CacheStats, StateStats)> {
         let mut out = Vec::new();
         for id in engine.catalog.table_ids() {
             if let Some(table) = engine.catalog.table(id) {
                 let owner = Owner::Table(table);
                 if let Some(stats) = owner.read(ColumnarTable::cache_stats) {
-                    out.push((owner, stats, 0));
+                    out.push((owner, stats, StateStats::default()));
                 }
             }
         }
         for view in engine.views.views() {
-            let state = view.stats.lock().map(|s| s.state.bytes).unwrap_or(0);
+            let state = view.stats.lock().map(|s| s.state).unwrap_or_default();
             let owner = Owner::View(view.provider.clone());
             // The contents' row index (encoded rows to their copies) is memory too.
             let stats = view.provider.contents.read().ok().map(|c| CacheStats {
@@ -238,7 +243,7 @@ impl CacheManager {
         let owners = Self::owners(engine);
         let mut used: u64 = owners
             .iter()
-            .map(|(_, s, state)| s.memory_bytes + state)
+            .map(|(_, s, state)| s.memory_bytes + state.bytes)
             .sum();
         self.cache_bytes.store(used, Ordering::Relaxed);
         if let Some(share) = self.budget.cache
@@ -257,6 +262,13 @@ impl CacheManager {
             }
             self.cache_bytes.store(used, Ordering::Relaxed);
         }
+        if let Some(share) = self.budget.cache
+            && used > share
+        {
+            let freed = self.evict_state(engine, used - share / 10 * 8);
+            used = used.saturating_sub(freed);
+            self.cache_bytes.store(used, Ordering::Relaxed);
+        }
         let over = self
             .budget
             .cache
@@ -264,7 +276,7 @@ impl CacheManager {
         if self.over_share.swap(over, Ordering::Relaxed) == 0 && over > 0 {
             warn!(
                 over_bytes = over,
-                "the columnar cache stays over its share: operator state and row indexes cannot be evicted"
+                "the columnar cache stays over its share: row indexes and some operator state cannot be evicted"
             );
         }
         if let Err(e) = self.cold.collect_garbage() {
@@ -272,9 +284,50 @@ impl CacheManager {
         }
     }
 
+    /// Evicts operator state of every view in proportion to what `want` is of all of it
+    /// (to the warm tier in RocksDB); returns the bytes freed. A view whose pipeline is
+    /// busy (stepping, backfilling) is asked to evict after its current step instead.
+    fn evict_state(&self, engine: &Engine, want: u64) -> u64 {
+        let views: Vec<(Arc<ViewEntry>, u64)> = engine
+            .views
+            .views()
+            .into_iter()
+            .filter_map(|v| {
+                let state = v.stats.lock().map(|s| s.state.bytes).unwrap_or(0);
+                let evictable = state >= MIN_EVICT_BYTES as u64 || self.budget.cache_only;
+                (state > 0 && evictable).then_some((v, state))
+            })
+            .collect();
+        let total: u64 = views.iter().map(|(_, s)| s).sum();
+        if total == 0 {
+            return 0;
+        }
+        let fraction = (want as f64 / total as f64).clamp(0.05, 1.0);
+        let handle = tokio::runtime::Handle::current();
+        let mut freed = 0;
+        for (view, _) in views {
+            let Ok(mut guard) = view.pipeline.try_lock() else {
+                if let Some(tier) = view.tier.lock().ok().and_then(|t| t.clone()) {
+                    tier.request_eviction(fraction);
+                }
+                continue;
+            };
+            let Some(pipeline) = guard.as_mut() else {
+                continue;
+            };
+            freed += handle.block_on(pipeline.evict(fraction));
+            let state = pipeline.stats().state;
+            if let Ok(mut stats) = view.stats.lock() {
+                stats.state = state;
+            }
+        }
+        self.state_evictions.fetch_add(1, Ordering::Relaxed);
+        freed
+    }
+
     /// Evicts the least recently read chunks until `want` bytes are freed; returns the bytes
     /// freed. Each chunk is written without holding its table's lock, then swapped in.
-    fn evict(&self, owners: &[(Owner, CacheStats, u64)], want: u64) -> Result<u64> {
+    fn evict(&self, owners: &[(Owner, CacheStats, StateStats)], want: u64) -> Result<u64> {
         let mut candidates: Vec<(u64, usize, usize, u64)> = Vec::new();
         for (i, (owner, _, _)) in owners.iter().enumerate() {
             for (chunk, last_used, bytes) in owner
@@ -324,7 +377,7 @@ struct CacheRow {
     name: String,
     kind: &'static str,
     stats: CacheStats,
-    state: u64,
+    state: StateStats,
     budget: Option<u64>,
     detail: Option<String>,
 }
@@ -338,7 +391,7 @@ impl CacheRow {
                 memory_bytes,
                 ..CacheStats::default()
             },
-            state: 0,
+            state: StateStats::default(),
             budget,
             detail: Some(detail.into()),
         }
@@ -353,6 +406,8 @@ pub fn register(engine: &Arc<Engine>) {
         Field::new("kind", DataType::Utf8, false),
         Field::new("memory_bytes", DataType::Int64, false),
         Field::new("state_bytes", DataType::Int64, false),
+        Field::new("state_evicted", DataType::Int64, false),
+        Field::new("state_fetched", DataType::Int64, false),
         Field::new("object_store_bytes", DataType::Int64, false),
         Field::new("hot_chunks", DataType::Int64, false),
         Field::new("cold_chunks", DataType::Int64, false),
@@ -372,7 +427,7 @@ pub fn register(engine: &Arc<Engine>) {
         let records = engine.catalog.records();
         let mut rows: Vec<CacheRow> = Vec::new();
         let mut total = CacheStats::default();
-        let mut total_state = 0;
+        let mut total_state = StateStats::default();
         for (owner, stats, state) in CacheManager::owners(&engine) {
             let (id, kind) = match &owner {
                 Owner::Table(t) => (t.id, "table"),
@@ -390,7 +445,7 @@ pub fn register(engine: &Arc<Engine>) {
             total.hits += stats.hits;
             total.misses += stats.misses;
             total.evictions += stats.evictions;
-            total_state += state;
+            total_state.add(state);
             rows.push(CacheRow {
                 name,
                 kind,
@@ -421,7 +476,7 @@ pub fn register(engine: &Arc<Engine>) {
                 match manager.over_share.load(Ordering::Relaxed) {
                     0 => String::new(),
                     over => format!(
-                        "; {over} bytes over the share that cannot be evicted (operator state, row indexes)"
+                        "; {over} bytes over the share that cannot be evicted (row indexes, state of views without checkpoint encoding)"
                     ),
                 }
             )),
@@ -449,7 +504,9 @@ pub fn register(engine: &Arc<Engine>) {
             )),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.kind))),
             int(&|r| r.stats.memory_bytes),
-            int(&|r| r.state),
+            int(&|r| r.state.bytes),
+            int(&|r| r.state.counters.evicted),
+            int(&|r| r.state.counters.fetched),
             int(&|r| r.stats.object_store_bytes),
             int(&|r| r.stats.hot_chunks),
             int(&|r| r.stats.cold_chunks),

@@ -35,7 +35,7 @@ use millrace_planner::pipeline::RestoreEntries;
 use millrace_planner::system_table::SystemTable;
 use millrace_planner::view_table::ViewStatus;
 use millrace_storage::db::CONTENTS_OP;
-use millrace_storage::{Store, WriteSet};
+use millrace_storage::{StateTier, Store, WriteSet};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -161,6 +161,7 @@ impl ViewRuntime {
             .unwrap_or_default();
         for id in &dropped {
             set.drop_view_state(*id);
+            set.delete_meta(&StateTier::mark_key(*id));
         }
         let mut views = BTreeMap::new();
         let mut written = Vec::new();
@@ -171,13 +172,17 @@ impl ViewRuntime {
                 skipped += 1;
                 continue;
             }
-            let (state, workers) = {
+            let (state, workers, tier) = {
                 let mut guard = view.pipeline.lock().await;
                 let Some(pipeline) = guard.as_mut() else {
                     skipped += 1;
                     continue;
                 };
-                (pipeline.checkpoint().await, pipeline.workers())
+                (
+                    pipeline.checkpoint().await,
+                    pipeline.workers(),
+                    pipeline.tier().cloned(),
+                )
             };
             let fresh = view.checkpoint_fresh.load(Ordering::SeqCst);
             let rows = match view.provider.contents.write() {
@@ -209,11 +214,16 @@ impl ViewRuntime {
                     continue;
                 }
             };
-            if fresh {
+            // NOTE: operator state evicted since the last checkpoint is already in place (a
+            // fresh pipeline's first eviction deleted the earlier pipeline's state); the
+            // commit makes it current and clears the stale mark.
+            let spilled_fresh = tier.as_ref().is_some_and(|t| t.dropped_earlier_state());
+            if fresh && !spilled_fresh {
                 set.drop_view_state(view.id);
             } else if all_rows {
                 set.drop_view_state_op(view.id, CONTENTS_OP);
             }
+            set.delete_meta(&StateTier::mark_key(view.id));
             for e in state {
                 entries += 1;
                 bytes += (e.key.len() + e.value.as_ref().map_or(0, |v| v.len())) as u64;
@@ -226,7 +236,7 @@ impl ViewRuntime {
                 set.put_view_state(view.id, CONTENTS_OP, 0, row.into_vec(), value);
             }
             views.insert(view.id, workers);
-            written.push(view);
+            written.push((view, tier));
         }
         let unchanged = entries == 0
             && dropped.is_empty()
@@ -268,7 +278,7 @@ impl ViewRuntime {
             // NOTE: the drained deltas were not written, and the last committed manifest
             // still lists these views: leave them out from now on (after a restart they
             // are rebuilt from their inputs) until their pipelines are rebuilt.
-            for view in &written {
+            for (view, _) in &written {
                 view.checkpoint_lost.store(true, Ordering::SeqCst);
             }
             if let Ok(mut d) = self.checkpoints.dropped.lock() {
@@ -278,8 +288,16 @@ impl ViewRuntime {
             self.checkpoints.record(record);
             return Err(e.into());
         }
-        for view in &written {
+        for (view, tier) in &written {
             view.checkpoint_fresh.store(false, Ordering::SeqCst);
+            if let Some(tier) = tier {
+                tier.committed();
+            }
+            if let Some(pipeline) = view.pipeline.lock().await.as_mut()
+                && let Err(e) = pipeline.committed().await
+            {
+                warn!(view = %view.provider.name, error = %e, "telling the pipeline its checkpoint committed failed");
+            }
         }
         if let Ok(mut last) = self.checkpoints.last.lock() {
             *last = Some((log_seq, views.clone()));
@@ -380,23 +398,29 @@ impl RestorePlan {
 /// A view's checkpointed contents: encoded rows with their number of copies.
 pub type ContentsRows = Vec<(Vec<u8>, i64)>;
 
-/// A view's checkpointed state split into operator state and contents rows.
-pub fn load_view_state(store: &Store, view_id: u64) -> Result<(RestoreEntries, ContentsRows)> {
+/// The checkpointed state of operators `ops` of a view (those restored up front).
+pub fn load_op_state(store: &Store, view_id: u64, ops: &[u32]) -> Result<RestoreEntries> {
     let mut state = RestoreEntries::new();
-    let mut rows = Vec::new();
-    for (op, partition, key, value) in store.view_state(view_id)? {
-        if op == CONTENTS_OP {
-            let n = value
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(i64::from_le_bytes)
-                .ok_or_else(|| ServerError::Internal("corrupt checkpointed row count".into()))?;
-            rows.push((key, n));
-        } else {
+    for &op in ops {
+        for (partition, key, value) in store.view_state_op(view_id, op)? {
             state.entry((op, partition)).or_default().push((key, value));
         }
     }
-    Ok((state, rows))
+    Ok(state)
+}
+
+/// A view's checkpointed contents rows.
+pub fn load_contents(store: &Store, view_id: u64) -> Result<ContentsRows> {
+    let mut rows = Vec::new();
+    for (_, key, value) in store.view_state_op(view_id, CONTENTS_OP)? {
+        let n = value
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_le_bytes)
+            .ok_or_else(|| ServerError::Internal("corrupt checkpointed row count".into()))?;
+        rows.push((key, n));
+    }
+    Ok(rows)
 }
 
 /// Registers `millrace_checkpoints`: the checkpoints taken since the server started, newest

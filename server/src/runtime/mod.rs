@@ -35,7 +35,7 @@ use std::time::{Instant, SystemTime};
 use millrace_planner::Changelog;
 use millrace_planner::pipeline::{Pipeline, PipelineStats};
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
-use millrace_storage::{Store, ViewContents};
+use millrace_storage::{StateTier, Store, ViewContents};
 use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
@@ -100,6 +100,9 @@ pub struct ViewEntry {
     pub plan: Vec<String>,
     /// The running operators (None once failed or dropped).
     pub pipeline: tokio::sync::Mutex<Option<Pipeline>>,
+    /// The warm tier the current pipeline evicts operator state to (the cache manager asks
+    /// for evictions through it without waiting for the pipeline).
+    pub tier: Mutex<Option<Arc<StateTier>>>,
     /// Inputs that arrived while backfilling, replayed when it ends.
     pending: Mutex<Vec<EpochChanges>>,
     /// Backfill progress.
@@ -147,6 +150,7 @@ impl ViewEntry {
             provider,
             sources,
             plan,
+            tier: Mutex::new(pipeline.tier().cloned()),
             pipeline: tokio::sync::Mutex::new(Some(pipeline)),
             pending: Mutex::new(Vec::new()),
             backfill: Mutex::new(Backfill::default()),
@@ -183,6 +187,9 @@ impl ViewEntry {
         }
         if let Ok(mut ready) = self.ready.lock() {
             *ready = Some(tx);
+        }
+        if let Ok(mut tier) = self.tier.lock() {
+            *tier = pipeline.tier().cloned();
         }
         if let Ok(mut p) = self.pipeline.try_lock() {
             *p = Some(pipeline);

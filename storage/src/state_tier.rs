@@ -1,0 +1,213 @@
+//! The warm tier of operator state: where a view's operators evict state to and read it back
+//! from, in RocksDB's `view_state` family, in place of their checkpointed entries.
+//!
+//! A view's pipeline gets one [`StateTier`]; each operator partition gets a
+//! [`StateLocation`] in it (view, operator number, partition and a key prefix: the same key
+//! a checkpoint writes the entry under). Operator state held in memory is a cache over
+//! that family: an entry unchanged since the last committed checkpoint is simply dropped
+//! from memory, since the checkpoint holds it; a changed one is written over its
+//! checkpointed entry first. Such a write is outside any checkpoint, so the first one after
+//! a checkpoint marks the view's checkpoint stale with a synced metadata key: after a crash
+//! before the next checkpoint, the view is rebuilt from its inputs instead of restored from
+//! entries of mixed epochs. The next checkpoint that includes the view commits the rest of
+//! its changes and clears the mark in the same write. A pipeline that is not restored from
+//! a checkpoint (`fresh`) deletes its view's old entries with the first such write.
+//!
+//! The cache manager asks for evictions through [`StateTier::request_eviction`]; the
+//! pipeline takes the request between epochs (see the planner's `pipeline.rs`).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::db::Store;
+use crate::error::{Result, StorageError};
+
+/// Metadata key prefix of a view's stale-checkpoint mark.
+const MARK_PREFIX: &[u8] = b"state_spilled/";
+
+#[derive(Debug, Default)]
+struct SpillMark {
+    /// The mark is written and not yet cleared by a checkpoint.
+    marked: bool,
+    /// The view's stored state belongs to an earlier pipeline (delete it before writing).
+    fresh: bool,
+    /// The earlier pipeline's state was deleted by a spill (the checkpoint must not delete
+    /// the view's state again).
+    dropped: bool,
+}
+
+/// The warm tier of one view's pipeline.
+#[derive(Debug)]
+pub struct StateTier {
+    store: Arc<Store>,
+    view_id: u64,
+    mark: Mutex<SpillMark>,
+    /// Requested eviction, as a fraction of the entries in parts per million (0: none).
+    eviction: AtomicU32,
+    /// Entries written to and read back from the tier.
+    written: AtomicU64,
+    read: AtomicU64,
+}
+
+impl StateTier {
+    /// The tier of view `view_id`; `fresh` when its pipeline does not continue the stored
+    /// checkpoint.
+    pub fn new(store: Arc<Store>, view_id: u64, fresh: bool) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            view_id,
+            mark: Mutex::new(SpillMark {
+                fresh,
+                ..SpillMark::default()
+            }),
+            eviction: AtomicU32::new(0),
+            written: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+        })
+    }
+
+    /// Metadata key of the mark saying view `view_id`'s checkpointed state was overwritten
+    /// after its last checkpoint.
+    pub fn mark_key(view_id: u64) -> Vec<u8> {
+        let mut key = MARK_PREFIX.to_vec();
+        key.extend_from_slice(&view_id.to_be_bytes());
+        key
+    }
+
+    /// Whether view `view_id`'s checkpointed state is stale (it cannot be restored).
+    pub fn is_marked(store: &Store, view_id: u64) -> Result<bool> {
+        Ok(store.meta(&Self::mark_key(view_id))?.is_some())
+    }
+
+    /// The location of operator `op`, partition `partition`.
+    pub fn location(self: &Arc<Self>, op: u32, partition: u32) -> StateLocation {
+        StateLocation {
+            tier: self.clone(),
+            op,
+            partition,
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Asks every operator of the pipeline to evict `fraction` of its entries in memory.
+    pub fn request_eviction(&self, fraction: f64) {
+        let ppm = (fraction.clamp(0.0, 1.0) * 1e6) as u32;
+        self.eviction.fetch_max(ppm, Ordering::Relaxed);
+    }
+
+    /// The eviction requested since the last call, if any.
+    pub fn take_eviction(&self) -> Option<f64> {
+        match self.eviction.swap(0, Ordering::Relaxed) {
+            0 => None,
+            ppm => Some(f64::from(ppm) / 1e6),
+        }
+    }
+
+    /// Entries written to the tier and read back from it since the pipeline started.
+    pub fn counters(&self) -> (u64, u64) {
+        (
+            self.written.load(Ordering::Relaxed),
+            self.read.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether a spill already deleted the earlier pipeline's state (then a checkpoint of
+    /// this fresh pipeline must keep what was spilled).
+    pub fn dropped_earlier_state(&self) -> bool {
+        self.mark.lock().map(|m| m.dropped).unwrap_or(false)
+    }
+
+    /// A checkpoint that includes this view committed and cleared its mark.
+    pub fn committed(&self) {
+        if let Ok(mut m) = self.mark.lock() {
+            m.marked = false;
+            m.fresh = false;
+        }
+    }
+
+    /// Marks the checkpoint stale before the first write outside a checkpoint.
+    fn before_spill(&self) -> Result<()> {
+        let mut m = self
+            .mark
+            .lock()
+            .map_err(|_| StorageError::Injected("state tier lock poisoned".into()))?;
+        if m.marked {
+            return Ok(());
+        }
+        let drop_old = m.fresh.then_some(self.view_id);
+        self.store
+            .put_meta_now(&Self::mark_key(self.view_id), b"1", drop_old)?;
+        m.marked = true;
+        if m.fresh {
+            m.fresh = false;
+            m.dropped = true;
+        }
+        Ok(())
+    }
+}
+
+/// Where one operator partition's state lives in its view's warm tier.
+#[derive(Debug, Clone)]
+pub struct StateLocation {
+    tier: Arc<StateTier>,
+    op: u32,
+    partition: u32,
+    /// Prepended to every key (an operator with several stores tells them apart by it).
+    prefix: Vec<u8>,
+}
+
+impl StateLocation {
+    /// The same location for keys starting with `prefix` (after this location's prefix).
+    pub fn with_prefix(&self, prefix: &[u8]) -> Self {
+        let mut joined = self.prefix.clone();
+        joined.extend_from_slice(prefix);
+        Self {
+            prefix: joined,
+            ..self.clone()
+        }
+    }
+
+    fn full_key(&self, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + key.len());
+        k.extend_from_slice(&self.prefix);
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// The encoded entry under `key`, as last checkpointed or spilled.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let value = self.tier.store.view_state_entry(
+            self.tier.view_id,
+            self.op,
+            self.partition,
+            &self.full_key(key),
+        )?;
+        if value.is_some() {
+            self.tier.read.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(value)
+    }
+
+    /// Writes changed entries (None: removed) over their checkpointed ones.
+    pub fn spill(&self, mut entries: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.tier.before_spill()?;
+        if !self.prefix.is_empty() {
+            for (key, _) in &mut entries {
+                *key = self.full_key(key);
+            }
+        }
+        self.tier.store.spill_view_state(
+            self.tier.view_id,
+            self.op,
+            self.partition,
+            &entries,
+        )?;
+        self.tier
+            .written
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
