@@ -234,20 +234,28 @@ impl Store {
             }
             _ => None,
         };
-        let cf_options = || {
+        let cf_options = |name: &str| {
             let mut o = Options::default();
+            let mut table = rocksdb::BlockBasedOptions::default();
+            if name == CF_VIEW_STATE {
+                // Operators look up evicted state by key, most often a key that is not
+                // there (a new group or join key): a Bloom filter answers those in memory.
+                table.set_bloom_filter(10.0, false);
+            }
             if let (Some(cache), Some(m)) = (&cache, memory) {
-                let mut table = rocksdb::BlockBasedOptions::default();
                 table.set_block_cache(cache);
-                o.set_block_based_table_factory(&table);
+                // Index and filter blocks count against the cache too.
+                table.set_cache_index_and_filter_blocks(true);
+                table.set_pin_l0_filter_and_index_blocks_in_cache(true);
                 // Several memtables per family must fit the write-buffer share.
                 o.set_write_buffer_size((m / 8).clamp(1 << 20, 64 << 20));
             }
+            o.set_block_based_table_factory(&table);
             o
         };
         let cfs = [CF_CATALOG, CF_TABLE_LOG, CF_META, CF_VIEW_STATE]
             .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let store = Store {
             db,

@@ -54,10 +54,14 @@ pub struct Grouping {
 /// Input rows to add to and to retract from one sliding accumulator.
 type SlidingRows = (Vec<u32>, Vec<u32>);
 
-/// Bytes a group costs beyond its key (map slot, row count, accumulators).
-const GROUP_OVERHEAD: i64 = 128;
-/// Bytes one distinct input value costs beyond its encoding.
-const VALUE_OVERHEAD: i64 = 40;
+/// Bytes a group of `aggs` aggregates costs beyond its key: the hash map slot, the key's
+/// allocation and place in the changed-key set, the state and output vectors, and per
+/// aggregate its accumulator and last emitted value (measured, see `tests/state_bytes.rs`).
+fn group_overhead(aggs: usize) -> i64 {
+    520 + 96 * aggs as i64
+}
+/// Bytes one distinct input value (MIN, MAX, DISTINCT) costs beyond its encoding.
+const VALUE_OVERHEAD: i64 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -115,8 +119,9 @@ pub struct AggregateOp {
     /// Groups that exist even over empty input: the global aggregate, and the empty
     /// grouping set `()` of GROUPING SETS / ROLLUP / CUBE.
     always: HashSet<Box<[u8]>>,
-    /// Approximate bytes of group state.
+    /// Approximate bytes of group state in memory, and evicted to the warm tier.
     bytes: i64,
+    spilled: i64,
     /// Encoder of a group's last emitted values (and of sliding accumulators' states) for
     /// checkpoints; None when some accumulator's state cannot be encoded.
     codec: Option<GroupCodec>,
@@ -137,7 +142,7 @@ fn group_size(key: &[u8], group: &Group) -> i64 {
             AggState::Sliding(_) => 0,
         })
         .sum();
-    key.len() as i64 + GROUP_OVERHEAD + held
+    key.len() as i64 + group_overhead(group.states.len()) + held
 }
 
 /// Encodes groups for checkpoints: the emitted values as one arrow row over the output
@@ -262,6 +267,7 @@ impl AggregateOp {
             started: false,
             always: HashSet::new(),
             bytes: 0,
+            spilled: 0,
             codec,
             always_saved: false,
         })
@@ -353,7 +359,9 @@ impl AggregateOp {
                 .as_ref()
                 .ok_or_else(|| PlanError::Internal("evicted group without a codec".into()))?;
             let (group, held) = self.decode_group(codec, &value)?;
-            self.bytes += key.len() as i64 + GROUP_OVERHEAD + held;
+            let size = key.len() as i64 + group_overhead(self.aggs.len()) + held;
+            self.bytes += size;
+            self.spilled = (self.spilled - size).max(0);
             self.groups.restore(key.into(), group);
         }
         Ok(())
@@ -482,6 +490,7 @@ impl Operator for AggregateOp {
         StateStats {
             entries: self.groups.len() as u64,
             bytes: self.bytes.max(0) as u64,
+            spilled_bytes: self.spilled.max(0) as u64,
             counters: self.groups.counters(),
         }
     }
@@ -529,7 +538,7 @@ impl Operator for AggregateOp {
                 }
                 let group_key = key.get(1..).unwrap_or_default();
                 let (group, held) = self.decode_group(&codec, &value)?;
-                self.bytes += group_key.len() as i64 + GROUP_OVERHEAD + held;
+                self.bytes += group_key.len() as i64 + group_overhead(self.aggs.len()) + held;
                 self.groups.restore(group_key.into(), group);
             }
             Ok(())
@@ -576,6 +585,7 @@ impl Operator for AggregateOp {
                     &group_size,
                 )?;
                 self.bytes -= freed;
+                self.spilled += freed;
                 Ok(freed.max(0) as u64)
             }
             StateControl::Committed => {
@@ -660,7 +670,7 @@ impl Operator for AggregateOp {
                     let mut fresh = match self.groups.get(key) {
                         Some(_) => None,
                         None => {
-                            self.bytes += key.len() as i64 + GROUP_OVERHEAD;
+                            self.bytes += key.len() as i64 + group_overhead(self.aggs.len());
                             Some(new_group(&self.aggs)?)
                         }
                     };
@@ -775,7 +785,7 @@ impl Operator for AggregateOp {
             }
             if remove {
                 self.groups.remove(key);
-                self.bytes -= key.len() as i64 + GROUP_OVERHEAD;
+                self.bytes -= key.len() as i64 + group_overhead(self.aggs.len());
             }
         }
         self.groups.count_reads(reads);

@@ -9,7 +9,6 @@
 //! Δ(L⋈R) = ΔL⋈R + (L+ΔL)⋈ΔR. Work is proportional to the changes and the rows sharing
 //! their keys, never to the sides' sizes.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
@@ -45,20 +44,22 @@ pub struct JoinSpec {
     pub output: SchemaRef,
 }
 
-#[derive(Debug, Default)]
-struct Entry {
-    weight: i64,
-    degree: i64,
+use super::bucket::{Bucket, Entry};
+
+/// Bytes a key's bucket costs beyond the key itself: the hash map slot at its load factor,
+/// the key's allocation and its place in the changed-key set (measured, see
+/// `tests/state_bytes.rs`).
+const BUCKET_OVERHEAD: i64 = 160;
+
+/// Bytes the rows of a bucket of `len` rows cost beyond their encodings: a single row is
+/// inline (only its allocation rounds up); B-tree nodes cost about 95 bytes a row.
+fn rows_overhead(len: usize) -> i64 {
+    match len {
+        0 => 0,
+        1 => 8,
+        n => 95 * n as i64,
+    }
 }
-
-/// Rows of one side sharing a join key, ordered by their encoding (so matches are emitted in
-/// value order, deterministically).
-type Bucket = BTreeMap<Box<[u8]>, Entry>;
-
-/// Bytes a key's bucket costs beyond the key itself (map slot, allocation).
-const BUCKET_OVERHEAD: i64 = 64;
-/// Bytes a row entry costs beyond the row's encoding.
-const ENTRY_OVERHEAD: i64 = 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Output {
@@ -79,8 +80,9 @@ pub struct JoinOp {
     rows: [RowCodec; 2],
     null_rows: [Box<[u8]>; 2],
     sides: [Box<dyn StateStore<Bucket>>; 2],
-    /// Approximate bytes held by both sides.
+    /// Approximate bytes held by both sides in memory, and evicted to the warm tier.
     bytes: i64,
+    spilled: i64,
 }
 
 /// One change to emit: left row, right row (None = NULLs), weight.
@@ -130,6 +132,7 @@ impl JoinOp {
                 Box::new(TieredState::default()),
             ],
             bytes: 0,
+            spilled: 0,
         })
     }
 
@@ -137,7 +140,9 @@ impl JoinOp {
     fn fault_in(&mut self, side: usize, key: &[u8]) -> Result<()> {
         if let Some(value) = self.sides[side].fetch(key)? {
             let bucket = decode_bucket(&value)?;
-            self.bytes += bucket_size(key, &bucket);
+            let size = bucket_size(key, &bucket);
+            self.bytes += size;
+            self.spilled = (self.spilled - size).max(0);
             self.sides[side].restore(key.into(), bucket);
         }
         Ok(())
@@ -170,7 +175,7 @@ impl JoinOp {
             }
             if let Some(bucket) = self.sides[other].get(keys.row(i)) {
                 scanned += bucket.len() as u64;
-                for (row, entry) in bucket {
+                for (row, entry) in bucket.iter() {
                     pairs.push((i as u32, row.clone(), entry.weight));
                 }
             }
@@ -281,16 +286,17 @@ impl JoinOp {
             if fresh_bucket {
                 self.bytes += key.len() as i64 + BUCKET_OVERHEAD;
             }
-            let row_bytes = this_row.len() as i64 + ENTRY_OVERHEAD;
-            let entry = bucket.entry(this_row.clone()).or_insert_with(|| {
-                self.bytes += row_bytes;
-                Entry::default()
-            });
+            let before = bucket.len();
+            let entry = bucket.entry_or_insert_with(this_row.clone(), Entry::default);
             entry.weight += w;
             entry.degree = degree;
             if entry.weight == 0 {
                 bucket.remove(&this_row);
-                self.bytes -= row_bytes;
+            }
+            let after = bucket.len();
+            if after != before {
+                let row = this_row.len() as i64 * (after as i64 - before as i64);
+                self.bytes += row + rows_overhead(after) - rows_overhead(before);
             }
             if bucket.is_empty() {
                 self.sides[side].remove(key);
@@ -362,11 +368,12 @@ impl Operator for JoinOp {
         for side in &self.sides {
             stats.add(StateStats {
                 entries: side.len() as u64,
-                bytes: 0,
                 counters: side.counters(),
+                ..StateStats::default()
             });
         }
         stats.bytes = self.bytes.max(0) as u64;
+        stats.spilled_bytes = self.spilled.max(0) as u64;
         stats
     }
 
@@ -421,6 +428,7 @@ impl Operator for JoinOp {
                     )?;
                 }
                 self.bytes -= freed;
+                self.spilled += freed;
                 Ok(freed.max(0) as u64)
             }
             StateControl::Committed => {
@@ -447,7 +455,7 @@ impl Operator for JoinOp {
 fn encode_bucket(bucket: &Bucket) -> Vec<u8> {
     let mut w = Writer::new();
     w.u64(bucket.len() as u64);
-    for (row, entry) in bucket {
+    for (row, entry) in bucket.iter() {
         w.bytes(row).i64(entry.weight).i64(entry.degree);
     }
     w.finish()
@@ -455,7 +463,7 @@ fn encode_bucket(bucket: &Bucket) -> Vec<u8> {
 
 fn decode_bucket(value: &[u8]) -> Result<Bucket> {
     let mut r = Reader::new(value);
-    let mut bucket = Bucket::new();
+    let mut bucket = Bucket::default();
     for _ in 0..r.u64()? {
         let row: Box<[u8]> = r.bytes()?.into();
         let weight = r.i64()?;
@@ -469,10 +477,8 @@ fn decode_bucket(value: &[u8]) -> Result<Bucket> {
 fn bucket_size(key: &[u8], bucket: &Bucket) -> i64 {
     key.len() as i64
         + BUCKET_OVERHEAD
-        + bucket
-            .keys()
-            .map(|row| row.len() as i64 + ENTRY_OVERHEAD)
-            .sum::<i64>()
+        + rows_overhead(bucket.len())
+        + bucket.iter().map(|(row, _)| row.len() as i64).sum::<i64>()
 }
 
 fn take_columns(batch: &RecordBatch, indices: impl Iterator<Item = u32>) -> Result<Vec<ArrayRef>> {

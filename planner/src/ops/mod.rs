@@ -7,6 +7,7 @@
 //! hash-partitioned instances at a time.
 
 pub mod aggregate;
+pub mod bucket;
 pub mod codec;
 pub mod filter;
 pub mod join;
@@ -32,8 +33,11 @@ use crate::error::{PlanError, Result};
 pub struct StateStats {
     /// Entries (groups, keys, rows) held.
     pub entries: u64,
-    /// Approximate bytes of the state held.
+    /// Approximate bytes of the state held in memory.
     pub bytes: u64,
+    /// Approximate bytes of the state evicted to the warm tier (as they counted in memory)
+    /// since the pipeline started.
+    pub spilled_bytes: u64,
     /// Reads and writes since the operator was built.
     pub counters: StateCounters,
 }
@@ -43,6 +47,7 @@ impl StateStats {
     pub fn add(&mut self, other: StateStats) {
         self.entries += other.entries;
         self.bytes += other.bytes;
+        self.spilled_bytes += other.spilled_bytes;
         self.counters.reads += other.counters.reads;
         self.counters.writes += other.counters.writes;
         self.counters.evicted += other.counters.evicted;

@@ -86,6 +86,7 @@ impl Operator for TopNOp {
         StateStats {
             entries: self.state.len() as u64,
             bytes: self.bytes.max(0) as u64,
+            spilled_bytes: 0,
             counters: millrace_storage::StateCounters {
                 reads: self.reads,
                 ..Default::default()
