@@ -192,6 +192,17 @@ impl Pipeline {
         }
     }
 
+    /// Writes every operator's state changed since the last checkpoint to the warm tier
+    /// ahead of a checkpoint, where an operator partition holds at least `min_entries`
+    /// changed entries; returns the entries written.
+    pub async fn flush_changes(&mut self, min_entries: usize) -> Result<u64> {
+        if self.tier.is_none() {
+            return Ok(0);
+        }
+        let written = self.control(StateControl::FlushChanges(min_entries)).await?;
+        Ok(written.iter().map(|(_, n)| n).sum())
+    }
+
     /// Failed evictions, and the last failure.
     pub fn eviction_failures(&self) -> (u64, Option<&str>) {
         (self.eviction_failures, self.last_eviction_error.as_deref())
@@ -207,8 +218,13 @@ impl Pipeline {
             .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??
             .consolidate()?;
         self.rows_out += out.len() as u64;
-        if let Some(fraction) = self.tier.as_ref().and_then(|t| t.take_eviction()) {
-            self.evict(fraction).await;
+        if let Some(tier) = self.tier.clone() {
+            let held = self.stats().state.bytes;
+            let cap = tier.cap();
+            let over = (held > cap).then(|| 1.0 - 0.8 * cap as f64 / held as f64);
+            if let Some(fraction) = tier.take_eviction().into_iter().chain(over).reduce(f64::max) {
+                self.evict(fraction).await;
+            }
         }
         Ok(out)
     }

@@ -7,10 +7,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
-use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::common::DataFusionError;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
@@ -53,22 +52,21 @@ impl TableProvider for RowIdTable {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let snapshot = self.table.snapshot()?;
-        let mut batches = Vec::with_capacity(snapshot.batches.len());
-        for (batch, ids) in snapshot.batches.into_iter().zip(snapshot.row_ids) {
-            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-            columns.push(Arc::new(ids));
-            batches.push(RecordBatch::try_new(self.schema.clone(), columns)?);
-        }
-        Ok(MemorySourceConfig::try_new_exec(
-            &[batches],
-            self.schema.clone(),
-            projection.cloned(),
-        )?)
+        // Cold chunks are read a file at a time (no pruning: every row's id must line up).
+        let snapshot = {
+            let data = self
+                .table
+                .data
+                .read()
+                .map_err(|_| DataFusionError::Execution("table lock poisoned".into()))?;
+            data.tiered_snapshot_with_ids(self.schema.clone())
+                .map_err(|e| DataFusionError::External(Box::new(e)))?
+        };
+        crate::tiered_scan::scan(state, snapshot, projection, &[])
     }
 }

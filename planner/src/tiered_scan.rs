@@ -268,29 +268,42 @@ impl ExecutionPlan for TieredScanExec {
         let projection = self.projection.clone();
         let pruning = self.pruning.clone();
         let schema = self.properties.eq_properties.schema().clone();
+        let schema_of_parts = schema.clone();
         let stream = futures::stream::iter(parts)
             .then(move |part| {
                 let projection = projection.clone();
                 let pruning = pruning.clone();
+                let out = schema_of_parts.clone();
                 async move {
                     match part {
                         SnapshotPart::Hot(batch) => Ok(vec![match &projection {
                             Some(p) => batch.project(p)?,
                             None => batch,
                         }]),
-                        SnapshotPart::Cold { file, rows } => {
-                            tokio::task::spawn_blocking(move || {
-                                let groups = row_groups(&file, pruning.as_deref());
-                                file.read_batches(
-                                    projection.as_deref(),
-                                    rows.as_deref(),
-                                    groups.as_deref(),
-                                )
-                            })
-                            .await
-                            .map_err(|e| DataFusionError::External(Box::new(e)))?
-                            .map_err(|e| DataFusionError::External(Box::new(e)))
-                        }
+                        SnapshotPart::Cold {
+                            file,
+                            rows,
+                            ids: None,
+                        } => tokio::task::spawn_blocking(move || {
+                            let groups = row_groups(&file, pruning.as_deref());
+                            file.read_batches(
+                                projection.as_deref(),
+                                rows.as_deref(),
+                                groups.as_deref(),
+                            )
+                        })
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?
+                        .map_err(|e| DataFusionError::External(Box::new(e))),
+                        SnapshotPart::Cold {
+                            file,
+                            rows,
+                            ids: Some(ids),
+                        } => tokio::task::spawn_blocking(move || {
+                            read_with_ids(&file, projection.as_deref(), rows.as_deref(), &ids, out)
+                        })
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?,
                     }
                 }
             })
@@ -302,4 +315,50 @@ impl ExecutionPlan for TieredScanExec {
             });
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
+}
+
+/// Reads the live rows of a cold chunk with their row ids as the last column of the
+/// scanned schema (the file holds the table's columns only); `projection` indexes that
+/// schema, where the file's width is the ids column.
+fn read_with_ids(
+    file: &ColdFile,
+    projection: Option<&[usize]>,
+    rows: Option<&[usize]>,
+    ids: &UInt64Array,
+    out: SchemaRef,
+) -> datafusion::error::Result<Vec<RecordBatch>> {
+    let width = file.schema.fields().len();
+    let wanted: Vec<usize> = match projection {
+        Some(p) => p.to_vec(),
+        None => (0..=width).collect(),
+    };
+    let mut from_file: Vec<usize> = wanted.iter().copied().filter(|i| *i < width).collect();
+    from_file.sort_unstable();
+    from_file.dedup();
+    let batches = file
+        .read_batches(Some(&from_file), rows, None)
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    let mut batches_out = Vec::with_capacity(batches.len());
+    let mut offset = 0;
+    for batch in batches {
+        let n = batch.num_rows();
+        let batch_ids: ArrayRef = Arc::new(ids.slice(offset, n));
+        offset += n;
+        let columns = wanted
+            .iter()
+            .map(|i| match from_file.iter().position(|f| f == i) {
+                Some(at) => Ok(batch.column(at).clone()),
+                None if *i == width => Ok(batch_ids.clone()),
+                None => Err(DataFusionError::Internal(format!("column {i} out of range"))),
+            })
+            .collect::<datafusion::error::Result<Vec<ArrayRef>>>()?;
+        batches_out.push(RecordBatch::try_new(out.clone(), columns)?);
+    }
+    if offset != ids.len() {
+        return Err(DataFusionError::Internal(format!(
+            "a cold chunk returned {offset} rows for {} row ids",
+            ids.len()
+        )));
+    }
+    Ok(batches_out)
 }

@@ -43,6 +43,29 @@ fn tune_glibc_malloc() {
     }
 }
 
+/// Under a memory limit, freed pages go back to the system at once instead of after a
+/// second: at the write rates of a bulk load a second of freed pages is tens of MB (measured:
+/// peak RSS of a join loaded under `--memory-limit 64MiB` 368 MB with the one-second decay,
+/// 290 MB without; the load took 40% longer in a debug build).
+fn purge_freed_pages_at_once() {
+    for name in [&b"arenas.dirty_decay_ms\0"[..], &b"arena.4096.dirty_decay_ms\0"[..]] {
+        let mut value: isize = 0;
+        // SAFETY: both names take an ssize_t; the pointer and length describe `value`.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr().cast(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                (&mut value as *mut isize).cast(),
+                std::mem::size_of::<isize>(),
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(rc, "setting jemalloc's decay failed");
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     tune_glibc_malloc();
     tracing_subscriber::fmt()
@@ -55,6 +78,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
+            if config.memory_limit.is_some() {
+                purge_freed_pages_at_once();
+            }
             // NOTE: planning deeply nested SQL recurses; DataFusion grows the stack in its own
             // recursion, but the frames between its checkpoints need headroom beyond tokio's
             // 2 MiB default.

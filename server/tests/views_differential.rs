@@ -513,10 +513,11 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
                 "with --cache-bytes 1 nothing was read from evicted chunks: {misses:?}"
             ));
         }
-        // Operator state (joins, aggregates, windows) went to RocksDB and was read back.
-        if n(2) == 0 || n(3) == 0 {
+        // Operator state (joins, aggregates, windows) went through the warm tier in RocksDB:
+        // evicted, or read back (right after a restart only reads may have happened yet).
+        if n(2) == 0 && n(3) == 0 {
             return Err(format!(
-                "with --cache-bytes 1 no operator state was evicted and read back: {misses:?}"
+                "with --cache-bytes 1 no operator state was evicted or read back: {misses:?}"
             ));
         }
     }

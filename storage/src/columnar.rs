@@ -65,6 +65,9 @@ pub enum SnapshotPart {
         file: Arc<ColdFile>,
         /// Ascending positions of the live rows, or `None` when every row is live.
         rows: Option<Arc<[usize]>>,
+        /// Row ids of the live rows, appended to what is read as a last column (for DML,
+        /// see [`ColumnarTable::tiered_snapshot_with_ids`]).
+        ids: Option<UInt64Array>,
     },
 }
 
@@ -73,7 +76,7 @@ impl SnapshotPart {
     pub fn num_rows(&self) -> usize {
         match self {
             SnapshotPart::Hot(b) => b.num_rows(),
-            SnapshotPart::Cold { file, rows } => rows.as_ref().map_or(file.rows, |r| r.len()),
+            SnapshotPart::Cold { file, rows, .. } => rows.as_ref().map_or(file.rows, |r| r.len()),
         }
     }
 }
@@ -813,6 +816,7 @@ impl ColumnarTable {
                     parts.push(SnapshotPart::Cold {
                         file: file.clone(),
                         rows,
+                        ids: None,
                     });
                 }
             }
@@ -821,6 +825,26 @@ impl ColumnarTable {
             schema: self.schema.clone(),
             parts,
         })
+    }
+
+    /// [`ColumnarTable::tiered_snapshot`] with the row ids of every part: hot batches carry
+    /// them as a last column (`schema` is the table's plus that column), cold parts as
+    /// `ids`. DML reads a table larger than memory this way, a file at a time.
+    pub fn tiered_snapshot_with_ids(&self, schema: SchemaRef) -> Result<TieredSnapshot> {
+        let mut snapshot = self.tiered_snapshot()?;
+        for (part, chunk) in snapshot.parts.iter_mut().zip(self.chunks.values()) {
+            let live = chunk.visible_row_ids()?;
+            match part {
+                SnapshotPart::Hot(batch) => {
+                    let mut columns = batch.columns().to_vec();
+                    columns.push(Arc::new(live));
+                    *batch = RecordBatch::try_new(schema.clone(), columns)?;
+                }
+                SnapshotPart::Cold { ids, .. } => *ids = Some(live),
+            }
+        }
+        snapshot.schema = schema;
+        Ok(snapshot)
     }
 
     /// The live contents as insert entries, for rewriting a table's log.

@@ -83,7 +83,14 @@ pub trait StateStore<V>: Send + std::fmt::Debug {
         encode: &mut EncodeFn<'_, V>,
         size: &SizeFn<'_, V>,
     ) -> Result<i64>;
+    /// Writes the entries changed since the last checkpoint to the warm tier in bounded
+    /// chunks, when there are at least `min_entries` of them, keeping them in memory; a
+    /// checkpoint then commits only what changes after. Returns the entries written.
+    fn flush_changes(&mut self, min_entries: usize, encode: &mut EncodeFn<'_, V>) -> Result<u64>;
 }
+
+/// Bytes of encoded entries written to the warm tier in one batch.
+const SPILL_CHUNK_BYTES: usize = 4 << 20;
 
 #[derive(Debug)]
 struct Slot<V> {
@@ -194,7 +201,7 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
     }
 
     fn committed(&mut self) {
-        self.pending.clear();
+        self.pending = HashSet::default();
     }
 
     fn restore(&mut self, key: StateKey, value: V) {
@@ -237,47 +244,43 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
         };
         let n = self.entries.len();
         let k = ((n as f64) * fraction.clamp(0.0, 1.0)).ceil() as usize;
+        // Unchanged entries go first (dropping them writes nothing), least recently used
+        // first within each kind.
+        let rank = |key: &StateKey, slot: &Slot<V>| {
+            if self.dirty.contains(key) || self.pending.contains(key) {
+                slot.used | 1 << 63
+            } else {
+                slot.used
+            }
+        };
         let cutoff = match k {
             0 => None,
             k if k >= n => Some(u64::MAX),
             k => {
-                let mut used: Vec<u64> = self.entries.values().map(|s| s.used).collect();
-                Some(*used.select_nth_unstable(k - 1).1)
+                let mut ranks: Vec<u64> = self.entries.iter().map(|(k, s)| rank(k, s)).collect();
+                Some(*ranks.select_nth_unstable(k - 1).1)
             }
         };
         let victims: Vec<StateKey> = match cutoff {
             Some(cutoff) => self
                 .entries
                 .iter()
-                .filter(|(_, s)| s.used <= cutoff)
+                .filter(|(key, slot)| rank(key, slot) <= cutoff)
                 .map(|(key, _)| key.clone())
                 .take(k)
                 .collect(),
             None => Vec::new(),
         };
-        // Changed entries are written before they leave memory; so are removals, which
-        // then need no tombstone in memory.
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        for key in &victims {
-            if self.changed(key)
-                && let Some(slot) = self.entries.get_mut(key)
-            {
-                writes.push((key.to_vec(), Some(encode(&mut slot.value)?)));
-            }
-        }
-        for key in self.dirty.iter().chain(self.pending.iter()) {
-            if !self.entries.contains_key(key) {
-                writes.push((key.to_vec(), None));
-            }
-        }
-        writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        writes.dedup_by(|a, b| a.0 == b.0);
-        let written: Vec<Vec<u8>> = writes.iter().map(|(key, _)| key.clone()).collect();
-        location.spill(writes)?;
-        for key in &written {
-            self.dirty.remove(key.as_slice());
-            self.pending.remove(key.as_slice());
-        }
+        // Changed entries are written before they leave memory, in bounded batches; so are
+        // removals, which then need no tombstone in memory.
+        let removed: Vec<StateKey> = self
+            .dirty
+            .iter()
+            .chain(self.pending.iter())
+            .filter(|key| !self.entries.contains_key(*key))
+            .cloned()
+            .collect();
+        self.write_changes(&location, removed.iter().chain(&victims), encode)?;
         let mut freed = 0;
         for key in &victims {
             if let Some(slot) = self.entries.remove(key) {
@@ -287,11 +290,65 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
         if !victims.is_empty() {
             self.cold = true;
             self.counters.evicted += victims.len() as u64;
-            if self.entries.len() < self.entries.capacity() / 4 {
+            // NOTE: a table sized for the entries before eviction keeps its slots (64 bytes
+            // each); left at half load or less after an eviction, it is rebuilt to size.
+            if self.entries.len() <= self.entries.capacity() / 2 {
                 self.entries.shrink_to_fit();
+            }
+            if self.dirty.len() <= self.dirty.capacity() / 4 {
+                self.dirty.shrink_to_fit();
             }
         }
         Ok(freed)
+    }
+
+    fn flush_changes(&mut self, min_entries: usize, encode: &mut EncodeFn<'_, V>) -> Result<u64> {
+        let Some(location) = self.location.clone() else {
+            return Ok(0);
+        };
+        if self.dirty.len() + self.pending.len() < min_entries.max(1) {
+            return Ok(0);
+        }
+        let keys: Vec<StateKey> = self.dirty.iter().chain(self.pending.iter()).cloned().collect();
+        self.write_changes(&location, keys.iter(), encode)
+    }
+}
+
+impl<V> TieredState<V> {
+    /// Writes those of `keys` changed since the last checkpoint (their entry, or their
+    /// removal) to the warm tier in batches of about [`SPILL_CHUNK_BYTES`]; each written
+    /// key is clean afterwards. Returns the entries written.
+    fn write_changes<'k>(
+        &mut self,
+        location: &StateLocation,
+        keys: impl Iterator<Item = &'k StateKey>,
+        encode: &mut EncodeFn<'_, V>,
+    ) -> Result<u64> {
+        let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut bytes = 0;
+        let mut written = 0;
+        let mut keys = keys.peekable();
+        while let Some(key) = keys.next() {
+            if self.changed(key) {
+                let value = match self.entries.get_mut(key) {
+                    Some(slot) => Some(encode(&mut slot.value)?),
+                    None => None,
+                };
+                bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+                batch.push((key.to_vec(), value));
+            }
+            if !batch.is_empty() && (bytes >= SPILL_CHUNK_BYTES || keys.peek().is_none()) {
+                let keys_written: Vec<Vec<u8>> = batch.iter().map(|(k, _)| k.clone()).collect();
+                location.spill(std::mem::take(&mut batch))?;
+                for key in &keys_written {
+                    self.dirty.remove(key.as_slice());
+                    self.pending.remove(key.as_slice());
+                }
+                written += keys_written.len() as u64;
+                bytes = 0;
+            }
+        }
+        Ok(written)
     }
 }
 

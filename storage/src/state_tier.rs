@@ -44,6 +44,9 @@ pub struct StateTier {
     mark: Mutex<SpillMark>,
     /// Requested eviction, as a fraction of the entries in parts per million (0: none).
     eviction: AtomicU32,
+    /// Bytes of state the pipeline may hold before it evicts on its own after a step
+    /// (u64::MAX: no cap), set by the cache manager from the budget's headroom.
+    cap: AtomicU64,
     /// Entries written to and read back from the tier.
     written: AtomicU64,
     read: AtomicU64,
@@ -61,6 +64,7 @@ impl StateTier {
                 ..SpillMark::default()
             }),
             eviction: AtomicU32::new(0),
+            cap: AtomicU64::new(u64::MAX),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
         })
@@ -93,6 +97,16 @@ impl StateTier {
     pub fn request_eviction(&self, fraction: f64) {
         let ppm = (fraction.clamp(0.0, 1.0) * 1e6) as u32;
         self.eviction.fetch_max(ppm, Ordering::Relaxed);
+    }
+
+    /// Caps the state the pipeline holds in memory (it evicts after a step that goes past).
+    pub fn set_cap(&self, bytes: u64) {
+        self.cap.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The cap on state held in memory.
+    pub fn cap(&self) -> u64 {
+        self.cap.load(Ordering::Relaxed)
     }
 
     /// The eviction requested since the last call, if any.

@@ -592,6 +592,15 @@ impl Operator for AggregateOp {
                 self.groups.committed();
                 Ok(0)
             }
+            StateControl::FlushChanges(min) => {
+                let Some(codec) = &self.codec else {
+                    return Ok(0);
+                };
+                Ok(self.groups.flush_changes(min, &mut |group: &mut Group| {
+                    Self::encode_group(codec, group)
+                        .map_err(|e| StorageError::StateCodec(e.to_string()))
+                })?)
+            }
         }
     }
 

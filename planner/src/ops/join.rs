@@ -437,6 +437,14 @@ impl Operator for JoinOp {
                 }
                 Ok(0)
             }
+            StateControl::FlushChanges(min) => {
+                let mut written = 0;
+                for store in &mut self.sides {
+                    written += store
+                        .flush_changes(min, &mut |bucket: &mut Bucket| Ok(encode_bucket(bucket)))?;
+                }
+                Ok(written)
+            }
         }
     }
 

@@ -107,6 +107,10 @@ pub enum StateControl {
     Evict(f64),
     /// The last checkpoint committed.
     Committed,
+    /// Write the entries changed since the last checkpoint to the warm tier ahead of the
+    /// checkpoint when there are at least this many (so that the checkpoint's own write
+    /// stays small).
+    FlushChanges(usize),
 }
 
 /// A changed state entry: key, and the encoded entry (None: removed).

@@ -154,6 +154,10 @@ impl Operator for WindowOp {
                 self.partitions.committed();
                 Ok(0)
             }
+            StateControl::FlushChanges(min) => Ok(self.partitions.flush_changes(
+                min,
+                &mut |partition: &mut Partition| Ok(encode_partition(partition)),
+            )?),
         }
     }
 

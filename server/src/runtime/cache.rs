@@ -30,6 +30,9 @@ use crate::runtime::ViewEntry;
 const TICK: Duration = Duration::from_millis(100);
 /// Chunks smaller than this stay in memory (evicting them frees too little).
 const MIN_EVICT_BYTES: usize = 64 << 10;
+/// When over its share, the cache evicts down to this many tenths of it (the headroom is
+/// what the pipelines grow into before the next tick).
+const EVICT_TO_TENTHS: u64 = 7;
 
 /// How the memory limit is shared out.
 #[derive(Debug, Clone, Copy)]
@@ -249,7 +252,7 @@ impl CacheManager {
         if let Some(share) = self.budget.cache
             && used > share
         {
-            let target = share / 10 * 8;
+            let target = share / 10 * EVICT_TO_TENTHS;
             match self.evict(&owners, used - target) {
                 Ok(freed) => used = used.saturating_sub(freed),
                 Err(e) => {
@@ -265,9 +268,12 @@ impl CacheManager {
         if let Some(share) = self.budget.cache
             && used > share
         {
-            let freed = self.evict_state(engine, used - share / 10 * 8);
+            let freed = self.evict_state(engine, used - share / 10 * EVICT_TO_TENTHS);
             used = used.saturating_sub(freed);
             self.cache_bytes.store(used, Ordering::Relaxed);
+        }
+        if let Some(share) = self.budget.cache {
+            self.cap_state(engine, &owners, share.saturating_sub(used));
         }
         let over = self
             .budget
@@ -281,6 +287,29 @@ impl CacheManager {
         }
         if let Err(e) = self.cold.collect_garbage() {
             warn!(error = %e, "deleting unreferenced cold files failed; retrying");
+        }
+    }
+
+    /// Caps each view's operator state at what it holds plus its part of the cache's
+    /// `headroom` (in proportion to its state), so that a pipeline that grows faster than
+    /// the manager's ticks evicts on its own after a step.
+    fn cap_state(&self, engine: &Engine, owners: &[(Owner, CacheStats, StateStats)], headroom: u64) {
+        let total: u64 = owners.iter().map(|(_, _, s)| s.bytes).sum();
+        let views = owners.iter().filter_map(|(owner, _, state)| match owner {
+            Owner::View(v) => Some((v.id, state.bytes)),
+            Owner::Table(_) => None,
+        });
+        for (id, state) in views {
+            let Some(view) = engine.views.view(id) else {
+                continue;
+            };
+            let share = match total {
+                0 => headroom,
+                total => (headroom as f64 * state as f64 / total as f64) as u64,
+            };
+            if let Some(tier) = view.tier.lock().ok().and_then(|t| t.clone()) {
+                tier.set_cap(state + share.max(MIN_EVICT_BYTES as u64));
+            }
         }
     }
 

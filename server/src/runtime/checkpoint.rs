@@ -45,6 +45,9 @@ use crate::error::{Result, ServerError};
 
 /// Metadata key of the last committed manifest.
 pub const MANIFEST_KEY: &[u8] = b"checkpoint/manifest";
+/// Changed entries of one operator partition from which they are written ahead of the
+/// checkpoint's commit (see `Pipeline::flush_changes`).
+const FLUSH_AHEAD_ENTRIES: usize = 4096;
 /// Checkpoints listed in `millrace_checkpoints`.
 const HISTORY: usize = 100;
 /// Bytes written by checkpoints after which the state is flushed out of RocksDB's memtable
@@ -178,11 +181,13 @@ impl ViewRuntime {
                     skipped += 1;
                     continue;
                 };
-                (
-                    pipeline.checkpoint().await,
-                    pipeline.workers(),
-                    pipeline.tier().cloned(),
-                )
+                // A large delta goes to the warm tier in bounded batches first, so that the
+                // checkpoint's one atomic write does not hold all of it in memory twice.
+                let state = match pipeline.flush_changes(FLUSH_AHEAD_ENTRIES).await {
+                    Ok(_) => pipeline.checkpoint().await,
+                    Err(e) => Err(e),
+                };
+                (state, pipeline.workers(), pipeline.tier().cloned())
             };
             let fresh = view.checkpoint_fresh.load(Ordering::SeqCst);
             let rows = match view.provider.contents.write() {

@@ -20,6 +20,7 @@
 //! restarts and their outcome are listed in `millrace_events` (`events.rs`).
 
 pub mod backfill;
+pub mod backlog;
 pub mod cache;
 pub mod checkpoint;
 pub mod events;
@@ -294,7 +295,8 @@ impl ViewEntry {
 }
 
 enum Command {
-    Epoch(u64, EpochChanges),
+    /// An epoch's changes and the bytes they hold (released from the backlog when done).
+    Epoch(u64, EpochChanges, u64),
     BackfillDone(Arc<ViewEntry>),
     Checkpoint(Barrier),
 }
@@ -319,6 +321,8 @@ pub struct ViewRuntime {
     /// Epochs merged into one step at most: [`MAX_COALESCE`], or the queue's capacity if
     /// smaller, so that what waits for the views stays within two queues' worth.
     coalesce: usize,
+    /// Bytes of changes waiting for the coordinator, bounded under a memory limit.
+    backlog: backlog::Backlog,
     /// Failures in a row after which a view is marked failed instead of restarted.
     pub max_restarts: u32,
     /// Failures, restarts and recovery, for `millrace_events`.
@@ -342,7 +346,7 @@ pub struct ViewRuntime {
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::Epoch(e, _) => write!(f, "Epoch({e})"),
+            Command::Epoch(e, _, _) => write!(f, "Epoch({e})"),
             Command::BackfillDone(v) => write!(f, "BackfillDone({})", v.id),
             Command::Checkpoint(b) => write!(f, "Checkpoint({})", b.log_seq),
         }
@@ -358,6 +362,7 @@ impl ViewRuntime {
         epoch_queue: usize,
         max_restarts: u32,
         store: Arc<Store>,
+        max_backlog_bytes: Option<u64>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(epoch_queue.max(1));
         let (published, _) = watch::channel(0);
@@ -372,6 +377,7 @@ impl ViewRuntime {
             workers: workers.max(1),
             slow_us_per_row: AtomicU64::new(0),
             coalesce: MAX_COALESCE.min(epoch_queue.max(1)),
+            backlog: backlog::Backlog::new(max_backlog_bytes),
             max_restarts,
             events: Arc::new(EventLog::default()),
             failed,
@@ -555,9 +561,14 @@ impl ViewRuntime {
     /// Hands one commit's changes to the coordinator. Called under the engine's write lock
     /// (epochs are numbered in commit order); waits while the queue is full.
     pub fn send_epoch(&self, changes: EpochChanges) -> u64 {
+        let bytes: u64 = changes
+            .values()
+            .map(|c| c.batch.get_array_memory_size() as u64)
+            .sum();
+        tokio::task::block_in_place(|| self.backlog.reserve(bytes));
         let epoch = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
         let tx = self.commands.clone();
-        let command = Command::Epoch(epoch, changes);
+        let command = Command::Epoch(epoch, changes, bytes);
         let sent = match tx.try_send(command) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(command)) => {
@@ -584,14 +595,23 @@ impl ViewRuntime {
     async fn coordinate(self: Arc<Self>, mut rx: mpsc::Receiver<Command>) {
         info!(workers = self.workers, "view coordinator started");
         while let Some(first) = rx.recv().await {
+            let bytes_of = |c: &Command| match c {
+                Command::Epoch(_, _, bytes) => *bytes,
+                _ => 0,
+            };
+            let mut bytes = bytes_of(&first);
             let mut commands = vec![first];
             // NOTE: a checkpoint barrier ends the batch: it must see exactly the epochs
             // queued before it.
             while commands.len() < self.coalesce
+                && bytes < self.backlog.max() / 2
                 && !matches!(commands.last(), Some(Command::Checkpoint(_)))
             {
                 match rx.try_recv() {
-                    Ok(c) => commands.push(c),
+                    Ok(c) => {
+                        bytes += bytes_of(&c);
+                        commands.push(c);
+                    }
                     Err(_) => break,
                 }
             }
@@ -601,7 +621,7 @@ impl ViewRuntime {
             let mut barrier = None;
             for command in commands {
                 match command {
-                    Command::Epoch(e, changes) => {
+                    Command::Epoch(e, changes, _) => {
                         epoch = Some(e);
                         for (id, c) in changes {
                             merged.entry(id).or_default().push(c);
@@ -626,6 +646,7 @@ impl ViewRuntime {
                 }
                 self.process_epoch(epoch, changes).await;
             }
+            self.backlog.release(bytes);
             for view in done {
                 self.finish_backfill(view).await;
             }
