@@ -150,10 +150,15 @@ impl Pipeline {
     async fn control(&mut self, control: StateControl) -> Result<Vec<(u32, u64)>> {
         let mut out = Vec::new();
         let mut next_op = 0u32;
-        std::panic::AssertUnwindSafe(control_stage(&mut self.root, &mut next_op, control, &mut out))
-            .catch_unwind()
-            .await
-            .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??;
+        std::panic::AssertUnwindSafe(control_stage(
+            &mut self.root,
+            &mut next_op,
+            control,
+            &mut out,
+        ))
+        .catch_unwind()
+        .await
+        .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??;
         Ok(out)
     }
 
@@ -199,7 +204,9 @@ impl Pipeline {
         if self.tier.is_none() {
             return Ok(0);
         }
-        let written = self.control(StateControl::FlushChanges(min_entries)).await?;
+        let written = self
+            .control(StateControl::FlushChanges(min_entries))
+            .await?;
         Ok(written.iter().map(|(_, n)| n).sum())
     }
 
@@ -222,7 +229,12 @@ impl Pipeline {
             let held = self.stats().state.bytes;
             let cap = tier.cap();
             let over = (held > cap).then(|| 1.0 - 0.8 * cap as f64 / held as f64);
-            if let Some(fraction) = tier.take_eviction().into_iter().chain(over).reduce(f64::max) {
+            if let Some(fraction) = tier
+                .take_eviction()
+                .into_iter()
+                .chain(over)
+                .reduce(f64::max)
+            {
                 self.evict(fraction).await;
             }
         }

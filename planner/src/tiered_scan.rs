@@ -349,7 +349,9 @@ fn read_with_ids(
             .map(|i| match from_file.iter().position(|f| f == i) {
                 Some(at) => Ok(batch.column(at).clone()),
                 None if *i == width => Ok(batch_ids.clone()),
-                None => Err(DataFusionError::Internal(format!("column {i} out of range"))),
+                None => Err(DataFusionError::Internal(format!(
+                    "column {i} out of range"
+                ))),
             })
             .collect::<datafusion::error::Result<Vec<ArrayRef>>>()?;
         batches_out.push(RecordBatch::try_new(out.clone(), columns)?);

@@ -119,7 +119,10 @@ async fn measure(sql: &str, n: i64, per_key: i64) -> Result<(i64, i64), Error> {
         .step_by(10_000)
         .flat_map(|from| {
             let to = (from + 10_000).min(n);
-            [(1u64, rows(from, to, per_key)), (2u64, rows(from, to, per_key))]
+            [
+                (1u64, rows(from, to, per_key)),
+                (2u64, rows(from, to, per_key)),
+            ]
         })
         .map(|(id, b)| b.map(|b| (id, b)))
         .collect::<Result<_, _>>()?;

@@ -48,7 +48,10 @@ fn tune_glibc_malloc() {
 /// peak RSS of a join loaded under `--memory-limit 64MiB` 368 MB with the one-second decay,
 /// 290 MB without; the load took 40% longer in a debug build).
 fn purge_freed_pages_at_once() {
-    for name in [&b"arenas.dirty_decay_ms\0"[..], &b"arena.4096.dirty_decay_ms\0"[..]] {
+    for name in [
+        &b"arenas.dirty_decay_ms\0"[..],
+        &b"arena.4096.dirty_decay_ms\0"[..],
+    ] {
         let mut value: isize = 0;
         // SAFETY: both names take an ssize_t; the pointer and length describe `value`.
         let rc = unsafe {

@@ -161,7 +161,11 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
         "SELECT state_bytes + state_spilled_bytes FROM millrace_cache WHERE name = 'j'",
     )
     .await;
-    let in_memory = figure(&client, "SELECT state_bytes FROM millrace_cache WHERE name = 'j'").await;
+    let in_memory = figure(
+        &client,
+        "SELECT state_bytes FROM millrace_cache WHERE name = 'j'",
+    )
+    .await;
     println!(
         "{n} rows a side: join state {} MiB ({:.1} x the limit), {} MiB of it in memory",
         state >> 20,
@@ -204,9 +208,20 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
         "batch join over ids {from}..={to}"
     );
 
-    let evicted = figure(&client, "SELECT state_evicted FROM millrace_cache WHERE name = 'j'").await;
-    let fetched = figure(&client, "SELECT state_fetched FROM millrace_cache WHERE name = 'j'").await;
-    assert!(evicted > 0 && fetched > 0, "evicted {evicted}, fetched {fetched}");
+    let evicted = figure(
+        &client,
+        "SELECT state_evicted FROM millrace_cache WHERE name = 'j'",
+    )
+    .await;
+    let fetched = figure(
+        &client,
+        "SELECT state_fetched FROM millrace_cache WHERE name = 'j'",
+    )
+    .await;
+    assert!(
+        evicted > 0 && fetched > 0,
+        "evicted {evicted}, fetched {fetched}"
+    );
     let bound = LIMIT_BYTES + LIMIT_BYTES / 5 + idle;
     println!(
         "memory limit {LIMIT}: idle RSS {} MiB, peak RSS while the view was built {} MiB, \

@@ -574,8 +574,8 @@ impl Store {
         Ok(out)
     }
 
-    /// The checkpointed state entries of one operator of a view: partition, key, value.
-    pub fn view_state_op(&self, view_id: u64, op: u32) -> Result<Vec<(u32, Vec<u8>, Vec<u8>)>> {
+    /// The checkpointed state entries of one operator of a view.
+    pub fn view_state_op(&self, view_id: u64, op: u32) -> Result<Vec<OpStateEntry>> {
         let prefix = view_state_key(view_id, op, 0, &[]);
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(
@@ -667,6 +667,8 @@ impl Store {
 
 /// One checkpointed state entry of a view: operator, partition, key, value.
 pub type ViewStateEntry = (u32, u32, Vec<u8>, Vec<u8>);
+/// One checkpointed state entry of an operator: partition, key, value.
+pub type OpStateEntry = (u32, Vec<u8>, Vec<u8>);
 
 fn view_state_key(view_id: u64, op: u32, partition: u32, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(16 + key.len());

@@ -309,7 +309,12 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
         if self.dirty.len() + self.pending.len() < min_entries.max(1) {
             return Ok(0);
         }
-        let keys: Vec<StateKey> = self.dirty.iter().chain(self.pending.iter()).cloned().collect();
+        let keys: Vec<StateKey> = self
+            .dirty
+            .iter()
+            .chain(self.pending.iter())
+            .cloned()
+            .collect();
         self.write_changes(&location, keys.iter(), encode)
     }
 }

@@ -213,15 +213,104 @@ impl StateLocation {
                 *key = self.full_key(key);
             }
         }
-        self.tier.store.spill_view_state(
-            self.tier.view_id,
-            self.op,
-            self.partition,
-            &entries,
-        )?;
+        self.tier
+            .store
+            .spill_view_state(self.tier.view_id, self.op, self.partition, &entries)?;
         self.tier
             .written
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{StateStore, TieredState};
+
+    fn encode(v: &mut i64) -> Result<Vec<u8>> {
+        Ok(v.to_le_bytes().to_vec())
+    }
+
+    fn decode(bytes: &[u8]) -> i64 {
+        i64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]))
+    }
+
+    /// The value under `key` as an operator sees it: in memory, or read back.
+    fn value(s: &mut TieredState<i64>, key: &[u8]) -> Result<Option<i64>> {
+        if let Some(bytes) = s.fetch(key)? {
+            s.restore(key.into(), decode(&bytes));
+        }
+        Ok(s.get(key).copied())
+    }
+
+    #[test]
+    fn evicted_state_reads_back_and_marks_the_checkpoint_stale_until_committed() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Injected(e.to_string()))?;
+        let store = Arc::new(Store::open(dir.path())?);
+        let tier = StateTier::new(store.clone(), 7, true);
+        let mut s: TieredState<i64> = TieredState::default();
+        s.attach(tier.location(1, 0).with_prefix(&[0]));
+        for k in 0..100i64 {
+            *s.get_or_insert_with(&k.to_be_bytes(), &mut || 0) += k;
+        }
+        s.remove(&5i64.to_be_bytes());
+        let freed = s.evict(0.5, &mut encode, &|_, _| 10)?;
+        assert_eq!((s.len(), freed), (49, 500), "half of 99, rounded up, left");
+        assert!(
+            StateTier::is_marked(&store, 7)?,
+            "changed entries were written"
+        );
+        for k in 0..100i64 {
+            let want = (k != 5).then_some(k);
+            assert_eq!(value(&mut s, &k.to_be_bytes())?, want, "key {k}");
+        }
+        assert_eq!(s.counters().fetched, 50, "the evicted half was read back");
+        // Entries read back are clean: a full eviction writes only the 49 never evicted,
+        // and the next one writes nothing; reads still find every entry.
+        let (written, _) = tier.counters();
+        s.evict(1.0, &mut encode, &|_, _| 10)?;
+        assert_eq!(tier.counters().0, written + 49);
+        for k in [1i64, 2, 3] {
+            value(&mut s, &k.to_be_bytes())?;
+        }
+        s.evict(1.0, &mut encode, &|_, _| 10)?;
+        assert_eq!(tier.counters().0, written + 49);
+        assert_eq!(value(&mut s, &42i64.to_be_bytes())?, Some(42));
+        assert_eq!(value(&mut s, &5i64.to_be_bytes())?, None);
+        // A change after that is dirty again; a failed write keeps it in memory.
+        *s.get_or_insert_with(&42i64.to_be_bytes(), &mut || 0) += 1;
+        store.inject_write_failures(1);
+        assert!(s.evict(1.0, &mut encode, &|_, _| 10).is_err());
+        assert_eq!(s.peek(&42i64.to_be_bytes()), Some(&43));
+        s.evict(1.0, &mut encode, &|_, _| 10)?;
+        assert_eq!(value(&mut s, &42i64.to_be_bytes())?, Some(43));
+        // The checkpoint that includes the view clears the mark.
+        let mut set = crate::WriteSet::new();
+        set.delete_meta(&StateTier::mark_key(7));
+        store.commit(set)?;
+        tier.committed();
+        assert!(!StateTier::is_marked(&store, 7)?);
+        Ok(())
+    }
+
+    #[test]
+    fn changes_written_ahead_of_a_checkpoint_are_clean_and_stay_in_memory() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Injected(e.to_string()))?;
+        let store = Arc::new(Store::open(dir.path())?);
+        let tier = StateTier::new(store.clone(), 9, false);
+        let mut s: TieredState<i64> = TieredState::default();
+        s.attach(tier.location(0, 3));
+        for k in 0..10i64 {
+            *s.get_or_insert_with(&k.to_be_bytes(), &mut || 0) += 1;
+        }
+        assert_eq!(s.flush_changes(100, &mut encode)?, 0, "below the threshold");
+        assert_eq!(s.flush_changes(5, &mut encode)?, 10);
+        assert!(s.take_dirty().is_empty(), "nothing left for the checkpoint");
+        assert_eq!(s.len(), 10);
+        let on_disk = store.view_state_op(9, 0)?;
+        assert_eq!(on_disk.len(), 10);
+        assert!(on_disk.iter().all(|(p, _, v)| *p == 3 && decode(v) == 1));
         Ok(())
     }
 }

@@ -135,10 +135,9 @@ fn group_size(key: &[u8], group: &Group) -> i64 {
         .states
         .iter()
         .map(|state| match state {
-            AggState::Values(values) => values
-                .keys()
-                .map(|v| v.len() as i64 + VALUE_OVERHEAD)
-                .sum(),
+            AggState::Values(values) => {
+                values.keys().map(|v| v.len() as i64 + VALUE_OVERHEAD).sum()
+            }
             AggState::Sliding(_) => 0,
         })
         .sum();

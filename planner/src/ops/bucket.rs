@@ -31,17 +31,17 @@ impl Default for Bucket {
 
 /// Rows of a bucket in encoding order.
 pub enum Iter<'a> {
-    One(Option<(&'a Box<[u8]>, &'a Entry)>),
+    One(Option<(&'a [u8], &'a Entry)>),
     Many(btree_map::Iter<'a, Box<[u8]>, Entry>),
 }
 
 impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a Box<[u8]>, &'a Entry);
+    type Item = (&'a [u8], &'a Entry);
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Iter::One(one) => one.take(),
-            Iter::Many(many) => many.next(),
+            Iter::Many(many) => many.next().map(|(row, entry)| (row.as_ref(), entry)),
         }
     }
 }
@@ -63,7 +63,7 @@ impl Bucket {
     /// The rows in encoding order.
     pub fn iter(&self) -> Iter<'_> {
         match self {
-            Bucket::One(row, entry) => Iter::One(Some((row, entry))),
+            Bucket::One(row, entry) => Iter::One(Some((row.as_ref(), entry))),
             Bucket::Many(m) => Iter::Many(m.iter()),
         }
     }

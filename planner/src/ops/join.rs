@@ -176,7 +176,7 @@ impl JoinOp {
             if let Some(bucket) = self.sides[other].get(keys.row(i)) {
                 scanned += bucket.len() as u64;
                 for (row, entry) in bucket.iter() {
-                    pairs.push((i as u32, row.clone(), entry.weight));
+                    pairs.push((i as u32, Box::from(row), entry.weight));
                 }
             }
         }

@@ -154,10 +154,11 @@ impl Operator for WindowOp {
                 self.partitions.committed();
                 Ok(0)
             }
-            StateControl::FlushChanges(min) => Ok(self.partitions.flush_changes(
-                min,
-                &mut |partition: &mut Partition| Ok(encode_partition(partition)),
-            )?),
+            StateControl::FlushChanges(min) => Ok(self
+                .partitions
+                .flush_changes(min, &mut |partition: &mut Partition| {
+                    Ok(encode_partition(partition))
+                })?),
         }
     }
 

@@ -278,8 +278,9 @@ pub async fn restore_state(engine: &Arc<Engine>, view: &ViewEntry) -> Result<(us
             .ok_or_else(|| ServerError::Internal("view has no pipeline".into()))?;
         let eager = pipeline.restore_lazily().await?;
         let store = store.clone();
-        let state =
-            tokio::task::block_in_place(move || checkpoint::load_op_state(&store, view_id, &eager))?;
+        let state = tokio::task::block_in_place(move || {
+            checkpoint::load_op_state(&store, view_id, &eager)
+        })?;
         let entries = state.values().map(|v| v.len()).sum();
         pipeline.restore(state).await?;
         entries

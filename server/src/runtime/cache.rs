@@ -293,7 +293,12 @@ impl CacheManager {
     /// Caps each view's operator state at what it holds plus its part of the cache's
     /// `headroom` (in proportion to its state), so that a pipeline that grows faster than
     /// the manager's ticks evicts on its own after a step.
-    fn cap_state(&self, engine: &Engine, owners: &[(Owner, CacheStats, StateStats)], headroom: u64) {
+    fn cap_state(
+        &self,
+        engine: &Engine,
+        owners: &[(Owner, CacheStats, StateStats)],
+        headroom: u64,
+    ) {
         let total: u64 = owners.iter().map(|(_, _, s)| s.bytes).sum();
         let views = owners.iter().filter_map(|(owner, _, state)| match owner {
             Owner::View(v) => Some((v.id, state.bytes)),
