@@ -307,6 +307,13 @@ impl Store {
         self.next_object_id.fetch_add(1, Ordering::SeqCst)
     }
 
+    /// Whether the next write fails on purpose (counts one injected failure down).
+    fn take_injected_failure(&self) -> bool {
+        self.injected_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     /// Makes the next `n` commits fail before anything is written (fault injection).
     pub fn inject_write_failures(&self, n: u32) {
         self.injected_failures.store(n, Ordering::SeqCst);
@@ -321,11 +328,7 @@ impl Store {
             .commit_lock
             .lock()
             .map_err(|_| StorageError::Injected("commit lock poisoned".into()))?;
-        if self
-            .injected_failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
+        if self.take_injected_failure() {
             return Err(StorageError::Injected("write refused".into()));
         }
         let catalog = self.cf(CF_CATALOG)?;
@@ -617,11 +620,7 @@ impl Store {
         partition: u32,
         entries: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<()> {
-        if self
-            .injected_failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
+        if self.take_injected_failure() {
             return Err(StorageError::Injected("state spill refused".into()));
         }
         let cf = self.cf(CF_VIEW_STATE)?;
