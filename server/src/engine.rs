@@ -112,8 +112,8 @@ impl Engine {
             config.epoch_queue,
             config.view_max_restarts,
             store.clone(),
-            // Changes waiting for the views take at most a 32nd of the limit.
-            config.memory_limit.map(|l| (l / 32).max(1 << 20)),
+            // Changes waiting for the views take at most a 64th of the limit.
+            config.memory_limit.map(|l| (l / 64).max(1 << 20)),
         );
         let engine = Arc::new(Engine {
             catalog: Arc::new(Catalog::new(store)),

@@ -155,7 +155,24 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
         println!("{what}: RSS {} MiB, peak {} MiB", rss >> 20, peak >> 20);
         peak
     };
-    let load_peak = phase("after the load");
+    phase("after the load");
+    // A new view over the spilled table backfills from it a file at a time.
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW lsum AS SELECT count(*) AS n, sum(length(pad)) AS chars FROM l",
+    )
+    .await;
+    let want = (
+        model.left.len().to_string(),
+        model.left.values().sum::<i64>().to_string(),
+    );
+    let got = rows(&client, "SELECT n, chars FROM lsum").await;
+    assert_eq!(
+        got,
+        vec![vec![Some(want.0), Some(want.1)]],
+        "a view backfilled from the spilled table"
+    );
+    let load_peak = phase("after a backfill from the spilled table");
     let state = figure(
         &client,
         "SELECT state_bytes + state_spilled_bytes FROM millrace_cache WHERE name = 'j'",

@@ -90,7 +90,7 @@ pub trait StateStore<V>: Send + std::fmt::Debug {
 }
 
 /// Bytes of encoded entries written to the warm tier in one batch.
-const SPILL_CHUNK_BYTES: usize = 4 << 20;
+const SPILL_CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug)]
 struct Slot<V> {

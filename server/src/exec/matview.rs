@@ -8,7 +8,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::source_as_provider;
@@ -21,7 +20,7 @@ use millrace_planner::incremental::{PlanNode, compile};
 use millrace_planner::pipeline::Pipeline;
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
 use millrace_planner::{MillraceTable, PlanError};
-use millrace_storage::{CatalogRecord, ObjectKind, StateTier, WriteSet};
+use millrace_storage::{CatalogRecord, ObjectKind, StateTier, TieredSnapshot, WriteSet};
 
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
@@ -307,11 +306,16 @@ fn snapshot_inputs(
     engine: &Arc<Engine>,
     sources: &[u64],
     qualified: &str,
-) -> Result<Vec<(u64, Vec<RecordBatch>)>> {
+) -> Result<Vec<(u64, TieredSnapshot)>> {
     let mut snapshots = Vec::with_capacity(sources.len());
     for id in sources {
         if let Some(table) = engine.catalog.table(*id) {
-            snapshots.push((*id, table.snapshot()?.batches));
+            let snapshot = table
+                .data
+                .read()
+                .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+                .tiered_snapshot()?;
+            snapshots.push((*id, snapshot));
         } else if let Some(upstream) = engine.views.view(*id) {
             if upstream.status() != ViewStatus::Running {
                 return Err(ServerError::ObjectNotReady(format!(
@@ -320,7 +324,7 @@ fn snapshot_inputs(
                     upstream.status().label()
                 )));
             }
-            snapshots.push((*id, upstream.provider.snapshot()?.batches));
+            snapshots.push((*id, upstream.provider.tiered_snapshot()?));
         } else {
             return Err(ServerError::Internal(format!(
                 "source {id} of {qualified} is gone"

@@ -3,7 +3,9 @@
 //! The snapshots are taken when the view is registered, at the epoch every source had then
 //! reached; changes after that epoch queue up for the view meanwhile. The backfill runs in
 //! its own task and pushes the snapshot through the view's pipeline in bounded chunks,
-//! yielding between them, so the views already running keep their epochs. Progress (rows
+//! yielding between them, so the views already running keep their epochs. Chunks of a source
+//! that were evicted to the object store are read one file at a time as the backfill reaches
+//! them, so a source larger than memory is never held whole. Progress (rows
 //! done, rows/s, percent) is logged and shown in `millrace_views`. At the end the
 //! coordinator replays the queued changes and the view starts running.
 
@@ -11,8 +13,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::RecordBatch;
 use millrace_planner::Changelog;
+use millrace_storage::{SnapshotPart, TieredSnapshot};
 use tracing::info;
 
 use super::{ViewEntry, ViewRuntime};
@@ -27,11 +29,11 @@ const LOG_EVERY: Duration = Duration::from_secs(2);
 pub async fn run(
     runtime: Arc<ViewRuntime>,
     view: Arc<ViewEntry>,
-    snapshots: Vec<(u64, Vec<RecordBatch>)>,
+    snapshots: Vec<(u64, TieredSnapshot)>,
 ) {
     let total: usize = snapshots
         .iter()
-        .map(|(_, b)| b.iter().map(|b| b.num_rows()).sum::<usize>())
+        .map(|(_, s)| s.parts.iter().map(SnapshotPart::num_rows).sum::<usize>())
         .sum();
     if let Ok(mut b) = view.backfill.lock() {
         b.rows_total = total as u64;
@@ -51,42 +53,48 @@ pub async fn run(
     runtime.backfill_done(view).await;
 }
 
-async fn push(
-    view: &ViewEntry,
-    snapshots: Vec<(u64, Vec<RecordBatch>)>,
-    total: usize,
-) -> Result<()> {
+async fn push(view: &ViewEntry, snapshots: Vec<(u64, TieredSnapshot)>, total: usize) -> Result<()> {
     let started = Instant::now();
     let mut last_log = Instant::now();
     let mut done = 0usize;
     // The first step carries no rows: constant relations and global aggregates emit their
     // initial rows.
     step(view, HashMap::new()).await?;
-    for (id, batches) in snapshots {
-        for batch in batches {
-            let mut offset = 0;
-            while offset < batch.num_rows() {
-                let len = CHUNK_ROWS.min(batch.num_rows() - offset);
-                let chunk = batch.slice(offset, len);
-                offset += len;
-                step(view, HashMap::from([(id, Changelog::inserts(chunk))])).await?;
-                done += len;
-                if let Ok(mut b) = view.backfill.lock() {
-                    b.rows_done = done as u64;
+    for (id, snapshot) in snapshots {
+        for part in snapshot.parts {
+            let batches = match part {
+                SnapshotPart::Hot(batch) => vec![batch],
+                SnapshotPart::Cold { file, rows, .. } => tokio::task::spawn_blocking(move || {
+                    file.read_batches(None, rows.as_deref(), None)
+                })
+                .await
+                .map_err(|e| ServerError::Internal(format!("reading a cold chunk: {e}")))??,
+            };
+            for batch in batches {
+                let mut offset = 0;
+                while offset < batch.num_rows() {
+                    let len = CHUNK_ROWS.min(batch.num_rows() - offset);
+                    let chunk = batch.slice(offset, len);
+                    offset += len;
+                    step(view, HashMap::from([(id, Changelog::inserts(chunk))])).await?;
+                    done += len;
+                    if let Ok(mut b) = view.backfill.lock() {
+                        b.rows_done = done as u64;
+                    }
+                    if last_log.elapsed() >= LOG_EVERY {
+                        last_log = Instant::now();
+                        let secs = started.elapsed().as_secs_f64().max(1e-9);
+                        info!(
+                            view = %view.provider.name,
+                            rows_done = done,
+                            rows_total = total,
+                            rows_per_sec = (done as f64 / secs) as u64,
+                            percent = format!("{:.1}", 100.0 * done as f64 / total.max(1) as f64),
+                            "backfill progress"
+                        );
+                    }
+                    tokio::task::yield_now().await;
                 }
-                if last_log.elapsed() >= LOG_EVERY {
-                    last_log = Instant::now();
-                    let secs = started.elapsed().as_secs_f64().max(1e-9);
-                    info!(
-                        view = %view.provider.name,
-                        rows_done = done,
-                        rows_total = total,
-                        rows_per_sec = (done as f64 / secs) as u64,
-                        percent = format!("{:.1}", 100.0 * done as f64 / total.max(1) as f64),
-                        "backfill progress"
-                    );
-                }
-                tokio::task::yield_now().await;
             }
         }
     }

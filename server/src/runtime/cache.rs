@@ -32,7 +32,7 @@ const TICK: Duration = Duration::from_millis(100);
 const MIN_EVICT_BYTES: usize = 64 << 10;
 /// When over its share, the cache evicts down to this many tenths of it (the headroom is
 /// what the pipelines grow into before the next tick).
-const EVICT_TO_TENTHS: u64 = 7;
+const EVICT_TO_TENTHS: u64 = 6;
 
 /// How the memory limit is shared out.
 #[derive(Debug, Clone, Copy)]
