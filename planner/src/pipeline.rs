@@ -110,9 +110,6 @@ pub struct Pipeline {
     rows_out: u64,
     /// Where operator state is evicted to, when the view has a durable home.
     tier: Option<Arc<StateTier>>,
-    /// Evictions that failed (state kept in memory), and the last failure.
-    eviction_failures: u64,
-    last_eviction_error: Option<String>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -135,8 +132,6 @@ impl Pipeline {
             rows_in: 0,
             rows_out: 0,
             tier,
-            eviction_failures: 0,
-            last_eviction_error: None,
         })
     }
 
@@ -165,9 +160,7 @@ impl Pipeline {
     /// Makes every operator that can continue the checkpoint in the warm tier lazily;
     /// returns the operators that must be restored eagerly with [`Pipeline::restore`].
     pub async fn restore_lazily(&mut self) -> Result<Vec<u32>> {
-        if self.tier.is_none() {
-            return Ok(Vec::new());
-        }
+        // NOTE: without a tier no store is attached, so every operator answers "eager".
         let answers = self.control(StateControl::RestoreLazily).await?;
         let mut eager: Vec<u32> = Vec::new();
         for (op, lazy) in answers {
@@ -184,14 +177,15 @@ impl Pipeline {
     }
 
     /// Evicts `fraction` of every operator's state in memory; returns the bytes freed. A
-    /// failed eviction keeps the state in memory and is counted.
+    /// failed eviction keeps the state in memory and is counted in the tier.
     pub async fn evict(&mut self, fraction: f64) -> u64 {
         match self.control(StateControl::Evict(fraction)).await {
             Ok(freed) => freed.iter().map(|(_, b)| b).sum(),
             Err(e) => {
-                self.eviction_failures += 1;
                 tracing::warn!(error = %e, "evicting operator state failed; it stays in memory");
-                self.last_eviction_error = Some(e.to_string());
+                if let Some(tier) = &self.tier {
+                    tier.record_failure(e.to_string());
+                }
                 0
             }
         }
@@ -208,11 +202,6 @@ impl Pipeline {
             .control(StateControl::FlushChanges(min_entries))
             .await?;
         Ok(written.iter().map(|(_, n)| n).sum())
-    }
-
-    /// Failed evictions, and the last failure.
-    pub fn eviction_failures(&self) -> (u64, Option<&str>) {
-        (self.eviction_failures, self.last_eviction_error.as_deref())
     }
 
     /// Pushes one epoch's source changes through the pipeline and returns the view's change.

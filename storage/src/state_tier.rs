@@ -50,6 +50,9 @@ pub struct StateTier {
     /// Entries written to and read back from the tier.
     written: AtomicU64,
     read: AtomicU64,
+    /// Evictions that failed (the state stayed in memory), and the last failure.
+    failures: AtomicU64,
+    last_failure: Mutex<Option<String>>,
 }
 
 impl StateTier {
@@ -67,6 +70,8 @@ impl StateTier {
             cap: AtomicU64::new(u64::MAX),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
         })
     }
 
@@ -122,6 +127,22 @@ impl StateTier {
         (
             self.written.load(Ordering::Relaxed),
             self.read.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Counts an eviction that failed (its state stayed in memory).
+    pub fn record_failure(&self, error: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = Some(error);
+        }
+    }
+
+    /// Evictions that failed, and the last failure.
+    pub fn failures(&self) -> (u64, Option<String>) {
+        (
+            self.failures.load(Ordering::Relaxed),
+            self.last_failure.lock().ok().and_then(|l| l.clone()),
         )
     }
 

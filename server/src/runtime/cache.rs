@@ -493,6 +493,14 @@ pub fn register(engine: &Arc<Engine>) {
         let counters = &manager.cold.counters;
         let failed = manager.failed_evictions.load(Ordering::Relaxed);
         let last = manager.last_error.lock().ok().and_then(|l| l.clone());
+        let (mut state_failed, mut state_last) = (0, None);
+        for view in engine.views.views() {
+            if let Some(tier) = view.tier.lock().ok().and_then(|t| t.clone()) {
+                let (n, last) = tier.failures();
+                state_failed += n;
+                state_last = state_last.or(last);
+            }
+        }
         rows.push(CacheRow {
             name: "columnar cache".into(),
             kind: "total",
@@ -500,7 +508,7 @@ pub fn register(engine: &Arc<Engine>) {
             state: total_state,
             budget: manager.budget.cache,
             detail: Some(format!(
-                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}{}",
+                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}; operator state: {} eviction passes, {state_failed} failed evictions{}{}",
                 manager.cold.url(),
                 counters.files_written.load(Ordering::Relaxed),
                 counters.files_deleted.load(Ordering::Relaxed),
@@ -508,6 +516,8 @@ pub fn register(engine: &Arc<Engine>) {
                 counters.files_pruned.load(Ordering::Relaxed),
                 counters.row_groups_pruned.load(Ordering::Relaxed),
                 last.map(|e| format!(" (last: {e})")).unwrap_or_default(),
+                manager.state_evictions.load(Ordering::Relaxed),
+                state_last.map(|e| format!(" (last: {e})")).unwrap_or_default(),
                 match manager.over_share.load(Ordering::Relaxed) {
                     0 => String::new(),
                     over => format!(
