@@ -83,6 +83,19 @@ impl Changelog {
         Ok(Self::new(batch, weights))
     }
 
+    /// `len` rows from `offset` on (zero-copy).
+    pub fn slice(&self, offset: usize, len: usize) -> Self {
+        Self::new(
+            self.batch.slice(offset, len),
+            self.weights[offset..offset + len].to_vec(),
+        )
+    }
+
+    /// Bytes the rows' buffers take (a slice counts its whole buffers).
+    pub fn bytes(&self) -> usize {
+        self.batch.get_array_memory_size() + self.weights.len() * std::mem::size_of::<i64>()
+    }
+
     /// The rows re-labelled with `schema` (same column count), casting columns whose type
     /// differs (a union's inputs may differ in nullability or, rarely, in type).
     pub fn with_schema(&self, schema: &SchemaRef) -> Result<Self> {

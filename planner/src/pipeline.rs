@@ -25,6 +25,9 @@ use crate::incremental::PlanNode;
 use crate::ops::{Operator, StateControl, StateEntry, StateStats, evaluate};
 use millrace_storage::StateTier;
 
+/// Rows of a bounded step's change below which it is not consolidated between parts.
+const MIN_CONSOLIDATE: usize = 65_536;
+
 /// Jobs a partition instance may have queued before the router waits.
 const WORKER_QUEUE: usize = 2;
 
@@ -228,6 +231,65 @@ impl Pipeline {
             }
         }
         Ok(out)
+    }
+
+    /// Pushes one epoch's source changes through the pipeline in steps that each take about
+    /// `max_bytes` of input at most, and returns the view's change for the whole epoch.
+    ///
+    /// A large epoch (an UPDATE of 300k rows) in one step holds its whole input, every
+    /// evicted state entry it reads back and every intermediate change at once (measured:
+    /// 1.2 GB under a 256 MiB limit). In steps, state is evicted between them (see
+    /// [`Pipeline::step`]) and only the view's change accumulates, consolidated as it grows.
+    /// Splitting is exact: every operator maps a change to the difference of its results
+    /// before and after it, so steps over consecutive parts add up to the step over the
+    /// whole; each source's rows keep their order, so no relation is ever seen with a row
+    /// deleted before it was inserted.
+    pub async fn step_bounded(
+        &mut self,
+        sources: &HashMap<u64, Vec<Changelog>>,
+        max_bytes: usize,
+    ) -> Result<Changelog> {
+        let parts = split(sources, max_bytes);
+        if parts.len() <= 1 {
+            let mut whole = HashMap::with_capacity(sources.len());
+            for (id, parts) in sources {
+                let Some(schema) = parts.first().map(Changelog::schema) else {
+                    continue;
+                };
+                let change = match parts.len() {
+                    1 => parts[0].clone(),
+                    _ => Changelog::concat(&schema, parts.clone())?,
+                };
+                whole.insert(*id, change);
+            }
+            return self.step(&whole).await;
+        }
+        let mut outs: Vec<Changelog> = Vec::new();
+        let mut schema = None;
+        let (mut held, mut consolidated) = (0usize, 0usize);
+        for part in parts {
+            let out = self.step(&part).await?;
+            schema.get_or_insert_with(|| out.schema());
+            if out.is_empty() {
+                continue;
+            }
+            held += out.len();
+            outs.push(out);
+            // NOTE: consolidating when the change doubles keeps the work linear overall.
+            if held > MIN_CONSOLIDATE.max(2 * consolidated)
+                && let Some(schema) = &schema
+            {
+                let merged = Changelog::concat(schema, std::mem::take(&mut outs))?.consolidate()?;
+                held = merged.len();
+                consolidated = held;
+                outs.push(merged);
+            }
+        }
+        let schema = schema.ok_or_else(|| PlanError::Internal("a step without parts".into()))?;
+        match outs.len() {
+            1 => Ok(outs.remove(0)),
+            _ => Changelog::concat(&schema, outs)?.consolidate(),
+        }
     }
 
     /// Keyed operators are split over this many partitions.
@@ -676,6 +738,34 @@ fn run<'a>(
             }
         }
     })
+}
+
+/// `sources` as consecutive parts of about `max_bytes` each (a slice of one changelog per
+/// part), sources in id order; none when everything fits.
+fn split(sources: &HashMap<u64, Vec<Changelog>>, max_bytes: usize) -> Vec<HashMap<u64, Changelog>> {
+    let total: usize = sources.values().flatten().map(Changelog::bytes).sum();
+    if total <= max_bytes {
+        return vec![];
+    }
+    let mut ids: Vec<u64> = sources.keys().copied().collect();
+    ids.sort_unstable();
+    let mut parts = Vec::new();
+    let changes = ids
+        .iter()
+        .filter_map(|id| sources.get(id).map(|c| (*id, c)))
+        .flat_map(|(id, changes)| changes.iter().map(move |c| (id, c)));
+    for (id, change) in changes {
+        if change.is_empty() {
+            continue;
+        }
+        let per_row = (change.bytes() / change.len()).max(1);
+        let rows = (max_bytes / per_row).max(1);
+        for offset in (0..change.len()).step_by(rows) {
+            let len = rows.min(change.len() - offset);
+            parts.push(HashMap::from([(id, change.slice(offset, len))]));
+        }
+    }
+    parts
 }
 
 fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {

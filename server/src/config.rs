@@ -43,6 +43,11 @@ pub struct ServeConfig {
     /// any size are then evicted (tests use a tiny value to make every chunk cold).
     #[arg(long, env = "MILLRACE_CACHE_BYTES", value_parser = parse_bytes, hide = true)]
     pub cache_bytes: Option<u64>,
+    /// Bytes of input changes a view takes in one step; a larger epoch goes through the
+    /// view in several (default: a 128th of `--memory-limit`, unbounded without a limit;
+    /// tests use a tiny value to split every epoch).
+    #[arg(long, env = "MILLRACE_STEP_BYTES", value_parser = parse_bytes, hide = true)]
+    pub step_bytes: Option<u64>,
 }
 
 /// Parses a size: bytes, or a number with a unit (kB, MB, GB, KiB, MiB, GiB, TB, TiB).

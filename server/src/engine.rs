@@ -114,6 +114,7 @@ impl Engine {
             store.clone(),
             // Changes waiting for the views take at most a 64th of the limit.
             config.memory_limit.map(|l| (l / 64).max(1 << 20)),
+            config.step_bytes,
         );
         let engine = Arc::new(Engine {
             catalog: Arc::new(Catalog::new(store)),
@@ -190,6 +191,7 @@ impl Engine {
     /// Commits table changes atomically: validate, sync to RocksDB, then apply to the cache.
     /// The caller holds [`Engine::write_lock`]. Returns the number of rows touched.
     pub fn commit_changes(&self, changes: Vec<TableChange>, mut extra: WriteSet) -> Result<usize> {
+        let _room = self.cache.make_room(self, self.bytes_to_read(&changes));
         let mut touched = 0;
         let mut applied: Vec<(Arc<MillraceTable>, Vec<LogEntry>)> = Vec::new();
         let mut epoch = EpochChanges::new();
@@ -212,7 +214,9 @@ impl Engine {
             let watched = self.views.has_readers(table.id);
             let mut changes: Vec<Changelog> = Vec::new();
             if watched && !deletes.is_empty() {
-                changes.push(Changelog::deletes(data.fetch(&deletes)?));
+                for batch in data.fetch_by_chunk(&deletes)? {
+                    changes.push(Changelog::deletes(batch));
+                }
             }
             if !deletes.is_empty() {
                 touched += deletes.len();
@@ -240,11 +244,11 @@ impl Engine {
                 extra.append(table.id, entry.clone());
             }
             drop(data);
+            // NOTE: neither concatenated nor consolidated: an UPDATE's deleted and inserted
+            // rows rarely cancel, operators take unconsolidated changes, and copying or
+            // encoding every row doubled the memory a large UPDATE held.
             if !changes.is_empty() {
-                epoch.insert(
-                    table.id,
-                    Changelog::concat(&table.def.schema, changes)?.consolidate()?,
-                );
+                epoch.insert(table.id, changes);
             }
             applied.push((table, entries));
         }
@@ -270,6 +274,20 @@ impl Engine {
             }
         }
         Ok(touched)
+    }
+
+    /// About the bytes `changes` bring into memory for the views: the deleted rows read back
+    /// and the inserted rows.
+    fn bytes_to_read(&self, changes: &[TableChange]) -> u64 {
+        changes
+            .iter()
+            .filter(|c| self.views.has_readers(c.table.id))
+            .map(|c| {
+                let per_row = c.table.data.read().map_or(0, |d| d.bytes_per_row());
+                let inserted = c.inserts.as_ref().map_or(0, |b| b.get_array_memory_size());
+                c.deletes.len() as u64 * per_row + inserted as u64
+            })
+            .sum()
     }
 
     /// Takes a checkpoint now (`CHECKPOINT`, flushed to disk, and every checkpoint interval):
@@ -385,7 +403,7 @@ impl Engine {
         if !plan.restored.is_empty() {
             // The changes committed after the checkpoint, as the first epoch, for the views
             // that restore their state (processed once they have loaded it).
-            let rows: usize = since_checkpoint.values().map(|c| c.len()).sum();
+            let rows: usize = since_checkpoint.values().flatten().map(|c| c.len()).sum();
             let _writers = self.write_lock.lock().await;
             let epoch = self.views.send_epoch(since_checkpoint);
             self.views.set_catch_up(crate::runtime::CatchUp {
@@ -487,7 +505,7 @@ impl Engine {
                 if !changes.is_empty() {
                     since_checkpoint.insert(
                         record.id,
-                        Changelog::concat(&table.def.schema, changes)?.consolidate()?,
+                        vec![Changelog::concat(&table.def.schema, changes)?.consolidate()?],
                     );
                 }
                 let (rows, cold_chunks) = table

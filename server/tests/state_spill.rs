@@ -240,20 +240,29 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
         "evicted {evicted}, fetched {fetched}"
     );
     let bound = LIMIT_BYTES + LIMIT_BYTES / 5 + idle;
+    let (_, changes_peak) = server.rss().expect("rss");
     println!(
         "memory limit {LIMIT}: idle RSS {} MiB, peak RSS while the view was built {} MiB, \
-         bound 1.2 x limit + idle = {} MiB; state entries evicted {evicted}, read back {fetched}",
+         bound 1.2 x limit + idle = {} MiB; peak over the changes and the batch join {} MiB; \
+         state entries evicted {evicted}, read back {fetched}",
         idle >> 20,
         load_peak >> 20,
-        bound >> 20
+        bound >> 20,
+        changes_peak >> 20
     );
-    // NOTE: only the build is bounded: the DELETE, UPDATE and batch join over the spilled
-    // tables above run through DataFusion and the DML path, which hold more than their
-    // share (their peak is printed, see bench/README.md).
     if n == ROWS {
         assert!(
             load_peak <= bound,
             "peak RSS {load_peak} bytes while building is over 1.2 x the limit plus the idle RSS ({bound} bytes)"
+        );
+        // NOTE: the changes (a DELETE of 200k rows and an UPDATE of 286k rows of the spilled
+        // tables, one epoch each) peak at the idle RSS plus 1.2-1.35 x the limit, at times a
+        // little over the 1.2 x the build keeps (see bench/README.md). This bounds them at
+        // 1.5 x; they were at 2.4 x before an epoch went through the view in parts.
+        let changes_bound = LIMIT_BYTES + LIMIT_BYTES / 2 + idle;
+        assert!(
+            changes_peak <= changes_bound,
+            "peak RSS {changes_peak} bytes over the changes is over 1.5 x the limit plus the idle RSS ({changes_bound} bytes)"
         );
     }
 }

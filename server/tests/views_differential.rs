@@ -10,7 +10,9 @@
 //! workers, and every worker must have received rows. The runs with 2 and 7 workers give the
 //! columnar cache one byte (`--cache-bytes 1`), so that the chunks of tables and view contents
 //! are evicted to Parquet files as soon as the cache manager ticks and every read, delete and
-//! checkpoint goes through the cold tier.
+//! checkpoint goes through the cold tier. The runs with 4 and 7 workers take one input byte
+//! per view step (`--step-bytes 1`), so that every epoch goes through the views a row at a
+//! time (`Pipeline::step_bounded`) and must add up to the same change.
 //!
 //! Seed: `MILLRACE_SEED` (default: random, printed). Steps per run: `MILLRACE_DIFF_STEPS`
 //! (default 40; raise it for a soak). A failure prints the seed and a SQL script that
@@ -376,6 +378,9 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
     let cold = workers == 2 || workers == 7;
     if cold {
         args.extend(["--cache-bytes", "1"]);
+    }
+    if workers == 4 || workers == 7 {
+        args.extend(["--step-bytes", "1"]);
     }
     let mut server = TestServer::start(&args).map_err(|e| format!("cannot start millrace: {e}"))?;
     let mut client = server

@@ -278,20 +278,22 @@ impl Store {
         Ok(store)
     }
 
-    /// Bytes RocksDB holds in memory: its memtables and block cache.
+    /// Bytes RocksDB holds in memory: its memtables and block cache, and the index and filter
+    /// blocks of its open table files (kept outside the cache, see `open_with_memory`).
     pub fn memory_bytes(&self) -> u64 {
-        if let Some(cache) = &self.cache {
-            return cache.get_usage() as u64;
+        let readers = self.property_sum("rocksdb.estimate-table-readers-mem");
+        match &self.cache {
+            Some(cache) => cache.get_usage() as u64 + readers,
+            None => self.property_sum("rocksdb.cur-size-all-mem-tables") + readers,
         }
+    }
+
+    /// An integer property summed over the column families.
+    fn property_sum(&self, property: &str) -> u64 {
         [CF_CATALOG, CF_TABLE_LOG, CF_META, CF_VIEW_STATE]
             .into_iter()
             .filter_map(|name| self.db.cf_handle(name))
-            .filter_map(|cf| {
-                self.db
-                    .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
-                    .ok()
-                    .flatten()
-            })
+            .filter_map(|cf| self.db.property_int_value_cf(cf, property).ok().flatten())
             .sum()
     }
 

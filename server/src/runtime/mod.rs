@@ -59,8 +59,9 @@ pub struct CatchUp {
     pub checkpoint_epoch: u64,
 }
 
-/// Changes of one epoch, by source id (table or view).
-pub type EpochChanges = HashMap<u64, Changelog>;
+/// Changes of one epoch, by source id (table or view): the parts in the order they apply
+/// (kept apart: concatenating a large UPDATE's deleted and inserted rows copied them all).
+pub type EpochChanges = HashMap<u64, Vec<Changelog>>;
 
 /// Progress of a view's backfill.
 #[derive(Debug, Clone, Default)]
@@ -269,7 +270,7 @@ impl ViewEntry {
     fn inputs_of(&self, changes: &EpochChanges) -> EpochChanges {
         changes
             .iter()
-            .filter(|(id, c)| self.sources.contains(id) && !c.is_empty())
+            .filter(|(id, parts)| self.sources.contains(id) && parts.iter().any(|c| !c.is_empty()))
             .map(|(id, c)| (*id, c.clone()))
             .collect()
     }
@@ -323,6 +324,9 @@ pub struct ViewRuntime {
     coalesce: usize,
     /// Bytes of changes waiting for the coordinator, bounded under a memory limit.
     backlog: backlog::Backlog,
+    /// Input bytes one pipeline step takes at most; a larger epoch goes through a view in
+    /// several steps (`Pipeline::step_bounded`).
+    step_bytes: usize,
     /// Failures in a row after which a view is marked failed instead of restarted.
     pub max_restarts: u32,
     /// Failures, restarts and recovery, for `millrace_events`.
@@ -363,6 +367,7 @@ impl ViewRuntime {
         max_restarts: u32,
         store: Arc<Store>,
         max_backlog_bytes: Option<u64>,
+        step_bytes: Option<u64>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(epoch_queue.max(1));
         let (published, _) = watch::channel(0);
@@ -378,6 +383,10 @@ impl ViewRuntime {
             slow_us_per_row: AtomicU64::new(0),
             coalesce: MAX_COALESCE.min(epoch_queue.max(1)),
             backlog: backlog::Backlog::new(max_backlog_bytes),
+            // NOTE: by default a step takes what the coordinator merges at most.
+            step_bytes: step_bytes
+                .or(max_backlog_bytes.map(|b| b / 2))
+                .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX)),
             max_restarts,
             events: Arc::new(EventLog::default()),
             failed,
@@ -548,6 +557,11 @@ impl ViewRuntime {
         }
     }
 
+    /// Bytes of committed changes queued for or going through the views.
+    pub fn changes_in_flight(&self) -> u64 {
+        self.backlog.queued()
+    }
+
     /// Last epoch handed to the coordinator.
     pub fn committed_epoch(&self) -> u64 {
         self.committed.load(Ordering::SeqCst)
@@ -561,10 +575,7 @@ impl ViewRuntime {
     /// Hands one commit's changes to the coordinator. Called under the engine's write lock
     /// (epochs are numbered in commit order); waits while the queue is full.
     pub fn send_epoch(&self, changes: EpochChanges) -> u64 {
-        let bytes: u64 = changes
-            .values()
-            .map(|c| c.batch.get_array_memory_size() as u64)
-            .sum();
+        let bytes: u64 = changes.values().flatten().map(|c| c.bytes() as u64).sum();
         tokio::task::block_in_place(|| self.backlog.reserve(bytes));
         let epoch = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
         let tx = self.commands.clone();
@@ -616,15 +627,15 @@ impl ViewRuntime {
                 }
             }
             let mut epoch = None;
-            let mut merged: HashMap<u64, Vec<Changelog>> = HashMap::new();
+            let mut merged = EpochChanges::new();
             let mut done = Vec::new();
             let mut barrier = None;
             for command in commands {
                 match command {
                     Command::Epoch(e, changes, _) => {
                         epoch = Some(e);
-                        for (id, c) in changes {
-                            merged.entry(id).or_default().push(c);
+                        for (id, parts) in changes {
+                            merged.entry(id).or_default().extend(parts);
                         }
                     }
                     Command::BackfillDone(view) => done.push(view),
@@ -632,19 +643,7 @@ impl ViewRuntime {
                 }
             }
             if let Some(epoch) = epoch {
-                let mut changes = EpochChanges::new();
-                for (id, parts) in merged {
-                    let Some(schema) = parts.first().map(|p| p.schema()) else {
-                        continue;
-                    };
-                    match Changelog::concat(&schema, parts) {
-                        Ok(c) => {
-                            changes.insert(id, c);
-                        }
-                        Err(e) => warn!(source = id, error = %e, "cannot merge epoch changes"),
-                    }
-                }
-                self.process_epoch(epoch, changes).await;
+                self.process_epoch(epoch, merged).await;
             }
             self.backlog.release(bytes);
             for view in done {
@@ -682,7 +681,7 @@ impl ViewRuntime {
             }
             let slow = self.slow_us_per_row.load(Ordering::Relaxed);
             if slow > 0 {
-                let rows: usize = inputs.values().map(|c| c.len()).sum();
+                let rows: usize = inputs.values().flatten().map(|c| c.len()).sum();
                 tokio::time::sleep(std::time::Duration::from_micros(slow * rows as u64)).await;
             }
             let before = view.stats.lock().map(|s| s.clone()).unwrap_or_default();
@@ -693,7 +692,11 @@ impl ViewRuntime {
             } else {
                 let mut guard = view.pipeline.lock().await;
                 match guard.as_mut() {
-                    Some(p) => p.step(&inputs).await.map(Some).map_err(|e| e.to_string()),
+                    Some(p) => p
+                        .step_bounded(&inputs, self.step_bytes)
+                        .await
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
                     None => continue,
                 }
             };
@@ -724,7 +727,7 @@ impl ViewRuntime {
                 continue;
             };
             view.record_stats(epoch, &before).await;
-            changes.insert(view.id, out.clone());
+            changes.insert(view.id, vec![out.clone()]);
             staged.push((view, out, recovered));
         }
         let _guard = self.read_lock.write().await;
@@ -783,7 +786,10 @@ impl ViewRuntime {
                 None => {
                     let mut guard = view.pipeline.lock().await;
                     match guard.as_mut() {
-                        Some(p) => p.step(&inputs).await.map_err(|e| e.to_string()),
+                        Some(p) => p
+                            .step_bounded(&inputs, self.step_bytes)
+                            .await
+                            .map_err(|e| e.to_string()),
                         None => return,
                     }
                 }

@@ -1,0 +1,172 @@
+//! An epoch pushed through a view in parts (`Pipeline::step_bounded`, which bounds the memory
+//! of a large UPDATE's step) must produce exactly the change the whole epoch produces in one
+//! step. Two pipelines of each query get the same seeded epochs (inserts, then updates and
+//! deletes given as separate parts, as the engine sends them); one takes each epoch whole,
+//! the other a few rows, or a single row, per step. Their changes must be equal, epoch by
+//! epoch, as multisets.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+
+use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::common::Constraints;
+use datafusion::prelude::SessionContext;
+use millrace_planner::changelog::Changelog;
+use millrace_planner::incremental::compile;
+use millrace_planner::pipeline::Pipeline;
+use millrace_planner::{MillraceTable, TableDef};
+use millrace_storage::ColumnarTable;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+type Error = Box<dyn std::error::Error>;
+
+const QUERIES: &[&str] = &[
+    "SELECT l.k % 7 AS g, count(*) AS n, sum(length(l.pad) + length(r.pad)) AS chars \
+     FROM l JOIN r ON l.k = r.k GROUP BY 1",
+    "SELECT k, min(id) AS lo, max(id) AS hi, count(DISTINCT pad) AS pads FROM l GROUP BY k",
+    "SELECT l.id, r.id AS rid FROM l LEFT JOIN r ON l.k = r.k AND r.id % 3 = 0",
+    "SELECT k, id, row_number() OVER (PARTITION BY k ORDER BY id) AS rn FROM r",
+    "SELECT id, pad FROM l ORDER BY pad DESC, id LIMIT 5",
+];
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("k", DataType::Int64, true),
+        Field::new("pad", DataType::Utf8, true),
+    ]))
+}
+
+fn table(id: u64) -> Result<Arc<MillraceTable>, Error> {
+    Ok(Arc::new(MillraceTable {
+        id,
+        def: TableDef {
+            schema: schema(),
+            primary_key: None,
+            defaults: HashMap::new(),
+            constraints: Constraints::default(),
+        },
+        data: Arc::new(RwLock::new(ColumnarTable::try_new(schema(), None)?)),
+        sql: String::new(),
+        log_entries: AtomicUsize::new(0),
+    }))
+}
+
+fn batch(rows: &[(i64, i64, String)]) -> Result<RecordBatch, Error> {
+    Ok(RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.2))),
+        ],
+    )?)
+}
+
+/// A change as a sorted multiset of (row, weight).
+fn multiset(change: &Changelog) -> Result<Vec<(String, i64)>, Error> {
+    let mut out = Vec::with_capacity(change.len());
+    for (i, weight) in change.weights.iter().enumerate() {
+        let mut row = Vec::new();
+        for column in change.batch.columns() {
+            row.push(array_value_to_string(column, i)?);
+        }
+        out.push((row.join("|"), *weight));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// One epoch per table: deleted rows and inserted rows, as separate parts.
+type Epoch = HashMap<u64, Vec<Changelog>>;
+
+/// Seeded epochs over tables 1 and 2: inserts, updates (a delete and an insert of rows
+/// with the same id) and deletes.
+fn epochs(seed: u64, count: usize) -> Result<Vec<Epoch>, Error> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut live: HashMap<u64, Vec<(i64, i64, String)>> = HashMap::new();
+    let mut next_id = 0;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let mut epoch = Epoch::new();
+        for table in [1u64, 2] {
+            let rows = live.entry(table).or_default();
+            let mut deleted = Vec::new();
+            let mut inserted = Vec::new();
+            for _ in 0..rng.random_range(0..rows.len().min(12) + 1) {
+                let victim = rows.swap_remove(rng.random_range(0..rows.len()));
+                if rng.random_bool(0.5) {
+                    inserted.push((victim.0, victim.1, format!("u{}", rng.random_range(0..50))));
+                }
+                deleted.push(victim);
+            }
+            for _ in 0..rng.random_range(0..40) {
+                next_id += 1;
+                let pad = format!("p{}", rng.random_range(0..30));
+                inserted.push((next_id, rng.random_range(0..15), pad));
+            }
+            rows.extend(inserted.iter().cloned());
+            let mut parts = Vec::new();
+            if !deleted.is_empty() {
+                parts.push(Changelog::deletes(batch(&deleted)?));
+            }
+            if !inserted.is_empty() {
+                parts.push(Changelog::inserts(batch(&inserted)?));
+            }
+            if !parts.is_empty() {
+                epoch.insert(table, parts);
+            }
+        }
+        out.push(epoch);
+    }
+    Ok(out)
+}
+
+async fn pipeline(sql: &str, workers: usize) -> Result<Pipeline, Error> {
+    let ctx = SessionContext::new();
+    ctx.register_table("l", table(1)?)?;
+    ctx.register_table("r", table(2)?)?;
+    let state = ctx.state();
+    let plan = state.optimize(&state.create_logical_plan(sql).await?)?;
+    let mut pipeline = Pipeline::start(compile(&plan, state.execution_props())?, workers, None)?;
+    pipeline.step(&HashMap::new()).await?;
+    Ok(pipeline)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_in_parts_makes_the_same_change_as_in_one_step() -> Result<(), Error> {
+    let seed: u64 = std::env::var("MILLRACE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    let epochs = epochs(seed, 30)?;
+    for sql in QUERIES {
+        let mut changed = 0;
+        for (workers, max_bytes) in [(1, 1), (2, 1), (2, 600)] {
+            let mut whole = pipeline(sql, workers).await?;
+            let mut bounded = pipeline(sql, workers).await?;
+            for (n, epoch) in epochs.iter().enumerate() {
+                let one = whole.step_bounded(epoch, usize::MAX).await?;
+                let rows_before = bounded.stats().rows_in;
+                let parts = bounded.step_bounded(epoch, max_bytes).await?;
+                let rows: u64 = epoch.values().flatten().map(|c| c.len() as u64).sum();
+                assert_eq!(bounded.stats().rows_in - rows_before, rows);
+                changed += usize::from(!one.is_empty());
+                assert_eq!(
+                    multiset(&one)?,
+                    multiset(&parts)?,
+                    "seed {seed}, {sql}, {workers} workers, {max_bytes} bytes a step: epoch {n}"
+                );
+            }
+        }
+        assert!(
+            changed > 10,
+            "{sql}: only {changed} epochs changed the view"
+        );
+    }
+    Ok(())
+}
