@@ -18,7 +18,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use millrace_planner::{Catalog, MillraceTable};
 use millrace_storage::{CatalogRecord, LogEntry, ObjectKind, RowId, Store, WriteSet};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::ServeConfig;
 use crate::connector::Sources;
@@ -36,6 +36,8 @@ pub const DEFAULT_SCHEMA: &str = "public";
 
 /// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
 const COMPACT_MIN_ENTRIES: usize = 256;
+/// Bytes of rows a log rewrite commits at a time.
+const COMPACT_COMMIT_BYTES: usize = 4 << 20;
 
 /// Rows removed from and added to one table by one statement.
 #[derive(Debug, Clone)]
@@ -327,15 +329,39 @@ impl Engine {
         if entries < COMPACT_MIN_ENTRIES.max(rows / 64) {
             return Ok(());
         }
-        let chunks = data.to_log_entries()?;
+        let parts = data.log_parts()?;
         drop(data);
-        let mut set = WriteSet::new();
-        set.drop_log(table.id);
-        let n = chunks.len();
-        for entry in chunks {
-            set.append(table.id, entry);
-        }
-        self.commit_write_set(set)?;
+        let n = parts.len();
+        let store = self.store().clone();
+        let id = table.id;
+        // NOTE: a chunk at a time, in commits of a few MiB: the whole table in one write
+        // batch held it all in memory twice (a spilled table read back, then encoded).
+        let rewrite = move || -> Result<()> {
+            let from = store.begin_log_rewrite(id)?;
+            let written = (|| -> Result<()> {
+                let mut set = WriteSet::new();
+                let mut bytes = 0;
+                for part in parts {
+                    let entry = part.read()?;
+                    bytes += entry.memory_bytes();
+                    set.append(id, entry);
+                    if bytes >= COMPACT_COMMIT_BYTES {
+                        store.commit(std::mem::take(&mut set))?;
+                        bytes = 0;
+                    }
+                }
+                store.commit(set)?;
+                Ok(store.finish_log_rewrite(id, from, WriteSet::new())?)
+            })();
+            if written.is_err() {
+                // NOTE: the old log stays; a failure here is retried at the next restart.
+                if let Err(e) = store.abandon_log_rewrite(id) {
+                    warn!(table_id = id, error = %e, "cannot delete an unfinished log rewrite");
+                }
+            }
+            written
+        };
+        tokio::task::block_in_place(rewrite)?;
         table.log_entries.store(n, Ordering::SeqCst);
         info!(
             table_id = table.id,

@@ -891,15 +891,56 @@ impl ColumnarTable {
         Ok(snapshot)
     }
 
-    /// The live contents as insert entries, for rewriting a table's log.
-    pub fn to_log_entries(&self) -> Result<Vec<LogEntry>> {
-        let snap = self.snapshot()?;
-        Ok(snap
-            .batches
+    /// The live contents, a part per chunk, for rewriting a table's log: each part becomes an
+    /// insert entry when read ([`LogPart::read`]), a cold chunk's file only then.
+    pub fn log_parts(&self) -> Result<Vec<LogPart>> {
+        let snapshot = self.tiered_snapshot()?;
+        snapshot
+            .parts
             .into_iter()
-            .zip(snap.row_ids)
-            .map(|(batch, row_ids)| LogEntry::Insert { row_ids, batch })
-            .collect())
+            .zip(self.chunks.values())
+            .map(|(rows, chunk)| {
+                Ok(LogPart {
+                    rows,
+                    row_ids: chunk.visible_row_ids()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The ids of every live row (cold chunks are not read).
+    pub fn live_row_ids(&self) -> Result<Vec<RowId>> {
+        let mut ids = Vec::with_capacity(self.live_rows);
+        for chunk in self.chunks.values() {
+            ids.extend_from_slice(chunk.visible_row_ids()?.values());
+        }
+        Ok(ids)
+    }
+}
+
+/// One chunk's live rows as a future insert entry of a rewritten log.
+#[derive(Debug)]
+pub struct LogPart {
+    rows: SnapshotPart,
+    row_ids: UInt64Array,
+}
+
+impl LogPart {
+    /// Rows in the part.
+    pub fn num_rows(&self) -> usize {
+        self.row_ids.len()
+    }
+
+    /// The insert entry (reads a cold chunk's live rows from its file).
+    pub fn read(self) -> Result<LogEntry> {
+        let batch = match self.rows {
+            SnapshotPart::Hot(batch) => batch,
+            SnapshotPart::Cold { file, rows, .. } => file.read(None, rows.as_deref())?,
+        };
+        Ok(LogEntry::Insert {
+            row_ids: self.row_ids,
+            batch,
+        })
     }
 }
 

@@ -25,6 +25,8 @@ const CF_VIEW_STATE: &str = "view_state";
 /// Operator number under which a view's contents are checkpointed.
 pub const CONTENTS_OP: u32 = u32::MAX;
 const LOG_REBASED_PREFIX: &[u8] = b"log_rebased/";
+/// Meta keys of table logs being rewritten: the first sequence number of the new log.
+const LOG_REWRITE_PREFIX: &[u8] = b"log_rewrite/";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 
 /// One change to durable state, part of a [`WriteSet`].
@@ -274,6 +276,13 @@ impl Store {
         store.next_seq.store(seq, Ordering::SeqCst);
         let max_id = store.catalog()?.iter().map(|r| r.id).max().unwrap_or(0);
         store.next_object_id.store(max_id + 1, Ordering::SeqCst);
+        let abandoned = store.abandon_log_rewrites()?;
+        if abandoned > 0 {
+            info!(
+                tables = abandoned,
+                "deleted the unfinished rewrites of table logs"
+            );
+        }
         info!(path = %path.display(), next_seq = seq, "opened durable store");
         Ok(store)
     }
@@ -333,9 +342,18 @@ impl Store {
         if self.take_injected_failure() {
             return Err(StorageError::Injected("write refused".into()));
         }
+        let mut batch = WriteBatch::default();
+        let seq = self.put_ops(&mut batch, set)?;
+        self.write_synced(batch)?;
+        self.next_seq.store(seq, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Adds the set's writes to `batch` (with the next log sequence number); returns the next
+    /// sequence number once the batch is written. The caller holds the commit lock.
+    fn put_ops(&self, batch: &mut WriteBatch, set: WriteSet) -> Result<u64> {
         let catalog = self.cf(CF_CATALOG)?;
         let log = self.cf(CF_TABLE_LOG)?;
-        let mut batch = WriteBatch::default();
         let mut seq = self.next_seq.load(Ordering::SeqCst);
         for op in set.ops {
             match op {
@@ -432,11 +450,7 @@ impl Store {
             }
         }
         batch.put_cf(self.cf(CF_META)?, META_NEXT_SEQ, seq.to_be_bytes());
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        self.next_seq.store(seq, Ordering::SeqCst);
-        Ok(())
+        Ok(seq)
     }
 
     /// Every catalog record, in id order.
@@ -659,6 +673,99 @@ impl Store {
         Ok(self.db.write_opt(batch, &opts)?)
     }
 
+    /// Starts rewriting a table's log (compacting it a chunk at a time): the entries appended
+    /// from now on make the new log. They stay out of replays until
+    /// [`Store::finish_log_rewrite`] drops the entries before them in one write; a restart
+    /// before that deletes them (the old log stays). The caller appends nothing else to the
+    /// table in between. Returns the first sequence number of the new log.
+    pub fn begin_log_rewrite(&self, table_id: u64) -> Result<u64> {
+        let _guard = self
+            .commit_lock
+            .lock()
+            .map_err(|_| StorageError::Injected("commit lock poisoned".into()))?;
+        let from = self.next_seq.load(Ordering::SeqCst);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_META)?,
+            log_rewrite_key(table_id),
+            from.to_be_bytes(),
+        );
+        self.write_synced(batch)?;
+        Ok(from)
+    }
+
+    /// Makes the log rewritten since [`Store::begin_log_rewrite`] the table's log: the older
+    /// entries go, in one synced write with `with` (ALTER TABLE's new catalog record).
+    pub fn finish_log_rewrite(&self, table_id: u64, from: u64, with: WriteSet) -> Result<()> {
+        let _guard = self
+            .commit_lock
+            .lock()
+            .map_err(|_| StorageError::Injected("commit lock poisoned".into()))?;
+        if self.take_injected_failure() {
+            return Err(StorageError::Injected("write refused".into()));
+        }
+        let meta = self.cf(CF_META)?;
+        let mut batch = WriteBatch::default();
+        let seq = self.put_ops(&mut batch, with)?;
+        batch.delete_range_cf(
+            self.cf(CF_TABLE_LOG)?,
+            log_key(table_id, 0),
+            log_key(table_id, from),
+        );
+        // NOTE: entries before `from` are gone: a checkpoint taken before it can no longer
+        // be caught up from this table's log.
+        batch.put_cf(meta, log_rebased_key(table_id), from.to_be_bytes());
+        batch.delete_cf(meta, log_rewrite_key(table_id));
+        self.write_synced(batch)?;
+        self.next_seq.store(seq, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Deletes what an unfinished rewrite of a table's log appended (after a failure, or a
+    /// crash: [`Store::open`] calls it for every table); the old log stays. Returns whether
+    /// there was one.
+    pub fn abandon_log_rewrite(&self, table_id: u64) -> Result<bool> {
+        let Some(from) = self.meta(&log_rewrite_key(table_id))? else {
+            return Ok(false);
+        };
+        let from = decode_u64(&from, "log rewrite")?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_TABLE_LOG)?,
+            log_key(table_id, from),
+            log_key(table_id + 1, 0),
+        );
+        batch.delete_cf(self.cf(CF_META)?, log_rewrite_key(table_id));
+        self.write_synced(batch)?;
+        Ok(true)
+    }
+
+    /// Abandons every unfinished log rewrite; returns how many there were.
+    fn abandon_log_rewrites(&self) -> Result<usize> {
+        let mut tables = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_META)?,
+            IteratorMode::From(LOG_REWRITE_PREFIX, Direction::Forward),
+        );
+        for item in iter {
+            let (key, _) = item?;
+            let Some(id) = key.strip_prefix(LOG_REWRITE_PREFIX) else {
+                break;
+            };
+            tables.push(decode_u64(id, "log rewrite key")?);
+        }
+        for table_id in &tables {
+            self.abandon_log_rewrite(*table_id)?;
+        }
+        Ok(tables.len())
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
     /// Flushes checkpointed view state from the memtable to disk, so that a restart does not
     /// replay it from the WAL.
     pub fn flush_view_state(&self) -> Result<()> {
@@ -677,6 +784,12 @@ fn view_state_key(view_id: u64, op: u32, partition: u32, key: &[u8]) -> Vec<u8> 
     k.extend_from_slice(&op.to_be_bytes());
     k.extend_from_slice(&partition.to_be_bytes());
     k.extend_from_slice(key);
+    k
+}
+
+fn log_rewrite_key(table_id: u64) -> Vec<u8> {
+    let mut k = LOG_REWRITE_PREFIX.to_vec();
+    k.extend_from_slice(&table_id.to_be_bytes());
     k
 }
 
@@ -791,6 +904,68 @@ mod tests {
         store.commit(drop)?;
         assert!(log_entries(&store, 1)?.is_empty());
         assert_eq!(log_entries(&store, 2)?.len(), 1);
+        Ok(())
+    }
+
+    /// The rows of a table's log, in order (inserts only).
+    fn logged_rows(store: &Store, table_id: u64) -> Result<Vec<i64>> {
+        let mut rows = Vec::new();
+        for entry in log_entries(store, table_id)? {
+            if let LogEntry::Insert { batch, .. } = entry {
+                let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
+                rows.extend(column.map(|c| c.values().to_vec()).unwrap_or_default());
+            }
+        }
+        Ok(rows)
+    }
+
+    #[test]
+    fn a_log_rewrite_is_invisible_until_finished_and_abandoned_by_a_restart() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Injected(e.to_string()))?;
+        let mut set = WriteSet::new();
+        set.put_catalog(record(1));
+        set.put_catalog(record(2));
+        set.append(1, insert(vec![1, 2, 3], 1)?);
+        set.append(2, insert(vec![9], 1)?);
+        {
+            let store = Store::open(dir.path())?;
+            store.commit(set)?;
+            // A rewrite cut short by a crash: its entries go at the next open.
+            store.begin_log_rewrite(1)?;
+            let mut part = WriteSet::new();
+            part.append(1, insert(vec![1, 2], 1)?);
+            store.commit(part)?;
+        }
+        let store = Store::open(dir.path())?;
+        assert_eq!(logged_rows(&store, 1)?, vec![1, 2, 3]);
+        assert_eq!(store.log_rebased_at(1)?, None);
+        // A failed rewrite is abandoned in place.
+        store.begin_log_rewrite(1)?;
+        let mut part = WriteSet::new();
+        part.append(1, insert(vec![7], 1)?);
+        store.commit(part)?;
+        assert!(store.abandon_log_rewrite(1)?);
+        assert_eq!(logged_rows(&store, 1)?, vec![1, 2, 3]);
+        // A finished one replaces the log, together with the writes given to it.
+        let from = store.begin_log_rewrite(1)?;
+        for rows in [vec![1], vec![3]] {
+            let mut part = WriteSet::new();
+            part.append(1, insert(rows, 1)?);
+            store.commit(part)?;
+        }
+        let mut with = WriteSet::new();
+        with.put_catalog(CatalogRecord {
+            sql: "CREATE TABLE t (k BIGINT, v TEXT)".into(),
+            ..record(1)
+        });
+        store.finish_log_rewrite(1, from, with)?;
+        drop(store);
+        let store = Store::open(dir.path())?;
+        assert_eq!(logged_rows(&store, 1)?, vec![1, 3]);
+        assert_eq!(logged_rows(&store, 2)?, vec![9]);
+        assert_eq!(store.log_rebased_at(1)?, Some(from));
+        assert!(store.catalog()?[0].sql.contains("v TEXT"));
+        assert!(!store.abandon_log_rewrite(1)?);
         Ok(())
     }
 

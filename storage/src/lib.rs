@@ -21,7 +21,9 @@ pub mod view_contents;
 
 pub use catalog_record::{CatalogRecord, ObjectKind};
 pub use cold::{ColdFile, ColdStore};
-pub use columnar::{CacheStats, ColumnarTable, RowId, SnapshotPart, TableSnapshot, TieredSnapshot};
+pub use columnar::{
+    CacheStats, ColumnarTable, LogPart, RowId, SnapshotPart, TableSnapshot, TieredSnapshot,
+};
 pub use db::{Store, WriteSet};
 pub use error::{Result, StorageError};
 pub use index::SecondaryIndex;

@@ -100,6 +100,16 @@ impl LogEntry {
         }
     }
 
+    /// Bytes the entry's arrays take in memory.
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            LogEntry::Insert { row_ids, batch } => {
+                row_ids.get_array_memory_size() + batch.get_array_memory_size()
+            }
+            LogEntry::Delete { row_ids } => row_ids.get_array_memory_size(),
+        }
+    }
+
     /// Number of rows the entry touches.
     pub fn num_rows(&self) -> usize {
         match self {

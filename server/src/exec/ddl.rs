@@ -935,51 +935,60 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
     rewrite_column_types(&mut create.columns);
     let (_, def) = plan_table(&session.ctx, &create).await?;
     let sql = create.to_string();
-    let _write = session.engine.write_lock.lock().await;
-    let snapshot = old.snapshot()?;
+    let engine = session.engine.clone();
+    let _write = engine.write_lock.lock().await;
     let old_width = old.def.schema.fields().len();
-    let mut new_batches = Vec::with_capacity(snapshot.batches.len());
-    for batch in &snapshot.batches {
-        let mut columns = batch.columns().to_vec();
-        for field in def.schema.fields().iter().skip(old_width) {
-            columns.push(default_column(session, &def, field, batch.num_rows()).await?);
-        }
-        new_batches.push(crate::engine::conform_to_table(
-            &name.name,
-            &def.schema,
-            &RecordBatch::try_new(
-                Arc::new(Schema::new(
-                    def.schema
-                        .fields()
-                        .iter()
-                        .map(|f| f.as_ref().clone().with_nullable(true))
-                        .collect::<Vec<_>>(),
-                )),
-                columns,
-            )?,
-        )?);
-    }
-    let table = new_table(record.id, def, sql.clone())?;
-    let mut set = WriteSet::new();
+    let parts = old
+        .data
+        .read()
+        .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+        .log_parts()?;
+    let table = new_table(record.id, def.clone(), sql.clone())?;
     let new_record = CatalogRecord { sql, ..record };
-    set.put_catalog(new_record.clone());
-    set.drop_log(new_record.id);
-    let mut entries = Vec::new();
-    for (batch, row_ids) in new_batches.into_iter().zip(snapshot.row_ids) {
-        entries.push(millrace_storage::LogEntry::Insert { row_ids, batch });
-    }
-    for e in &entries {
-        set.append(new_record.id, e.clone());
-    }
-    session.engine.commit_write_set(set)?;
-    {
-        let mut data = table
-            .data
-            .write()
-            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
-        for e in &entries {
-            data.apply(e)?;
+    // NOTE: the log is rewritten a chunk at a time (a spilled table is read a file at a
+    // time), and the new table is kept within the cache's share as a restart keeps it; the
+    // new catalog record and the end of the old log are one write.
+    let store = engine.store().clone();
+    let from = store.begin_log_rewrite(new_record.id)?;
+    let rewritten = async {
+        let mut budget = engine.cache.replay_budget(new_record.id);
+        let mut set = WriteSet::new();
+        let mut bytes = 0;
+        for part in parts {
+            let millrace_storage::LogEntry::Insert { row_ids, batch } = part.read()? else {
+                continue;
+            };
+            let entry = millrace_storage::LogEntry::Insert {
+                row_ids,
+                batch: with_defaults(session, &def, &name.name, old_width, &batch).await?,
+            };
+            {
+                let mut data = table
+                    .data
+                    .write()
+                    .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+                data.apply(&entry)?;
+                budget.applied(&entry, &mut data);
+            }
+            bytes += entry.memory_bytes();
+            set.append(new_record.id, entry);
+            if bytes >= REWRITE_COMMIT_BYTES {
+                engine.commit_write_set(std::mem::take(&mut set))?;
+                bytes = 0;
+            }
         }
+        engine.commit_write_set(set)?;
+        let mut with = WriteSet::new();
+        with.put_catalog(new_record.clone());
+        let store = store.clone();
+        let id = new_record.id;
+        tokio::task::block_in_place(move || store.finish_log_rewrite(id, from, with))?;
+        Ok::<(), ServerError>(())
+    }
+    .await;
+    if let Err(e) = rewritten {
+        store.abandon_log_rewrite(new_record.id)?;
+        return Err(e);
     }
     session
         .engine
@@ -987,6 +996,31 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
         .register_relation(new_record, table.clone(), Some(table.clone()))?;
     attach_indexes(&session.engine, &table)?;
     Ok(Output::command("ALTER TABLE"))
+}
+
+/// Bytes of rows ALTER TABLE commits at a time while it rewrites a table's log.
+const REWRITE_COMMIT_BYTES: usize = 4 << 20;
+
+/// `batch` of a table's old columns (the first `old_width`) with the new columns' defaults.
+async fn with_defaults(
+    session: &Session,
+    def: &TableDef,
+    table: &str,
+    old_width: usize,
+    batch: &RecordBatch,
+) -> Result<RecordBatch> {
+    let mut columns = batch.columns().to_vec();
+    for field in def.schema.fields().iter().skip(old_width) {
+        columns.push(default_column(session, def, field, batch.num_rows()).await?);
+    }
+    let loose = Arc::new(Schema::new(
+        def.schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ));
+    crate::engine::conform_to_table(table, &def.schema, &RecordBatch::try_new(loose, columns)?)
 }
 
 /// The value existing rows get for a newly added column: its default, or NULL.

@@ -167,12 +167,12 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
     for target in &truncate.table_names {
         let names::ResolvedTable { name, table, .. } = names::require_table(session, &target.name)?;
         engine.sources.check_writable(table.id, &name.name)?;
-        let deletes: Vec<u64> = table
-            .snapshot()?
-            .row_ids
-            .iter()
-            .flat_map(|ids| ids.values().iter().copied())
-            .collect();
+        // NOTE: the row ids only: a spilled table's rows stay in their files.
+        let deletes = table
+            .data
+            .read()
+            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+            .live_row_ids()?;
         changes.push(TableChange {
             table,
             table_name: name.name,
