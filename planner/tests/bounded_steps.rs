@@ -5,24 +5,20 @@
 //! the other a few rows, or a single row, per step. Their changes must be equal, epoch by
 //! epoch, as multisets.
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, RwLock};
+mod common;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use common::{Error, schema, table};
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::util::display::array_value_to_string;
-use datafusion::common::Constraints;
 use datafusion::prelude::SessionContext;
 use millrace_planner::changelog::Changelog;
 use millrace_planner::incremental::compile;
 use millrace_planner::pipeline::Pipeline;
-use millrace_planner::{MillraceTable, TableDef};
-use millrace_storage::ColumnarTable;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-type Error = Box<dyn std::error::Error>;
 
 const QUERIES: &[&str] = &[
     "SELECT l.k % 7 AS g, count(*) AS n, sum(length(l.pad) + length(r.pad)) AS chars \
@@ -32,29 +28,6 @@ const QUERIES: &[&str] = &[
     "SELECT k, id, row_number() OVER (PARTITION BY k ORDER BY id) AS rn FROM r",
     "SELECT id, pad FROM l ORDER BY pad DESC, id LIMIT 5",
 ];
-
-fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Int64, true),
-        Field::new("k", DataType::Int64, true),
-        Field::new("pad", DataType::Utf8, true),
-    ]))
-}
-
-fn table(id: u64) -> Result<Arc<MillraceTable>, Error> {
-    Ok(Arc::new(MillraceTable {
-        id,
-        def: TableDef {
-            schema: schema(),
-            primary_key: None,
-            defaults: HashMap::new(),
-            constraints: Constraints::default(),
-        },
-        data: Arc::new(RwLock::new(ColumnarTable::try_new(schema(), None)?)),
-        sql: String::new(),
-        log_entries: AtomicUsize::new(0),
-    }))
-}
 
 fn batch(rows: &[(i64, i64, String)]) -> Result<RecordBatch, Error> {
     Ok(RecordBatch::try_new(

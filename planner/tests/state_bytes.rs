@@ -7,20 +7,19 @@
 //! server's allocator) and the test compares the figure with what the pipeline's steps left
 //! allocated, within 25%.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
+use common::{Error, schema, table};
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::Constraints;
 use datafusion::prelude::SessionContext;
 use millrace_planner::changelog::Changelog;
 use millrace_planner::incremental::compile;
 use millrace_planner::pipeline::Pipeline;
-use millrace_planner::{MillraceTable, TableDef};
-use millrace_storage::ColumnarTable;
 
 /// Bytes allocated and not yet freed, in jemalloc size classes.
 static LIVE: AtomicI64 = AtomicI64::new(0);
@@ -60,31 +59,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-type Error = Box<dyn std::error::Error>;
-
-fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Int64, true),
-        Field::new("k", DataType::Int64, true),
-        Field::new("pad", DataType::Utf8, true),
-    ]))
-}
-
-fn table(id: u64) -> Result<Arc<MillraceTable>, Error> {
-    Ok(Arc::new(MillraceTable {
-        id,
-        def: TableDef {
-            schema: schema(),
-            primary_key: None,
-            defaults: HashMap::new(),
-            constraints: Constraints::default(),
-        },
-        data: Arc::new(RwLock::new(ColumnarTable::try_new(schema(), None)?)),
-        sql: String::new(),
-        log_entries: AtomicUsize::new(0),
-    }))
-}
 
 /// Rows `from..to` with key `id / per_key` and a pad of about 60 bytes.
 fn rows(from: i64, to: i64, per_key: i64) -> Result<RecordBatch, Error> {

@@ -193,7 +193,7 @@ impl Engine {
     /// Commits table changes atomically: validate, sync to RocksDB, then apply to the cache.
     /// The caller holds [`Engine::write_lock`]. Returns the number of rows touched.
     pub fn commit_changes(&self, changes: Vec<TableChange>, mut extra: WriteSet) -> Result<usize> {
-        let _room = self.cache.make_room(self, self.bytes_to_read(&changes));
+        let _room = self.cache.make_room(self, || self.bytes_to_read(&changes));
         let mut touched = 0;
         let mut applied: Vec<(Arc<MillraceTable>, Vec<LogEntry>)> = Vec::new();
         let mut epoch = EpochChanges::new();
@@ -285,9 +285,12 @@ impl Engine {
             .iter()
             .filter(|c| self.views.has_readers(c.table.id))
             .map(|c| {
-                let per_row = c.table.data.read().map_or(0, |d| d.bytes_per_row());
                 let inserted = c.inserts.as_ref().map_or(0, |b| b.get_array_memory_size());
-                c.deletes.len() as u64 * per_row + inserted as u64
+                let deleted = match c.deletes.len() {
+                    0 => 0,
+                    n => n as u64 * c.table.data.read().map_or(0, |d| d.bytes_per_row()),
+                };
+                deleted + inserted as u64
             })
             .sum()
     }

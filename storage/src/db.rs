@@ -742,18 +742,11 @@ impl Store {
 
     /// Abandons every unfinished log rewrite; returns how many there were.
     fn abandon_log_rewrites(&self) -> Result<usize> {
-        let mut tables = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(CF_META)?,
-            IteratorMode::From(LOG_REWRITE_PREFIX, Direction::Forward),
-        );
-        for item in iter {
-            let (key, _) = item?;
-            let Some(id) = key.strip_prefix(LOG_REWRITE_PREFIX) else {
-                break;
-            };
-            tables.push(decode_u64(id, "log rewrite key")?);
-        }
+        let tables = self
+            .meta_with_prefix(LOG_REWRITE_PREFIX)?
+            .into_iter()
+            .map(|(id, _)| decode_u64(&id, "log rewrite key"))
+            .collect::<Result<Vec<_>>>()?;
         for table_id in &tables {
             self.abandon_log_rewrite(*table_id)?;
         }

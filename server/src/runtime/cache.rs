@@ -223,18 +223,23 @@ impl CacheManager {
         }))
     }
 
-    /// Makes room for `bytes` that a statement is about to bring into memory (a large
-    /// DELETE or UPDATE reads its rows back out of spilled chunks, and they go through the
-    /// views), if they are a large part of the cache's share: a tick runs now counting them,
-    /// instead of the next one finding the process over its limit. They count until the
-    /// returned guard is dropped (by then they are changes in flight, counted as such).
-    pub fn make_room<'a>(&'a self, engine: &Engine, bytes: u64) -> Room<'a> {
-        let share = self.budget.cache.unwrap_or(u64::MAX);
-        if bytes < share / 16 || self.budget.limit.is_none() {
-            return Room {
-                manager: self,
-                bytes: 0,
-            };
+    /// Makes room for the `bytes` (worked out only under a limit) that a statement is about
+    /// to bring into memory (a large DELETE or UPDATE reads its rows back out of spilled
+    /// chunks, and they go through the views), if they are a large part of the cache's
+    /// share: a tick runs now counting them, instead of the next one finding the process over
+    /// its limit. They count until the returned guard is dropped (by then they are changes
+    /// in flight, counted as such).
+    pub fn make_room<'a>(&'a self, engine: &Engine, bytes: impl FnOnce() -> u64) -> Room<'a> {
+        let none = Room {
+            manager: self,
+            bytes: 0,
+        };
+        let (Some(share), Some(_)) = (self.budget.cache, self.budget.limit) else {
+            return none;
+        };
+        let bytes = bytes();
+        if bytes < share / 16 {
+            return none;
         }
         self.reserved.fetch_add(bytes, Ordering::SeqCst);
         // NOTE: the tick blocks on writes to the object store and on pipelines.

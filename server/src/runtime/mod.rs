@@ -656,6 +656,19 @@ impl ViewRuntime {
     }
 
     async fn process_epoch(&self, epoch: u64, mut changes: EpochChanges) {
+        // NOTE: a source's parts that fit in one step are merged once here, not by each view.
+        for (id, parts) in changes.iter_mut() {
+            let bytes: usize = parts.iter().map(Changelog::bytes).sum();
+            if parts.len() > 1
+                && bytes <= self.step_bytes
+                && let Some(schema) = parts.first().map(Changelog::schema)
+            {
+                match Changelog::concat(&schema, parts.clone()) {
+                    Ok(c) => *parts = vec![c],
+                    Err(e) => warn!(source = id, error = %e, "cannot merge epoch changes"),
+                }
+            }
+        }
         // (view, its change, whether it is a rebuilt view published now)
         let mut staged: Vec<(Arc<ViewEntry>, Changelog, bool)> = Vec::new();
         for view in self.views() {
