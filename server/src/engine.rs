@@ -36,8 +36,8 @@ pub const DEFAULT_SCHEMA: &str = "public";
 
 /// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
 const COMPACT_MIN_ENTRIES: usize = 256;
-/// Bytes of rows a log rewrite commits at a time.
-const COMPACT_COMMIT_BYTES: usize = 4 << 20;
+/// Bytes of rows a log rewrite (compaction, ALTER TABLE) commits at a time.
+pub(crate) const REWRITE_COMMIT_BYTES: usize = 4 << 20;
 
 /// Rows removed from and added to one table by one statement.
 #[derive(Debug, Clone)]
@@ -348,7 +348,7 @@ impl Engine {
                     let entry = part.read()?;
                     bytes += entry.memory_bytes();
                     set.append(id, entry);
-                    if bytes >= COMPACT_COMMIT_BYTES {
+                    if bytes >= REWRITE_COMMIT_BYTES {
                         store.commit(std::mem::take(&mut set))?;
                         bytes = 0;
                     }

@@ -330,18 +330,24 @@ impl Store {
         self.injected_failures.store(n, Ordering::SeqCst);
     }
 
+    /// Takes the commit lock; then, when `refusable`, fails if a write failure was injected.
+    fn lock_commits(&self, refusable: bool) -> Result<std::sync::MutexGuard<'_, ()>> {
+        let guard = self
+            .commit_lock
+            .lock()
+            .map_err(|_| StorageError::Injected("commit lock poisoned".into()))?;
+        if refusable && self.take_injected_failure() {
+            return Err(StorageError::Injected("write refused".into()));
+        }
+        Ok(guard)
+    }
+
     /// Writes the set atomically and syncs the WAL before returning.
     pub fn commit(&self, set: WriteSet) -> Result<()> {
         if set.is_empty() {
             return Ok(());
         }
-        let _guard = self
-            .commit_lock
-            .lock()
-            .map_err(|_| StorageError::Injected("commit lock poisoned".into()))?;
-        if self.take_injected_failure() {
-            return Err(StorageError::Injected("write refused".into()));
-        }
+        let _guard = self.lock_commits(true)?;
         let mut batch = WriteBatch::default();
         let seq = self.put_ops(&mut batch, set)?;
         self.write_synced(batch)?;
@@ -679,10 +685,7 @@ impl Store {
     /// before that deletes them (the old log stays). The caller appends nothing else to the
     /// table in between. Returns the first sequence number of the new log.
     pub fn begin_log_rewrite(&self, table_id: u64) -> Result<u64> {
-        let _guard = self
-            .commit_lock
-            .lock()
-            .map_err(|_| StorageError::Injected("commit lock poisoned".into()))?;
+        let _guard = self.lock_commits(false)?;
         let from = self.next_seq.load(Ordering::SeqCst);
         let mut batch = WriteBatch::default();
         batch.put_cf(
@@ -697,13 +700,7 @@ impl Store {
     /// Makes the log rewritten since [`Store::begin_log_rewrite`] the table's log: the older
     /// entries go, in one synced write with `with` (ALTER TABLE's new catalog record).
     pub fn finish_log_rewrite(&self, table_id: u64, from: u64, with: WriteSet) -> Result<()> {
-        let _guard = self
-            .commit_lock
-            .lock()
-            .map_err(|_| StorageError::Injected("commit lock poisoned".into()))?;
-        if self.take_injected_failure() {
-            return Err(StorageError::Injected("write refused".into()));
-        }
+        let _guard = self.lock_commits(true)?;
         let meta = self.cf(CF_META)?;
         let mut batch = WriteBatch::default();
         let seq = self.put_ops(&mut batch, with)?;

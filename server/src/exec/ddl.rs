@@ -972,7 +972,7 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
             }
             bytes += entry.memory_bytes();
             set.append(new_record.id, entry);
-            if bytes >= REWRITE_COMMIT_BYTES {
+            if bytes >= crate::engine::REWRITE_COMMIT_BYTES {
                 engine.commit_write_set(std::mem::take(&mut set))?;
                 bytes = 0;
             }
@@ -997,9 +997,6 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
     attach_indexes(&session.engine, &table)?;
     Ok(Output::command("ALTER TABLE"))
 }
-
-/// Bytes of rows ALTER TABLE commits at a time while it rewrites a table's log.
-const REWRITE_COMMIT_BYTES: usize = 4 << 20;
 
 /// `batch` of a table's old columns (the first `old_width`) with the new columns' defaults.
 async fn with_defaults(
