@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use millrace_sqllogictest::TestServer;
-use millrace_sqllogictest::rows::{exec, one, rows};
+use millrace_sqllogictest::rows::{exec, number, rows};
 use tokio_postgres::Client;
 
 const LIMIT: &str = "256MiB";
@@ -94,10 +94,6 @@ async fn check_view(client: &Client, model: &Model, when: &str) {
     }
 }
 
-async fn figure(client: &Client, sql: &str) -> i64 {
-    one(client, sql).await.parse().unwrap_or(-1)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
     let n = rows_per_table();
@@ -173,12 +169,12 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
         "a view backfilled from the spilled table"
     );
     let load_peak = phase("after a backfill from the spilled table");
-    let state = figure(
+    let state = number(
         &client,
         "SELECT state_bytes + state_spilled_bytes FROM millrace_cache WHERE name = 'j'",
     )
     .await;
-    let in_memory = figure(
+    let in_memory = number(
         &client,
         "SELECT state_bytes FROM millrace_cache WHERE name = 'j'",
     )
@@ -225,12 +221,12 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
         "batch join over ids {from}..={to}"
     );
 
-    let evicted = figure(
+    let evicted = number(
         &client,
         "SELECT state_evicted FROM millrace_cache WHERE name = 'j'",
     )
     .await;
-    let fetched = figure(
+    let fetched = number(
         &client,
         "SELECT state_fetched FROM millrace_cache WHERE name = 'j'",
     )

@@ -53,6 +53,15 @@ pub async fn one(client: &Client, sql: &str) -> String {
         .unwrap_or_else(|| panic!("{sql}: no value"))
 }
 
+/// The first value of the first row of `sql` as an integer for tests; panics when there is
+/// none or it is not one.
+pub async fn number(client: &Client, sql: &str) -> i64 {
+    let value = one(client, sql).await;
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{sql}: {value:?} is not an integer"))
+}
+
 /// Polls `sql` until its single value is `want` (for at most a minute); on timeout panics
 /// with `what`, the last value and every source's status, for connector tests.
 pub async fn wait_for(client: &Client, sql: &str, want: &str, what: &str) {
