@@ -250,7 +250,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut model = Accounts::new();
     let mut in_flight_landed = 0;
-    let (mut restored, mut failed_checkpoints, mut evictions) = (0, 0, 0);
+    let (mut restored, mut undone, mut failed_checkpoints, mut evictions) = (0, 0, 0, 0);
     for cycle in 0..cycles {
         let client = server.connect("millrace").await.expect("connect");
         // A checkpoint now and then (besides the one every second), some of them failing
@@ -280,6 +280,13 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
         restored += one(
             &client,
             "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE 'from the checkpoint%'",
+        )
+        .await
+        .parse::<usize>()
+        .expect("count");
+        undone += one(
+            &client,
+            "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE '%evicted after the checkpoint were put back%'",
         )
         .await
         .parse::<usize>()
@@ -346,12 +353,17 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     .await;
     eprintln!(
         "{cycles} kill -9 cycles: {} accounts, {} Kafka records, in-flight writes that landed: {in_flight_landed}, \
-         views restored from a checkpoint: {restored}, checkpoints failed by injection: {failed_checkpoints}, \
+         views restored from a checkpoint: {restored} (with state evicted after it put back: {undone}), \
+         checkpoints failed by injection: {failed_checkpoints}, \
          chunks evicted: {evictions}",
         model.len(),
         produced.len()
     );
     assert!(restored > 0, "no view was ever restored from a checkpoint");
+    assert!(
+        undone > 0,
+        "no view was restored over state evicted after its checkpoint"
+    );
     assert!(evictions > 0, "no chunk was evicted");
     // With a one-byte share, what cannot be evicted (operator state, row indexes) is reported.
     let detail = one(

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 
 use millrace_sqllogictest::TestServer;
-use millrace_sqllogictest::rows::sorted_rows;
+use millrace_sqllogictest::rows::{number, sorted_rows};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
@@ -455,17 +455,20 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
                     .await
                     .map_err(|e| format!("reconnect: {e}"))?;
                 script.push("-- kill -9 and restart".into());
-                let restored = rows(
+                let restored = number(
                     &client,
                     "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE 'from the checkpoint%'",
                 )
-                .await?;
-                let n: usize = restored[0][0]
-                    .as_deref()
-                    .unwrap_or("0")
-                    .parse()
-                    .unwrap_or(0);
-                *seen.entry("restored from a checkpoint").or_default() += n;
+                .await;
+                *seen.entry("restored from a checkpoint").or_default() += restored as usize;
+                let undone = number(
+                    &client,
+                    "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE '%evicted after the checkpoint were put back%'",
+                )
+                .await;
+                *seen
+                    .entry("restored with state evicted after the checkpoint undone")
+                    .or_default() += undone as usize;
             }
         }
         for case in &cases {
@@ -583,6 +586,7 @@ async fn views_equal_batch_queries_after_every_change() {
         "topn ties",
         "global aggregate over empty input",
         "restored from a checkpoint",
+        "restored with state evicted after the checkpoint undone",
     ] {
         assert!(
             seen.get(edge).copied().unwrap_or(0) > 0,

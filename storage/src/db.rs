@@ -4,6 +4,7 @@
 //! RocksDB `WriteBatch` with `sync = true`, so a statement is acknowledged only once it is in
 //! the WAL on disk, and after a crash either all of it or none of it is there.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -21,7 +22,9 @@ const CF_CATALOG: &str = "catalog";
 const CF_TABLE_LOG: &str = "table_log";
 const CF_META: &str = "meta";
 /// Checkpointed state of materialized views: operator state deltas and view contents.
-const CF_VIEW_STATE: &str = "view_state";
+pub(crate) const CF_VIEW_STATE: &str = "view_state";
+/// Undo records of state written outside a checkpoint (see `state_recovery.rs`).
+pub(crate) const CF_VIEW_UNDO: &str = "view_state_undo";
 /// Operator number under which a view's contents are checkpointed.
 pub const CONTENTS_OP: u32 = u32::MAX;
 const LOG_REBASED_PREFIX: &[u8] = b"log_rebased/";
@@ -64,6 +67,7 @@ enum WriteOp {
     },
     DropViewState(u64),
     DropViewStateOp(u64, u32),
+    KeepViewSpills(u64),
     PutMeta {
         key: Vec<u8>,
         value: Vec<u8>,
@@ -151,9 +155,15 @@ impl WriteSet {
         });
     }
 
-    /// Removes every checkpointed state entry of a view.
+    /// Removes every checkpointed state entry of a view (and its undo records).
     pub fn drop_view_state(&mut self, view_id: u64) {
         self.ops.push(WriteOp::DropViewState(view_id));
+    }
+
+    /// Makes the state a view evicted since its last checkpoint part of this commit (a
+    /// checkpoint that includes the view): its undo records go (see `state_recovery.rs`).
+    pub fn keep_view_spills(&mut self, view_id: u64) {
+        self.ops.push(WriteOp::KeepViewSpills(view_id));
     }
 
     /// Deletes the checkpointed state of one operator of a view (or of its contents).
@@ -186,8 +196,9 @@ impl WriteSet {
 
 /// The RocksDB-backed durable store.
 pub struct Store {
-    /// The database, with column families `catalog`, `table_log` and `meta`.
-    db: DB,
+    /// The database, with column families `catalog`, `table_log`, `meta`, `view_state` and
+    /// `view_state_undo`.
+    pub(crate) db: DB,
     /// Next sequence number of a table log key; persisted with every commit.
     next_seq: AtomicU64,
     /// Next catalog object id.
@@ -200,6 +211,8 @@ pub struct Store {
     cache: Option<rocksdb::Cache>,
     /// Keeps the memtables within their share of the budget.
     _write_buffers: Option<rocksdb::WriteBufferManager>,
+    /// State entries of each view put back to its last checkpoint when the store opened.
+    undone: BTreeMap<u64, u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -239,7 +252,7 @@ impl Store {
         let cf_options = |name: &str| {
             let mut o = Options::default();
             let mut table = rocksdb::BlockBasedOptions::default();
-            if name == CF_VIEW_STATE {
+            if name == CF_VIEW_STATE || name == CF_VIEW_UNDO {
                 // Operators look up evicted state by key, most often a key that is not
                 // there (a new group or join key): a Bloom filter answers those in memory.
                 table.set_bloom_filter(10.0, false);
@@ -256,11 +269,17 @@ impl Store {
             o.set_block_based_table_factory(&table);
             o
         };
-        let cfs = [CF_CATALOG, CF_TABLE_LOG, CF_META, CF_VIEW_STATE]
-            .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
+        let cfs = [
+            CF_CATALOG,
+            CF_TABLE_LOG,
+            CF_META,
+            CF_VIEW_STATE,
+            CF_VIEW_UNDO,
+        ]
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        let store = Store {
+        let mut store = Store {
             db,
             next_seq: AtomicU64::new(1),
             next_object_id: AtomicU64::new(1),
@@ -268,6 +287,7 @@ impl Store {
             injected_failures: AtomicU32::new(0),
             cache,
             _write_buffers: write_buffers,
+            undone: BTreeMap::new(),
         };
         let seq = match store.db.get_cf(store.cf(CF_META)?, META_NEXT_SEQ)? {
             Some(bytes) => decode_u64(&bytes, "next_seq")?,
@@ -282,6 +302,18 @@ impl Store {
                 tables = abandoned,
                 "deleted the unfinished rewrites of table logs"
             );
+        }
+        store.undone = store.undo_state_spills()?;
+        if !store.undone.is_empty() {
+            info!(
+                views = store.undone.len(),
+                entries = store.undone.values().sum::<u64>(),
+                "put back the checkpointed state that views evicted after their last checkpoint"
+            );
+        }
+        let orphans = store.drop_orphan_state()?;
+        if !orphans.is_empty() {
+            info!(views = ?orphans, "deleted the state of dropped views");
         }
         info!(path = %path.display(), next_seq = seq, "opened durable store");
         Ok(store)
@@ -299,18 +331,30 @@ impl Store {
 
     /// An integer property summed over the column families.
     fn property_sum(&self, property: &str) -> u64 {
-        [CF_CATALOG, CF_TABLE_LOG, CF_META, CF_VIEW_STATE]
-            .into_iter()
-            .filter_map(|name| self.db.cf_handle(name))
-            .filter_map(|cf| self.db.property_int_value_cf(cf, property).ok().flatten())
-            .sum()
+        [
+            CF_CATALOG,
+            CF_TABLE_LOG,
+            CF_META,
+            CF_VIEW_STATE,
+            CF_VIEW_UNDO,
+        ]
+        .into_iter()
+        .filter_map(|name| self.db.cf_handle(name))
+        .filter_map(|cf| self.db.property_int_value_cf(cf, property).ok().flatten())
+        .sum()
     }
 
-    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
         self.db.cf_handle(name).ok_or(StorageError::Corrupt {
             what: "column family",
             detail: format!("{name} is missing"),
         })
+    }
+
+    /// State entries of view `view_id` that were evicted after its last checkpoint and put
+    /// back to it when the store opened (see `state_recovery.rs`).
+    pub fn undone_spills(&self, view_id: u64) -> u64 {
+        self.undone.get(&view_id).copied().unwrap_or(0)
     }
 
     /// Allocates a new catalog object id (not durable until a record using it is committed).
@@ -319,7 +363,7 @@ impl Store {
     }
 
     /// Whether the next write fails on purpose (counts one injected failure down).
-    fn take_injected_failure(&self) -> bool {
+    pub(crate) fn take_injected_failure(&self) -> bool {
         self.injected_failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
@@ -401,8 +445,17 @@ impl Store {
                     }
                 }
                 WriteOp::DropViewState(view_id) => {
+                    for cf in [CF_VIEW_STATE, CF_VIEW_UNDO] {
+                        batch.delete_range_cf(
+                            self.cf(cf)?,
+                            view_id.to_be_bytes(),
+                            (view_id + 1).to_be_bytes(),
+                        );
+                    }
+                }
+                WriteOp::KeepViewSpills(view_id) => {
                     batch.delete_range_cf(
-                        self.cf(CF_VIEW_STATE)?,
+                        self.cf(CF_VIEW_UNDO)?,
                         view_id.to_be_bytes(),
                         (view_id + 1).to_be_bytes(),
                     );
@@ -630,33 +683,6 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_VIEW_STATE)?, key)?)
     }
 
-    /// Writes operator state evicted from memory in place of its checkpointed entries,
-    /// outside any checkpoint. The caller has marked the view's checkpoint stale first (see
-    /// `state::StateTier`). The write goes to the WAL unsynced: the next checkpoint's synced
-    /// commit makes it durable together with the entries that reference it. Honours
-    /// injected write failures.
-    pub fn spill_view_state(
-        &self,
-        view_id: u64,
-        op: u32,
-        partition: u32,
-        entries: &[(Vec<u8>, Option<Vec<u8>>)],
-    ) -> Result<()> {
-        if self.take_injected_failure() {
-            return Err(StorageError::Injected("state spill refused".into()));
-        }
-        let cf = self.cf(CF_VIEW_STATE)?;
-        let mut batch = WriteBatch::default();
-        for (key, value) in entries {
-            let key = view_state_key(view_id, op, partition, key);
-            match value {
-                Some(value) => batch.put_cf(cf, key, value),
-                None => batch.delete_cf(cf, key),
-            }
-        }
-        Ok(self.db.write(batch)?)
-    }
-
     /// Sets a metadata value and, when `remove_view_state` names a view, deletes that view's
     /// state in the same synced write.
     pub fn put_meta_now(
@@ -668,11 +694,13 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META)?, key, value);
         if let Some(view_id) = remove_view_state {
-            batch.delete_range_cf(
-                self.cf(CF_VIEW_STATE)?,
-                view_id.to_be_bytes(),
-                (view_id + 1).to_be_bytes(),
-            );
+            for cf in [CF_VIEW_STATE, CF_VIEW_UNDO] {
+                batch.delete_range_cf(
+                    self.cf(cf)?,
+                    view_id.to_be_bytes(),
+                    (view_id + 1).to_be_bytes(),
+                );
+            }
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
@@ -750,7 +778,7 @@ impl Store {
         Ok(tables.len())
     }
 
-    fn write_synced(&self, batch: WriteBatch) -> Result<()> {
+    pub(crate) fn write_synced(&self, batch: WriteBatch) -> Result<()> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         Ok(self.db.write_opt(batch, &opts)?)
@@ -768,7 +796,7 @@ pub type ViewStateEntry = (u32, u32, Vec<u8>, Vec<u8>);
 /// One checkpointed state entry of an operator: partition, key, value.
 pub type OpStateEntry = (u32, Vec<u8>, Vec<u8>);
 
-fn view_state_key(view_id: u64, op: u32, partition: u32, key: &[u8]) -> Vec<u8> {
+pub(crate) fn view_state_key(view_id: u64, op: u32, partition: u32, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(16 + key.len());
     k.extend_from_slice(&view_id.to_be_bytes());
     k.extend_from_slice(&op.to_be_bytes());

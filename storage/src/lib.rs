@@ -14,6 +14,7 @@ pub mod error;
 pub mod index;
 pub mod log_entry;
 pub mod state;
+mod state_recovery;
 pub mod state_tier;
 #[cfg(test)]
 mod test_util;

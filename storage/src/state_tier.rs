@@ -6,12 +6,16 @@
 //! a checkpoint writes the entry under). Operator state held in memory is a cache over
 //! that family: an entry unchanged since the last committed checkpoint is simply dropped
 //! from memory, since the checkpoint holds it; a changed one is written over its
-//! checkpointed entry first. Such a write is outside any checkpoint, so the first one after
-//! a checkpoint marks the view's checkpoint stale with a synced metadata key: after a crash
-//! before the next checkpoint, the view is rebuilt from its inputs instead of restored from
-//! entries of mixed epochs. The next checkpoint that includes the view commits the rest of
-//! its changes and clears the mark in the same write. A pipeline that is not restored from
-//! a checkpoint (`fresh`) deletes its view's old entries with the first such write.
+//! checkpointed entry first. Such a write is outside any checkpoint: it keeps the
+//! checkpointed value in an undo record (see `state_recovery.rs`), which the next checkpoint
+//! that includes the view deletes and a restart before it puts back, so that the view
+//! restores from its last checkpoint after a crash.
+//!
+//! A pipeline that does not continue a committed checkpoint (`fresh`: a new view, or one
+//! rebuilt) has nothing to undo to: its first such write deletes its view's old entries and
+//! marks the view's checkpoint stale with a synced metadata key, so that after a crash
+//! before its first checkpoint the view is rebuilt from its inputs. That checkpoint clears
+//! the mark in its commit.
 //!
 //! The cache manager asks for evictions through [`StateTier::request_eviction`]; the
 //! pipeline takes the request between epochs (see the planner's `pipeline.rs`).
@@ -75,8 +79,8 @@ impl StateTier {
         })
     }
 
-    /// Metadata key of the mark saying view `view_id`'s checkpointed state was overwritten
-    /// after its last checkpoint.
+    /// Metadata key of the mark saying view `view_id`'s checkpointed state was replaced by a
+    /// fresh pipeline's state before that pipeline's first checkpoint.
     pub fn mark_key(view_id: u64) -> Vec<u8> {
         let mut key = MARK_PREFIX.to_vec();
         key.extend_from_slice(&view_id.to_be_bytes());
@@ -160,24 +164,26 @@ impl StateTier {
         }
     }
 
-    /// Marks the checkpoint stale before the first write outside a checkpoint.
-    fn before_spill(&self) -> Result<()> {
+    /// Prepares a write outside a checkpoint: a fresh pipeline's first one marks the
+    /// checkpoint stale and deletes the earlier pipeline's state. Returns whether the write
+    /// keeps undo records (the pipeline continues a committed checkpoint).
+    fn before_spill(&self) -> Result<bool> {
         let mut m = self
             .mark
             .lock()
             .map_err(|_| StorageError::Injected("state tier lock poisoned".into()))?;
         if m.marked {
-            return Ok(());
+            return Ok(false);
         }
-        let drop_old = m.fresh.then_some(self.view_id);
+        if !m.fresh {
+            return Ok(true);
+        }
         self.store
-            .put_meta_now(&Self::mark_key(self.view_id), b"1", drop_old)?;
+            .put_meta_now(&Self::mark_key(self.view_id), b"1", Some(self.view_id))?;
         m.marked = true;
-        if m.fresh {
-            m.fresh = false;
-            m.dropped = true;
-        }
-        Ok(())
+        m.fresh = false;
+        m.dropped = true;
+        Ok(false)
     }
 }
 
@@ -228,15 +234,19 @@ impl StateLocation {
         if entries.is_empty() {
             return Ok(());
         }
-        self.tier.before_spill()?;
+        let undo = self.tier.before_spill()?;
         if !self.prefix.is_empty() {
             for (key, _) in &mut entries {
                 *key = self.full_key(key);
             }
         }
-        self.tier
-            .store
-            .spill_view_state(self.tier.view_id, self.op, self.partition, &entries)?;
+        self.tier.store.spill_view_state(
+            self.tier.view_id,
+            self.op,
+            self.partition,
+            &entries,
+            undo,
+        )?;
         self.tier
             .written
             .fetch_add(entries.len() as u64, Ordering::Relaxed);

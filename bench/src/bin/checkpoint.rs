@@ -6,7 +6,10 @@
 //! 2. Recovery: `BENCH_ROWS` rows under a GROUP BY view and a join view, `CHECKPOINT`, more
 //!    writes, then `kill -9` and a restart: the time until the server accepts a connection,
 //!    and until a query of each view answers (restored from the checkpoint and caught up,
-//!    or rebuilt from the tables when checkpoints are off).
+//!    or rebuilt from the tables when checkpoints are off). Then the same under
+//!    `--memory-limit 64MiB`, where the views' state is mostly evicted and the writes after
+//!    the checkpoint are an UPDATE of a tenth of the rows: their state is evicted over the
+//!    checkpoint's before the kill, and put back to it on restart.
 //!
 //! Usage: `bench/run checkpoint` (MILLRACE_BIN names the server binary).
 
@@ -42,13 +45,23 @@ async fn overhead(server: &Server, seconds: u64) -> Result<(f64, f64), Error> {
     Ok((rows as f64 / wall, cpu * 1e6 / rows as f64))
 }
 
+/// What runs between the checkpoint and the kill.
+#[derive(Clone, Copy)]
+enum After {
+    /// 1000 more rows.
+    Insert,
+    /// An UPDATE of every tenth row (their groups and join keys change).
+    Update,
+}
+
 /// Loads state, kills the server and measures its way back:
-/// (state bytes, accepts connections, views answer).
+/// (state bytes, accepts connections, views answer, how the views came back).
 async fn recovery(
     server: &mut Server,
     rows: usize,
     checkpoints: bool,
-) -> Result<(u64, Duration, Duration), Error> {
+    after: After,
+) -> Result<(u64, Duration, Duration, String), Error> {
     let c = server.connect().await?;
     c.batch_execute(&format!(
         "CREATE TABLE big (id BIGINT, g BIGINT, x BIGINT);
@@ -62,10 +75,17 @@ async fn recovery(
     if checkpoints {
         c.batch_execute("CHECKPOINT").await?;
     }
-    c.batch_execute(
-        "INSERT INTO big SELECT value, value % 100000, 1 FROM generate_series(1, 1000)",
-    )
-    .await?;
+    let (sql, added) = match after {
+        After::Insert => (
+            "INSERT INTO big SELECT value, value % 100000, 1 FROM generate_series(1, 1000)",
+            1000,
+        ),
+        After::Update => (
+            "UPDATE big SET g = (g + 7) % 100000, x = x + 1 WHERE id % 10 = 0",
+            0,
+        ),
+    };
+    c.batch_execute(sql).await?;
     let state: i64 = c
         .query_one(
             "SELECT CAST(sum(state_bytes + contents_bytes) AS BIGINT) FROM millrace_views",
@@ -85,14 +105,24 @@ async fn recovery(
         .await?
         .get(0);
     let answers = start.elapsed();
-    if n != rows as i64 + 1000 || m != rows as i64 + 1000 {
+    if n != (rows + added) as i64 || m != (rows + added) as i64 {
         return Err(format!(
             "views after recovery: {n} and {m} rows, want {}",
-            rows + 1000
+            rows + added
         )
         .into());
     }
-    Ok((state.max(0) as u64, accepts, answers))
+    let how: Vec<String> = c
+        .query(
+            "SELECT name || ' ' || kind || ': ' || detail FROM millrace_events \
+             WHERE kind = 'view_restored' ORDER BY name",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok((state.max(0) as u64, accepts, answers, how.join("; ")))
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -114,19 +144,36 @@ async fn main() -> Result<(), Error> {
     println!(
         "recovery after kill -9: {rows}-row table (+1000 rows after the checkpoint) under a GROUP BY view (100k groups) and a join view"
     );
-    for (label, interval) in [
-        ("from the checkpoint", 1000u64),
-        ("rebuilt (checkpoints off)", 0),
+    let limit = ["--memory-limit".to_string(), "64MiB".to_string()];
+    for (label, interval, after, memory) in [
+        ("from the checkpoint", 1000u64, After::Insert, &[][..]),
+        ("rebuilt (checkpoints off)", 0, After::Insert, &[][..]),
+        (
+            "64 MiB limit, UPDATE 10%: from the checkpoint",
+            3_600_000,
+            After::Update,
+            &limit[..],
+        ),
+        (
+            "64 MiB limit, UPDATE 10%: rebuilt (checkpoints off)",
+            0,
+            After::Update,
+            &limit[..],
+        ),
     ] {
-        let args = ["--checkpoint-interval-ms".to_string(), interval.to_string()];
-        let mut server = Server::start(&bin, 56602, work.join(format!("r{interval}")), &args)?;
-        let (state, accepts, answers) = recovery(&mut server, rows, interval > 0).await?;
+        let mut args = vec!["--checkpoint-interval-ms".to_string(), interval.to_string()];
+        args.extend(memory.iter().cloned());
+        let dir = work.join(format!("r{interval}-{}", memory.len()));
+        let mut server = Server::start(&bin, 56602, dir, &args)?;
+        let (state, accepts, answers, how) =
+            recovery(&mut server, rows, interval > 0, after).await?;
         println!(
-            "  {label:<26} view state {:>6} MiB   accepts connections after {:>7.2} s   views answer after {:>7.2} s",
+            "  {label:<52} view state {:>6} MiB   accepts connections after {:>7.2} s   views answer after {:>7.2} s",
             state / (1 << 20),
             accepts.as_secs_f64(),
             answers.as_secs_f64()
         );
+        println!("    {how}");
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())

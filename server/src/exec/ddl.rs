@@ -20,6 +20,7 @@ use datafusion::sql::sqlparser::ast::{
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
+use millrace_planner::view_table::ViewStatus;
 use millrace_planner::{MillraceTable, PlanError, TableDef};
 use millrace_storage::{CatalogRecord, ColumnarTable, ObjectKind, WriteSet};
 use tracing::info;
@@ -79,7 +80,7 @@ pub async fn run(session: &mut Session, stmt: Statement) -> Result<Output> {
             names,
             cascade,
             ..
-        } => drop_objects(session, object_type, if_exists, &names, cascade),
+        } => drop_objects(session, object_type, if_exists, &names, cascade).await,
         Statement::AlterTable(alter) => alter_table(session, alter).await,
         other => Err(ServerError::NotSupported(format!(
             "statement {}",
@@ -674,7 +675,7 @@ pub fn attach_indexes(engine: &Engine, table: &MillraceTable) -> Result<()> {
     Ok(())
 }
 
-fn drop_objects(
+async fn drop_objects(
     session: &mut Session,
     object_type: ObjectType,
     if_exists: bool,
@@ -789,6 +790,18 @@ fn drop_objects(
         if !doomed.iter().any(|x| x.id == record.id) {
             doomed.push(record);
         }
+    }
+    // A running view first shows (and sends its subscribers) every write acknowledged
+    // before the DROP, as a read would.
+    let views = session.engine.views.clone();
+    let running = doomed.iter().any(|r| {
+        r.kind == ObjectKind::MaterializedView
+            && views
+                .view(r.id)
+                .is_some_and(|v| v.status() == ViewStatus::Running)
+    });
+    if running {
+        views.wait_published(views.committed_epoch()).await;
     }
     let mut set = WriteSet::new();
     for r in &doomed {

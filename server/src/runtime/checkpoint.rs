@@ -221,13 +221,14 @@ impl ViewRuntime {
             };
             // NOTE: operator state evicted since the last checkpoint is already in place (a
             // fresh pipeline's first eviction deleted the earlier pipeline's state); the
-            // commit makes it current and clears the stale mark.
+            // commit makes it current: it drops the undo records and clears the stale mark.
             let spilled_fresh = tier.as_ref().is_some_and(|t| t.dropped_earlier_state());
             if fresh && !spilled_fresh {
                 set.drop_view_state(view.id);
             } else if all_rows {
                 set.drop_view_state_op(view.id, CONTENTS_OP);
             }
+            set.keep_view_spills(view.id);
             set.delete_meta(&StateTier::mark_key(view.id));
             for e in state {
                 entries += 1;

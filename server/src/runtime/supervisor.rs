@@ -160,12 +160,18 @@ async fn load_checkpointed(engine: &Arc<Engine>) {
             Ok((entries, rows)) => {
                 view.checkpoint_fresh.store(false, Ordering::SeqCst);
                 view.set_status(ViewStatus::Running);
+                let undone = match engine.store().undone_spills(view.id) {
+                    0 => String::new(),
+                    n => format!(
+                        "; {n} state entries evicted after the checkpoint were put back to it"
+                    ),
+                };
                 runtime.events.record(
                     "view_restored",
                     Some(&name),
                     None,
                     format!(
-                        "from the checkpoint: {entries} state entries, {rows} rows, loaded in {} ms",
+                        "from the checkpoint: {entries} state entries, {rows} rows, loaded in {} ms{undone}",
                         started.elapsed().as_millis()
                     ),
                 );
