@@ -115,6 +115,35 @@ impl PlanNode {
         }
     }
 
+    /// A fingerprint of the plan's operators and of their output schemas. Checkpointed
+    /// state is restored only into a plan with the same one: the state's encoding follows
+    /// the rows' layout, and the same SQL can compile to another layout after
+    /// `ALTER TABLE ... ADD COLUMN` (`SELECT *`, a join keeping whole rows). A source's own
+    /// schema is left out: an operator keeping its rows whole outputs them, and one that
+    /// does not reads its columns by position, which a new last column does not move.
+    pub fn layout(&self) -> u64 {
+        let mut text = self.explain(1).join("\n");
+        self.describe_schemas(&mut text);
+        // FNV-1a: stable across builds, unlike std's hasher.
+        text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    fn describe_schemas(&self, out: &mut String) {
+        let PlanNode::Operator { op, inputs, .. } = self else {
+            return;
+        };
+        for field in op.schema().fields() {
+            out.push_str(&format!("\n{}: {}", field.name(), field.data_type()));
+        }
+        for input in inputs {
+            out.push_str("\n(");
+            input.describe_schemas(out);
+            out.push(')');
+        }
+    }
+
     /// The plan as indented lines, for EXPLAIN.
     pub fn explain(&self, workers: usize) -> Vec<String> {
         let mut lines = Vec::new();

@@ -113,6 +113,8 @@ pub struct Pipeline {
     rows_out: u64,
     /// Where operator state is evicted to, when the view has a durable home.
     tier: Option<Arc<StateTier>>,
+    /// The plan's fingerprint (`PlanNode::layout`), recorded with checkpoints.
+    layout: u64,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -129,13 +131,20 @@ impl Pipeline {
     pub fn start(plan: PlanNode, workers: usize, tier: Option<Arc<StateTier>>) -> Result<Self> {
         let workers = workers.max(1);
         let mut next_op = 0;
+        let layout = plan.layout();
         Ok(Self {
             root: stage(plan, workers, &mut next_op, tier.as_ref())?,
             workers,
             rows_in: 0,
             rows_out: 0,
             tier,
+            layout,
         })
+    }
+
+    /// The fingerprint of the plan this pipeline runs (see `PlanNode::layout`).
+    pub fn layout(&self) -> u64 {
+        self.layout
     }
 
     /// The warm tier the pipeline's state is evicted to.

@@ -235,8 +235,9 @@ pub async fn register_for_restore(
     // A view whose state was overwritten after its last checkpoint (evicted operator
     // state) cannot continue that checkpoint.
     let stale = StateTier::is_marked(engine.store(), record.id)?;
+    let layout = compiled.plan.layout();
     let restorable = !stale
-        && plan.can_restore(record.id, &sources, runtime.workers, |id| {
+        && plan.can_restore(record.id, &sources, (runtime.workers, layout), |id| {
             runtime.view(id).is_some()
         });
     let tier = StateTier::new(engine.store().clone(), record.id, !restorable);
@@ -290,7 +291,10 @@ pub async fn restore_state(engine: &Arc<Engine>, view: &ViewEntry) -> Result<(us
         .contents
         .write()
         .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?;
-    contents.restore(&rows)?;
+    // NOTE: arrow-row panics on rows of another layout; the plan fingerprint keeps such
+    // rows out (see `RestorePlan::can_restore`), and a panic here still only rebuilds the view.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| contents.restore(&rows)))
+        .map_err(|_| ServerError::Internal("checkpointed view rows do not decode".into()))??;
     Ok((entries, contents.num_rows()))
 }
 

@@ -14,7 +14,8 @@
 //! such views are rebuilt from their inputs.
 //!
 //! On start ([`RestorePlan`]) the manifest decides which views restore their state instead
-//! of recomputing it: those in the manifest with the same worker count, whose tables' logs
+//! of recomputing it: those in the manifest with the same worker count and plan fingerprint
+//! (`PlanNode::layout`), whose tables' logs
 //! still hold every entry since the checkpoint and whose upstream views restore too. Tables
 //! are always replayed in full (they are the source of truth); the entries after the
 //! checkpoint's log position become one epoch of changes that the restored views process
@@ -65,6 +66,10 @@ pub struct Manifest {
     pub time_ms: u64,
     /// Checkpointed views, with the number of partitions their state is split over.
     pub views: BTreeMap<u64, usize>,
+    /// Checkpointed views' plan fingerprints (`PlanNode::layout`): a view restores only
+    /// into a plan with the same one.
+    #[serde(default)]
+    pub layouts: BTreeMap<u64, u64>,
 }
 
 impl Manifest {
@@ -167,6 +172,7 @@ impl ViewRuntime {
             set.delete_meta(&StateTier::mark_key(*id));
         }
         let mut views = BTreeMap::new();
+        let mut layouts = BTreeMap::new();
         let mut written = Vec::new();
         let mut skipped = 0;
         let (mut entries, mut bytes) = (0u64, 0u64);
@@ -175,7 +181,7 @@ impl ViewRuntime {
                 skipped += 1;
                 continue;
             }
-            let (state, workers, tier) = {
+            let (state, workers, layout, tier) = {
                 let mut guard = view.pipeline.lock().await;
                 let Some(pipeline) = guard.as_mut() else {
                     skipped += 1;
@@ -187,7 +193,12 @@ impl ViewRuntime {
                     Ok(_) => pipeline.checkpoint().await,
                     Err(e) => Err(e),
                 };
-                (state, pipeline.workers(), pipeline.tier().cloned())
+                (
+                    state,
+                    pipeline.workers(),
+                    pipeline.layout(),
+                    pipeline.tier().cloned(),
+                )
             };
             let fresh = view.checkpoint_fresh.load(Ordering::SeqCst);
             let rows = match view.provider.contents.write() {
@@ -242,6 +253,7 @@ impl ViewRuntime {
                 set.put_view_state(view.id, CONTENTS_OP, 0, row.into_vec(), value);
             }
             views.insert(view.id, workers);
+            layouts.insert(view.id, layout);
             written.push((view, tier));
         }
         let unchanged = entries == 0
@@ -263,6 +275,7 @@ impl ViewRuntime {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             views: views.clone(),
+            layouts,
         };
         let encoded = serde_json::to_vec(&manifest)
             .map_err(|e| ServerError::Internal(format!("checkpoint manifest: {e}")))?;
@@ -379,18 +392,20 @@ impl RestorePlan {
         Ok(())
     }
 
-    /// Whether a view reading `sources` with `workers` partitions can restore its state.
+    /// Whether a view reading `sources` with `workers` partitions and plan fingerprint
+    /// `layout` can restore its state.
     pub fn can_restore(
         &self,
         view_id: u64,
         sources: &[u64],
-        workers: usize,
+        (workers, layout): (usize, u64),
         is_view: impl Fn(u64) -> bool,
     ) -> bool {
         let Some(m) = &self.manifest else {
             return false;
         };
         m.views.get(&view_id) == Some(&workers)
+            && m.layouts.get(&view_id).is_none_or(|l| *l == layout)
             && sources.iter().all(|id| {
                 if is_view(*id) {
                     self.restored.contains(id)
