@@ -30,10 +30,43 @@ pub fn rewrite(mut statement: Statement) -> Rewritten {
     {
         renames = dedup_top_level(&mut select.projection);
     }
+    if let Statement::Insert(insert) = &mut statement
+        && let Some(source) = insert.source.as_mut()
+    {
+        name_insert_columns(source.body.as_mut());
+    }
     let _ = statement.visit(&mut DedupOutputNames);
     let _ = statement.visit(&mut PgTemplates);
     let _ = statement.visit(&mut SetReturningFunctions);
     Rewritten { statement, renames }
+}
+
+/// An INSERT's source columns are matched to the table's by position, so their names do
+/// not matter. PostgreSQL accepts repeated ones (`INSERT INTO t SELECT v, v FROM s`),
+/// DataFusion does not: every unnamed source column gets a positional alias.
+fn name_insert_columns(body: &mut SetExpr) {
+    match body {
+        SetExpr::Select(select) => {
+            for (pos, item) in select.projection.iter_mut().enumerate() {
+                // NOTE: an alias stays (ORDER BY may name it), and so do a wildcard's
+                // columns (their names are distinct).
+                let SelectItem::UnnamedExpr(expr) = item else {
+                    continue;
+                };
+                let expr = expr.clone();
+                *item = SelectItem::ExprWithAlias {
+                    expr,
+                    alias: Ident::with_quote('"', format!("__insert_{pos}")),
+                };
+            }
+        }
+        SetExpr::SetOperation { left, right, .. } => {
+            name_insert_columns(left);
+            name_insert_columns(right);
+        }
+        SetExpr::Query(query) => name_insert_columns(query.body.as_mut()),
+        _ => {}
+    }
 }
 
 fn fold(ident: &Ident) -> String {

@@ -21,7 +21,7 @@
 //! pipeline takes the request between epochs (see the planner's `pipeline.rs`).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 use crate::db::Store;
 use crate::error::{Result, StorageError};
@@ -46,6 +46,10 @@ pub struct StateTier {
     store: Arc<Store>,
     view_id: u64,
     mark: Mutex<SpillMark>,
+    /// Held (shared) by each write outside a checkpoint, and exclusively by the commit of a
+    /// checkpoint that includes the view: an undo record must not be read as absent
+    /// before that commit deletes the records and written after it.
+    spills: RwLock<()>,
     /// Requested eviction, as a fraction of the entries in parts per million (0: none).
     eviction: AtomicU32,
     /// Bytes of state the pipeline may hold before it evicts on its own after a step
@@ -70,6 +74,7 @@ impl StateTier {
                 fresh,
                 ..SpillMark::default()
             }),
+            spills: RwLock::new(()),
             eviction: AtomicU32::new(0),
             cap: AtomicU64::new(u64::MAX),
             written: AtomicU64::new(0),
@@ -156,6 +161,12 @@ impl StateTier {
         self.mark.lock().map(|m| m.dropped).unwrap_or(false)
     }
 
+    /// Keeps writes outside a checkpoint out while held (around the commit of a checkpoint
+    /// that includes the view).
+    pub fn hold_spills(&self) -> RwLockWriteGuard<'_, ()> {
+        self.spills.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A checkpoint that includes this view committed and cleared its mark.
     pub fn committed(&self) {
         if let Ok(mut m) = self.mark.lock() {
@@ -234,6 +245,7 @@ impl StateLocation {
         if entries.is_empty() {
             return Ok(());
         }
+        let _spilling = self.tier.spills.read().unwrap_or_else(|e| e.into_inner());
         let undo = self.tier.before_spill()?;
         if !self.prefix.is_empty() {
             for (key, _) in &mut entries {

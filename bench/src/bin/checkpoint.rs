@@ -114,8 +114,8 @@ async fn recovery(
     }
     let how: Vec<String> = c
         .query(
-            "SELECT name || ' ' || kind || ': ' || detail FROM millrace_events \
-             WHERE kind = 'view_restored' ORDER BY name",
+            "SELECT object || ' ' || kind || ': ' || detail FROM millrace_events \
+             WHERE kind = 'view_restored' ORDER BY object",
             &[],
         )
         .await?

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, RecordBatch, UInt64Array};
-use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::compute::{CastOptions, cast_with_options, concat_batches};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ParamValues};
 use datafusion::datasource::{provider_as_source, source_as_provider};
@@ -188,7 +188,28 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
 async fn collect(session: &Session, plan: LogicalPlan) -> Result<RecordBatch> {
     let df = DataFrame::new(session.state(), plan);
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
+    let mut batches = df.collect().await?;
+    // NOTE: DataFusion can drop an INSERT's cast to the table's types when a UNION's
+    // branches are coerced to a wider type after it was planned (`SELECT int_col UNION ALL
+    // SELECT int_col + 100` yields Int64 under an Int32 schema): cast to the promised types.
+    // An overflow is an error, as in PostgreSQL, not a NULL.
+    let strict = CastOptions {
+        safe: false,
+        ..CastOptions::default()
+    };
+    for batch in &mut batches {
+        let types_differ = (batch.columns().iter().zip(schema.fields()))
+            .any(|(column, field)| column.data_type() != field.data_type());
+        if types_differ {
+            let columns = batch
+                .columns()
+                .iter()
+                .zip(schema.fields())
+                .map(|(column, field)| cast_with_options(column, field.data_type(), &strict))
+                .collect::<Result<Vec<_>, _>>()?;
+            *batch = RecordBatch::try_new(schema.clone(), columns)?;
+        }
+    }
     Ok(concat_batches(&schema, &batches)?)
 }
 

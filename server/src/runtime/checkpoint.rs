@@ -281,7 +281,12 @@ impl ViewRuntime {
             .map_err(|e| ServerError::Internal(format!("checkpoint manifest: {e}")))?;
         set.put_meta(MANIFEST_KEY, encoded);
         let store = self.store.clone();
-        let committed = tokio::task::block_in_place(move || store.commit(set));
+        let tiers: Vec<Arc<StateTier>> = written.iter().filter_map(|(_, t)| t.clone()).collect();
+        let committed = tokio::task::block_in_place(move || {
+            // Evictions of the written views wait until their undo records are gone.
+            let _held: Vec<_> = tiers.iter().map(|t| t.hold_spills()).collect();
+            store.commit(set)
+        });
         let mut record = CheckpointRecord {
             epoch,
             log_seq,
