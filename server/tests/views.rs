@@ -307,3 +307,42 @@ async fn subscribe_to_a_query_lives_as_long_as_its_feed() {
     );
     exec(&client, "DROP TABLE q").await;
 }
+
+/// A read of a view from one session sees every write another session had acknowledged
+/// before it (real-time recency, as in Materialize), even while the view is still working
+/// through them: with `--step-bytes 1` every row of an insert is its own step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_sees_writes_acknowledged_to_other_sessions() {
+    let server = TestServer::start(&["--step-bytes", "1"]).expect("start");
+    let writer = server.connect("millrace").await.expect("connect");
+    let reader = server.connect("millrace").await.expect("connect");
+    exec(&writer, "CREATE TABLE t (k INT, v INT)").await;
+    exec(
+        &writer,
+        "CREATE MATERIALIZED VIEW agg AS SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k",
+    )
+    .await;
+    for round in 1..=10 {
+        exec(
+            &writer,
+            "INSERT INTO t SELECT value % 50, value FROM generate_series(1, 300)",
+        )
+        .await;
+        assert_eq!(
+            one(&reader, "SELECT sum(n) FROM agg").await,
+            (round * 300).to_string(),
+            "round {round}: the other session's acknowledged insert is in the view"
+        );
+        // A read joining the view with its table sees both at the same epoch.
+        assert_eq!(
+            one(
+                &reader,
+                "SELECT count(*) FROM (SELECT k, count(*) AS n FROM t GROUP BY k) AS b \
+                 JOIN agg USING (k) WHERE b.n <> agg.n"
+            )
+            .await,
+            "0",
+            "round {round}"
+        );
+    }
+}

@@ -110,16 +110,22 @@ pub async fn run(
     check_reads(session, &plan)?;
     let state = session.state();
     let schema = Arc::new(plan.schema().as_arrow().clone());
-    // Read your own writes: materialized views first reach this session's last write.
+    // Real-time recency: a read of a view sees every write acknowledged before it, by any
+    // session (the views first reach the last committed epoch). A table shows a write as
+    // soon as it commits, so a read of tables alone waits at most for this session's own;
+    // so does every read with `real_time_recency` off.
     let views = session.engine.views.clone();
+    let reads = relation_dependencies(session, &plan);
     if views.any_busy() {
-        views
-            .wait_ready(&relation_dependencies(session, &plan))
-            .await;
+        views.wait_ready(&reads).await;
     }
-    views
-        .wait_published(session.write_epoch.max(views.read_floor()))
-        .await;
+    let engine = &session.engine;
+    let reads_views = reads.iter().any(|id| engine.catalog.table(*id).is_none());
+    let epoch = match reads_views && session.settings.real_time_recency() {
+        true => views.committed_epoch(),
+        false => session.write_epoch,
+    };
+    views.wait_published(epoch.max(views.read_floor())).await;
     let physical = {
         // All views a query reads are snapshotted at one epoch.
         let _epoch = views.read_lock.read().await;

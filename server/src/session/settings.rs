@@ -11,6 +11,20 @@ use pgwire::types::format::FormatOptions;
 
 use crate::error::{Result, ServerError};
 
+/// A PostgreSQL boolean setting's value (`on`, `true`, `yes`, `1` and their opposites).
+fn parse_bool(value: &str) -> Option<bool> {
+    match value
+        .trim()
+        .trim_matches('\'')
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// Parameters a session knows, with their defaults (names lower-case).
 const DEFAULTS: &[(&str, &str)] = &[
     ("application_name", ""),
@@ -49,6 +63,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("geqo", "on"),
     // Epochs a SUBSCRIBE reader may fall behind before it is cut off.
     ("subscribe_max_buffer", "1024"),
+    // Whether a read of a view waits for every write acknowledged before it (on), or only
+    // for this session's own (off: a consistent but possibly older answer, sooner).
+    ("real_time_recency", "on"),
 ];
 
 /// Settings that are read-only for sessions.
@@ -110,6 +127,16 @@ impl Settings {
                 })?;
                 value.to_string()
             }
+            "real_time_recency" => match parse_bool(value) {
+                Some(true) => "on".to_string(),
+                Some(false) => "off".to_string(),
+                None => {
+                    return Err(ServerError::InvalidSetting {
+                        name,
+                        value: value.to_string(),
+                    });
+                }
+            },
             _ => value.to_string(),
         };
         self.values.insert(name, value);
@@ -154,6 +181,13 @@ impl Settings {
     pub fn statement_timeout(&self) -> Option<Duration> {
         let ms = parse_duration_ms(self.values.get("statement_timeout")?)?;
         (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    /// Whether reads of views wait for every acknowledged write (`real_time_recency`).
+    pub fn real_time_recency(&self) -> bool {
+        self.values
+            .get("real_time_recency")
+            .is_none_or(|v| v == "on")
     }
 
     /// The time zone as DataFusion wants it.
@@ -261,6 +295,15 @@ mod tests {
         assert_eq!(s.time_zone(), "+02:00");
         assert!(s.set("timezone", "Mars/Olympus").is_err());
         assert!(s.set("no_such_setting", "1").is_err());
+        assert!(s.real_time_recency());
+        s.set("real_time_recency", "'OFF'")?;
+        assert_eq!(
+            (s.real_time_recency(), s.get("real_time_recency")?.as_str()),
+            (false, "off")
+        );
+        assert!(s.set("real_time_recency", "sometimes").is_err());
+        s.reset("real_time_recency")?;
+        assert!(s.real_time_recency());
         s.set("statement_timeout", "'2s'")?;
         assert_eq!(s.statement_timeout(), Some(Duration::from_secs(2)));
         s.reset("statement_timeout")?;
