@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::broker::Broker;
-use millrace_sqllogictest::rows::{exec, one, rows};
+use millrace_sqllogictest::rows::{exec, number, one, rows};
 use millrace_sqllogictest::sink_output::{
     assert_replays_to, replay_files, view_state, wait_delivered,
 };
@@ -277,20 +277,16 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
         }
         server.restart().expect("restart");
         let client = server.connect("millrace").await.expect("reconnect");
-        restored += one(
+        restored += number(
             &client,
             "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE 'from the checkpoint%'",
         )
-        .await
-        .parse::<usize>()
-        .expect("count");
-        undone += one(
+        .await;
+        undone += number(
             &client,
             "SELECT count(*) FROM millrace_events WHERE kind = 'view_restored' AND detail LIKE '%evicted after the checkpoint were put back%'",
         )
-        .await
-        .parse::<usize>()
-        .expect("count");
+        .await;
         let found = accounts(&client).await;
         if found != model {
             let mut with = model.clone();

@@ -25,6 +25,13 @@ const CF_META: &str = "meta";
 pub(crate) const CF_VIEW_STATE: &str = "view_state";
 /// Undo records of state written outside a checkpoint (see `state_recovery.rs`).
 pub(crate) const CF_VIEW_UNDO: &str = "view_state_undo";
+const COLUMN_FAMILIES: [&str; 5] = [
+    CF_CATALOG,
+    CF_TABLE_LOG,
+    CF_META,
+    CF_VIEW_STATE,
+    CF_VIEW_UNDO,
+];
 /// Operator number under which a view's contents are checkpointed.
 pub const CONTENTS_OP: u32 = u32::MAX;
 const LOG_REBASED_PREFIX: &[u8] = b"log_rebased/";
@@ -269,15 +276,9 @@ impl Store {
             o.set_block_based_table_factory(&table);
             o
         };
-        let cfs = [
-            CF_CATALOG,
-            CF_TABLE_LOG,
-            CF_META,
-            CF_VIEW_STATE,
-            CF_VIEW_UNDO,
-        ]
-        .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
+        let cfs = COLUMN_FAMILIES
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let mut store = Store {
             db,
@@ -319,6 +320,18 @@ impl Store {
         Ok(store)
     }
 
+    /// Adds to `batch` the deletion of every state entry and undo record of view `view_id`.
+    pub(crate) fn drop_view_ranges(&self, batch: &mut WriteBatch, view_id: u64) -> Result<()> {
+        for cf in [CF_VIEW_STATE, CF_VIEW_UNDO] {
+            batch.delete_range_cf(
+                self.cf(cf)?,
+                view_id.to_be_bytes(),
+                view_id.saturating_add(1).to_be_bytes(),
+            );
+        }
+        Ok(())
+    }
+
     /// Bytes RocksDB holds in memory: its memtables and block cache, and the index and filter
     /// blocks of its open table files (kept outside the cache, see `open_with_memory`).
     pub fn memory_bytes(&self) -> u64 {
@@ -331,17 +344,11 @@ impl Store {
 
     /// An integer property summed over the column families.
     fn property_sum(&self, property: &str) -> u64 {
-        [
-            CF_CATALOG,
-            CF_TABLE_LOG,
-            CF_META,
-            CF_VIEW_STATE,
-            CF_VIEW_UNDO,
-        ]
-        .into_iter()
-        .filter_map(|name| self.db.cf_handle(name))
-        .filter_map(|cf| self.db.property_int_value_cf(cf, property).ok().flatten())
-        .sum()
+        COLUMN_FAMILIES
+            .into_iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .filter_map(|cf| self.db.property_int_value_cf(cf, property).ok().flatten())
+            .sum()
     }
 
     pub(crate) fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
@@ -445,13 +452,7 @@ impl Store {
                     }
                 }
                 WriteOp::DropViewState(view_id) => {
-                    for cf in [CF_VIEW_STATE, CF_VIEW_UNDO] {
-                        batch.delete_range_cf(
-                            self.cf(cf)?,
-                            view_id.to_be_bytes(),
-                            (view_id + 1).to_be_bytes(),
-                        );
-                    }
+                    self.drop_view_ranges(batch, view_id)?;
                 }
                 WriteOp::KeepViewSpills(view_id) => {
                     batch.delete_range_cf(
@@ -694,13 +695,7 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META)?, key, value);
         if let Some(view_id) = remove_view_state {
-            for cf in [CF_VIEW_STATE, CF_VIEW_UNDO] {
-                batch.delete_range_cf(
-                    self.cf(cf)?,
-                    view_id.to_be_bytes(),
-                    (view_id + 1).to_be_bytes(),
-                );
-            }
+            self.drop_view_ranges(&mut batch, view_id)?;
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);

@@ -27,6 +27,8 @@ use crate::error::{Result, StorageError};
 const PRESENT: u8 = 1;
 /// First (and only) byte of an undo record: the key was absent at the checkpoint.
 const ABSENT: u8 = 0;
+/// Keys whose undo records and checkpointed values one batched read looks up.
+const UNDO_READ_KEYS: usize = 256;
 /// Bytes of one write while undoing (each write is consistent on its own).
 const UNDO_WRITE_BYTES: usize = 4 << 20;
 
@@ -57,29 +59,33 @@ impl Store {
         let mut batch = WriteBatch::default();
         if undo {
             let undo_cf = self.cf(CF_VIEW_UNDO)?;
-            let mut first = Vec::new();
-            for (key, recorded) in keys
-                .iter()
-                .zip(self.db.batched_multi_get_cf(undo_cf, &keys, false))
-            {
-                if recorded?.is_none() {
-                    first.push(key);
-                }
-            }
-            let checkpointed = self
-                .db
-                .batched_multi_get_cf(state, first.iter().copied(), false);
-            for (key, value) in first.into_iter().zip(checkpointed) {
-                let record = match value? {
-                    Some(value) => {
-                        let mut record = Vec::with_capacity(value.len() + 1);
-                        record.push(PRESENT);
-                        record.extend_from_slice(&value);
-                        record
+            // NOTE: a batched read pins a block per value found until its results go; a few
+            // keys at a time keep that small (all of a spill at once pinned tens of MB).
+            for keys in keys.chunks(UNDO_READ_KEYS) {
+                let mut first = Vec::new();
+                for (key, recorded) in keys
+                    .iter()
+                    .zip(self.db.batched_multi_get_cf(undo_cf, keys, false))
+                {
+                    if recorded?.is_none() {
+                        first.push(key);
                     }
-                    None => vec![ABSENT],
-                };
-                batch.put_cf(undo_cf, key, record);
+                }
+                let checkpointed =
+                    self.db
+                        .batched_multi_get_cf(state, first.iter().copied(), false);
+                for (key, value) in first.into_iter().zip(checkpointed) {
+                    let record = match value? {
+                        Some(value) => {
+                            let mut record = Vec::with_capacity(value.len() + 1);
+                            record.push(PRESENT);
+                            record.extend_from_slice(&value);
+                            record
+                        }
+                        None => vec![ABSENT],
+                    };
+                    batch.put_cf(undo_cf, key, record);
+                }
             }
         }
         for (key, (_, value)) in keys.into_iter().zip(entries) {
@@ -165,13 +171,7 @@ impl Store {
         if !orphans.is_empty() {
             let mut batch = WriteBatch::default();
             for view_id in &orphans {
-                for name in [CF_VIEW_STATE, CF_VIEW_UNDO] {
-                    batch.delete_range_cf(
-                        self.cf(name)?,
-                        view_id.to_be_bytes(),
-                        view_id.saturating_add(1).to_be_bytes(),
-                    );
-                }
+                self.drop_view_ranges(&mut batch, *view_id)?;
             }
             self.write_synced(batch)?;
         }

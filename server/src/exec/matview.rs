@@ -232,8 +232,8 @@ pub async fn register_for_restore(
     let runtime = engine.views.clone();
     let sources = compiled.plan.sources();
     let explain = compiled.plan.explain(runtime.workers);
-    // A view whose state was overwritten after its last checkpoint (evicted operator
-    // state) cannot continue that checkpoint.
+    // A view whose checkpointed state a fresh pipeline began to replace (the stale mark)
+    // cannot continue that checkpoint; state evicted after it was put back on open.
     let stale = StateTier::is_marked(engine.store(), record.id)?;
     let layout = compiled.plan.layout();
     let restorable = !stale
