@@ -840,7 +840,7 @@ fn log_key(table_id: u64, seq: u64) -> [u8; 16] {
     key
 }
 
-fn decode_u64(bytes: &[u8], what: &'static str) -> Result<u64> {
+pub(crate) fn decode_u64(bytes: &[u8], what: &'static str) -> Result<u64> {
     let arr: [u8; 8] = bytes.try_into().map_err(|_| StorageError::Corrupt {
         what,
         detail: format!("expected 8 bytes, got {}", bytes.len()),

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use rocksdb::{IteratorMode, WriteBatch};
 
-use crate::db::{CF_VIEW_STATE, CF_VIEW_UNDO, Store, view_state_key};
+use crate::db::{CF_VIEW_STATE, CF_VIEW_UNDO, Store, decode_u64, view_state_key};
 use crate::error::{Result, StorageError};
 
 /// First byte of an undo record: the key held this value at the checkpoint.
@@ -31,6 +31,11 @@ const ABSENT: u8 = 0;
 const UNDO_READ_KEYS: usize = 256;
 /// Bytes of one write while undoing (each write is consistent on its own).
 const UNDO_WRITE_BYTES: usize = 4 << 20;
+
+/// The view a `view_state` or `view_state_undo` key belongs to (its first 8 bytes).
+fn view_of(key: &[u8]) -> Result<u64> {
+    decode_u64(key.get(..8).unwrap_or(key), "view state key")
+}
 
 impl Store {
     /// Writes operator state evicted from memory in place of its checkpointed entries (None:
@@ -111,11 +116,7 @@ impl Store {
                 what: "state undo record",
                 detail: format!("{detail} (key {key:?})"),
             };
-            let view_id = key
-                .get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| corrupt("short key"))?;
+            let view_id = view_of(&key)?;
             match record.split_first() {
                 Some((&PRESENT, value)) => batch.put_cf(state, &key, value),
                 Some((&ABSENT, [])) => batch.delete_cf(state, &key),
@@ -149,16 +150,7 @@ impl Store {
                     iter.status()?;
                     break;
                 };
-                let Some(view_id) = key
-                    .get(..8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                else {
-                    return Err(StorageError::Corrupt {
-                        what: "view state key",
-                        detail: format!("short key {key:?}"),
-                    });
-                };
+                let view_id = view_of(key)?;
                 if !live.contains(&view_id) && !orphans.contains(&view_id) {
                     orphans.push(view_id);
                 }
