@@ -372,7 +372,7 @@ async fn kafka_options_are_checked_before_anything_is_created() {
             "22023",
         ),
         (
-            "CREATE SOURCE s (a INT) WITH (connector = 'kafka', brokers = '127.0.0.1:1', topic = 't') FORMAT AVRO",
+            "CREATE SOURCE s (a INT) WITH (connector = 'kafka', brokers = '127.0.0.1:1', topic = 't') FORMAT PROTOBUF",
             "0A000",
         ),
         (

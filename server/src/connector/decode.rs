@@ -1,16 +1,19 @@
-//! Record decoding shared by the file and Kafka sources: one JSON object or CSV line in,
-//! the values of the table's payload columns out, or the reason the record is refused.
+//! Record decoding shared by the file and Kafka sources: one JSON object, CSV line or Avro
+//! datum in, the values of the table's payload columns out, or the reason the record is
+//! refused.
 //!
 //! Sits between a connector's reader (which yields raw records with their position) and
 //! [`BatchBuilder`], which turns the good rows into the Arrow batch the source commits. A
 //! refused record becomes a [`BadRecord`] for `millrace_source_errors`; the source goes on.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
 use datafusion::common::ScalarValue;
 
+use super::avro::AvroCodec;
 use super::{BadRecord, ConnectorOptions};
 use crate::error::{Result, ServerError};
 
@@ -29,6 +32,9 @@ pub enum Format {
     },
     /// Whole Parquet files, columns by name (files only).
     Parquet,
+    /// One Avro datum per message, fields by column name (Kafka), or object container
+    /// files read whole (files).
+    Avro,
 }
 
 impl Format {
@@ -48,6 +54,7 @@ impl Format {
             Some(f) if f == "json" || f == "jsonl" => Ok(Format::Json),
             Some(f) if f == "csv" => Ok(Format::Csv { header }),
             Some(f) if f == "parquet" => Ok(Format::Parquet),
+            Some(f) if f == "avro" => Ok(Format::Avro),
             Some(other) => Err(ServerError::NotSupported(format!("format '{other}'"))),
         }
     }
@@ -59,6 +66,8 @@ pub struct RecordDecoder {
     format: Format,
     fields: Vec<FieldRef>,
     max_record_bytes: usize,
+    /// The Avro schema of the records (`FORMAT AVRO`; files may carry their own instead).
+    avro: Option<Arc<AvroCodec>>,
 }
 
 impl RecordDecoder {
@@ -73,11 +82,27 @@ impl RecordDecoder {
                 )));
             }
         }
+        let format = Format::from_options(options)?;
+        let avro = match format {
+            Format::Avro => AvroCodec::from_options(options, &fields)?,
+            _ => None,
+        };
         Ok(Self {
-            format: Format::from_options(options)?,
+            format,
             fields,
             max_record_bytes: options.number("max_record_bytes")?.unwrap_or(1 << 20) as usize,
+            avro,
         })
+    }
+
+    /// True when records are Avro and a schema was given.
+    pub fn has_avro_schema(&self) -> bool {
+        self.avro.is_some()
+    }
+
+    /// The payload columns.
+    pub fn fields(&self) -> &[FieldRef] {
+        &self.fields
     }
 
     /// The record layout.
@@ -94,32 +119,54 @@ impl RecordDecoder {
                 self.max_record_bytes
             ));
         }
-        let text = std::str::from_utf8(raw)
-            .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
-        let texts: Vec<Option<String>> = match self.format {
-            Format::Json => self.json_fields(text)?,
-            Format::Csv { .. } => self.csv_fields(text)?,
+        let values: Vec<Option<ScalarValue>> = match self.format {
+            Format::Avro => match &self.avro {
+                Some(codec) => codec.decode(raw)?,
+                None => return Err("Avro messages need a schema (avro.schema)".into()),
+            },
             Format::Parquet => return Err("Parquet is read by whole files".into()),
+            Format::Json | Format::Csv { .. } => {
+                let text = std::str::from_utf8(raw)
+                    .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+                let texts = match self.format {
+                    Format::Json => self.json_fields(text)?,
+                    _ => self.csv_fields(text)?,
+                };
+                texts
+                    .into_iter()
+                    .map(|t| t.map(|t| ScalarValue::Utf8(Some(t))))
+                    .collect()
+            }
         };
+        self.typed(values)
+    }
+
+    /// Values cast to the columns' types; a null in a NOT NULL column or a value that does
+    /// not cast refuses the record.
+    pub fn typed(
+        &self,
+        values: Vec<Option<ScalarValue>>,
+    ) -> std::result::Result<Vec<ScalarValue>, String> {
         self.fields
             .iter()
-            .zip(texts)
-            .map(|(field, text)| match text {
+            .zip(values)
+            .map(|(field, value)| match value {
                 None if !field.is_nullable() => {
                     Err(format!("missing required field \"{}\"", field.name()))
                 }
                 None => ScalarValue::try_from(field.data_type()).map_err(|e| e.to_string()),
-                Some(text) => {
-                    let value = ScalarValue::Utf8(Some(text.clone()));
-                    value.cast_to(field.data_type()).map_err(|_| {
-                        format!(
-                            "field \"{}\": '{}' is not a {}",
-                            field.name(),
-                            text.chars().take(40).collect::<String>(),
-                            field.data_type()
-                        )
-                    })
-                }
+                Some(value) => value.cast_to(field.data_type()).map_err(|_| {
+                    let text = match &value {
+                        ScalarValue::Utf8(Some(s)) => s.chars().take(40).collect::<String>(),
+                        other => other.to_string(),
+                    };
+                    format!(
+                        "field \"{}\": '{}' is not a {}",
+                        field.name(),
+                        text,
+                        field.data_type()
+                    )
+                }),
             })
             .collect()
     }

@@ -1,5 +1,5 @@
 //! `connector = 'file'`: a local directory or an S3 prefix (`path = 's3://bucket/prefix'`)
-//! of JSON-lines, CSV or Parquet files, each file read once.
+//! of JSON-lines, CSV, Parquet or Avro object container files, each file read once.
 //!
 //! The reader lists the directory every `poll_interval_ms`, takes the files it has not read
 //! in name order (skipping names starting with `.` or ending in `.tmp`, so writers can
@@ -24,6 +24,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio::sync::watch;
 use tracing::info;
 
+use super::avro;
 use super::decode::{BatchBuilder, Format, RecordDecoder, bad_record};
 use super::location::Location;
 use super::{BadRecord, ConnectorOptions, SourceStats, commit_rows};
@@ -124,10 +125,10 @@ impl FileSource {
                 return Ok(());
             }
             let bytes = self.options.location.read(&name).await?;
-            let (batch, bad) = if self.options.decoder.format() == Format::Parquet {
-                self.parse_parquet(&name, bytes)?
-            } else {
-                self.parse(&name, &bytes)?
+            let (batch, bad) = match self.options.decoder.format() {
+                Format::Parquet => self.parse_parquet(&name, bytes)?,
+                Format::Avro => self.parse_avro(&name, &bytes)?,
+                _ => self.parse(&name, &bytes)?,
             };
             let rows = batch.num_rows() as u64;
             let mut after = read.clone();
@@ -219,6 +220,36 @@ impl FileSource {
                     )),
                     None => rows.push(values),
                 }
+            }
+        }
+        Ok((rows.finish()?, bad))
+    }
+
+    /// The good rows of one Avro object container file (fields matched by name), and its
+    /// bad records: records that do not fit the table, the rest of the file from a corrupt
+    /// block on, or the whole file (line 0) when its header or schema does not fit.
+    fn parse_avro(&self, file: &str, bytes: &[u8]) -> Result<(RecordBatch, Vec<BadRecord>)> {
+        let decoder = &self.options.decoder;
+        let mut rows = BatchBuilder::new(self.options.schema.clone());
+        let mut bad = Vec::new();
+        let records = match avro::container_records(bytes, decoder.fields()) {
+            Ok(records) => records,
+            Err(reason) => {
+                let prefix = &bytes[..bytes.len().min(16)];
+                bad.push(bad_record(&self.name, file.to_string(), 0, prefix, reason));
+                return Ok((rows.finish()?, bad));
+            }
+        };
+        for (index, record) in records.into_iter().enumerate() {
+            match record.and_then(|values| decoder.typed(values)) {
+                Ok(values) => rows.push(values),
+                Err(reason) => bad.push(bad_record(
+                    &self.name,
+                    file.to_string(),
+                    index as u64 + 1,
+                    b"",
+                    reason,
+                )),
             }
         }
         Ok((rows.finish()?, bad))

@@ -1,5 +1,5 @@
 //! `connector = 'kafka'`: a topic's partitions read with librdkafka (rdkafka), each message
-//! one JSON or CSV record.
+//! one JSON, CSV or Avro record.
 //!
 //! The source's session runs on its own blocking thread. It splits the topic's partitions
 //! over its readers (`readers = n`, by default one per pipeline worker; see
@@ -146,10 +146,20 @@ impl KafkaOptions {
             n => n.map(|n| n as usize),
         };
         let decoder = RecordDecoder::try_new(options, payload)?;
-        if decoder.format() == super::decode::Format::Parquet {
-            return Err(ServerError::NotSupported(
-                "format parquet for Kafka messages".into(),
-            ));
+        match decoder.format() {
+            super::decode::Format::Parquet => {
+                return Err(ServerError::NotSupported(
+                    "format parquet for Kafka messages".into(),
+                ));
+            }
+            super::decode::Format::Avro if !decoder.has_avro_schema() => {
+                return Err(ServerError::InvalidSetting {
+                    name: "avro.schema".into(),
+                    value: "FORMAT AVRO messages need a schema: avro.schema or schema.location"
+                        .into(),
+                });
+            }
+            _ => {}
         }
         Ok(Self {
             brokers,

@@ -7,6 +7,7 @@
 //! offset with no gap and no duplicate. A failing commit marks the source unhealthy, is
 //! logged, and is retried with exponential backoff. `millrace_sources` shows every source.
 
+pub mod avro;
 pub mod datagen;
 pub mod decode;
 pub mod file;

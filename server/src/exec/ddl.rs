@@ -278,6 +278,7 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
         }
         .into());
     }
+    crate::connector::avro::prepare_table(&mut create)?;
     rewrite_column_types(&mut create.columns);
     let (cmt, def) = plan_table(&session.ctx, &create).await?;
     let connector = ConnectorOptions::from_table(&create.table_options)?;

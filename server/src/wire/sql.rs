@@ -96,27 +96,110 @@ pub struct CreateSink {
 /// The source option that marks a connector table made by `CREATE SOURCE`.
 pub const SOURCE_MARKER: &str = "millrace.source";
 
-/// Moves a trailing `FORMAT JSON`, `FORMAT PLAIN ENCODE JSON` or `FORMAT CSV` clause of a
-/// CREATE SOURCE / TABLE / SINK into its WITH options as `format = '...'`.
+/// Moves a trailing format clause of a CREATE SOURCE / TABLE / SINK into its WITH options:
+/// `FORMAT JSON`, `FORMAT PLAIN ENCODE AVRO (schema.location = '...')` (RisingWave; the
+/// parenthesised options join the others) or `FORMAT AVRO USING SCHEMA '...'` (Materialize;
+/// the schema becomes `avro.schema`) all become `format = '...'` plus options.
 fn format_clause_into_options(sql: &str) -> String {
     let body = sql.trim().trim_end_matches(';').trim_end();
-    let Some(close) = body.rfind(')') else {
+    let Some((close, at)) = last_format_keyword(body) else {
         return sql.to_string();
     };
-    let tail: Vec<String> = body[close + 1..]
+    let clause = &body[at + "format".len()..];
+    let lower = clause.to_ascii_lowercase();
+    let paren = clause.find('(');
+    let using = lower.find(" using ");
+    let (words, extra) = match (paren, using) {
+        (Some(p), u) if u.is_none_or(|u| p < u) => {
+            let options = clause[p..].trim();
+            let Some(inner) = options
+                .strip_prefix('(')
+                .and_then(|o| o.strip_suffix(')'))
+                .map(str::trim)
+            else {
+                return sql.to_string();
+            };
+            let extra = if inner.is_empty() {
+                String::new()
+            } else {
+                format!(", {inner}")
+            };
+            (&clause[..p], extra)
+        }
+        (_, Some(u)) => {
+            let rest = clause[u + " using ".len()..].trim_start();
+            let Some(literal) = rest
+                .get(..6)
+                .filter(|w| w.eq_ignore_ascii_case("schema"))
+                .map(|_| rest[6..].trim())
+            else {
+                return sql.to_string();
+            };
+            if !(literal.len() >= 2 && literal.starts_with('\'') && literal.ends_with('\'')) {
+                return sql.to_string();
+            }
+            (&clause[..u], format!(", \"avro.schema\" = {literal}"))
+        }
+        _ => (clause, String::new()),
+    };
+    let words: Vec<String> = words
         .split_whitespace()
         .map(|w| w.to_ascii_lowercase())
         .collect();
-    let format = match tail.iter().map(|w| w.as_str()).collect::<Vec<_>>()[..] {
-        ["format", f] => f.to_string(),
-        ["format", "plain" | "upsert" | "native", "encode", f] => f.to_string(),
+    let format = match words.iter().map(|w| w.as_str()).collect::<Vec<_>>()[..] {
+        [f] => f.to_string(),
+        ["plain" | "upsert" | "native", "encode", f] => f.to_string(),
         _ => return sql.to_string(),
     };
     format!(
-        "{}, format = '{}')",
+        "{}, format = '{}'{extra})",
         &body[..close],
         format.replace('\'', "")
     )
+}
+
+/// The byte positions of the last `FORMAT` keyword outside quotes and parentheses that
+/// directly follows a closing parenthesis, and of that parenthesis.
+fn last_format_keyword(body: &str) -> Option<(usize, usize)> {
+    let bytes = body.as_bytes();
+    let (mut quote, mut depth) = (None::<u8>, 0i32);
+    let mut last_close = None;
+    let mut last_solid = None;
+    let mut found = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        if let Some(q) = quote {
+            if b == q {
+                quote = None;
+            }
+            last_solid = Some(b);
+            continue;
+        }
+        match b {
+            b'\'' | b'"' => quote = Some(b),
+            b'(' => depth += 1,
+            b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    last_close = Some(i);
+                }
+            }
+            b'f' | b'F'
+                if depth == 0
+                    && last_solid == Some(b')')
+                    && body
+                        .get(i..i + 6)
+                        .is_some_and(|w| w.eq_ignore_ascii_case("format"))
+                    && bytes.get(i + 6).is_some_and(|c| c.is_ascii_whitespace()) =>
+            {
+                found = last_close.map(|close| (close, i));
+            }
+            _ => {}
+        }
+        if !b.is_ascii_whitespace() {
+            last_solid = Some(b);
+        }
+    }
+    found
 }
 
 /// Rewrites the source and sink DDL the SQL parser does not know into what it does:
@@ -376,6 +459,22 @@ mod tests {
                 "create source s (a INT) with (connector = 'kafka') FORMAT PLAIN ENCODE CSV"
             ),
             "create TABLE s (a INT) with (connector = 'kafka', format = 'csv', \"millrace.source\" = 'true')"
+        );
+        assert_eq!(
+            source_ddl(
+                "CREATE SOURCE s WITH (connector = 'kafka') FORMAT PLAIN ENCODE AVRO (schema.location = 'file:///x.avsc', avro.wire_format = 'raw');"
+            ),
+            "CREATE TABLE s WITH (connector = 'kafka', format = 'avro', schema.location = 'file:///x.avsc', avro.wire_format = 'raw', \"millrace.source\" = 'true')"
+        );
+        assert_eq!(
+            source_ddl(
+                "CREATE SOURCE s WITH (connector = 'kafka') FORMAT AVRO USING SCHEMA '{\"type\": \"record\", \"doc\": \") format x\"}'"
+            ),
+            "CREATE TABLE s WITH (connector = 'kafka', format = 'avro', \"avro.schema\" = '{\"type\": \"record\", \"doc\": \") format x\"}', \"millrace.source\" = 'true')"
+        );
+        assert_eq!(
+            source_ddl("CREATE SOURCE s (format INT) WITH (connector = 'kafka')"),
+            "CREATE TABLE s (format INT) WITH (connector = 'kafka', \"millrace.source\" = 'true')"
         );
         assert_eq!(
             source_ddl("DROP SOURCE IF EXISTS s"),
