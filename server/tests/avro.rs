@@ -6,16 +6,17 @@
 //! resumes with the schema from the catalog after the schema file is gone.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use apache_avro::types::Value;
 use apache_avro::{Decimal, Schema};
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::broker::Broker;
-use millrace_sqllogictest::rows::{exec, number, one, rows, wait_for};
-use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use millrace_sqllogictest::rows::{exec, number, one, rows, source_errors, wait_for};
+use rdkafka::producer::FutureProducer;
+use support::{produce, producer};
 use tokio_postgres::Client;
+
+mod support;
 
 const SCHEMA: &str = r#"{"type": "record", "name": "click", "namespace": "test", "fields": [
     {"name": "user_id", "type": "long"},
@@ -57,16 +58,6 @@ fn click(user: i64, url: Option<&str>, cents: i64, kind: u32, score: i32) -> Val
 
 fn datum(schema: &Schema, value: Value) -> Vec<u8> {
     apache_avro::to_avro_datum(schema, value).expect("encode datum")
-}
-
-async fn produce(producer: &FutureProducer, topic: &str, partition: i32, payload: &[u8]) -> i64 {
-    let record = FutureRecord::<(), _>::to(topic)
-        .partition(partition)
-        .payload(payload);
-    match producer.send(record, Duration::from_secs(10)).await {
-        Ok(delivery) => delivery.offset,
-        Err((e, _)) => panic!("produce to {topic}/{partition}: {e}"),
-    }
 }
 
 async fn produce_good(
@@ -131,11 +122,7 @@ async fn check(client: &Client, good: &Good) {
 async fn kafka_avro_records_land_once_and_bad_ones_are_listed() {
     let broker = Broker::start().expect("start tansu");
     broker.create_topic("avro_clicks", 2).expect("create topic");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("message.timeout.ms", "10000")
-        .create()
-        .expect("producer");
+    let producer = producer(&broker);
     let schema = Schema::parse_str(SCHEMA).expect("schema");
     let mut good = Good::new();
     produce_good(&producer, &schema, 0..80, &mut good).await;
@@ -208,22 +195,7 @@ async fn kafka_avro_records_land_once_and_bad_ones_are_listed() {
     )
     .await;
     check(&client, &good).await;
-    let listed: BTreeMap<(String, String), String> = rows(
-        &client,
-        "SELECT partition, \"offset\", reason FROM millrace_source_errors WHERE source = 'clicks'",
-    )
-    .await
-    .into_iter()
-    .map(|r| {
-        (
-            (
-                r[0].clone().unwrap_or_default(),
-                r[1].clone().unwrap_or_default(),
-            ),
-            r[2].clone().unwrap_or_default(),
-        )
-    })
-    .collect();
+    let listed = source_errors(&client, "clicks").await;
     assert_eq!(
         listed.keys().collect::<Vec<_>>(),
         bad.keys().collect::<Vec<_>>(),

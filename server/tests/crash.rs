@@ -24,9 +24,10 @@ use millrace_sqllogictest::sink_output::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_postgres::Client;
+
+mod support;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -240,11 +241,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() {
     drop(client);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("message.timeout.ms", "10000")
-        .create()
-        .expect("producer");
+    let producer = support::producer(&broker);
     let events = tokio::spawn(produce_events(producer, stop.clone(), seed));
 
     let mut rng = StdRng::seed_from_u64(seed);

@@ -6,35 +6,15 @@
 //! committed offsets; a missing topic is reported until it appears.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::broker::Broker;
-use millrace_sqllogictest::rows::{exec, one, rows, wait_for};
-use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use millrace_sqllogictest::rows::{exec, one, rows, source_errors, wait_for};
+use rdkafka::producer::FutureProducer;
+use support::{produce, producer};
 use tokio_postgres::Client;
 
-/// Produces `payload` to `partition` and returns its offset.
-async fn produce(producer: &FutureProducer, topic: &str, partition: i32, payload: &[u8]) -> i64 {
-    let key = format!("k{partition}");
-    let record = FutureRecord::to(topic)
-        .partition(partition)
-        .key(&key)
-        .payload(payload);
-    match producer.send(record, Duration::from_secs(10)).await {
-        Ok(delivery) => delivery.offset,
-        Err((e, _)) => panic!("produce to {topic}/{partition}: {e}"),
-    }
-}
-
-fn producer(broker: &Broker) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("message.timeout.ms", "10000")
-        .create()
-        .expect("producer")
-}
+mod support;
 
 /// The good records produced so far, by (partition, offset): (user_id, url).
 type Good = BTreeMap<(i32, i64), (i64, String)>;
@@ -95,26 +75,6 @@ async fn check_exact(client: &Client, good: &Good) {
     assert_eq!(view, want, "the view counts the good records");
     let batch = rows(client, "SELECT url, count(*) FROM clicks GROUP BY url").await;
     assert_eq!(view, batch, "the view equals its query run in batch");
-}
-
-/// The bad records listed for `clicks`: (partition, offset) -> reason.
-async fn listed_bad(client: &Client) -> BTreeMap<(String, String), String> {
-    rows(
-        client,
-        "SELECT partition, \"offset\", reason FROM millrace_source_errors WHERE source = 'clicks'",
-    )
-    .await
-    .into_iter()
-    .map(|r| {
-        (
-            (
-                r[0].clone().unwrap_or_default(),
-                r[1].clone().unwrap_or_default(),
-            ),
-            r[2].clone().unwrap_or_default(),
-        )
-    })
-    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +142,7 @@ async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
     check_exact(&client, &good).await;
 
     // Every bad record is listed, with where it was and why.
-    let listed = listed_bad(&client).await;
+    let listed = source_errors(&client, "clicks").await;
     assert_eq!(
         listed.keys().collect::<Vec<_>>(),
         bad.keys().collect::<Vec<_>>(),
@@ -284,7 +244,7 @@ async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
     check_exact(&client, &good).await;
     // The bad records were committed with the rows read beside them: still listed, once.
     assert_eq!(
-        listed_bad(&client).await,
+        source_errors(&client, "clicks").await,
         listed,
         "bad records survive kill -9"
     );

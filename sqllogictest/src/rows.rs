@@ -81,3 +81,24 @@ pub async fn wait_for(client: &Client, sql: &str, want: &str, what: &str) {
         .await
     );
 }
+
+/// The bad records `millrace_source_errors` lists for `source`: (partition or file, offset
+/// or line) -> reason.
+pub async fn source_errors(
+    client: &Client,
+    source: &str,
+) -> std::collections::BTreeMap<(String, String), String> {
+    rows(
+        client,
+        &format!(
+            "SELECT partition, \"offset\", reason FROM millrace_source_errors WHERE source = '{source}'"
+        ),
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        let text = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+        ((text(0), text(1)), text(2))
+    })
+    .collect()
+}
