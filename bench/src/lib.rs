@@ -126,12 +126,14 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// CPU seconds (user + system) the process `pid` has used, from `/proc/<pid>/stat`.
+/// CPU seconds (user + system) the process `pid` and its children have used, from
+/// `/proc/<pid>/stat`: its own, its ended children's, and its running children's (a Kafka
+/// source's fetch processes).
 pub fn cpu_seconds(pid: u32) -> std::io::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let bad = |what: &str| std::io::Error::other(format!("/proc/{pid}/stat: {what}"));
-    // NOTE: fields after the parenthesised command name; utime and stime are the 12th and
-    // 13th of them, in clock ticks (100 per second on Linux).
+    // NOTE: fields after the parenthesised command name; utime, stime, cutime and cstime
+    // are the 12th to 15th of them, in clock ticks (100 per second on Linux).
     let after = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
@@ -143,5 +145,26 @@ pub fn cpu_seconds(pid: u32) -> std::io::Result<f64> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| bad("no utime or stime"))
     };
-    Ok((field(11)? + field(12)?) / 100.0)
+    let mut ticks = field(11)? + field(12)? + field(13)? + field(14)?;
+    for child in children(pid) {
+        // NOTE: a child that ended in between counts in cutime once its parent reaps it.
+        ticks += cpu_seconds(child).map(|s| s * 100.0).unwrap_or(0.0);
+    }
+    Ok(ticks / 100.0)
+}
+
+/// The running children of process `pid`, from `/proc/<pid>/task/*/children`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }

@@ -16,6 +16,9 @@ struct Cli {
 enum Command {
     /// Start the server.
     Serve(ServeConfig),
+    /// Fetch a Kafka source's partitions for a running server (started by the server).
+    #[command(name = millrace::connector::kafka_fetch::SUBCOMMAND, hide = true)]
+    KafkaFetch,
 }
 
 // NOTE: glibc's malloc kept 345 MB of RSS for 96 MB in use after loading 400k rows under a
@@ -110,6 +113,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::KafkaFetch => millrace::connector::kafka_fetch::serve(),
         Command::Serve(config) => {
             if config.memory_limit.is_some() {
                 purge_freed_pages_at_once();

@@ -3,8 +3,10 @@
 //!
 //! The source's session runs on its own blocking thread. It splits the topic's partitions
 //! over its readers (`readers = n`, by default one per pipeline worker; see
-//! [`super::kafka_reader`]), each a consumer on its own thread that polls and decodes its
-//! partitions in parallel with the others (bad records go to `millrace_source_errors`).
+//! [`super::kafka_reader`]), each decoding on its own thread, in parallel with the others,
+//! the messages a consumer in a child process fetches for it ([`super::kafka_fetch`]; bad
+//! records go to `millrace_source_errors`). The session's own consumer only asks for
+//! metadata and watermarks.
 //! The session commits each decoded batch like an INSERT together with the next offset of
 //! every partition, in one RocksDB write: the offsets and the data they produced are
 //! durable together, so a restart, a crash or a broker outage resumes exactly after the
@@ -14,7 +16,8 @@
 //! watermark, which gives the lag). A failed probe, a consumer error or a failed commit ends
 //! the session: the source turns unhealthy with the cause, waits with exponential backoff and
 //! starts a new consumer at the committed offsets. New partitions are picked up from their
-//! beginning.
+//! beginning; a deleted topic puts the committed offsets back to 0, so a topic created again
+//! under the name is read from its beginning.
 //!
 //! Columns named `_key`, `_partition`, `_offset` or `_timestamp` are filled from the
 //! message's key, partition, offset and timestamp instead of its payload.
@@ -36,9 +39,10 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::decode::{BatchBuilder, RecordDecoder};
+use super::kafka_fetch::FetchSpec;
 use super::kafka_reader::{self, PartitionReader, ReadBatch};
 use super::{ConnectorOptions, Pacer, PartitionStats, SourceStats, commit_rows};
 use crate::engine::Engine;
@@ -173,21 +177,48 @@ impl KafkaOptions {
         })
     }
 
+    /// The librdkafka settings of the source's consumers: the broker, a group of its own
+    /// (offsets are kept by Millrace, never committed to the group), then the user's
+    /// `properties.*`, which may override any of them.
+    fn client_settings(&self, table_id: u64) -> Vec<(String, String)> {
+        let mut settings: Vec<(String, String)> = [
+            ("bootstrap.servers", self.brokers.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "false"),
+            ("socket.timeout.ms", "5000"),
+            ("queued.max.messages.kbytes", "16384"),
+            // NOTE: an offset the broker no longer has (a topic deleted and created again,
+            // or truncated) is an error that ends the session, whose start then decides
+            // where to read on and logs it; librdkafka's default would jump silently.
+            ("auto.offset.reset", "error"),
+            ("log_level", "3"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        settings.push(("group.id".into(), format!("millrace-{table_id}")));
+        settings.extend(self.properties.iter().cloned());
+        settings
+    }
+
+    /// A consumer in this process, for metadata and watermarks only: it is assigned no
+    /// partitions, so it never fetches (the readers' fetch processes do).
     pub(super) fn consumer(&self, table_id: u64) -> Result<BaseConsumer> {
         let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("millrace-{table_id}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set("socket.timeout.ms", "5000")
-            .set("queued.max.messages.kbytes", "16384")
-            .set("log_level", "3");
-        for (k, v) in &self.properties {
+        for (k, v) in self.client_settings(table_id) {
             config.set(k, v);
         }
         config.create().map_err(kafka_error)
+    }
+
+    /// What a reader's fetch process reads: `assignment` (partition, next offset).
+    pub(super) fn fetch_spec(&self, table_id: u64, assignment: &Offsets) -> FetchSpec {
+        FetchSpec {
+            config: self.client_settings(table_id),
+            topic: self.topic.clone(),
+            assignment: assignment.iter().map(|(p, o)| (*p, *o)).collect(),
+        }
     }
 }
 
@@ -248,7 +279,10 @@ impl KafkaSource {
     /// they read until stopped, the partitions change (Ok) or something fails (Err).
     fn session(&mut self, committed: &mut Offsets, backoff: &mut Duration) -> Result<()> {
         let consumer = self.options.consumer(self.table.id)?;
-        let partitions = self.partitions(&consumer)?;
+        let Some(partitions) = self.partitions(&consumer)? else {
+            self.topic_gone(committed)?;
+            return Err(missing_topic(&self.options.topic));
+        };
         self.start_offsets(&consumer, &partitions, committed)?;
         let shares = kafka_reader::split(committed, self.readers);
         let halt = Arc::new(AtomicBool::new(false));
@@ -303,7 +337,10 @@ impl KafkaSource {
                 return Ok(());
             }
             if probed.elapsed() >= PROBE_EVERY {
-                if self.partitions(consumer)?.len() != partitions {
+                let now = self
+                    .partitions(consumer)?
+                    .ok_or_else(|| missing_topic(&self.options.topic))?;
+                if now.len() != partitions {
                     info!(source = %self.name, "kafka partitions changed; reassigning");
                     return Ok(());
                 }
@@ -339,28 +376,50 @@ impl KafkaSource {
         }
     }
 
-    /// The topic's partition ids, or an error if the topic cannot be described.
-    fn partitions(&self, consumer: &BaseConsumer) -> Result<Vec<i32>> {
+    /// The topic's partition ids, `None` if the broker says the topic does not exist, or
+    /// an error if it cannot be described.
+    fn partitions(&self, consumer: &BaseConsumer) -> Result<Option<Vec<i32>>> {
         let metadata = consumer
             .fetch_metadata(Some(&self.options.topic), PROBE_TIMEOUT)
             .map_err(|e| ServerError::Connector(format!("kafka broker unreachable: {e}")))?;
-        let topic = metadata
+        let Some(topic) = metadata
             .topics()
             .iter()
             .find(|t| t.name() == self.options.topic)
-            .ok_or_else(|| missing_topic(&self.options.topic))?;
+        else {
+            return Ok(None);
+        };
         if let Some(error) = topic.error() {
             let code = RDKafkaErrorCode::from(error);
-            return Err(if code == RDKafkaErrorCode::UnknownTopicOrPartition {
-                missing_topic(&self.options.topic)
-            } else {
-                ServerError::Connector(format!("kafka topic {}: {code}", self.options.topic))
-            });
+            if code == RDKafkaErrorCode::UnknownTopicOrPartition {
+                return Ok(None);
+            }
+            return Err(ServerError::Connector(format!(
+                "kafka topic {}: {code}",
+                self.options.topic
+            )));
         }
         if topic.partitions().is_empty() {
-            return Err(missing_topic(&self.options.topic));
+            return Ok(None);
         }
-        Ok(topic.partitions().iter().map(|p| p.id()).collect())
+        Ok(Some(topic.partitions().iter().map(|p| p.id()).collect()))
+    }
+
+    /// The topic is gone after it was read: whatever topic of that name appears later is a
+    /// new one, read from its beginning. Committed offsets go back to 0, durably, so that
+    /// holds across a restart too (its offsets start over, and may not even reach the old
+    /// ones, so the old offsets cannot tell).
+    fn topic_gone(&mut self, committed: &mut Offsets) -> Result<()> {
+        if committed.values().all(|o| *o == 0) {
+            return Ok(());
+        }
+        warn!(source = %self.name, topic = %self.options.topic, "kafka topic deleted; a topic created again under its name will be read from its beginning");
+        let zeros: Offsets = committed.keys().map(|p| (*p, 0)).collect();
+        let empty = BatchBuilder::new(self.options.schema.clone()).finish()?;
+        self.commit(empty, &zeros, Vec::new())?;
+        *committed = zeros;
+        self.show_offsets(committed);
+        Ok(())
     }
 
     /// Resolves the start of partitions without a committed offset (by the startup mode,
@@ -374,13 +433,18 @@ impl KafkaSource {
     ) -> Result<()> {
         let first_start = committed.is_empty();
         let mut next = committed.clone();
+        // A partition of a deleted topic that its successor does not have (nothing read).
+        next.retain(|p, at| *at != 0 || partitions.contains(p));
         for p in partitions {
-            if next.contains_key(p) {
-                continue;
-            }
             let (low, high) = consumer
                 .fetch_watermarks(&self.options.topic, *p, PROBE_TIMEOUT)
                 .map_err(|e| ServerError::Connector(format!("kafka broker unreachable: {e}")))?;
+            if let Some(at) = next.get(p).copied() {
+                if let Some(on) = self.out_of_range(*p, at, low, high) {
+                    next.insert(*p, on);
+                }
+                continue;
+            }
             let start = match (first_start, self.options.startup) {
                 (false, _) | (true, Startup::Earliest) => low,
                 (true, Startup::Latest) => high,
@@ -410,6 +474,24 @@ impl KafkaSource {
             self.show_offsets(committed);
         }
         Ok(())
+    }
+
+    /// Where to read on when the committed offset `at` of partition `p` is not in the
+    /// broker's `low..=high`, with a warning; `None` when it is.
+    ///
+    /// Past the end: the topic was deleted and created again (or its log lost), so all it
+    /// holds is new and is read from its beginning. Before the start: the broker deleted
+    /// messages (retention) before they were read; reading goes on at the oldest it has.
+    fn out_of_range(&self, p: i32, at: i64, low: i64, high: i64) -> Option<i64> {
+        if at > high {
+            warn!(source = %self.name, topic = %self.options.topic, partition = p, committed = at, high, "kafka partition ends before the committed offset (the topic was created again or truncated); reading it from its beginning");
+            Some(low)
+        } else if at < low {
+            warn!(source = %self.name, topic = %self.options.topic, partition = p, committed = at, low, skipped = low - at, "kafka messages were deleted by the broker before they were read; reading on at the oldest");
+            Some(low)
+        } else {
+            None
+        }
     }
 
     /// Reads each partition's high watermark (for the lag) and refreshes the rates.

@@ -1,5 +1,6 @@
-//! The readers of a Kafka source: each owns a share of the topic's partitions, polls them
-//! with its own consumer on its own thread, and decodes the messages into Arrow batches.
+//! The readers of a Kafka source: each owns a share of the topic's partitions, fetched by
+//! its own consumer in a child process ([`super::kafka_fetch`]), and decodes the messages
+//! into Arrow batches on its own thread.
 //!
 //! Flow: the source's session ([`super::kafka`]) splits the partitions over its readers,
 //! which run in parallel (one per pipeline worker by default) and hand each decoded batch,
@@ -16,13 +17,10 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::ScalarValue;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::decode::{BatchBuilder, bad_record};
-use super::kafka::{Column, KafkaOptions, Offsets, kafka_error};
+use super::kafka::{Column, KafkaOptions, Offsets};
+use super::kafka_fetch::{FetchProcess, Frame};
 use super::{BadRecord, MAX_BATCH, Pacer, SourceStats};
 use crate::error::Result;
 
@@ -54,20 +52,21 @@ pub(super) struct PartitionReader {
 impl PartitionReader {
     /// Reads until halted or the session stops listening; a failure is sent, then ends it.
     pub fn run(mut self) {
-        let consumer = match self.assign() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = self.out.send(Err(e));
-                return;
-            }
-        };
+        let mut fetch =
+            match FetchProcess::start(&self.options.fetch_spec(self.table_id, &self.next)) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = self.out.send(Err(e));
+                    return;
+                }
+            };
         while !self.halt.load(Ordering::Relaxed) {
             let allowance = self.reserve();
             if allowance == 0 {
                 std::thread::sleep(self.wait());
                 continue;
             }
-            let read = self.read_batch(&consumer, allowance);
+            let read = self.read_batch(&mut fetch, allowance);
             let (rows, failed) = match &read {
                 Ok(r) => (r.batch.num_rows() as u64, false),
                 Err(_) => (0, true),
@@ -84,18 +83,6 @@ impl PartitionReader {
                 return;
             }
         }
-    }
-
-    fn assign(&self) -> Result<BaseConsumer> {
-        let consumer = self.options.consumer(self.table_id)?;
-        let mut assignment = TopicPartitionList::new();
-        for (p, next) in &self.next {
-            assignment
-                .add_partition_offset(&self.options.topic, *p, Offset::Offset(*next))
-                .map_err(kafka_error)?;
-        }
-        consumer.assign(&assignment).map_err(kafka_error)?;
-        Ok(consumer)
     }
 
     /// Rows this reader may read now under the rate limit.
@@ -125,8 +112,8 @@ impl PartitionReader {
             .unwrap_or(Duration::from_millis(10))
     }
 
-    /// Polls messages until `limit` rows, a short pause in arrivals, or 100 ms.
-    fn read_batch(&self, consumer: &BaseConsumer, limit: u64) -> Result<ReadBatch> {
+    /// Reads messages until `limit` rows, a short pause in arrivals, or 100 ms.
+    fn read_batch(&self, fetch: &mut FetchProcess, limit: u64) -> Result<ReadBatch> {
         let options = &self.options;
         let mut next = self.next.clone();
         let mut rows = BatchBuilder::new(options.schema.clone());
@@ -137,31 +124,29 @@ impl PartitionReader {
             if self.halt.load(Ordering::Relaxed) {
                 break;
             }
-            let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
+            let Frame::Message {
+                partition: p,
+                offset,
+                timestamp: ms,
+                key,
+                payload,
+            } = fetch.next()?
+            else {
                 if rows.is_empty() && next == self.next {
                     continue;
                 }
                 break;
             };
-            let message = match polled {
-                Ok(m) => m,
-                Err(KafkaError::PartitionEOF(_)) => continue,
-                Err(e) => return Err(kafka_error(e)),
-            };
-            let (p, offset) = (message.partition(), message.offset());
             match next.get(&p) {
                 Some(n) if offset >= *n => {}
                 _ => continue,
             }
             next.insert(p, offset + 1);
-            let payload = message.payload().unwrap_or_default();
             let figures = per_partition.entry(p).or_default();
             figures.1 += payload.len() as u64;
             match options.decoder.decode(payload) {
                 Ok(values) => {
                     figures.0 += 1;
-                    let key = message.key();
-                    let ms = message.timestamp().to_millis();
                     let row = options
                         .columns
                         .iter()

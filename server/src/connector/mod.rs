@@ -12,6 +12,7 @@ pub mod datagen;
 pub mod decode;
 pub mod file;
 pub mod kafka;
+pub mod kafka_fetch;
 mod kafka_reader;
 pub mod location;
 pub mod nexmark;
