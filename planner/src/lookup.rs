@@ -91,8 +91,47 @@ fn is_column(e: &Expr, column: &str) -> bool {
     matches!(e, Expr::Column(c) if c.name == column)
 }
 
+/// The values of `column = v1 OR column = v2 ...` (how DataFusion rewrites a short IN list);
+/// None if any disjunct is something else.
+fn or_points(e: &Expr, column: &str, ty: &DataType) -> Option<Vec<ScalarValue>> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Or,
+            right,
+        }) => {
+            let mut points = or_points(left, column, ty)?;
+            points.extend(or_points(right, column, ty)?);
+            Some(points)
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) => {
+            let value = if is_column(left, column) {
+                literal(right)
+            } else if is_column(right, column) {
+                literal(left)
+            } else {
+                None
+            };
+            value.and_then(|v| exact(v, ty)).map(|v| vec![v])
+        }
+        _ => None,
+    }
+}
+
 fn apply(range: &mut ColumnRange, e: &Expr, column: &str, ty: &DataType) {
     match e {
+        Expr::BinaryExpr(BinaryExpr {
+            op: Operator::Or, ..
+        }) => {
+            if let Some(mut points) = or_points(e, column, ty) {
+                points.dedup();
+                narrow_points(range, points);
+            }
+        }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             let (op, value) = if is_column(left, column) {
                 (*op, literal(right))

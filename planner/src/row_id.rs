@@ -2,18 +2,21 @@
 //!
 //! UPDATE and DELETE plans are rewritten to scan this provider instead of the table, so that
 //! DataFusion evaluates any WHERE clause (subqueries, joins of UPDATE ... FROM) and returns
-//! the row ids to change.
+//! the row ids to change. Filters that pin the primary key or pin or bound an indexed
+//! column read just those rows, as a query's scan does (see `table.rs`).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
 use datafusion::common::DataFusionError;
 use datafusion::datasource::{TableProvider, TableType};
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 
+use crate::lookup::LookupExec;
 use crate::table::MillraceTable;
 
 /// Name of the hidden row-id column.
@@ -50,13 +53,30 @@ impl TableProvider for RowIdTable {
         TableType::Base
     }
 
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
     async fn scan(
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        if let Some((description, rows, ids)) = self.table.index_lookup(filters)? {
+            let mut columns: Vec<ArrayRef> = rows.columns().to_vec();
+            columns.push(Arc::new(UInt64Array::from(ids)));
+            let rows = RecordBatch::try_new(self.schema.clone(), columns)?;
+            let rows = match projection {
+                Some(p) => rows.project(p)?,
+                None => rows,
+            };
+            return Ok(Arc::new(LookupExec::new(description, rows)));
+        }
         // Cold chunks are read a file at a time (no pruning: every row's id must line up).
         let snapshot = {
             let data = self

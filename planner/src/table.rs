@@ -15,7 +15,7 @@ use datafusion::common::{Constraints, DataFusionError, ScalarValue};
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
-use millrace_storage::{ColumnarTable, TableSnapshot};
+use millrace_storage::{ColumnarTable, RowId, TableSnapshot};
 
 use crate::lookup::{LookupExec, column_range, key_bounds};
 
@@ -59,12 +59,13 @@ impl MillraceTable {
     }
 
     /// Answers the scan from the primary key or a secondary index when the filters pin or
-    /// bound an indexed column: (EXPLAIN description, matching rows). The rows may be a
-    /// superset of the filters' answer; DataFusion applies the filters above the scan.
-    fn index_lookup(
+    /// bound an indexed column: (EXPLAIN description, matching rows, their row ids). The
+    /// rows may be a superset of the filters' answer; DataFusion applies the filters above
+    /// the scan.
+    pub(crate) fn index_lookup(
         &self,
         filters: &[Expr],
-    ) -> datafusion::error::Result<Option<(String, RecordBatch)>> {
+    ) -> datafusion::error::Result<Option<(String, RecordBatch, Vec<RowId>)>> {
         if filters.is_empty() {
             return Ok(None);
         }
@@ -72,6 +73,28 @@ impl MillraceTable {
             .data
             .read()
             .map_err(|_| DataFusionError::Internal("table lock poisoned".into()))?;
+        let Some((description, mut ids)) = self.index_row_ids(&data, filters)? else {
+            return Ok(None);
+        };
+        // NOTE: a key listed twice (`k IN (5, 5)`) finds its row twice: once is the answer.
+        // `fetch` skips rows that are not live; keeping only live ids lines the ids up with
+        // the rows.
+        ids.sort_unstable();
+        ids.dedup();
+        ids.retain(|id| data.contains(*id));
+        let rows = data
+            .fetch(&ids)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(Some((description, rows, ids)))
+    }
+
+    /// The row ids the primary key or a secondary index give for `filters`, with the
+    /// lookup's EXPLAIN description; None when no index applies.
+    fn index_row_ids(
+        &self,
+        data: &ColumnarTable,
+        filters: &[Expr],
+    ) -> datafusion::error::Result<Option<(String, Vec<RowId>)>> {
         let external = |e: millrace_storage::StorageError| DataFusionError::External(Box::new(e));
         let schema = &self.def.schema;
         if let Some(pk) = &self.def.primary_key {
@@ -85,7 +108,7 @@ impl MillraceTable {
                     Some(points) if points.is_empty() => {
                         return Ok(Some((
                             "PrimaryKeyLookup: no key matches".into(),
-                            RecordBatch::new_empty(schema.clone()),
+                            Vec::new(),
                         )));
                     }
                     _ => break,
@@ -106,10 +129,9 @@ impl MillraceTable {
                     .iter()
                     .map(|&c| schema.field(c).name().as_str())
                     .collect();
-                let rows = data.fetch(&ids).map_err(external)?;
                 return Ok(Some((
                     format!("PrimaryKeyLookup: ({}) keys={combos}", cols.join(", ")),
-                    rows,
+                    ids,
                 )));
             }
         }
@@ -126,10 +148,9 @@ impl MillraceTable {
             }
             ids.sort_unstable();
             ids.dedup();
-            let rows = data.fetch(&ids).map_err(external)?;
             return Ok(Some((
                 format!("IndexScan: {} on {} {range}", index.name, field.name()),
-                rows,
+                ids,
             )));
         }
         Ok(None)
@@ -176,7 +197,7 @@ impl TableProvider for MillraceTable {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        if let Some((description, rows)) = self.index_lookup(filters)? {
+        if let Some((description, rows, _)) = self.index_lookup(filters)? {
             let rows = match projection {
                 Some(p) => rows.project(p)?,
                 None => rows,

@@ -339,14 +339,16 @@ impl Engine {
         let id = table.id;
         // NOTE: a chunk at a time, in commits of a few MiB: the whole table in one write
         // batch held it all in memory twice (a spilled table read back, then encoded).
-        let rewrite = move || -> Result<()> {
+        let started = std::time::Instant::now();
+        let rewrite = move || -> Result<usize> {
             let from = store.begin_log_rewrite(id)?;
-            let written = (|| -> Result<()> {
+            let written = (|| -> Result<usize> {
                 let mut set = WriteSet::new();
-                let mut bytes = 0;
+                let (mut bytes, mut total) = (0, 0);
                 for part in parts {
                     let entry = part.read()?;
                     bytes += entry.memory_bytes();
+                    total += entry.memory_bytes();
                     set.append(id, entry);
                     if bytes >= REWRITE_COMMIT_BYTES {
                         store.commit(std::mem::take(&mut set))?;
@@ -354,7 +356,8 @@ impl Engine {
                     }
                 }
                 store.commit(set)?;
-                Ok(store.finish_log_rewrite(id, from, WriteSet::new())?)
+                store.finish_log_rewrite(id, from, WriteSet::new())?;
+                Ok(total)
             })();
             if written.is_err() {
                 // NOTE: the old log stays; a failure here is retried at the next restart.
@@ -364,13 +367,15 @@ impl Engine {
             }
             written
         };
-        tokio::task::block_in_place(rewrite)?;
+        let bytes = tokio::task::block_in_place(rewrite)?;
         table.log_entries.store(n, Ordering::SeqCst);
         info!(
             table_id = table.id,
             entries_before = entries,
             entries_after = n,
             rows,
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
             "compacted table log"
         );
         Ok(())

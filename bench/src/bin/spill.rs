@@ -6,7 +6,8 @@
 //! of primary-key point lookups (one client, one row each), and the time of a full scan with
 //! a filter and of a GROUP BY over every row; then the same on a materialized view holding
 //! half the rows (lookups by a filter on its id column, which prunes row groups by their
-//! statistics when the view is spilled).
+//! statistics when the view is spilled); then single-row UPDATEs until the table's log is
+//! compacted: the compaction's time and the peak RSS over it.
 //!
 //! Usage: `bench/run spill` (MILLRACE_BIN names the server binary; BENCH_ROWS, default
 //! 1,000,000; BENCH_LIMIT, default 128MiB; BENCH_LOOKUPS, default 2000).
@@ -60,6 +61,54 @@ async fn lookups(c: &Client, rows: usize, n: usize) -> Result<f64, Error> {
         }
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Grows `big`'s log with single-row UPDATEs by primary key (two log entries each) until it
+/// is compacted (at a checkpoint, once it holds a 64th of the rows in entries), and returns
+/// the UPDATE rate, the RSS before, the peak RSS over the updates and the compaction (the
+/// peak is reset first), and the compaction's milliseconds and bytes from the server's log.
+async fn compaction(
+    c: &Client,
+    rows: usize,
+    pid: u32,
+    log: &std::path::Path,
+) -> Result<(f64, u64, u64, u64, u64), Error> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    let (before, _) = rss(pid)?;
+    let seen = |text: &str| text.matches("compacted table log").count();
+    let compactions = seen(&std::fs::read_to_string(log)?);
+    let stmt = c.prepare("UPDATE big SET g = g + 1 WHERE id = $1").await?;
+    let updates = rows / 128 + 256;
+    let start = Instant::now();
+    for i in 0..updates {
+        let id = (i * 7919 % rows) as i64;
+        c.execute(&stmt, &[&id]).await?;
+    }
+    let rate = updates as f64 / start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let text = std::fs::read_to_string(log)?;
+        if seen(&text) > compactions
+            && let Some(line) = text
+                .lines()
+                .rev()
+                .find(|l| l.contains("compacted table log"))
+        {
+            break line.to_string();
+        }
+        if Instant::now() > deadline {
+            return Err("the table log was not compacted within a minute".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or(0)
+    };
+    let (_, peak) = rss(pid)?;
+    Ok((rate, before, peak, field("ms="), field("bytes=")))
 }
 
 /// Seconds of the best of three runs of `sql`, and its first value.
@@ -169,7 +218,22 @@ async fn main() -> Result<(), Error> {
             memory >> 20,
             stored >> 20
         );
-        answers.push((matched, groups + view_matched));
+        let log = work.join(label.replace(' ', "_")).with_extension("log");
+        let (rate, before, peak, ms, bytes) = compaction(&c, rows, server.pid(), &log).await?;
+        let sum: i64 = c
+            .query_one("SELECT sum(g)::BIGINT FROM big", &[])
+            .await?
+            .get(0);
+        println!(
+            "  {:<26} {} single-row UPDATEs at {rate:>5.0}/s, then log compaction: {ms} ms, {} MiB rewritten; \
+             RSS before {} MiB, peak over the updates and the compaction {} MiB",
+            "",
+            rows / 128 + 256,
+            bytes >> 20,
+            before >> 20,
+            peak >> 20
+        );
+        answers.push((matched, groups + view_matched + sum));
     }
     if answers.windows(2).any(|w| w[0] != w[1]) {
         return Err(format!("the two servers answered differently: {answers:?}").into());
