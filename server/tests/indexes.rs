@@ -22,6 +22,7 @@ async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
+/// Counts through the primary key (`k`) and the index on `a` equal full scans' counts.
 async fn check_against_scan(c: &tokio_postgres::Client) {
     // `a + 0` defeats the index, so the second query of each pair is a full scan.
     let pairs = [
@@ -32,6 +33,9 @@ async fn check_against_scan(c: &tokio_postgres::Client) {
         ("a IN (1, 5, 9)", "a + 0 IN (1, 5, 9)"),
         ("k = 77", "k + 0 = 77"),
         ("k IN (1, 2, 3000)", "k + 0 IN (1, 2, 3000)"),
+        ("k IN (11, 12, 11, 4242)", "k + 0 IN (11, 12, 11, 4242)"),
+        ("k = 11 OR k = 4242", "k + 0 = 11 OR k + 0 = 4242"),
+        ("k BETWEEN 1 AND 10", "k + 0 BETWEEN 1 AND 10"),
     ];
     for (indexed, scanned) in pairs {
         let a = count(c, &format!("SELECT count(*) FROM t WHERE {indexed}")).await;
@@ -192,21 +196,5 @@ async fn updates_and_deletes_by_key_read_only_their_rows() {
         count(&c, "SELECT count(*) FROM t WHERE b = 'twice'").await,
         3
     );
-    check_against_scan_t(&c).await;
-}
-
-/// Key and index lookups of `t` (k, a) against full scans after the changes.
-async fn check_against_scan_t(c: &tokio_postgres::Client) {
-    for (indexed, scanned) in [
-        ("k = 4242", "k + 0 = 4242"),
-        ("k BETWEEN 1 AND 10", "k + 0 BETWEEN 1 AND 10"),
-        ("a = 5", "a + 0 = 5"),
-        ("a IN (7, 8)", "a + 0 IN (7, 8)"),
-        ("k IN (11, 12, 11, 4242)", "k + 0 IN (11, 12, 11, 4242)"),
-        ("k = 11 OR k = 4242", "k + 0 = 11 OR k + 0 = 4242"),
-    ] {
-        let a = count(c, &format!("SELECT count(*) FROM t WHERE {indexed}")).await;
-        let b = count(c, &format!("SELECT count(*) FROM t WHERE {scanned}")).await;
-        assert_eq!(a, b, "{indexed} vs {scanned}");
-    }
+    check_against_scan(&c).await;
 }
