@@ -262,9 +262,9 @@ fn message_sqlstate(m: &str) -> &'static str {
         "22012"
     } else if lower.contains("overflow") {
         "22003"
-    } else if lower.contains("cast")
-        || lower.contains("cannot parse")
-        || lower.contains("invalid") && lower.contains("input")
+    } else if lower.contains("cast") {
+        cast_sqlstate(m)
+    } else if lower.contains("cannot parse") || lower.contains("invalid") && lower.contains("input")
     {
         "22P02"
     } else if lower.contains("invalid function") || lower.contains("no function matches") {
@@ -284,11 +284,40 @@ fn message_sqlstate(m: &str) -> &'static str {
     }
 }
 
+/// SQLSTATE of a failed cast: a value out of the target type's range is 22003 (as
+/// PostgreSQL's "integer out of range"), text that is not a value of the type is 22P02.
+fn cast_sqlstate(m: &str) -> &'static str {
+    let lower = m.to_ascii_lowercase();
+    if lower.contains("overflow") || lower.contains("too large") {
+        return "22003";
+    }
+    // Arrow: "Can't cast value 3000000000 to type Int32" (a number that does not fit).
+    if lower.contains("can't cast value") {
+        return "22003";
+    }
+    // Arrow: "Cannot cast string '99999999999' to value of Int32 type": out of range when
+    // the text is an integer (for an integer type) or a number (for a float type); '1.5'
+    // for an integer is invalid text, as in PostgreSQL.
+    if let Some(rest) = m.split_once("string '").map(|(_, r)| r)
+        && let Some((text, target)) = rest.split_once('\'')
+    {
+        let text = text.trim();
+        let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+        let integer = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+        let float_target = target.contains("Float");
+        if integer || float_target && text.parse::<f64>().is_ok() {
+            return "22003";
+        }
+    }
+    "22P02"
+}
+
 fn arrow_sqlstate(e: &ArrowError) -> &'static str {
     match e {
         ArrowError::DivideByZero => "22012",
         ArrowError::ArithmeticOverflow(_) => "22003",
-        ArrowError::CastError(m) | ArrowError::ParseError(m) => {
+        ArrowError::CastError(m) => cast_sqlstate(m),
+        ArrowError::ParseError(m) => {
             if m.to_ascii_lowercase().contains("overflow") || m.contains("too large") {
                 "22003"
             } else {
@@ -319,6 +348,26 @@ mod tests {
             None,
         );
         assert_eq!(ServerError::from(cast).sqlstate(), "22P02");
+        // Regression: a value out of the column's range was 22P02 (invalid text), where
+        // PostgreSQL says 22003 (out of range).
+        for m in [
+            "Can't cast value 3000000000 to type Int32",
+            "Cannot cast string '99999999999' to value of Int32 type",
+            "Cannot cast string '-1e400' to value of Float64 type",
+        ] {
+            let cast = DataFusionError::ArrowError(Box::new(ArrowError::CastError(m.into())), None);
+            assert_eq!(ServerError::from(cast).sqlstate(), "22003", "{m}");
+            let message = DataFusionError::Execution(format!("Cast error: {m}"));
+            assert_eq!(ServerError::from(message).sqlstate(), "22003", "{m}");
+        }
+        for m in [
+            "Cannot cast string '1.5' to value of Int32 type",
+            "Cannot cast string 'abc' to value of Float64 type",
+            "Cannot cast string '' to value of Int64 type",
+        ] {
+            let cast = DataFusionError::ArrowError(Box::new(ArrowError::CastError(m.into())), None);
+            assert_eq!(ServerError::from(cast).sqlstate(), "22P02", "{m}");
+        }
         assert_eq!(
             ServerError::from(DataFusionError::NotImplemented("x".into())).sqlstate(),
             "0A000"
