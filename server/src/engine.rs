@@ -36,6 +36,10 @@ pub const DEFAULT_SCHEMA: &str = "public";
 
 /// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
 const COMPACT_MIN_ENTRIES: usize = 256;
+/// A table log is rewritten once at least this many rows (and a quarter of the table) sit in
+/// cold files it does not refer to: the rewrite turns them into references, so that a
+/// restart opens the files instead of reading the rows and evicting them again.
+const COMPACT_MIN_COLD_ROWS: usize = 65_536;
 /// Bytes of rows a log rewrite (compaction, ALTER TABLE) commits at a time.
 pub(crate) const REWRITE_COMMIT_BYTES: usize = 4 << 20;
 
@@ -144,6 +148,8 @@ impl Engine {
         // The budget holds while the tables are rebuilt from their logs, too.
         tokio::spawn(crate::runtime::cache::run(Arc::downgrade(&engine)));
         engine.replay().await?;
+        // NOTE: only now: the tables have opened the cold files their logs refer to.
+        engine.cache.remove_orphans()?;
         engine.sources.load_bad_records(engine.store())?;
         engine.start_sources()?;
         engine.start_sinks()?;
@@ -320,8 +326,10 @@ impl Engine {
             .map_err(|_| ServerError::Internal("the view coordinator stopped".into()))?
     }
 
-    /// Rewrites a table's log as its live rows once the log has grown well past them, so that
-    /// replay on start stays proportional to the data. The caller holds the write lock.
+    /// Rewrites a table's log as its live rows once the log has grown well past them, or once
+    /// many of its rows are in cold files the log does not refer to, so that replay on start
+    /// stays proportional to the data in memory: hot chunks are written as inserts, cold ones
+    /// as references to their files. The caller holds the write lock.
     fn maybe_compact(&self, table: &MillraceTable) -> Result<()> {
         let entries = table.log_entries.load(Ordering::SeqCst);
         let data = table
@@ -329,12 +337,20 @@ impl Engine {
             .read()
             .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
         let rows = data.num_rows();
-        if entries < COMPACT_MIN_ENTRIES.max(rows / 64) {
+        let unlogged_cold = data.unlogged_cold_rows();
+        if entries < COMPACT_MIN_ENTRIES.max(rows / 64)
+            && unlogged_cold < COMPACT_MIN_COLD_ROWS.max(rows / 4)
+        {
             return Ok(());
         }
         let parts = data.log_parts()?;
         drop(data);
         let n = parts.len();
+        // The cold files the new log refers to: kept from now (the old log's, once it is gone).
+        let files: Vec<_> = parts
+            .iter()
+            .filter_map(|p| p.cold_file().cloned())
+            .collect();
         let store = self.store().clone();
         let id = table.id;
         // NOTE: a chunk at a time, in commits of a few MiB: the whole table in one write
@@ -346,7 +362,7 @@ impl Engine {
                 let mut set = WriteSet::new();
                 let (mut bytes, mut total) = (0, 0);
                 for part in parts {
-                    let entry = part.read()?;
+                    let entry = part.entry()?;
                     bytes += entry.memory_bytes();
                     total += entry.memory_bytes();
                     set.append(id, entry);
@@ -368,13 +384,21 @@ impl Engine {
             written
         };
         let bytes = tokio::task::block_in_place(rewrite)?;
+        let referenced = files.len();
+        table
+            .data
+            .write()
+            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+            .set_log_files(files);
         table.log_entries.store(n, Ordering::SeqCst);
         info!(
             table_id = table.id,
             entries_before = entries,
+            unlogged_cold_rows = unlogged_cold,
             entries_after = n,
             rows,
             bytes,
+            cold_files = referenced,
             ms = started.elapsed().as_millis() as u64,
             "compacted table log"
         );
@@ -519,6 +543,7 @@ impl Engine {
                         .write()
                         .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
                     let mut replay = self.cache.replay_budget(record.id);
+                    let cold = &self.cache.cold;
                     self.store().for_each_log_entry(record.id, |seq, entry| {
                         let tracked = after.is_some_and(|s| seq >= s);
                         match &entry {
@@ -526,11 +551,13 @@ impl Engine {
                                 changes.push(Changelog::deletes(data.fetch(row_ids.values())?));
                                 data.apply(&entry)?;
                             }
-                            LogEntry::Insert { row_ids, .. } if tracked => {
-                                data.apply(&entry)?;
+                            LogEntry::Insert { row_ids, .. } | LogEntry::Cold { row_ids, .. }
+                                if tracked =>
+                            {
+                                data.replay(&entry, cold)?;
                                 changes.push(Changelog::inserts(data.fetch(row_ids.values())?));
                             }
-                            _ => data.apply(&entry)?,
+                            _ => data.replay(&entry, cold)?,
                         }
                         replay.applied(&entry, &mut data);
                         Ok(())
@@ -542,13 +569,20 @@ impl Engine {
                         vec![Changelog::concat(&table.def.schema, changes)?.consolidate()?],
                     );
                 }
-                let (rows, cold_chunks) = table
+                let (rows, stats) = table
                     .data
                     .read()
-                    .map(|d| (d.num_rows(), d.cache_stats().cold_chunks))
-                    .unwrap_or((0, 0));
+                    .map(|d| (d.num_rows(), d.cache_stats()))
+                    .unwrap_or_default();
                 table.log_entries.store(entries, Ordering::SeqCst);
-                info!(table = %record.name, rows, log_entries = entries, cold_chunks, "table restored");
+                info!(
+                    table = %record.name,
+                    rows,
+                    log_entries = entries,
+                    cold_chunks = stats.cold_chunks,
+                    log_files = stats.log_files,
+                    "table restored"
+                );
                 self.catalog
                     .register_relation(record, table.clone(), Some(table))?;
                 Ok(rows)

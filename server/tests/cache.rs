@@ -4,16 +4,16 @@
 //! primary-key and index lookups, TopK sorts, aggregates, views) still answers exactly what a
 //! model of the acknowledged writes says, through random deletes, updates and inserts that hit
 //! evicted rows, failed object-store PUTs and a `kill -9`. The cache stays within its share
-//! of the budget, files of deleted chunks and of the killed run are removed, and the resident
-//! memory is reported beside the idle server's.
+//! of the budget, files of deleted chunks and the killed run's files no table log refers to
+//! are removed, and the resident memory is reported beside the idle server's.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::rows::{TextRow, exec, one, rows};
 use millrace_sqllogictest::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
+use millrace_sqllogictest::server::parquet_files;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
@@ -118,24 +118,6 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{what}: never happened");
-}
-
-/// Parquet files under `dir`.
-fn parquet_files(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| {
-            let p = e.path();
-            if p.is_dir() {
-                parquet_files(&p)
-            } else {
-                usize::from(p.extension().is_some_and(|x| x == "parquet"))
-            }
-        })
-        .sum()
 }
 
 /// Every read path against the model, and the views against their queries and the model.
@@ -364,13 +346,13 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
     .unwrap_or(0);
     assert!(misses > 0, "reads went to the object store");
 
-    // The cache comes back within its share, and only live chunks have files.
-    let objects = server.data_dir.join("objects");
+    // The cache comes back within its share, and only files that cold chunks read or a
+    // table's log refers to are left.
     eventually("the cache within its share and no stray files", || async {
         let used =
             cache_total(&client, "memory_bytes").await + cache_total(&client, "state_bytes").await;
-        let cold = cache_total(&client, "cold_chunks").await;
-        used <= budget && parquet_files(&objects) as i64 == cold
+        let files = cache_total(&client, "files").await;
+        used <= budget && server.object_files() as i64 == files
     })
     .await;
 
@@ -396,8 +378,9 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
         peak >> 20
     );
 
-    // kill -9: the files of the killed run are orphans, removed on start; all reads agree.
-    let before = parquet_files(&objects);
+    // kill -9: the killed run's files that no table's log refers to (views' chunks, chunks
+    // evicted since the last log rewrite) are orphans, removed on start; all reads agree.
+    let before = server.object_files();
     assert!(before > 0);
     server.kill();
     server.restart().expect("restart");
@@ -409,7 +392,7 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
     assert!(
         server
             .log()
-            .contains("removed cold files of a previous run"),
+            .contains("removed cold files no table refers to"),
         "orphans of the killed run are removed"
     );
     // The replay evicted as it went: the table was partly cold before it was registered.
@@ -428,8 +411,8 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
     assert!(cold > 0, "the replay kept the table in memory: {restored}");
     churn(&client, &mut model, &mut rng).await;
     check_reads(&client, &model, &mut rng, "after kill -9").await;
-    eventually("only live chunks have files after the restart", || async {
-        parquet_files(&objects) as i64 == cache_total(&client, "cold_chunks").await
+    eventually("only held files are left after the restart", || async {
+        server.object_files() as i64 == cache_total(&client, "files").await
     })
     .await;
     assert!(server.is_running());
@@ -459,7 +442,7 @@ async fn chunks_spill_to_s3_and_survive_an_unreachable_store() {
     let bucket = s3.root.join("lake").join("spill");
     eventually("chunks land in the bucket", || async {
         let cold = cache_total(&client, "cold_chunks").await;
-        cold > 0 && parquet_files(&bucket) as i64 == cold
+        cold > 0 && parquet_files(&bucket) as i64 == cache_total(&client, "files").await
     })
     .await;
     assert!(

@@ -4,7 +4,9 @@
 //! switches to it. With every chunk cold (`--cache-bytes 1`), the test makes a table whose log
 //! is mostly small changes, then:
 //! - a compaction whose write is refused fails cleanly and the old log still replays;
-//! - a compaction that succeeds keeps exactly the model's rows, through `kill -9`;
+//! - a compaction that succeeds keeps exactly the model's rows, through `kill -9`; its log
+//!   refers to the cold chunks' files, which the restart opens (and keeps, removing only
+//!   files nothing refers to);
 //! - a refused ALTER TABLE leaves the table as it was; a successful one gives every row the
 //!   new column's default, through `kill -9`;
 //! - a view over the table equals its query throughout.
@@ -114,10 +116,47 @@ async fn spilled_logs_are_rewritten_a_chunk_at_a_time_and_atomically() {
         "the log was compacted"
     );
     check(&client, &model, "after compaction").await;
+    // The new log refers to the cold chunks' files instead of holding their rows.
+    let log_files = number(
+        &client,
+        "SELECT log_files FROM millrace_cache WHERE name = 't'",
+    )
+    .await;
+    assert!(log_files > 0, "the rewritten log refers to cold files");
     server.kill();
     server.restart().expect("restart");
     let client = server.connect("millrace").await.expect("reconnect");
     check(&client, &model, "after compaction and kill -9").await;
+    // The restart opened those files (their rows were not read back and evicted again),
+    // and removed only the files nothing refers to.
+    let after = number(
+        &client,
+        "SELECT log_files FROM millrace_cache WHERE name = 't'",
+    )
+    .await;
+    assert_eq!(after, log_files, "the restart opened the log's files");
+    let mut on_disk = 0;
+    for _ in 0..100 {
+        let held = number(
+            &client,
+            "SELECT files FROM millrace_cache WHERE kind = 'total'",
+        )
+        .await;
+        on_disk = server.object_files() as i64;
+        if on_disk == held {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        on_disk,
+        number(
+            &client,
+            "SELECT files FROM millrace_cache WHERE kind = 'total'"
+        )
+        .await,
+        "every file on disk is held by a chunk or a log, and no other"
+    );
     let replayed = server
         .log()
         .lines()
@@ -134,6 +173,10 @@ async fn spilled_logs_are_rewritten_a_chunk_at_a_time_and_atomically() {
     assert!(
         entries < 10,
         "the compacted log replays a few entries: {replayed}"
+    );
+    assert!(
+        replayed.contains(&format!("log_files={log_files}")),
+        "the replay opened the files: {replayed}"
     );
 
     // ALTER TABLE: refused, then done.

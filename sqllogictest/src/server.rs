@@ -200,6 +200,11 @@ impl TestServer {
         Some((field("VmRSS:")?, field("VmHWM:")?))
     }
 
+    /// Parquet files in the default object store (`objects` under the data directory).
+    pub fn object_files(&self) -> usize {
+        parquet_files(&self.data_dir.join("objects"))
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -207,6 +212,24 @@ impl TestServer {
             None => false,
         }
     }
+}
+
+/// Parquet files under `dir`, in any depth of subdirectories.
+pub fn parquet_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                parquet_files(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|x| x == "parquet"))
+            }
+        })
+        .sum()
 }
 
 impl Drop for TestServer {

@@ -8,7 +8,14 @@
 //! and no running scan refer to it (its [`ColdFile`] handle is dropped). The files are a
 //! cache of the durable table logs in RocksDB, so whatever a crash leaves behind is an
 //! orphan, removed on the next start.
+//!
+//! A table's log can refer to its cold files instead of holding their rows (a log rewrite
+//! writes a cold chunk as a [`crate::LogEntry::Cold`] entry): those files outlive the process,
+//! are opened again on start ([`ColdStore::open`], reading only the footer) and stay until a
+//! later rewrite no longer refers to them. Files are named by run, so that a start removes
+//! only what earlier runs left and nothing refers to ([`ColdStore::remove_orphans`]).
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,13 +31,17 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::basic::Compression;
-use parquet::file::metadata::ParquetMetaData;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Result, StorageError};
 
 /// Rows per Parquet row group: small enough that a point lookup decodes little.
 const ROW_GROUP_ROWS: usize = 8192;
+/// Bytes read from the end of a file to find its footer when it is opened again (a footer
+/// of a chunk's file is a few KiB; a larger one costs a second read).
+const FOOTER_GUESS: u64 = 64 << 10;
 
 /// Object-store traffic of the cold tier, for `millrace_cache`.
 #[derive(Debug, Default)]
@@ -62,6 +73,10 @@ pub struct ColdStore {
     io: tokio::runtime::Handle,
     /// Files no longer referenced, deleted by [`ColdStore::collect_garbage`].
     garbage: Mutex<Vec<(Path, u64)>>,
+    /// Files a handle refers to (written or opened by this process and not yet dropped).
+    live: Mutex<HashSet<Path>>,
+    /// This process's part of every file name it writes (unique per start).
+    run: String,
     next_file: AtomicU64,
     /// Test failpoint: this many next writes fail.
     failing_writes: AtomicU64,
@@ -92,6 +107,11 @@ pub struct ColdFile {
 }
 
 impl ColdFile {
+    /// The file's path in the object store (what a log entry refers to it by).
+    pub fn path(&self) -> &str {
+        self.path.as_ref()
+    }
+
     /// Reads rows of the file (see [`ColdStore::read`]).
     pub fn read(
         &self,
@@ -145,6 +165,9 @@ impl ColdFile {
 
 impl Drop for ColdFile {
     fn drop(&mut self) {
+        if let Ok(mut live) = self.store.live.lock() {
+            live.remove(&self.path);
+        }
         if let Ok(mut garbage) = self.store.garbage.lock() {
             garbage.push((self.path.clone(), self.bytes));
         }
@@ -186,6 +209,8 @@ impl ColdStore {
             url: url.to_string(),
             io,
             garbage: Mutex::new(Vec::new()),
+            live: Mutex::new(HashSet::new()),
+            run: run_id(),
             next_file: AtomicU64::new(0),
             failing_writes: AtomicU64::new(0),
             counters: ColdCounters::default(),
@@ -240,11 +265,17 @@ impl ColdStore {
             .prefix
             .clone()
             .join(owner)
-            .join(format!("{n:08}.parquet"));
+            .join(format!("{}-{n:08}.parquet", self.run));
         let bytes = buffer.len() as u64;
+        // NOTE: listed before the PUT, so that an orphan sweep running meanwhile keeps it.
+        self.track(&path);
         let store = self.store.clone();
         let target = path.clone();
-        self.block(async move { store.put(&target, PutPayload::from(buffer)).await })??;
+        let put = self.block(async move { store.put(&target, PutPayload::from(buffer)).await });
+        if let Err(e) = put.and_then(|r| r.map_err(Into::into)) {
+            self.untrack(&path);
+            return Err(e);
+        }
         self.counters.files_written.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
@@ -259,6 +290,84 @@ impl ColdStore {
             bytes,
             schema: batch.schema(),
             metadata,
+        })
+    }
+
+    fn track(&self, path: &Path) {
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(path.clone());
+        }
+    }
+
+    fn untrack(&self, path: &Path) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(path);
+        }
+    }
+
+    /// Opens a file an earlier run wrote (a table's log refers to it), reading only its
+    /// footer; its rows must have the types of `schema`, which the handle then reports.
+    pub fn open(self: &Arc<Self>, path: &str, schema: SchemaRef) -> Result<ColdFile> {
+        let path = Path::from(path);
+        let store = self.store.clone();
+        let target = path.clone();
+        let size = self.block(async move { store.head(&target).await })??.size;
+        let mut reader = ParquetMetaDataReader::new();
+        let mut want = FOOTER_GUESS.min(size);
+        loop {
+            let store = self.store.clone();
+            let target = path.clone();
+            let tail: Bytes =
+                self.block(async move { store.get_range(&target, size - want..size).await })??;
+            self.counters.reads.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .bytes_read
+                .fetch_add(tail.len() as u64, Ordering::Relaxed);
+            match reader.try_parse_sized(&tail, size) {
+                Ok(()) => break,
+                Err(ParquetError::NeedMoreData(needed)) if (needed as u64) > want => {
+                    want = (needed as u64).min(size);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let metadata = reader.finish()?;
+        let file_metadata = metadata.file_metadata();
+        let stored = parquet::arrow::parquet_to_arrow_schema(
+            file_metadata.schema_descr(),
+            file_metadata.key_value_metadata(),
+        )?;
+        let types = |s: &arrow::datatypes::Schema| {
+            s.fields()
+                .iter()
+                .map(|f| f.data_type().clone())
+                .collect::<Vec<_>>()
+        };
+        if types(&stored) != types(&schema) {
+            return Err(StorageError::Corrupt {
+                what: "cold file",
+                detail: format!(
+                    "{}/{path} holds columns of other types than its table's",
+                    self.url
+                ),
+            });
+        }
+        let rows =
+            usize::try_from(file_metadata.num_rows()).map_err(|_| StorageError::Corrupt {
+                what: "cold file",
+                detail: format!("{}/{path} has a negative row count", self.url),
+            })?;
+        self.track(&path);
+        self.counters
+            .bytes_stored
+            .fetch_add(size, Ordering::Relaxed);
+        Ok(ColdFile {
+            store: self.clone(),
+            path,
+            rows,
+            bytes: size,
+            schema,
+            metadata: Arc::new(metadata),
         })
     }
 
@@ -365,15 +474,22 @@ impl ColdStore {
         Ok(deleted)
     }
 
-    /// Deletes every file under the prefix: on start nothing refers to them (the tables are
-    /// rebuilt from their logs), so they are what a crash left behind. Returns how many.
+    /// Deletes the files earlier runs left under the prefix that no handle refers to: called
+    /// once the tables have opened the files their logs refer to, the rest is what a crash
+    /// (or a rewrite that replaced them) left behind. Returns how many.
     pub fn remove_orphans(&self) -> Result<usize> {
         let store = self.store.clone();
         let prefix = self.prefix.clone();
+        let live = self.live.lock().map(|l| l.clone()).unwrap_or_default();
+        let own = format!("{}-", self.run);
         self.block(async move {
             let paths: Vec<Path> = store
                 .list(Some(&prefix))
                 .filter_map(|m| async move { m.ok().map(|m| m.location) })
+                .filter(|p| {
+                    let ours = p.filename().is_some_and(|f| f.starts_with(&own));
+                    std::future::ready(!ours && !live.contains(p))
+                })
                 .collect()
                 .await;
             let n = paths.len();
@@ -387,6 +503,16 @@ impl ColdStore {
         })?
         .map_err(Into::into)
     }
+}
+
+/// A name part unique to this store: the time it was made (microseconds) and a count of the
+/// stores made by this process.
+fn run_id() -> String {
+    static STORES: AtomicU64 = AtomicU64::new(0);
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!("{micros:x}.{}", STORES.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A row selection picking the ascending positions `rows` out of `total`.
@@ -479,6 +605,48 @@ mod tests {
         assert_eq!(cold.counters.bytes_stored.load(Ordering::Relaxed), 0);
         let orphan = cold.write("t2", &b).unwrap();
         std::mem::forget(orphan);
-        assert_eq!(cold.remove_orphans().unwrap(), 1);
+        assert_eq!(
+            cold.remove_orphans().unwrap(),
+            0,
+            "this run's files are kept"
+        );
+    }
+
+    #[test]
+    fn a_later_run_opens_referenced_files_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let first = ColdStore::try_new(fs.clone(), "cache", "test").unwrap();
+        let b = batch(20_000);
+        let kept = first.write("t1", &b).unwrap();
+        let kept_path = kept.path().to_string();
+        std::mem::forget(kept);
+        std::mem::forget(first.write("t1", &b).unwrap());
+        // The next start: the log refers to the first file only.
+        let second = ColdStore::try_new(fs, "cache", "test").unwrap();
+        let opened = second.open(&kept_path, b.schema()).unwrap();
+        assert_eq!(opened.rows, 20_000);
+        assert_eq!(opened.metadata.num_row_groups(), 3);
+        assert_eq!(second.read(&opened, None, None).unwrap(), b);
+        let picked = opened.read(Some(&[0]), Some(&[7, 19_000])).unwrap();
+        assert_eq!(crate::test_util::first_i64s(&[picked]), vec![7, 19_000]);
+        let other_types = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        assert!(matches!(
+            second.open(&kept_path, other_types),
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert!(second.open("cache/t1/missing.parquet", b.schema()).is_err());
+        assert_eq!(second.remove_orphans().unwrap(), 1, "the unreferenced file");
+        assert_eq!(
+            second.read(&opened, Some(&[0]), None).unwrap().num_rows(),
+            20_000
+        );
+        drop(opened);
+        assert_eq!(second.collect_garbage().unwrap(), 1);
+        assert_eq!(second.remove_orphans().unwrap(), 0);
     }
 }

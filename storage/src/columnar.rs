@@ -107,6 +107,10 @@ pub struct CacheStats {
     pub misses: u64,
     /// Chunks evicted so far.
     pub evictions: u64,
+    /// Cold files held: those of cold chunks and those the durable log refers to.
+    pub files: u64,
+    /// Cold files the durable log refers to (a restart opens them instead of reading rows).
+    pub log_files: u64,
 }
 
 /// Logical clock of chunk reads and writes: the eviction order (least recent first).
@@ -316,6 +320,9 @@ pub struct ColumnarTable {
     key_bytes: usize,
     /// Secondary indexes (CREATE INDEX).
     indexes: Vec<SecondaryIndex>,
+    /// The cold files the table's durable log refers to (by path): kept until a rewrite of
+    /// the log no longer does, even when no chunk reads them any more.
+    log_files: HashMap<String, Arc<ColdFile>>,
     /// Hits, misses and evictions.
     counters: Counters,
 }
@@ -344,6 +351,7 @@ impl ColumnarTable {
             key_index: HashMap::new(),
             key_bytes: 0,
             indexes: Vec::new(),
+            log_files: HashMap::new(),
             counters: Counters::default(),
         })
     }
@@ -473,15 +481,25 @@ impl ColumnarTable {
             evictions: self.counters.evictions.load(Ordering::Relaxed),
             ..CacheStats::default()
         };
+        let mut read: HashSet<&str> = HashSet::new();
         for chunk in self.chunks.values() {
             match &chunk.rows {
                 Rows::Hot(_) => stats.hot_chunks += 1,
                 Rows::Cold(file) => {
                     stats.cold_chunks += 1;
                     stats.object_store_bytes += file.bytes;
+                    read.insert(file.path());
                 }
             }
         }
+        for (path, file) in &self.log_files {
+            if !read.contains(path.as_str()) {
+                stats.object_store_bytes += file.bytes;
+                stats.files += 1;
+            }
+        }
+        stats.files += read.len() as u64;
+        stats.log_files = self.log_files.len() as u64;
         stats
     }
 
@@ -566,12 +584,122 @@ impl ColumnarTable {
         UInt64Array::from((start..start + n as u64).collect::<Vec<_>>())
     }
 
-    /// Applies a committed log entry.
+    /// Applies a committed log entry (a cold entry only on replay, see
+    /// [`ColumnarTable::replay`]).
     pub fn apply(&mut self, entry: &LogEntry) -> Result<()> {
         match entry {
             LogEntry::Insert { row_ids, batch } => self.insert(row_ids, batch),
             LogEntry::Delete { row_ids } => self.delete(row_ids.values()),
+            LogEntry::Cold { path, .. } => Err(corrupt(&format!(
+                "the cold entry of {path} is applied without its file"
+            ))),
         }
+    }
+
+    /// Applies an entry of the durable log on start: a cold entry's file is opened in `cold`
+    /// (its footer read) and becomes a cold chunk.
+    pub fn replay(&mut self, entry: &LogEntry, cold: &Arc<ColdStore>) -> Result<()> {
+        match entry {
+            LogEntry::Cold {
+                path,
+                row_ids,
+                live,
+            } => {
+                let file = Arc::new(cold.open(path, self.schema.clone())?);
+                self.insert_cold(row_ids, live, file)
+            }
+            other => self.apply(other),
+        }
+    }
+
+    /// Adds a cold file's rows as a chunk, without reading them (but the key columns of the
+    /// live rows when the table has a primary key, and the live rows when it has secondary
+    /// indexes). The log refers to the file, so the table keeps it.
+    fn insert_cold(
+        &mut self,
+        row_ids: &UInt64Array,
+        live: &BooleanArray,
+        file: Arc<ColdFile>,
+    ) -> Result<()> {
+        if row_ids.len() != file.rows || live.len() != file.rows {
+            return Err(corrupt(&format!(
+                "{} has {} rows, its log entry {}",
+                file.path(),
+                file.rows,
+                row_ids.len()
+            )));
+        }
+        let live: Vec<bool> = live.values().iter().collect();
+        let live_count = live.iter().filter(|l| **l).count();
+        self.log_files.insert(file.path().to_string(), file.clone());
+        if live_count == 0 {
+            return Ok(());
+        }
+        let chunk = Chunk {
+            live,
+            live_count,
+            rows: Rows::Cold(file),
+            row_ids: row_ids.clone(),
+            visible: OnceLock::new(),
+            visible_ids: OnceLock::new(),
+            last_used: AtomicU64::new(tick()),
+            regular: false,
+        };
+        let positions = (!chunk.all_live()).then(|| chunk.live_positions());
+        let ids = chunk.visible_row_ids()?;
+        if let (Some(cols), Rows::Cold(file)) = (&self.primary_key, &chunk.rows) {
+            let keys = file.read(Some(cols), positions.as_deref())?;
+            for (key, &id) in self
+                .encode_key_columns(keys.columns())?
+                .into_iter()
+                .zip(ids.values())
+            {
+                self.key_bytes += key.len();
+                if let Some(old) = self.key_index.insert(key, id) {
+                    return Err(corrupt(&format!(
+                        "rows {old} and {id} of a cold file share a primary key"
+                    )));
+                }
+            }
+        }
+        if !self.indexes.is_empty()
+            && let Rows::Cold(file) = &chunk.rows
+        {
+            let rows = file.read(None, positions.as_deref())?;
+            for index in &mut self.indexes {
+                index.insert(&rows, ids.values())?;
+            }
+        }
+        if let Some(&last) = row_ids.values().iter().max() {
+            self.next_row_id = self.next_row_id.max(last + 1);
+        }
+        self.live_rows += live_count;
+        let chunk_id = self.next_chunk;
+        self.next_chunk += 1;
+        self.place(chunk_id, chunk);
+        Ok(())
+    }
+
+    /// Makes `files` the cold files the durable log refers to (after a rewrite of it); the
+    /// ones it referred to before and no chunk reads are deleted at the next collection.
+    pub fn set_log_files(&mut self, files: Vec<Arc<ColdFile>>) {
+        self.log_files = files
+            .into_iter()
+            .map(|f| (f.path().to_string(), f))
+            .collect();
+    }
+
+    /// Live rows of cold chunks whose files the durable log does not refer to (it holds
+    /// their rows as inserts): what a rewrite of the log would turn into file references.
+    pub fn unlogged_cold_rows(&self) -> usize {
+        self.chunks
+            .values()
+            .filter(|c| match &c.rows {
+                Rows::Cold(f) => !self.log_files.contains_key(f.path()),
+                Rows::Hot(_) => false,
+            })
+            .map(|c| c.live_count)
+            .sum()
     }
 
     fn insert(&mut self, row_ids: &UInt64Array, batch: &RecordBatch) -> Result<()> {
@@ -721,12 +849,20 @@ impl ColumnarTable {
     }
 
     fn encode_keys(&self, batch: &RecordBatch) -> Result<Option<Vec<Box<[u8]>>>> {
-        let (Some(cols), Some(conv)) = (&self.primary_key, &self.key_converter) else {
+        let Some(cols) = &self.primary_key else {
             return Ok(None);
         };
         let arrays: Vec<ArrayRef> = cols.iter().map(|&i| batch.column(i).clone()).collect();
-        let rows = conv.convert_columns(&arrays)?;
-        Ok(Some(rows.iter().map(|r| r.as_ref().into()).collect()))
+        self.encode_key_columns(&arrays).map(Some)
+    }
+
+    /// The primary-key columns' values, encoded as comparable bytes.
+    fn encode_key_columns(&self, columns: &[ArrayRef]) -> Result<Vec<Box<[u8]>>> {
+        let Some(conv) = &self.key_converter else {
+            return Ok(Vec::new());
+        };
+        let rows = conv.convert_columns(columns)?;
+        Ok(rows.iter().map(|r| r.as_ref().into()).collect())
     }
 
     /// Checks that inserting `inserted` after deleting `deleted` keeps the primary key unique.
@@ -892,7 +1028,8 @@ impl ColumnarTable {
     }
 
     /// The live contents, a part per chunk, for rewriting a table's log: each part becomes an
-    /// insert entry when read ([`LogPart::read`]), a cold chunk's file only then.
+    /// insert entry when read ([`LogPart::read`]), a cold chunk's file only then, or a
+    /// reference to its cold file ([`LogPart::entry`]).
     pub fn log_parts(&self) -> Result<Vec<LogPart>> {
         let snapshot = self.tiered_snapshot()?;
         snapshot
@@ -901,6 +1038,10 @@ impl ColumnarTable {
             .zip(self.chunks.values())
             .map(|(rows, chunk)| {
                 Ok(LogPart {
+                    file_rows: match chunk.rows {
+                        Rows::Cold(_) => Some((chunk.row_ids.clone(), chunk.live.clone())),
+                        Rows::Hot(_) => None,
+                    },
                     rows,
                     row_ids: chunk.visible_row_ids()?,
                 })
@@ -923,6 +1064,8 @@ impl ColumnarTable {
 pub struct LogPart {
     rows: SnapshotPart,
     row_ids: UInt64Array,
+    /// A cold chunk's row ids and liveness of every row of its file.
+    file_rows: Option<(UInt64Array, Vec<bool>)>,
 }
 
 impl LogPart {
@@ -941,6 +1084,33 @@ impl LogPart {
             row_ids: self.row_ids,
             batch,
         })
+    }
+
+    /// The cold file of a cold chunk's part.
+    pub fn cold_file(&self) -> Option<&Arc<ColdFile>> {
+        match &self.rows {
+            SnapshotPart::Cold { file, .. } => Some(file),
+            SnapshotPart::Hot(_) => None,
+        }
+    }
+
+    /// The entry of a rewritten log: a hot chunk's rows as an insert, a cold chunk's as a
+    /// reference to its file (nothing is read). The log must then keep the file (see
+    /// [`ColumnarTable::set_log_files`]).
+    pub fn entry(self) -> Result<LogEntry> {
+        match (self.rows, self.file_rows) {
+            (SnapshotPart::Cold { file, .. }, Some((row_ids, live))) => Ok(LogEntry::Cold {
+                path: file.path().to_string(),
+                row_ids,
+                live: BooleanArray::from(live),
+            }),
+            (rows, _) => LogPart {
+                rows,
+                row_ids: self.row_ids,
+                file_rows: None,
+            }
+            .read(),
+        }
     }
 }
 
@@ -1104,6 +1274,83 @@ mod tests {
         assert_eq!(cold.collect_garbage()?, 0);
         drop(tiered);
         assert_eq!(cold.collect_garbage()?, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_rewritten_log_refers_to_cold_files_and_replays_without_their_rows() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let cold = ColdStore::try_new(fs.clone(), "cache", "test")?;
+        let mut t = ColumnarTable::try_new(schema(), Some(vec![0]))?;
+        for keys in [0..10_000, 10_000..10_100] {
+            let e = rows(&mut t, keys.collect())?;
+            t.apply(&e)?;
+        }
+        let (cold_chunk, _, _) = t.eviction_candidates()[0];
+        t.evict(cold_chunk, "t", &cold)?;
+        t.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from(vec![5, 6, 10_050]),
+        })?;
+        assert_eq!(t.unlogged_cold_rows(), 9_998);
+        let parts = t.log_parts()?;
+        let files: Vec<_> = parts
+            .iter()
+            .filter_map(|p| p.cold_file().cloned())
+            .collect();
+        let entries = parts
+            .into_iter()
+            .map(LogPart::entry)
+            .collect::<Result<Vec<_>>>()?;
+        assert!(matches!(entries[0], LogEntry::Cold { .. }));
+        assert!(matches!(entries[1], LogEntry::Insert { .. }));
+        t.set_log_files(files);
+        assert_eq!(t.unlogged_cold_rows(), 0);
+        // The log keeps the file after its last row is deleted.
+        let before = t.snapshot()?;
+        t.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from((1..=10_000).collect::<Vec<u64>>()),
+        })?;
+        drop(before);
+        assert_eq!(
+            cold.collect_garbage()?,
+            0,
+            "the log still refers to the file"
+        );
+
+        // A restart: a new store replays the rewritten log, reading only the file's footer
+        // and its key column.
+        let reopened = ColdStore::try_new(fs, "cache", "test")?;
+        let mut r = ColumnarTable::try_new(schema(), Some(vec![0]))?;
+        for entry in &entries {
+            r.replay(entry, &reopened)?;
+        }
+        assert_eq!(r.num_rows(), 9_998 + 99);
+        assert_eq!(r.cache_stats().cold_chunks, 1);
+        assert_eq!(r.unlogged_cold_rows(), 0);
+        let got = r.fetch(&[7, 9_000, 10_100])?;
+        assert_eq!(crate::test_util::first_i64s([&got]), vec![6, 8_999, 10_099]);
+        assert!(
+            r.fetch(&[5, 6])?.num_rows() == 0,
+            "deleted rows stay deleted"
+        );
+        assert_eq!(
+            r.lookup_keys(&[Arc::new(Int64Array::from(vec![3, 5, 9_999]))])?,
+            vec![4, 10_000],
+            "keys of the cold rows are indexed (key 5 was deleted)"
+        );
+        let dup = rows_with_ids(UInt64Array::from(vec![20_000]), vec![9_999])?;
+        if let LogEntry::Insert { batch, .. } = &dup {
+            assert_eq!(r.find_duplicate_key(&HashSet::new(), batch)?, Some(0));
+        }
+        assert_eq!(r.allocate_row_ids(1).value(0), 10_101);
+        // Applying a cold entry without its file is refused.
+        assert!(
+            ColumnarTable::try_new(schema(), None)?
+                .apply(&entries[0])
+                .is_err()
+        );
         Ok(())
     }
 

@@ -1,4 +1,5 @@
-//! Entries of a table's durable log: inserted rows with their row ids, or deleted row ids.
+//! Entries of a table's durable log: inserted rows with their row ids, deleted row ids, or a
+//! cold file holding rows (written by a log rewrite instead of the rows it holds).
 //!
 //! An entry is a tag byte followed by an Arrow IPC stream (a stable, self-describing format),
 //! so replaying the log on start yields Arrow batches with no per-row decoding.
@@ -6,7 +7,7 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, UInt64Array};
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -17,6 +18,11 @@ use crate::error::{Result, StorageError};
 const ROW_ID_COLUMN: &str = "__millrace_rowid";
 const TAG_INSERT: u8 = b'I';
 const TAG_DELETE: u8 = b'D';
+const TAG_COLD: u8 = b'C';
+/// Name of the liveness column of encoded cold entries.
+const LIVE_COLUMN: &str = "__millrace_live";
+/// Schema metadata key of a cold entry's file path.
+const COLD_FILE_KEY: &str = "millrace.cold_file";
 
 /// One change to a table, as written to its log.
 #[derive(Debug, Clone)]
@@ -32,6 +38,16 @@ pub enum LogEntry {
     Delete {
         /// Row ids of the removed rows.
         row_ids: UInt64Array,
+    },
+    /// The rows of a cold file (see `cold.rs`), in the table's current schema: what a log
+    /// rewrite writes for an evicted chunk instead of reading its rows back.
+    Cold {
+        /// The file's path in the object store.
+        path: String,
+        /// Row ids of every row in the file, in file order.
+        row_ids: UInt64Array,
+        /// Which of the file's rows are live (the others were deleted before the rewrite).
+        live: BooleanArray,
     },
 }
 
@@ -55,6 +71,20 @@ impl LogEntry {
                 )]));
                 let columns: Vec<ArrayRef> = vec![Arc::new(row_ids.clone())];
                 (TAG_DELETE, RecordBatch::try_new(schema, columns)?)
+            }
+            LogEntry::Cold {
+                path,
+                row_ids,
+                live,
+            } => {
+                let schema = Schema::new(vec![
+                    Field::new(ROW_ID_COLUMN, DataType::UInt64, false),
+                    Field::new(LIVE_COLUMN, DataType::Boolean, false),
+                ])
+                .with_metadata([(COLD_FILE_KEY.to_string(), path.clone())].into());
+                let columns: Vec<ArrayRef> =
+                    vec![Arc::new(row_ids.clone()), Arc::new(live.clone())];
+                (TAG_COLD, RecordBatch::try_new(Arc::new(schema), columns)?)
             }
         };
         let mut out = vec![tag];
@@ -96,6 +126,25 @@ impl LogEntry {
                 })
             }
             TAG_DELETE => Ok(LogEntry::Delete { row_ids }),
+            TAG_COLD => {
+                let path = schema
+                    .metadata()
+                    .get(COLD_FILE_KEY)
+                    .ok_or_else(|| corrupt("cold entry without a file"))?
+                    .clone();
+                let live = batch
+                    .columns()
+                    .get(1)
+                    .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+                    .filter(|l| l.null_count() == 0)
+                    .ok_or_else(|| corrupt("cold entry without liveness"))?
+                    .clone();
+                Ok(LogEntry::Cold {
+                    path,
+                    row_ids,
+                    live,
+                })
+            }
             other => Err(corrupt(&format!("unknown log entry tag {other}"))),
         }
     }
@@ -107,13 +156,18 @@ impl LogEntry {
                 row_ids.get_array_memory_size() + batch.get_array_memory_size()
             }
             LogEntry::Delete { row_ids } => row_ids.get_array_memory_size(),
+            LogEntry::Cold { row_ids, live, .. } => {
+                row_ids.get_array_memory_size() + live.get_array_memory_size()
+            }
         }
     }
 
     /// Number of rows the entry touches.
     pub fn num_rows(&self) -> usize {
         match self {
-            LogEntry::Insert { row_ids, .. } | LogEntry::Delete { row_ids } => row_ids.len(),
+            LogEntry::Insert { row_ids, .. }
+            | LogEntry::Delete { row_ids }
+            | LogEntry::Cold { row_ids, .. } => row_ids.len(),
         }
     }
 }
@@ -160,6 +214,23 @@ mod tests {
         match LogEntry::decode(&del.encode()?)? {
             LogEntry::Delete { row_ids } => assert_eq!(row_ids.values().to_vec(), vec![8]),
             other => panic!("expected delete, got {other:?}"),
+        }
+        let cold = LogEntry::Cold {
+            path: "cache/t3/x-00000001.parquet".into(),
+            row_ids: UInt64Array::from(vec![10, 11, 12]),
+            live: BooleanArray::from(vec![true, false, true]),
+        };
+        match LogEntry::decode(&cold.encode()?)? {
+            LogEntry::Cold {
+                path,
+                row_ids,
+                live,
+            } => {
+                assert_eq!(path, "cache/t3/x-00000001.parquet");
+                assert_eq!(row_ids.values().to_vec(), vec![10, 11, 12]);
+                assert_eq!(live, BooleanArray::from(vec![true, false, true]));
+            }
+            other => panic!("expected a cold entry, got {other:?}"),
         }
         assert!(LogEntry::decode(b"Xgarbage").is_err());
         assert!(LogEntry::decode(b"").is_err());

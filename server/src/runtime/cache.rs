@@ -198,16 +198,8 @@ impl Owner {
 }
 
 impl CacheManager {
-    /// The manager of `cold` under `budget`; removes the files a previous run left behind.
+    /// The manager of `cold` under `budget`.
     pub fn try_new(cold: Arc<ColdStore>, budget: MemoryBudget) -> Result<Arc<Self>> {
-        let orphans = cold.remove_orphans()?;
-        if orphans > 0 {
-            info!(
-                orphans,
-                store = cold.url(),
-                "removed cold files of a previous run"
-            );
-        }
         Ok(Arc::new(Self {
             cold,
             budget,
@@ -250,6 +242,20 @@ impl CacheManager {
             manager: self,
             bytes,
         }
+    }
+
+    /// Removes the cold files earlier runs left that no table's log refers to (call once the
+    /// tables are replayed).
+    pub fn remove_orphans(&self) -> Result<usize> {
+        let orphans = self.cold.remove_orphans()?;
+        if orphans > 0 {
+            info!(
+                orphans,
+                store = self.cold.url(),
+                "removed cold files no table refers to"
+            );
+        }
+        Ok(orphans)
     }
 
     /// The budget a restart replays table `id` under.
@@ -524,7 +530,8 @@ impl CacheRow {
 }
 
 /// Registers `millrace_cache`: per table and view, bytes in memory and in the object store,
-/// chunks, hits, misses and evictions; plus rows for RocksDB, queries and the whole budget.
+/// chunks, hits, misses and evictions, cold files held (and of them, those a table's log
+/// refers to); plus rows for RocksDB, queries and the whole budget.
 pub fn register(engine: &Arc<Engine>) {
     let schema = Arc::new(Schema::new(vec![
         Field::new("name", DataType::Utf8, false),
@@ -542,6 +549,8 @@ pub fn register(engine: &Arc<Engine>) {
         Field::new("evictions", DataType::Int64, false),
         Field::new("budget_bytes", DataType::Int64, true),
         Field::new("detail", DataType::Utf8, true),
+        Field::new("files", DataType::Int64, false),
+        Field::new("log_files", DataType::Int64, false),
     ]));
     let weak = Arc::downgrade(engine);
     let table_schema = schema.clone();
@@ -571,6 +580,8 @@ pub fn register(engine: &Arc<Engine>) {
             total.hits += stats.hits;
             total.misses += stats.misses;
             total.evictions += stats.evictions;
+            total.files += stats.files;
+            total.log_files += stats.log_files;
             total_state.add(state);
             rows.push(CacheRow {
                 name,
@@ -662,6 +673,8 @@ pub fn register(engine: &Arc<Engine>) {
             Arc::new(StringArray::from_iter(
                 rows.iter().map(|r| r.detail.as_deref()),
             )),
+            int(&|r| r.stats.files),
+            int(&|r| r.stats.log_files),
         ];
         Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
     });
