@@ -183,6 +183,16 @@ impl Chunk {
         self.live_count == self.live.len()
     }
 
+    /// The cold file whose reference a log rewrite writes for this chunk: none for a hot
+    /// chunk, or for a cold one with fewer than half its rows live (its live rows are written
+    /// instead, so that the file is not kept for rows that are gone).
+    fn logged_file(&self) -> Option<&Arc<ColdFile>> {
+        match &self.rows {
+            Rows::Cold(file) if self.live_count * 2 >= self.live.len() => Some(file),
+            _ => None,
+        }
+    }
+
     /// Ascending positions of the live rows.
     fn live_positions(&self) -> Vec<usize> {
         self.live
@@ -694,9 +704,9 @@ impl ColumnarTable {
     pub fn unlogged_cold_rows(&self) -> usize {
         self.chunks
             .values()
-            .filter(|c| match &c.rows {
-                Rows::Cold(f) => !self.log_files.contains_key(f.path()),
-                Rows::Hot(_) => false,
+            .filter(|c| {
+                c.logged_file()
+                    .is_some_and(|f| !self.log_files.contains_key(f.path()))
             })
             .map(|c| c.live_count)
             .sum()
@@ -1038,10 +1048,9 @@ impl ColumnarTable {
             .zip(self.chunks.values())
             .map(|(rows, chunk)| {
                 Ok(LogPart {
-                    file_rows: match chunk.rows {
-                        Rows::Cold(_) => Some((chunk.row_ids.clone(), chunk.live.clone())),
-                        Rows::Hot(_) => None,
-                    },
+                    file_rows: chunk
+                        .logged_file()
+                        .map(|_| (chunk.row_ids.clone(), chunk.live.clone())),
                     rows,
                     row_ids: chunk.visible_row_ids()?,
                 })
@@ -1086,16 +1095,17 @@ impl LogPart {
         })
     }
 
-    /// The cold file of a cold chunk's part.
+    /// The cold file [`LogPart::entry`] refers to, if it does.
     pub fn cold_file(&self) -> Option<&Arc<ColdFile>> {
-        match &self.rows {
-            SnapshotPart::Cold { file, .. } => Some(file),
-            SnapshotPart::Hot(_) => None,
+        match (&self.rows, &self.file_rows) {
+            (SnapshotPart::Cold { file, .. }, Some(_)) => Some(file),
+            _ => None,
         }
     }
 
     /// The entry of a rewritten log: a hot chunk's rows as an insert, a cold chunk's as a
-    /// reference to its file (nothing is read). The log must then keep the file (see
+    /// reference to its file (nothing is read; but a chunk with fewer than half its rows
+    /// live is read and written as an insert). The log must then keep the file (see
     /// [`ColumnarTable::set_log_files`]).
     pub fn entry(self) -> Result<LogEntry> {
         match (self.rows, self.file_rows) {
@@ -1351,6 +1361,19 @@ mod tests {
                 .apply(&entries[0])
                 .is_err()
         );
+        // Once fewer than half of a cold chunk's rows are live, a rewrite writes them as an
+        // insert and no longer keeps the file for them.
+        r.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from((1_000..=8_000).collect::<Vec<u64>>()),
+        })?;
+        assert_eq!(r.cache_stats().cold_chunks, 1);
+        assert_eq!(r.unlogged_cold_rows(), 0);
+        let parts = r.log_parts()?;
+        assert!(parts.iter().all(|p| p.cold_file().is_none()));
+        match parts.into_iter().next().map(LogPart::entry).transpose()? {
+            Some(LogEntry::Insert { row_ids, .. }) => assert_eq!(row_ids.len(), 9_998 - 7_001),
+            other => panic!("expected the live rows as an insert, got {other:?}"),
+        }
         Ok(())
     }
 

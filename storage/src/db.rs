@@ -655,21 +655,36 @@ impl Store {
 
     /// The checkpointed state entries of one operator of a view.
     pub fn view_state_op(&self, view_id: u64, op: u32) -> Result<Vec<OpStateEntry>> {
-        let prefix = view_state_key(view_id, op, 0, &[]);
         let mut out = Vec::new();
+        self.for_each_view_state_op(view_id, op, |partition, key, value| {
+            out.push((partition, key.to_vec(), value.to_vec()));
+            Ok::<(), StorageError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each checkpointed state entry (partition, key, value) of one operator
+    /// of a view, in key order, without collecting them; stops at the first error.
+    pub fn for_each_view_state_op<E: From<StorageError>>(
+        &self,
+        view_id: u64,
+        op: u32,
+        mut f: impl FnMut(u32, &[u8], &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let prefix = view_state_key(view_id, op, 0, &[]);
         let iter = self.db.iterator_cf(
             self.cf(CF_VIEW_STATE)?,
             IteratorMode::From(&prefix[..12], Direction::Forward),
         );
         for item in iter {
-            let (key, value) = item?;
+            let (key, value) = item.map_err(StorageError::from)?;
             if key.len() < 16 || key[..12] != prefix[..12] {
                 break;
             }
             let partition = u32::from_be_bytes([key[12], key[13], key[14], key[15]]);
-            out.push((partition, key[16..].to_vec(), value.to_vec()));
+            f(partition, &key[16..], &value)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One state entry of a view's operator partition, as last written.

@@ -153,7 +153,8 @@ impl ViewContents {
         Ok(counts.into_iter().collect())
     }
 
-    /// Loads checkpointed rows (encoded, with their counts) into empty contents.
+    /// Loads checkpointed rows (encoded, with their counts): into empty contents, or a piece
+    /// at a time into contents holding only the earlier pieces.
     pub fn restore(&mut self, rows: &[(Vec<u8>, i64)]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());

@@ -7,7 +7,11 @@
 //! a filter and of a GROUP BY over every row; then the same on a materialized view holding
 //! half the rows (lookups by a filter on its id column, which prunes row groups by their
 //! statistics when the view is spilled); then single-row UPDATEs until the table's log is
-//! compacted: the compaction's time and the peak RSS over it.
+//! compacted: the compaction's time and the peak RSS over it; then `kill -9` and a restart:
+//! the time until the server accepts a connection, until the table and the view answer, the
+//! RSS then and at its peak, and what the restart wrote to the object store (the server in
+//! memory replays its rows from the table log; the spilled one opens the cold files its log
+//! refers to).
 //!
 //! Usage: `bench/run spill` (MILLRACE_BIN names the server binary; BENCH_ROWS, default
 //! 1,000,000; BENCH_LIMIT, default 128MiB; BENCH_LOOKUPS, default 2000).
@@ -132,6 +136,79 @@ async fn compaction(
     ))
 }
 
+/// Files the object store has written so far (from `millrace_cache`'s total row).
+async fn files_written(c: &Client) -> Result<u64, Error> {
+    let detail: String = c
+        .query_one(
+            "SELECT detail FROM millrace_cache WHERE kind = 'total'",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(detail
+        .split(" files written")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
+}
+
+/// `kill -9` and a restart: prints the seconds until the server accepts a connection, until
+/// the table answers a count and until the view `half` does, the RSS then and its peak, the
+/// files written to the object store by then and the cold files the table's log referred to.
+/// Returns the sum of `big`'s `g` after the restart (checked against the other server's).
+async fn restart(server: &mut Server, before: &Client, rows: usize) -> Result<i64, Error> {
+    // Let a checkpoint (and the log rewrite it may make) land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // NOTE: -1 from a server without the column (a build from before it, for comparison).
+    let log_files: i64 = before
+        .query_one(
+            "SELECT log_files FROM millrace_cache WHERE name = 'big'",
+            &[],
+        )
+        .await
+        .map_or(-1, |r| r.get(0));
+    server.kill();
+    let start = Instant::now();
+    server.spawn()?;
+    let c = server.connect().await?;
+    let accepted = start.elapsed().as_secs_f64();
+    let n: i64 = c.query_one("SELECT count(*) FROM big", &[]).await?.get(0);
+    if n != rows as i64 {
+        return Err(format!("after the restart the table has {n} rows, not {rows}").into());
+    }
+    let table = start.elapsed().as_secs_f64();
+    let want = (rows / 2) as i64;
+    while c
+        .query_one("SELECT count(*) FROM half", &[])
+        .await?
+        .get::<_, i64>(0)
+        != want
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let view = start.elapsed().as_secs_f64();
+    let (now, peak) = rss(server.pid())?;
+    let written = files_written(&c).await?;
+    let reopened: i64 = c
+        .query_one(
+            "SELECT log_files FROM millrace_cache WHERE name = 'big'",
+            &[],
+        )
+        .await
+        .map_or(-1, |r| r.get(0));
+    println!(
+        "  {:<26} kill -9 and restart: accepts connections {accepted:.2} s, table answers {table:.2} s, view answers {view:.2} s; \
+         RSS {} MiB (peak {} MiB); {written} files written by then; cold files of the table's log {log_files} before, {reopened} opened",
+        "",
+        now >> 20,
+        peak >> 20
+    );
+    Ok(c.query_one("SELECT sum(g)::BIGINT FROM big", &[])
+        .await?
+        .get(0))
+}
+
 /// Seconds of the best of three runs of `sql`, and its first value.
 async fn timed(c: &Client, sql: &str) -> Result<(f64, i64), Error> {
     let mut best = Duration::MAX;
@@ -164,7 +241,7 @@ async fn main() -> Result<(), Error> {
             vec!["--memory-limit".to_string(), limit.clone()],
         ),
     ] {
-        let server = Server::start(&bin, 56611, work.join(label.replace(' ', "_")), &args)?;
+        let mut server = Server::start(&bin, 56611, work.join(label.replace(' ', "_")), &args)?;
         let c = server.connect().await?;
         let (idle, _) = rss(server.pid())?;
         load(&c, rows).await?;
@@ -256,7 +333,8 @@ async fn main() -> Result<(), Error> {
             plain_peak >> 20,
             compaction_peak >> 20
         );
-        answers.push((matched, groups + view_matched + sum));
+        let restarted = restart(&mut server, &c, rows).await?;
+        answers.push((matched, groups + view_matched + sum + restarted));
     }
     if answers.windows(2).any(|w| w[0] != w[1]) {
         return Err(format!("the two servers answered differently: {answers:?}").into());

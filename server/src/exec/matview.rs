@@ -265,6 +265,9 @@ pub async fn register_for_restore(
     Ok(())
 }
 
+/// Rows of a view's checkpointed contents restored at a time.
+const RESTORE_PIECE_ROWS: usize = 16_384;
+
 /// Loads a view's checkpointed contents into its fresh pipeline, and the state of operators
 /// that cannot read it lazily from the warm tier; returns how many state entries (read up
 /// front) and rows it loaded.
@@ -285,17 +288,35 @@ pub async fn restore_state(engine: &Arc<Engine>, view: &ViewEntry) -> Result<(us
         pipeline.restore(state).await?;
         entries
     };
-    let rows = tokio::task::block_in_place(move || checkpoint::load_contents(&store, view_id))?;
-    let mut contents = view
-        .provider
+    // NOTE: a piece at a time under the cache's budget: the whole contents decoded at once
+    // held them three times over (encoded rows, one batch, its chunks), 5 x the limit for a
+    // view of 500k rows under 128 MiB.
+    let provider = view.provider.clone();
+    let mut budget = engine.cache.restore_budget(view_id);
+    tokio::task::block_in_place(|| {
+        checkpoint::for_each_contents_piece(&store, view_id, RESTORE_PIECE_ROWS, |rows| {
+            let mut contents = provider
+                .contents
+                .write()
+                .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?;
+            // NOTE: arrow-row panics on rows of another layout; the plan fingerprint keeps
+            // such rows out (see `RestorePlan::can_restore`), and a panic here still only
+            // rebuilds the view.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| contents.restore(&rows)))
+                .map_err(|_| {
+                    ServerError::Internal("checkpointed view rows do not decode".into())
+                })??;
+            let bytes = rows.iter().map(|(row, _)| row.len()).sum();
+            budget.grew(bytes, contents.table_mut());
+            Ok(())
+        })
+    })?;
+    let rows = provider
         .contents
-        .write()
-        .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?;
-    // NOTE: arrow-row panics on rows of another layout; the plan fingerprint keeps such
-    // rows out (see `RestorePlan::can_restore`), and a panic here still only rebuilds the view.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| contents.restore(&rows)))
-        .map_err(|_| ServerError::Internal("checkpointed view rows do not decode".into()))??;
-    Ok((entries, contents.num_rows()))
+        .read()
+        .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?
+        .num_rows();
+    Ok((entries, rows))
 }
 
 /// EXPLAIN CREATE MATERIALIZED VIEW: the incremental plan, one operator per line.

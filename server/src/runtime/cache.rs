@@ -120,9 +120,15 @@ fn table_dir(id: u64) -> String {
     format!("t{id}")
 }
 
+/// The object-store directory of a view's chunks.
+fn view_dir(id: u64) -> String {
+    format!("v{id}")
+}
+
 /// Keeps a table within the cache's share while a restart replays its log (before the table
-/// is registered and seen by the manager's ticks): every eighth of the share applied, the
-/// least recently written chunks beyond 60% of the share are evicted.
+/// is registered and seen by the manager's ticks), or a view's contents while they are
+/// restored from a checkpoint: every eighth of the share added, the least recently written
+/// chunks beyond 60% of the share are evicted.
 pub struct ReplayBudget<'a> {
     manager: &'a CacheManager,
     dir: String,
@@ -132,12 +138,17 @@ pub struct ReplayBudget<'a> {
 impl ReplayBudget<'_> {
     /// Called after each log entry is applied to `data`.
     pub fn applied(&mut self, entry: &millrace_storage::LogEntry, data: &mut ColumnarTable) {
+        if let millrace_storage::LogEntry::Insert { batch, .. } = entry {
+            self.grew(batch.get_array_memory_size(), data);
+        }
+    }
+
+    /// Called after `bytes` of rows were added to `data`.
+    pub fn grew(&mut self, bytes: usize, data: &mut ColumnarTable) {
         let Some(share) = self.manager.budget.cache else {
             return;
         };
-        if let millrace_storage::LogEntry::Insert { batch, .. } = entry {
-            self.since_check += batch.get_array_memory_size();
-        }
+        self.since_check += bytes;
         if self.since_check < (share / 8) as usize {
             return;
         }
@@ -178,7 +189,7 @@ impl Owner {
     fn dir(&self) -> String {
         match self {
             Owner::Table(t) => table_dir(t.id),
-            Owner::View(v) => format!("v{}", v.id),
+            Owner::View(v) => view_dir(v.id),
         }
     }
 
@@ -263,6 +274,15 @@ impl CacheManager {
         ReplayBudget {
             manager: self,
             dir: table_dir(id),
+            since_check: 0,
+        }
+    }
+
+    /// The budget view `id`'s contents are restored from a checkpoint under.
+    pub fn restore_budget(&self, id: u64) -> ReplayBudget<'_> {
+        ReplayBudget {
+            manager: self,
+            dir: view_dir(id),
             since_check: 0,
         }
     }

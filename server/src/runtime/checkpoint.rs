@@ -435,18 +435,31 @@ pub fn load_op_state(store: &Store, view_id: u64, ops: &[u32]) -> Result<Restore
     Ok(state)
 }
 
-/// A view's checkpointed contents rows.
-pub fn load_contents(store: &Store, view_id: u64) -> Result<ContentsRows> {
-    let mut rows = Vec::new();
-    for (_, key, value) in store.view_state_op(view_id, CONTENTS_OP)? {
+/// Calls `f` with a view's checkpointed contents rows, `piece` rows at a time, so that a
+/// restore holds one piece besides what it has loaded (and can evict between pieces).
+pub fn for_each_contents_piece(
+    store: &Store,
+    view_id: u64,
+    piece: usize,
+    mut f: impl FnMut(ContentsRows) -> Result<()>,
+) -> Result<()> {
+    let mut rows = Vec::with_capacity(piece);
+    store.for_each_view_state_op(view_id, CONTENTS_OP, |_, key, value| {
         let n = value
             .get(..8)
             .and_then(|b| b.try_into().ok())
             .map(i64::from_le_bytes)
             .ok_or_else(|| ServerError::Internal("corrupt checkpointed row count".into()))?;
-        rows.push((key, n));
+        rows.push((key.to_vec(), n));
+        if rows.len() >= piece {
+            f(std::mem::replace(&mut rows, Vec::with_capacity(piece)))?;
+        }
+        Ok::<(), ServerError>(())
+    })?;
+    if !rows.is_empty() {
+        f(rows)?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// Registers `millrace_checkpoints`: the checkpoints taken since the server started, newest
