@@ -2,8 +2,8 @@
 //!
 //! It is a cache of the durable table log (the log in RocksDB is the source of truth): DML
 //! applies the same [`LogEntry`]s here after they are committed, and scans take a cheap
-//! [`TableSnapshot`] of Arc'd batches. A unique index on the primary key answers point lookups
-//! and enforces uniqueness.
+//! [`TableSnapshot`] of Arc'd batches. A unique index on the primary key (of key hashes, see
+//! `key_index.rs`) answers point lookups and enforces uniqueness.
 //!
 //! Chunks are hot (Arrow columns in memory) or cold (evicted under memory pressure to a
 //! Parquet file on object storage, see `cold.rs`; only row ids and liveness stay in memory).
@@ -22,6 +22,7 @@ use arrow_row::{RowConverter, SortField};
 use crate::cold::{ColdFile, ColdStore};
 use crate::error::{Result, StorageError};
 use crate::index::SecondaryIndex;
+use crate::key_index::KeyIndex;
 use crate::log_entry::LogEntry;
 
 /// Identifier of a row inside one table; never reused.
@@ -323,11 +324,8 @@ pub struct ColumnarTable {
     primary_key: Option<Vec<usize>>,
     /// Encoder of primary-key values into comparable bytes.
     key_converter: Option<RowConverter>,
-    /// Primary-key bytes to the row holding them.
-    key_index: HashMap<Box<[u8]>, RowId>,
-    /// Bytes of the keys in `key_index` (kept as they change: summing them on every cache
-    /// tick would walk every key).
-    key_bytes: usize,
+    /// Hashes of the primary-key bytes to the rows holding them.
+    key_index: KeyIndex,
     /// Secondary indexes (CREATE INDEX).
     indexes: Vec<SecondaryIndex>,
     /// The cold files the table's durable log refers to (by path): kept until a rewrite of
@@ -358,8 +356,7 @@ impl ColumnarTable {
             next_row_id: 1,
             primary_key,
             key_converter,
-            key_index: HashMap::new(),
-            key_bytes: 0,
+            key_index: KeyIndex::default(),
             indexes: Vec::new(),
             log_files: HashMap::new(),
             counters: Counters::default(),
@@ -478,7 +475,7 @@ impl ColumnarTable {
         // A hash map entry costs about its key and value plus a control byte and the unused
         // share of the table.
         let locations = self.irregular.capacity() * 25 + self.starts.len() * 40;
-        let keys = self.key_bytes + self.key_index.len() * 40;
+        let keys = self.key_index.memory_bytes();
         self.chunks.values().map(Chunk::memory_bytes).sum::<usize>() + locations + keys
     }
 
@@ -664,12 +661,7 @@ impl ColumnarTable {
                 .into_iter()
                 .zip(ids.values())
             {
-                self.key_bytes += key.len();
-                if let Some(old) = self.key_index.insert(key, id) {
-                    return Err(corrupt(&format!(
-                        "rows {old} and {id} of a cold file share a primary key"
-                    )));
-                }
+                self.key_index.insert(self.key_index.hash(&key), id);
             }
         }
         if !self.indexes.is_empty()
@@ -740,10 +732,8 @@ impl ColumnarTable {
         self.next_chunk += 1;
         for (row, &id) in row_ids.values().iter().enumerate() {
             self.next_row_id = self.next_row_id.max(id + 1);
-            if let Some(keys) = &keys
-                && self.key_index.insert(keys[row].clone(), id).is_none()
-            {
-                self.key_bytes += keys[row].len();
+            if let Some(keys) = &keys {
+                self.key_index.insert(self.key_index.hash(&keys[row]), id);
             }
         }
         self.live_rows += batch.num_rows();
@@ -774,10 +764,8 @@ impl ColumnarTable {
         }
         for (batch, ids) in &gone {
             if let Some(keys) = self.encode_keys(batch)? {
-                for key in keys {
-                    if self.key_index.remove(&key).is_some() {
-                        self.key_bytes -= key.len();
-                    }
+                for (key, id) in keys.iter().zip(ids) {
+                    self.key_index.remove(self.key_index.hash(key), *id);
                 }
             }
             for index in &mut self.indexes {
@@ -890,16 +878,27 @@ impl ColumnarTable {
             if !seen.insert(key) {
                 return Ok(Some(row));
             }
-            if let Some(id) = self.key_index.get(key)
-                && !deleted.contains(id)
-            {
-                return Ok(Some(row));
+            // NOTE: a row whose key has the same hash is rarely the same key: its key is read
+            // (from a cold file if need be) and compared.
+            for id in self.key_index.candidates(self.key_index.hash(key)) {
+                if deleted.contains(&id) {
+                    continue;
+                }
+                let found = self.fetch(&[id])?;
+                if self
+                    .encode_keys(&found)?
+                    .is_some_and(|k| k.first() == Some(key))
+                {
+                    return Ok(Some(row));
+                }
             }
         }
         Ok(None)
     }
 
-    /// Row ids whose primary key equals the key of each row of `keys` (a batch of the key columns).
+    /// Row ids whose primary key may equal the key of each row of `keys` (a batch of the key
+    /// columns): the rows with each key, and rarely a row whose key has the same hash, which
+    /// the caller's filter drops.
     pub fn lookup_keys(&self, keys: &[ArrayRef]) -> Result<Vec<RowId>> {
         let Some(conv) = &self.key_converter else {
             return Ok(vec![]);
@@ -907,7 +906,7 @@ impl ColumnarTable {
         let rows = conv.convert_columns(keys)?;
         Ok(rows
             .iter()
-            .filter_map(|r| self.key_index.get(r.as_ref()).copied())
+            .flat_map(|r| self.key_index.candidates(self.key_index.hash(r.as_ref())))
             .collect())
     }
 
@@ -1402,9 +1401,29 @@ mod tests {
         // The emptied chunk is gone: its range takes new rows again.
         t.apply(&insert(vec![20, 22], vec![20, 22])?)?;
         assert_eq!(keys(t.fetch(&[22, 20])?), vec![22, 20]);
-        let held: usize = t.key_index.keys().map(|k| k.len()).sum();
-        assert_eq!(t.key_bytes, held, "key bytes follow inserts and deletes");
-        assert_eq!(t.snapshot()?.num_rows(), 7);
+        assert_eq!(
+            t.key_index.len(),
+            t.num_rows(),
+            "the key index follows inserts and deletes"
+        );
+        // A row whose key hash equals another key's (forced here) is only a candidate: the
+        // uniqueness check compares the keys, a lookup leaves it to the caller's filter.
+        let key_99 = t.encode_key_columns(&[Arc::new(Int64Array::from(vec![99]))])?;
+        let h = t.key_index.hash(&key_99[0]);
+        t.key_index.insert(h, 6);
+        let new_99 = rows_with_ids(UInt64Array::from(vec![30]), vec![99])?;
+        let LogEntry::Insert { batch, .. } = &new_99 else {
+            unreachable!()
+        };
+        assert_eq!(t.find_duplicate_key(&HashSet::new(), batch)?, None);
+        assert_eq!(
+            t.lookup_keys(&[Arc::new(Int64Array::from(vec![99]))])?,
+            vec![6]
+        );
+        t.apply(&new_99)?;
+        assert_eq!(t.find_duplicate_key(&HashSet::new(), batch)?, Some(0));
+        assert!(t.key_index.remove(h, 6));
+        assert_eq!(t.snapshot()?.num_rows(), 8);
         Ok(())
     }
 }

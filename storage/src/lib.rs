@@ -12,6 +12,7 @@ pub mod columnar;
 pub mod db;
 pub mod error;
 pub mod index;
+pub mod key_index;
 pub mod log_entry;
 pub mod state;
 mod state_recovery;
