@@ -3,11 +3,12 @@
 //! The view runtime applies each epoch's output changelog (rows with signed weights) here;
 //! SELECTs read cheap snapshots of the Arrow chunks, exactly like a table's. Rows are found
 //! for deletion by a hash of their arrow-row encoding, which maps to the row ids holding
-//! copies of it. The index holds no row, so evicted chunks free their memory: when two
-//! different rows share a hash, the entry is marked mixed and its copies are told apart by
-//! reading them (from memory or their cold file).
+//! copies of it (a [`KeyIndex`]: about 20 bytes a row, which stay in memory for cold rows
+//! too). The index holds no row, so evicted chunks free their memory: when two different
+//! rows share a hash, the hash is marked mixed and its copies are told apart by reading them
+//! (from memory or their cold file).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use arrow::array::{RecordBatch, UInt32Array, UInt64Array};
 use arrow::compute::take_record_batch;
@@ -16,26 +17,15 @@ use arrow_row::{RowConverter, Rows, SortField};
 
 use crate::columnar::{ColumnarTable, RowId, TableSnapshot};
 use crate::error::{Result, StorageError};
+use crate::key_index::KeyIndex;
 use crate::log_entry::LogEntry;
 
 /// Encoded rows with their number of copies, as a checkpoint writes them (0: gone).
 pub type RowCounts = Vec<(Box<[u8]>, i64)>;
 
-/// The copies of the rows with one hash.
-#[derive(Debug, Default)]
-struct Copies {
-    /// Row ids of the copies.
-    ids: Vec<RowId>,
-    /// Whether the copies may hold different rows (a hash collision).
-    mixed: bool,
-}
-
 /// Changed rows remembered for the next checkpoint before the contents are written in full
 /// instead (at least; a quarter of the rows when that is more).
 const DIRTY_LIMIT: usize = 1 << 16;
-
-/// Index entry bytes: the hash, the entry, its ids and the map's slot.
-const ENTRY_BYTES: usize = 64;
 
 /// The maintained contents of one materialized view.
 #[derive(Debug)]
@@ -43,7 +33,9 @@ pub struct ViewContents {
     table: ColumnarTable,
     converter: RowConverter,
     /// Hash of the encoded row to the ids of its copies.
-    copies: HashMap<u64, Copies>,
+    copies: KeyIndex,
+    /// Hashes whose copies may hold different rows (a hash collision).
+    mixed: HashSet<u64>,
     /// Net change of each row's number of copies since the last checkpoint (a version of a
     /// row that came and went in between nets to zero and is not written).
     dirty: HashMap<Box<[u8]>, i64>,
@@ -72,7 +64,8 @@ impl ViewContents {
         Ok(Self {
             table: ColumnarTable::try_new(schema, None)?,
             converter,
-            copies: HashMap::new(),
+            copies: KeyIndex::default(),
+            mixed: HashSet::new(),
             dirty: HashMap::new(),
             dirty_bytes: 0,
             hasher: ahash::RandomState::with_seeds(0x6d69, 0x6c6c, 0x7261, 0x6365),
@@ -99,15 +92,13 @@ impl ViewContents {
 
     /// The ids of the copies of the encoded row `row`.
     fn ids_of(&self, row: &[u8]) -> Result<Vec<RowId>> {
-        let Some(entry) = self.copies.get(&self.hash(row)) else {
-            return Ok(Vec::new());
-        };
-        if !entry.mixed {
-            return Ok(entry.ids.clone());
+        let hash = self.hash(row);
+        let ids: Vec<RowId> = self.copies.candidates(hash).collect();
+        if !self.mixed.contains(&hash) {
+            return Ok(ids);
         }
-        let rows = self.encoded(&entry.ids)?;
-        Ok(entry
-            .ids
+        let rows = self.encoded(&ids)?;
+        Ok(ids
             .iter()
             .zip(rows.iter())
             .filter(|(_, r)| r.as_ref() == row)
@@ -178,7 +169,7 @@ impl ViewContents {
 
     /// Approximate bytes held.
     pub fn memory_bytes(&self) -> usize {
-        let index = self.copies.len() * ENTRY_BYTES;
+        let index = self.copies.memory_bytes() + self.mixed.capacity() * 9;
         let dirty = self.dirty_bytes + self.dirty.len() * 40;
         self.table.memory_bytes() + index + dirty
     }
@@ -220,37 +211,29 @@ impl ViewContents {
                 }
             }
             if w < 0 {
-                let row = rows.row(i);
-                let mixed = self
-                    .copies
-                    .get(&hashes[i])
-                    .ok_or_else(|| missing_row(w))?
-                    .mixed;
-                let candidates = if mixed {
-                    self.ids_of(row.as_ref())?
+                let h = hashes[i];
+                let count = (-w) as usize;
+                // NOTE: copies of one row are interchangeable; only a mixed hash needs the
+                // rows read to tell which are copies of this one.
+                let ids: Vec<RowId> = if self.mixed.contains(&h) {
+                    self.ids_of(rows.row(i).as_ref())?
+                        .into_iter()
+                        .take(count)
+                        .collect()
                 } else {
-                    Vec::new()
+                    self.copies.candidates(h).take(count).collect()
                 };
-                let entry = self
-                    .copies
-                    .get_mut(&hashes[i])
-                    .ok_or_else(|| missing_row(w))?;
-                for k in 0..(-w) as usize {
-                    let id = if mixed {
-                        let id = *candidates.get(k).ok_or_else(|| missing_row(w))?;
-                        let at = entry
-                            .ids
-                            .iter()
-                            .position(|x| *x == id)
-                            .ok_or_else(|| missing_row(w))?;
-                        entry.ids.swap_remove(at)
-                    } else {
-                        entry.ids.pop().ok_or_else(|| missing_row(w))?
-                    };
+                if ids.len() < count {
+                    return Err(missing_row(w));
+                }
+                for id in ids {
+                    if !self.copies.remove(h, id) {
+                        return Err(missing_row(w));
+                    }
                     deletes.push(id);
                 }
-                if entry.ids.is_empty() {
-                    self.copies.remove(&hashes[i]);
+                if self.copies.candidates(h).next().is_none() {
+                    self.mixed.remove(&h);
                 }
             } else {
                 for _ in 0..w {
@@ -286,9 +269,8 @@ impl ViewContents {
                 }
                 None => {
                     first_in_batch.insert(h, i);
-                    if let Some(entry) = self.copies.get(&h)
-                        && !entry.mixed
-                        && let Some(&id) = entry.ids.first()
+                    if !self.mixed.contains(&h)
+                        && let Some(id) = self.copies.candidates(h).next()
                     {
                         to_compare.push((i, id));
                     }
@@ -308,17 +290,9 @@ impl ViewContents {
         let batch = RecordBatch::try_new(self.table.schema(), batch.columns().to_vec())?;
         let ids = self.table.allocate_row_ids(batch.num_rows());
         for (&row, &id) in picks.iter().zip(ids.values()) {
-            self.copies
-                .entry(hashes[row as usize])
-                .or_default()
-                .ids
-                .push(id);
+            self.copies.insert(hashes[row as usize], id);
         }
-        for h in mixed_now {
-            if let Some(entry) = self.copies.get_mut(&h) {
-                entry.mixed = true;
-            }
-        }
+        self.mixed.extend(mixed_now);
         self.table.apply(&LogEntry::Insert {
             row_ids: ids,
             batch,
