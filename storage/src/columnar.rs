@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
-use arrow::compute::{concat_batches, filter, filter_record_batch, interleave};
+use arrow::compute::{concat_batches, filter_record_batch, interleave};
 use arrow::datatypes::SchemaRef;
 use arrow_row::{RowConverter, SortField};
 
+use crate::chunk_ids::ChunkIds;
 use crate::cold::{ColdFile, ColdStore};
 use crate::error::{Result, StorageError};
 use crate::index::SecondaryIndex;
@@ -133,7 +134,7 @@ struct Chunk {
     /// Rows as appended (including rows deleted since).
     rows: Rows,
     /// Row ids aligned with the rows.
-    row_ids: UInt64Array,
+    row_ids: ChunkIds,
     /// Liveness of each row.
     live: Vec<bool>,
     /// Number of `true` entries in `live`.
@@ -150,12 +151,19 @@ struct Chunk {
 }
 
 impl Chunk {
+    /// A hot chunk of `batch`, every row live.
     fn new(batch: RecordBatch, row_ids: UInt64Array) -> Self {
+        let live = vec![true; batch.num_rows()];
+        Self::with_rows(Rows::Hot(batch), row_ids, live)
+    }
+
+    /// A chunk of `rows` with their ids and liveness (a cold one when a log is replayed).
+    fn with_rows(rows: Rows, row_ids: UInt64Array, live: Vec<bool>) -> Self {
         Self {
-            live: vec![true; batch.num_rows()],
-            live_count: batch.num_rows(),
-            rows: Rows::Hot(batch),
-            row_ids,
+            live_count: live.iter().filter(|l| **l).count(),
+            live,
+            rows,
+            row_ids: ChunkIds::new(row_ids),
             visible: OnceLock::new(),
             visible_ids: OnceLock::new(),
             last_used: AtomicU64::new(tick()),
@@ -164,11 +172,11 @@ impl Chunk {
     }
 
     fn first_id(&self) -> Option<RowId> {
-        self.row_ids.values().first().copied()
+        self.row_ids.first()
     }
 
     fn last_id(&self) -> Option<RowId> {
-        self.row_ids.values().last().copied()
+        self.row_ids.last()
     }
 
     fn changed(&mut self) {
@@ -207,6 +215,8 @@ impl Chunk {
         BooleanArray::from(self.live.clone())
     }
 
+    /// The ids of the live rows; of a cold chunk, remembered until it changes unless they
+    /// are a range (then they are made on each read, instead of held 8 bytes a row).
     fn visible_row_ids(&self) -> Result<UInt64Array> {
         if let Rows::Hot(_) = self.rows {
             return self.visible_hot().map(|(_, ids)| ids.clone());
@@ -215,10 +225,13 @@ impl Chunk {
             return Ok(ids.clone());
         }
         let ids = if self.all_live() {
-            self.row_ids.clone()
+            self.row_ids.to_array()
         } else {
-            downcast_ids(filter(&self.row_ids, &self.mask())?)?
+            self.row_ids.filter(&self.live)
         };
+        if self.row_ids.is_range() {
+            return Ok(ids);
+        }
         Ok(self.visible_ids.get_or_init(|| ids).clone())
     }
 
@@ -230,12 +243,11 @@ impl Chunk {
             return Err(corrupt("a cold chunk has no rows in memory"));
         };
         let computed = if self.all_live() {
-            (batch.clone(), self.row_ids.clone())
+            (batch.clone(), self.row_ids.to_array())
         } else {
-            let mask = self.mask();
             (
-                filter_record_batch(batch, &mask)?,
-                downcast_ids(filter(&self.row_ids, &mask)?)?,
+                filter_record_batch(batch, &self.mask())?,
+                self.row_ids.filter(&self.live),
             )
         };
         Ok(self.visible.get_or_init(|| computed))
@@ -281,7 +293,15 @@ impl Chunk {
             Rows::Hot(b) => b.get_array_memory_size(),
             Rows::Cold(_) => 0,
         };
-        rows + self.row_ids.get_array_memory_size() + self.live.capacity()
+        // NOTE: a hot chunk's visible ids are made from a range of ids, so they are memory
+        // of their own.
+        let visible = match (&self.rows, self.visible.get()) {
+            (Rows::Hot(_), Some((_, ids))) if self.row_ids.is_range() => {
+                ids.get_array_memory_size()
+            }
+            _ => 0,
+        };
+        rows + visible + self.row_ids.memory_bytes() + self.live.capacity()
     }
 }
 
@@ -291,14 +311,6 @@ struct Counters {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
-}
-
-fn downcast_ids(ids: ArrayRef) -> Result<UInt64Array> {
-    Ok(ids
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .ok_or_else(|| corrupt("row ids"))?
-        .clone())
 }
 
 /// The columnar cache of one table.
@@ -385,19 +397,20 @@ impl ColumnarTable {
             None => {
                 let (_, &chunk_id) = self.starts.range(..=id).next_back()?;
                 let chunk = self.chunks.get(&chunk_id)?;
-                (chunk_id, chunk.row_ids.values().binary_search(&id).ok()?)
+                (chunk_id, chunk.row_ids.position(id)?)
             }
         };
         let chunk = self.chunks.get(&chunk_id)?;
-        (chunk.row_ids.values().get(row) == Some(&id) && chunk.live[row]).then_some((chunk_id, row))
+        (chunk.row_ids.get(row) == Some(id) && chunk.live.get(row) == Some(&true))
+            .then_some((chunk_id, row))
     }
 
     /// Adds a chunk, finding its rows by range when its ids allow.
     fn place(&mut self, chunk_id: u64, mut chunk: Chunk) {
-        let ids = chunk.row_ids.values();
-        let ascending = ids.windows(2).all(|w| w[0] < w[1]);
         chunk.regular = match (chunk.first_id(), chunk.last_id()) {
-            (Some(first), Some(last)) if ascending => !self.overlaps_regular(first, last),
+            (Some(first), Some(last)) if chunk.row_ids.ascending() => {
+                !self.overlaps_regular(first, last)
+            }
             _ => false,
         };
         if chunk.regular {
@@ -405,7 +418,7 @@ impl ColumnarTable {
                 self.starts.insert(first, chunk_id);
             }
         } else {
-            for (row, &id) in ids.iter().enumerate() {
+            for (row, id) in chunk.row_ids.iter().enumerate() {
                 if chunk.live[row] {
                     self.irregular.insert(id, (chunk_id, row));
                 }
@@ -434,9 +447,9 @@ impl ColumnarTable {
                 self.starts.remove(&first);
             }
         } else {
-            for id in chunk.row_ids.values() {
-                if self.irregular.get(id).is_some_and(|(c, _)| *c == chunk_id) {
-                    self.irregular.remove(id);
+            for id in chunk.row_ids.iter() {
+                if self.irregular.get(&id).is_some_and(|(c, _)| *c == chunk_id) {
+                    self.irregular.remove(&id);
                 }
             }
         }
@@ -636,22 +649,16 @@ impl ColumnarTable {
                 row_ids.len()
             )));
         }
-        let live: Vec<bool> = live.values().iter().collect();
-        let live_count = live.iter().filter(|l| **l).count();
         self.log_files.insert(file.path().to_string(), file.clone());
-        if live_count == 0 {
+        let chunk = Chunk::with_rows(
+            Rows::Cold(file),
+            row_ids.clone(),
+            live.values().iter().collect(),
+        );
+        if chunk.live_count == 0 {
             return Ok(());
         }
-        let chunk = Chunk {
-            live,
-            live_count,
-            rows: Rows::Cold(file),
-            row_ids: row_ids.clone(),
-            visible: OnceLock::new(),
-            visible_ids: OnceLock::new(),
-            last_used: AtomicU64::new(tick()),
-            regular: false,
-        };
+        let live_count = chunk.live_count;
         let positions = (!chunk.all_live()).then(|| chunk.live_positions());
         let ids = chunk.visible_row_ids()?;
         if let (Some(cols), Rows::Cold(file)) = (&self.primary_key, &chunk.rows) {
@@ -758,7 +765,7 @@ impl ColumnarTable {
                 && let Some(chunk) = self.chunks.get(chunk_id)
             {
                 let batch = chunk.rows_at(rows, &self.counters)?;
-                let ids: Vec<RowId> = rows.iter().map(|&r| chunk.row_ids.value(r)).collect();
+                let ids: Vec<RowId> = rows.iter().filter_map(|&r| chunk.row_ids.get(r)).collect();
                 gone.push((batch, ids));
             }
         }
@@ -783,8 +790,7 @@ impl ColumnarTable {
             self.live_rows -= rows.len();
             chunk.changed();
             if !chunk.regular {
-                for row in rows {
-                    let id = chunk.row_ids.value(row);
+                for id in rows.into_iter().filter_map(|row| chunk.row_ids.get(row)) {
                     self.irregular.remove(&id);
                 }
             }
@@ -1049,7 +1055,7 @@ impl ColumnarTable {
                 Ok(LogPart {
                     file_rows: chunk
                         .logged_file()
-                        .map(|_| (chunk.row_ids.clone(), chunk.live.clone())),
+                        .map(|_| (chunk.row_ids.to_array(), chunk.live.clone())),
                     rows,
                     row_ids: chunk.visible_row_ids()?,
                 })

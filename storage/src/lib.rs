@@ -7,6 +7,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod catalog_record;
+mod chunk_ids;
 pub mod cold;
 pub mod columnar;
 pub mod db;
