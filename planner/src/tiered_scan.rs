@@ -6,8 +6,10 @@
 //! of a mostly spilled table holds one chunk at a time rather than the whole table. The scan's
 //! filters become a pruning predicate over each file's row-group statistics (min, max, nulls,
 //! kept in memory from when the file was written): row groups, or whole files, that cannot
-//! hold a matching row are not read. When nothing is cold the providers use DataFusion's
-//! memory scan instead.
+//! hold a matching row are not read. Within the files read, the filters' columns are decoded
+//! first and the other projected columns only for the rows the filters keep (late
+//! materialization: a selective query over a spilled table does not decode every file's wide
+//! columns). When nothing is cold the providers use DataFusion's memory scan instead.
 
 use std::fmt;
 use std::sync::Arc;
@@ -33,7 +35,7 @@ use datafusion::physical_plan::{
     SendableRecordBatchStream,
 };
 use futures::StreamExt;
-use millrace_storage::{ColdFile, SnapshotPart, TieredSnapshot};
+use millrace_storage::{ColdFile, RowFilter, SnapshotPart, TieredSnapshot};
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 
 /// Partitions of a scan of batches in memory at most.
@@ -50,6 +52,8 @@ pub struct TieredScanExec {
     projection: Option<Vec<usize>>,
     /// The filters as a predicate over row-group statistics.
     pruning: Option<Arc<PruningPredicate>>,
+    /// The filters evaluated while cold files are decoded.
+    decode_filter: Option<Arc<DecodeFilter>>,
     /// Plan properties.
     properties: Arc<PlanProperties>,
 }
@@ -61,8 +65,15 @@ impl TieredScanExec {
         snapshot: TieredSnapshot,
         projection: Option<Vec<usize>>,
         pruning: Option<Arc<PruningPredicate>>,
+        decode_filter: Option<Arc<DecodeFilter>>,
         max_partitions: usize,
     ) -> datafusion::error::Result<Self> {
+        // NOTE: only when other columns are read: else the filter above does the same work.
+        let width = snapshot.schema.fields().len();
+        let decode_filter = decode_filter.filter(|f| match &projection {
+            Some(p) => p.iter().any(|c| !f.columns.contains(c)),
+            None => width > f.columns.len(),
+        });
         let schema: SchemaRef = match &projection {
             Some(p) => Arc::new(snapshot.schema.project(p)?),
             None => snapshot.schema.clone(),
@@ -78,6 +89,7 @@ impl TieredScanExec {
             partitions,
             projection,
             pruning,
+            decode_filter,
             properties,
         })
     }
@@ -122,6 +134,7 @@ pub fn scan(
         .any(|p| matches!(p, SnapshotPart::Cold { .. }))
     {
         let pruning = pruning_predicate(state, &snapshot.schema, filters);
+        let decode_filter = decode_filter(state, &snapshot.schema, filters);
         // NOTE: each partition decodes a cold file at a time, and DataFusion polls every
         // partition at once: more partitions than it runs in parallel only hold more files
         // (measured: 8 partitions of a 2M-row scan held ~50 MB under a 256 MiB limit).
@@ -129,6 +142,7 @@ pub fn scan(
             snapshot,
             projection.cloned(),
             pruning,
+            decode_filter,
             state.config().target_partitions(),
         )?));
     }
@@ -145,6 +159,58 @@ pub fn scan(
         snapshot.schema,
         projection.cloned(),
     )?)
+}
+
+/// The scan's filters over just the columns they read, evaluated while a cold file is
+/// decoded (the filter above the scan still applies them: they are Inexact).
+#[derive(Debug)]
+pub struct DecodeFilter {
+    /// The table's columns the filters read, ascending.
+    columns: Vec<usize>,
+    /// The filters over a batch of those columns.
+    expr: Arc<dyn PhysicalExpr>,
+}
+
+impl DecodeFilter {
+    /// The filter for one file's read.
+    fn row_filter(&self) -> RowFilter {
+        let expr = self.expr.clone();
+        RowFilter {
+            columns: self.columns.clone(),
+            predicate: Box::new(move |batch: RecordBatch| {
+                let n = batch.num_rows();
+                let kept = expr
+                    .evaluate(&batch)
+                    .and_then(|v| v.into_array(n))
+                    .ok()
+                    .and_then(|a| a.as_any().downcast_ref::<BooleanArray>().cloned());
+                // NOTE: an error keeps the rows: the filter above raises it, or drops them.
+                Ok(kept.unwrap_or_else(|| BooleanArray::from(vec![true; n])))
+            }),
+        }
+    }
+}
+
+/// The deterministic filters as a [`DecodeFilter`], when there are any.
+fn decode_filter(
+    state: &dyn Session,
+    schema: &SchemaRef,
+    filters: &[Expr],
+) -> Option<Arc<DecodeFilter>> {
+    // NOTE: a volatile filter (random()) must see each row once: it stays above the scan.
+    let filter = conjunction(filters.iter().filter(|f| !f.is_volatile()).cloned())?;
+    let mut columns = Vec::new();
+    for column in filter.column_refs() {
+        columns.push(schema.index_of(&column.name).ok()?);
+    }
+    columns.sort_unstable();
+    columns.dedup();
+    if columns.is_empty() {
+        return None;
+    }
+    let df_schema = DFSchema::try_from(schema.project(&columns).ok()?).ok()?;
+    let expr = state.create_physical_expr(filter, &df_schema).ok()?;
+    Some(Arc::new(DecodeFilter { columns, expr }))
 }
 
 /// The filters as a predicate over row-group statistics, when they give one.
@@ -240,6 +306,9 @@ impl DisplayAs for TieredScanExec {
         if let Some(p) = &self.pruning {
             write!(f, ", pruning_predicate={}", p.predicate_expr())?;
         }
+        if let Some(d) = &self.decode_filter {
+            write!(f, ", decode_filter={}", d.expr)?;
+        }
         Ok(())
     }
 }
@@ -279,12 +348,14 @@ impl ExecutionPlan for TieredScanExec {
         let parts = self.partitions.get(partition).cloned().unwrap_or_default();
         let projection = self.projection.clone();
         let pruning = self.pruning.clone();
+        let decode_filter = self.decode_filter.clone();
         let schema = self.properties.eq_properties.schema().clone();
         let schema_of_parts = schema.clone();
         let stream = futures::stream::iter(parts)
             .then(move |part| {
                 let projection = projection.clone();
                 let pruning = pruning.clone();
+                let decode_filter = decode_filter.clone();
                 let out = schema_of_parts.clone();
                 async move {
                     match part {
@@ -298,10 +369,11 @@ impl ExecutionPlan for TieredScanExec {
                             ids: None,
                         } => tokio::task::spawn_blocking(move || {
                             let groups = row_groups(&file, pruning.as_deref());
-                            file.read_batches(
+                            file.read_filtered(
                                 projection.as_deref(),
                                 rows.as_deref(),
                                 groups.as_deref(),
+                                decode_filter.map(|f| f.row_filter()),
                             )
                         })
                         .await

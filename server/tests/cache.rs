@@ -168,6 +168,28 @@ async fn check_reads(client: &Client, model: &Model, rng: &mut StdRng, when: &st
         vec![vec![Some(n.to_string()), (n > 0).then(|| sum.to_string())]],
         "{when}: filtered aggregate"
     );
+    // A filter no index answers, returning the wide column: cold files decode `s` only for
+    // the rows the filter keeps.
+    let got = sorted(
+        rows(
+            client,
+            &format!("SELECT id, s FROM big WHERE g + 0 = {g} AND id % 2 = 0"),
+        )
+        .await,
+    );
+    let want: Vec<TextRow> = sorted(
+        model
+            .iter()
+            .filter(|(id, (mg, _))| *mg == g && *id % 2 == 0)
+            .map(|(id, (_, s))| text(&[id.to_string(), s.clone()]))
+            .collect(),
+    );
+    assert!(
+        got == want,
+        "{when}: filtered scan of g = {g}: {} rows, model {}",
+        got.len(),
+        want.len()
+    );
     // TopK over every row.
     let mut by_s: Vec<(&String, &i64)> = model.iter().map(|(id, (_, s))| (s, id)).collect();
     by_s.sort();
@@ -322,6 +344,19 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
         format!("{explain:?}").contains("pruning_predicate"),
         "the scan prunes by statistics: {explain:?}"
     );
+    // Within the files read, the filter's columns are decoded first; a volatile filter is
+    // left to the filter above the scan.
+    let plan = |sql: &'static str| {
+        let client = &client;
+        async move { format!("{:?}", rows(client, &format!("EXPLAIN {sql}")).await) }
+    };
+    let late = plan("SELECT id, s FROM big WHERE g + 0 = 7").await;
+    assert!(late.contains("decode_filter"), "late decoding: {late}");
+    let volatile = plan("SELECT id, s FROM big WHERE random() < 2.0").await;
+    assert!(
+        volatile.contains("TieredScanExec") && !volatile.contains("decode_filter"),
+        "a volatile filter is not evaluated while decoding: {volatile}"
+    );
     let (files, groups) = pruned(&client).await;
     let want = model.range(390_000..).count().to_string();
     assert_eq!(
@@ -357,28 +392,47 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
     .await;
 
     // Refused PUTs: eviction fails, is counted, and succeeds later; nothing is lost.
+    // NOTE: a statement's own working set shrinks the cache's share while it runs; once it
+    // is freed its rows may fit again. Rows are added (20k at a time, after a few ticks to
+    // act on their own) until three passes failed, then until an eviction succeeds.
     exec(&client, "SET millrace.inject_object_store_failures = 3").await;
     let evictions = cache_total(&client, "evictions").await;
     insert_range(&client, &mut model, 400_000, 500_000).await;
-    eventually("failed eviction passes are reported", || async {
-        failed_passes(&client).await == 3
-    })
-    .await;
-    // NOTE: the statement's own working set shrinks the cache's share while it runs; once it
-    // is freed the new rows may fit again. More rows keep the cache over its share until an
-    // eviction succeeds.
     let mut next = 500_000;
-    while cache_total(&client, "evictions").await <= evictions {
-        assert!(next < 800_000, "evictions never resumed after the failures");
-        // A few ticks to evict on their own first.
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let failed = failed_passes(&client).await;
+        assert!(failed <= 3, "{failed} failed passes for 3 refused PUTs");
+        if failed == 3 {
+            break;
+        }
+        assert_eq!(
+            cache_total(&client, "evictions").await,
+            evictions,
+            "an eviction succeeded while PUTs were refused"
+        );
+        assert!(next < 800_000, "the refused PUTs never failed a pass");
+        insert_range(&client, &mut model, next, next + 20_000).await;
+        next += 20_000;
+    }
+    let failed_after = next;
+    loop {
         tokio::time::sleep(Duration::from_secs(3)).await;
         if cache_total(&client, "evictions").await > evictions {
             break;
         }
+        assert!(
+            next < 1_100_000,
+            "evictions never resumed after the failures"
+        );
         insert_range(&client, &mut model, next, next + 20_000).await;
         next += 20_000;
     }
-    eprintln!("evictions resumed after {} more rows", next - 500_000);
+    eprintln!(
+        "three passes failed after {} more rows; evictions resumed after {} more",
+        failed_after - 500_000,
+        next - failed_after
+    );
     assert_eq!(
         failed_passes(&client).await,
         3,

@@ -200,6 +200,12 @@ impl TestServer {
         Some((field("VmRSS:")?, field("VmHWM:")?))
     }
 
+    /// Starts a new peak: VmHWM is set to the RSS now (`clear_refs` 5); false if it failed.
+    pub fn reset_peak(&self) -> bool {
+        self.pid()
+            .is_some_and(|pid| std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok())
+    }
+
     /// Parquet files in the default object store (`objects` under the data directory).
     pub fn object_files(&self) -> usize {
         parquet_files(&self.data_dir.join("objects"))

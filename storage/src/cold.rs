@@ -20,16 +20,19 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arrow::array::RecordBatch;
+use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+use parquet::arrow::arrow_reader::{
+    ArrowPredicateFn, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+};
 use parquet::basic::Compression;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
@@ -90,6 +93,25 @@ impl std::fmt::Debug for ColdStore {
     }
 }
 
+/// A predicate applied while a cold file is decoded: its columns are decoded first, and the
+/// other columns read only for the rows it keeps (a false or null result drops the row).
+pub struct RowFilter {
+    /// The file's columns the predicate reads, ascending; its batches hold just these.
+    pub columns: Vec<usize>,
+    /// Whether each row of a batch is kept.
+    #[allow(clippy::type_complexity)]
+    pub predicate:
+        Box<dyn FnMut(RecordBatch) -> std::result::Result<BooleanArray, ArrowError> + Send>,
+}
+
+impl std::fmt::Debug for RowFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowFilter")
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One immutable Parquet file holding a chunk's rows; deleted when the last handle goes.
 #[derive(Debug)]
 pub struct ColdFile {
@@ -129,8 +151,22 @@ impl ColdFile {
         rows: Option<&[usize]>,
         row_groups: Option<&[usize]>,
     ) -> Result<Vec<RecordBatch>> {
+        self.read_filtered(projection, rows, row_groups, None)
+    }
+
+    /// As [`ColdFile::read_batches`], only the rows `filter` keeps (all when `None`).
+    pub fn read_filtered(
+        &self,
+        projection: Option<&[usize]>,
+        rows: Option<&[usize]>,
+        row_groups: Option<&[usize]>,
+        filter: Option<RowFilter>,
+    ) -> Result<Vec<RecordBatch>> {
         let Some(groups) = row_groups else {
-            return Ok(self.store.read_batches(self, projection, rows, None)?.1);
+            return Ok(self
+                .store
+                .read_batches(self, projection, rows, None, filter)?
+                .1);
         };
         let pruned = self.metadata.num_row_groups().saturating_sub(groups.len()) as u64;
         let counters = &self.store.counters;
@@ -143,7 +179,7 @@ impl ColdFile {
         }
         Ok(self
             .store
-            .read_batches(self, projection, rows, Some(groups))?
+            .read_batches(self, projection, rows, Some(groups), filter)?
             .1)
     }
 
@@ -379,7 +415,7 @@ impl ColdStore {
         projection: Option<&[usize]>,
         rows: Option<&[usize]>,
     ) -> Result<RecordBatch> {
-        let (schema, batches) = self.read_batches(file, projection, rows, None)?;
+        let (schema, batches) = self.read_batches(file, projection, rows, None, None)?;
         Ok(concat_batches(&schema, &batches)?)
     }
 
@@ -391,6 +427,7 @@ impl ColdStore {
         projection: Option<&[usize]>,
         rows: Option<&[usize]>,
         row_groups: Option<&[usize]>,
+        filter: Option<RowFilter>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let store = self.store.clone();
         let path = file.path.clone();
@@ -434,6 +471,13 @@ impl ColdStore {
                     .with_row_groups(groups.to_vec())
                     .with_row_selection(selection(&rebased, offset));
             }
+        }
+        if let Some(filter) = filter {
+            let mask = ProjectionMask::roots(builder.parquet_schema(), filter.columns);
+            let predicate = ArrowPredicateFn::new(mask, filter.predicate);
+            builder = builder.with_row_filter(parquet::arrow::arrow_reader::RowFilter::new(vec![
+                Box::new(predicate),
+            ]));
         }
         let reader = builder.with_batch_size(ROW_GROUP_ROWS).build()?;
         let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
@@ -594,6 +638,36 @@ mod tests {
         assert_eq!(crate::test_util::first_i64s(&groups), vec![9000, 9001]);
         assert!(file.read_batches(None, None, Some(&[])).unwrap().is_empty());
         assert_eq!(cold.counters.files_pruned.load(Ordering::Relaxed), 1);
+        // A filter on `k` (decoded first) keeps multiples of 1000 among the live rows
+        // 0..=15000 of the first two row groups; `v` is read for those rows only.
+        let seen = Arc::new(AtomicU64::new(0));
+        let counted = seen.clone();
+        let filter = RowFilter {
+            columns: vec![0],
+            predicate: Box::new(move |b: RecordBatch| {
+                counted.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                let k = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                Ok(k.iter().map(|k| k.map(|k| k % 1000 == 0)).collect())
+            }),
+        };
+        let live: Vec<usize> = (0..=15_000).collect();
+        let kept = file
+            .read_filtered(Some(&[1]), Some(&live), Some(&[0, 1]), Some(filter))
+            .unwrap();
+        let v: Vec<String> = kept
+            .iter()
+            .flat_map(|b| {
+                let v = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                v.iter().flatten().map(str::to_string).collect::<Vec<_>>()
+            })
+            .collect();
+        let want: Vec<String> = (0..=15).map(|i| format!("v{}", i * 1000)).collect();
+        assert_eq!(v, want);
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            15_001,
+            "the filter saw only the selected rows"
+        );
         cold.inject_write_failures(1);
         assert!(matches!(
             cold.write("t1", &b),

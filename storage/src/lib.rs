@@ -23,7 +23,7 @@ mod test_util;
 pub mod view_contents;
 
 pub use catalog_record::{CatalogRecord, ObjectKind};
-pub use cold::{ColdFile, ColdStore};
+pub use cold::{ColdFile, ColdStore, RowFilter};
 pub use columnar::{
     CacheStats, ColumnarTable, LogPart, RowId, SnapshotPart, TableSnapshot, TieredSnapshot,
 };
