@@ -93,15 +93,17 @@ impl std::fmt::Debug for ColdStore {
     }
 }
 
+/// Whether each row of a batch is kept (a false or null result drops the row).
+pub type RowPredicate =
+    Box<dyn FnMut(RecordBatch) -> std::result::Result<BooleanArray, ArrowError> + Send>;
+
 /// A predicate applied while a cold file is decoded: its columns are decoded first, and the
-/// other columns read only for the rows it keeps (a false or null result drops the row).
+/// other columns read only for the rows it keeps.
 pub struct RowFilter {
     /// The file's columns the predicate reads, ascending; its batches hold just these.
     pub columns: Vec<usize>,
-    /// Whether each row of a batch is kept.
-    #[allow(clippy::type_complexity)]
-    pub predicate:
-        Box<dyn FnMut(RecordBatch) -> std::result::Result<BooleanArray, ArrowError> + Send>,
+    /// The predicate over a batch of those columns.
+    pub predicate: RowPredicate,
 }
 
 impl std::fmt::Debug for RowFilter {

@@ -1,5 +1,6 @@
 //! The primary-key index of a table's columnar cache (`columnar.rs`): the 64-bit hash of
-//! each live row's encoded key to its row id.
+//! each live row's encoded key to its row id. A view's row index (`view_contents.rs`) is one
+//! too, over whole rows, where a hash's several ids are mostly copies of one row.
 //!
 //! The index stays in memory for every row, hot or cold, so it holds no key bytes: about
 //! 20 bytes a row instead of the 50 a map from boxed keys took (a million-row table's index
