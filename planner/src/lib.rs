@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod changelog;
 pub mod correlated;
+pub mod epoch_part;
 pub mod error;
 pub mod exists_domain;
 pub mod incremental;
@@ -29,6 +30,7 @@ pub mod view_table;
 
 pub use catalog::Catalog;
 pub use changelog::Changelog;
+pub use epoch_part::EpochPart;
 pub use error::{PlanError, Result};
 pub use row_id::{ROW_ID_COLUMN, RowIdTable};
 pub use table::{MillraceTable, TableDef};

@@ -20,6 +20,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::changelog::Changelog;
+use crate::epoch_part::EpochPart;
 use crate::error::{PlanError, Result};
 use crate::incremental::PlanNode;
 use crate::ops::{Operator, StateControl, StateEntry, StateStats, evaluate};
@@ -255,28 +256,26 @@ impl Pipeline {
     /// deleted before it was inserted.
     pub async fn step_bounded(
         &mut self,
-        sources: &HashMap<u64, Vec<Changelog>>,
+        sources: &HashMap<u64, Vec<EpochPart>>,
         max_bytes: usize,
     ) -> Result<Changelog> {
         let parts = split(sources, max_bytes);
-        if parts.len() <= 1 {
+        if parts.is_empty() {
             let mut whole = HashMap::with_capacity(sources.len());
             for (id, parts) in sources {
-                let Some(schema) = parts.first().map(Changelog::schema) else {
+                let Some(schema) = parts.first().map(EpochPart::schema) else {
                     continue;
                 };
-                let change = match parts.len() {
-                    1 => parts[0].clone(),
-                    _ => Changelog::concat(&schema, parts.clone())?,
-                };
-                whole.insert(*id, change);
+                whole.insert(*id, EpochPart::concat(&schema, parts)?);
             }
             return self.step(&whole).await;
         }
         let mut outs: Vec<Changelog> = Vec::new();
         let mut schema = None;
         let (mut held, mut consolidated) = (0usize, 0usize);
-        for part in parts {
+        for (id, part) in parts {
+            // NOTE: stored rows are read here, one step's slice at a time.
+            let part = HashMap::from([(id, part.read()?)]);
             let out = self.step(&part).await?;
             schema.get_or_insert_with(|| out.schema());
             if out.is_empty() {
@@ -751,8 +750,14 @@ fn run<'a>(
 
 /// `sources` as consecutive parts of about `max_bytes` each (a slice of one changelog per
 /// part), sources in id order; none when everything fits.
-fn split(sources: &HashMap<u64, Vec<Changelog>>, max_bytes: usize) -> Vec<HashMap<u64, Changelog>> {
-    let total: usize = sources.values().flatten().map(Changelog::bytes).sum();
+/// The parts of an epoch's changes, in steps of about `max_bytes` each once read (one
+/// source per step, each source's rows in order); none when all fit in one step.
+fn split(sources: &HashMap<u64, Vec<EpochPart>>, max_bytes: usize) -> Vec<(u64, EpochPart)> {
+    let total: usize = sources
+        .values()
+        .flatten()
+        .map(EpochPart::bytes_when_read)
+        .sum();
     if total <= max_bytes {
         return vec![];
     }
@@ -767,11 +772,11 @@ fn split(sources: &HashMap<u64, Vec<Changelog>>, max_bytes: usize) -> Vec<HashMa
         if change.is_empty() {
             continue;
         }
-        let per_row = (change.bytes() / change.len()).max(1);
+        let per_row = (change.bytes_when_read() / change.len()).max(1);
         let rows = (max_bytes / per_row).max(1);
         for offset in (0..change.len()).step_by(rows) {
             let len = rows.min(change.len() - offset);
-            parts.push(HashMap::from([(id, change.slice(offset, len))]));
+            parts.push((id, change.slice(offset, len)));
         }
     }
     parts

@@ -4,6 +4,10 @@
 //! deletes given as separate parts, as the engine sends them); one takes each epoch whole,
 //! the other a few rows, or a single row, per step. Their changes must be equal, epoch by
 //! epoch, as multisets.
+//!
+//! As in the engine, deleted rows are handed over as references into the tables' columnar
+//! cache (`EpochPart::Stored`), some in chunks evicted to Parquet files, and read only when
+//! the pipelines take them, after the tables have changed further.
 
 mod common;
 
@@ -14,9 +18,11 @@ use common::{Error, schema, table};
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::prelude::SessionContext;
+use millrace_planner::EpochPart;
 use millrace_planner::changelog::Changelog;
 use millrace_planner::incremental::compile;
 use millrace_planner::pipeline::Pipeline;
+use millrace_storage::{ColdStore, ColumnarTable, LogEntry, RowId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -55,19 +61,31 @@ fn multiset(change: &Changelog) -> Result<Vec<(String, i64)>, Error> {
 }
 
 /// One epoch per table: deleted rows and inserted rows, as separate parts.
-type Epoch = HashMap<u64, Vec<Changelog>>;
+type Epoch = HashMap<u64, Vec<EpochPart>>;
 
 /// Seeded epochs over tables 1 and 2: inserts, updates (a delete and an insert of rows
-/// with the same id) and deletes.
-fn epochs(seed: u64, count: usize) -> Result<Vec<Epoch>, Error> {
+/// with the same id) and deletes. The rows are kept in a columnar table per table (some
+/// chunks evicted to files in `dir`); deleted rows are referred to there.
+/// Returns the epochs and the number of chunks evicted.
+fn epochs(seed: u64, count: usize, dir: &std::path::Path) -> Result<(Vec<Epoch>, usize), Error> {
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
+    let cold = ColdStore::try_new(Arc::new(fs), "cache", "test")?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut live: HashMap<u64, Vec<(i64, i64, String)>> = HashMap::new();
+    let mut stored: HashMap<u64, (ColumnarTable, HashMap<i64, RowId>)> = HashMap::new();
     let mut next_id = 0;
+    let mut evicted = 0;
     let mut out = Vec::new();
     for _ in 0..count {
         let mut epoch = Epoch::new();
         for table in [1u64, 2] {
             let rows = live.entry(table).or_default();
+            let (data, row_ids) = match stored.entry(table) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((ColumnarTable::try_new(schema(), None)?, HashMap::new()))
+                }
+            };
             let mut deleted = Vec::new();
             let mut inserted = Vec::new();
             for _ in 0..rng.random_range(0..rows.len().min(12) + 1) {
@@ -85,10 +103,33 @@ fn epochs(seed: u64, count: usize) -> Result<Vec<Epoch>, Error> {
             rows.extend(inserted.iter().cloned());
             let mut parts = Vec::new();
             if !deleted.is_empty() {
-                parts.push(Changelog::deletes(batch(&deleted)?));
+                let ids: Vec<RowId> = deleted
+                    .iter()
+                    .filter_map(|(id, _, _)| row_ids.remove(id))
+                    .collect();
+                assert_eq!(ids.len(), deleted.len(), "every deleted row is stored");
+                parts.push(EpochPart::deleted(data.stored_rows(&ids)));
+                data.apply(&LogEntry::Delete {
+                    row_ids: ids.into(),
+                })?;
             }
             if !inserted.is_empty() {
-                parts.push(Changelog::inserts(batch(&inserted)?));
+                let batch = batch(&inserted)?;
+                let ids = data.allocate_row_ids(inserted.len());
+                for ((id, _, _), row_id) in inserted.iter().zip(ids.values()) {
+                    row_ids.insert(*id, *row_id);
+                }
+                data.apply(&LogEntry::Insert {
+                    row_ids: ids,
+                    batch: batch.clone(),
+                })?;
+                parts.push(Changelog::inserts(batch).into());
+            }
+            for (chunk, _, _) in data.eviction_candidates() {
+                if rng.random_bool(0.3) {
+                    data.evict(chunk, "t", &cold)?;
+                    evicted += 1;
+                }
             }
             if !parts.is_empty() {
                 epoch.insert(table, parts);
@@ -96,7 +137,7 @@ fn epochs(seed: u64, count: usize) -> Result<Vec<Epoch>, Error> {
         }
         out.push(epoch);
     }
-    Ok(out)
+    Ok((out, evicted))
 }
 
 async fn pipeline(sql: &str, workers: usize) -> Result<Pipeline, Error> {
@@ -116,7 +157,15 @@ async fn an_epoch_in_parts_makes_the_same_change_as_in_one_step() -> Result<(), 
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(7);
-    let epochs = epochs(seed, 30)?;
+    let dir = tempfile::tempdir()?;
+    let (epochs, evicted) = epochs(seed, 30, dir.path())?;
+    assert!(evicted > 5, "chunks evicted: {evicted}");
+    let cold: usize = epochs
+        .iter()
+        .flat_map(|e| e.values().flatten())
+        .filter(|p| matches!(p, EpochPart::Stored { .. }))
+        .count();
+    assert!(cold > 10, "deleted rows are handed over as stored rows");
     for sql in QUERIES {
         let mut changed = 0;
         for (workers, max_bytes) in [(1, 1), (2, 1), (2, 600)] {

@@ -27,7 +27,7 @@ use crate::exec::{ddl, matview};
 use crate::runtime::checkpoint::RestorePlan;
 use crate::runtime::{EpochChanges, ViewRuntime};
 use crate::session::functions;
-use millrace_planner::Changelog;
+use millrace_planner::{Changelog, EpochPart};
 
 /// Name of the database every server starts with.
 pub const DEFAULT_DATABASE: &str = "millrace";
@@ -36,6 +36,7 @@ pub const DEFAULT_SCHEMA: &str = "public";
 
 /// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
 const COMPACT_MIN_ENTRIES: usize = 256;
+
 /// A table log is rewritten once at least this many rows (and a quarter of the table) sit in
 /// cold files it does not refer to: the rewrite turns them into references, so that a
 /// restart opens the files instead of reading the rows and evicting them again.
@@ -220,11 +221,10 @@ impl Engine {
             }
             let mut entries = Vec::new();
             let watched = self.views.has_readers(table.id);
-            let mut changes: Vec<Changelog> = Vec::new();
+            let mut changes: Vec<EpochPart> = Vec::new();
             if watched && !deletes.is_empty() {
-                for batch in data.fetch_by_chunk(&deletes)? {
-                    changes.push(Changelog::deletes(batch));
-                }
+                // NOTE: referred to, not read: the views read them a step at a time.
+                changes.push(EpochPart::deleted(data.stored_rows(&deletes)));
             }
             if !deletes.is_empty() {
                 touched += deletes.len();
@@ -241,7 +241,7 @@ impl Engine {
                 }
                 touched += batch.num_rows();
                 if watched {
-                    changes.push(Changelog::inserts(batch.clone()));
+                    changes.push(Changelog::inserts(batch.clone()).into());
                 }
                 entries.push(LogEntry::Insert {
                     row_ids: data.allocate_row_ids(batch.num_rows()),
@@ -284,19 +284,16 @@ impl Engine {
         Ok(touched)
     }
 
-    /// About the bytes `changes` bring into memory for the views: the deleted rows read back
-    /// and the inserted rows.
+    /// About the bytes `changes` bring into memory for the views: the inserted rows and the
+    /// positions of the deleted ones (the views read the deleted rows a step at a time).
     fn bytes_to_read(&self, changes: &[TableChange]) -> u64 {
         changes
             .iter()
             .filter(|c| self.views.has_readers(c.table.id))
             .map(|c| {
                 let inserted = c.inserts.as_ref().map_or(0, |b| b.get_array_memory_size());
-                let deleted = match c.deletes.len() {
-                    0 => 0,
-                    n => n as u64 * c.table.data.read().map_or(0, |d| d.bytes_per_row()),
-                };
-                deleted + inserted as u64
+                let deleted = c.deletes.len() * std::mem::size_of::<usize>();
+                (deleted + inserted) as u64
             })
             .sum()
     }
@@ -566,7 +563,11 @@ impl Engine {
                 if !changes.is_empty() {
                     since_checkpoint.insert(
                         record.id,
-                        vec![Changelog::concat(&table.def.schema, changes)?.consolidate()?],
+                        vec![
+                            Changelog::concat(&table.def.schema, changes)?
+                                .consolidate()?
+                                .into(),
+                        ],
                     );
                 }
                 let (rows, stats) = table

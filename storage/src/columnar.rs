@@ -25,6 +25,7 @@ use crate::error::{Result, StorageError};
 use crate::index::SecondaryIndex;
 use crate::key_index::KeyIndex;
 use crate::log_entry::LogEntry;
+use crate::stored_rows::{Piece, RowSource, StoredRows};
 
 /// Identifier of a row inside one table; never reused.
 pub type RowId = u64;
@@ -916,26 +917,29 @@ impl ColumnarTable {
             .collect())
     }
 
-    /// The live rows with the given ids, a batch per chunk holding any, in chunk order
-    /// (unknown and repeated ids are skipped). Rows of cold chunks are read from their files,
-    /// only the rows asked for. Cheaper than [`ColumnarTable::fetch`] where order does not
-    /// matter (a DELETE's changelog): no second copy puts the rows in the order asked.
-    pub fn fetch_by_chunk(&self, ids: &[RowId]) -> Result<Vec<RecordBatch>> {
+    /// The live rows with the given ids, referred to where they are and read later, a slice
+    /// at a time (unknown ids are skipped): chunk by chunk, each chunk's rows in row order.
+    pub fn stored_rows(&self, ids: &[RowId]) -> StoredRows {
         let mut wanted: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
         for id in ids {
             if let Some((chunk_id, row)) = self.locate(*id) {
                 wanted.entry(chunk_id).or_default().push(row);
             }
         }
-        let mut batches = Vec::with_capacity(wanted.len());
-        for (chunk_id, mut rows) in wanted {
-            rows.sort_unstable();
-            rows.dedup();
+        let mut pieces = Vec::with_capacity(wanted.len());
+        for (chunk_id, mut positions) in wanted {
+            positions.sort_unstable();
+            positions.dedup();
             if let Some(chunk) = self.chunks.get(&chunk_id) {
-                batches.push(chunk.rows_at(&rows, &self.counters)?);
+                let source = match &chunk.rows {
+                    Rows::Hot(batch) => RowSource::Hot(batch.clone()),
+                    Rows::Cold(file) => RowSource::Cold(file.clone()),
+                };
+                pieces.push(Piece { source, positions });
             }
         }
-        Ok(batches)
+        let per_row = usize::try_from(self.bytes_per_row()).unwrap_or(usize::MAX);
+        StoredRows::new(self.schema.clone(), pieces, per_row)
     }
 
     /// The live rows with the given ids, in the order given (unknown ids are skipped). Rows
@@ -1219,7 +1223,7 @@ mod tests {
             .collect();
         assert!(!all.contains(&5) && !all.contains(&50));
         // Repeated and deleted ids are skipped; each chunk's rows come once.
-        let by_chunk = t.fetch_by_chunk(&[60, 7, 60, 5, 7])?;
+        let by_chunk = t.stored_rows(&[60, 7, 60, 5, 7]).read()?;
         let values = |b: &RecordBatch| -> Vec<i64> {
             b.column(0)
                 .as_any()
@@ -1288,6 +1292,61 @@ mod tests {
         })?;
         assert_eq!(cold.collect_garbage()?, 0);
         drop(tiered);
+        assert_eq!(cold.collect_garbage()?, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn stored_rows_read_slices_of_hot_and_cold_chunks_as_they_were() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let cold = ColdStore::try_new(Arc::new(fs), "cache", "test")?;
+        let mut t = ColumnarTable::try_new(schema(), None)?;
+        for keys in [0..5_000, 5_000..10_000] {
+            let e = rows(&mut t, keys.collect())?;
+            t.apply(&e)?;
+        }
+        let (first, _, _) = t.eviction_candidates()[0];
+        t.evict(first, "t", &cold)?;
+        assert_eq!(t.cache_stats().cold_chunks, 1);
+        // Every 7th row, asked for out of order and twice: ids are keys + 1.
+        let mut ids: Vec<RowId> = (1..=10_000).filter(|id| id % 7 == 0).rev().collect();
+        ids.push(7);
+        let stored = t.stored_rows(&ids);
+        let want: Vec<i64> = (0..10_000).filter(|k| (k + 1) % 7 == 0).collect();
+        assert_eq!(stored.len(), want.len());
+        assert!(stored.bytes_when_read() >= stored.len() * 16);
+        let read = |s: &StoredRows| -> Result<Vec<i64>> {
+            let batches = s.read()?;
+            Ok(crate::test_util::first_i64s(batches.iter()))
+        };
+        assert_eq!(read(&stored)?, want);
+        // The rows are deleted, the hot chunk evicted too: the references still read them,
+        // in slices that cross the chunks' boundary and in one that is empty.
+        t.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from(ids[..ids.len() - 1].to_vec()),
+        })?;
+        let (second, _, _) = t.eviction_candidates()[0];
+        t.evict(second, "t", &cold)?;
+        let mut sliced = Vec::new();
+        for offset in (0..stored.len()).step_by(300) {
+            sliced.extend(read(&stored.slice(offset, 300))?);
+        }
+        assert_eq!(sliced, want);
+        assert!(read(&stored.slice(stored.len(), 10))?.is_empty());
+        let across = stored.slice(700, 20);
+        assert_eq!(read(&across)?, want[700..720].to_vec());
+        // Once every row is gone, the file of the chunk that was cold when the rows were
+        // referred to stays while the references do; the other was read from memory, so
+        // its later file goes with the table.
+        t.apply(&LogEntry::Delete {
+            row_ids: UInt64Array::from(t.live_row_ids()?),
+        })?;
+        assert_eq!(t.cache_stats().cold_chunks, 0);
+        drop(t);
+        assert_eq!(cold.collect_garbage()?, 1);
+        assert_eq!(read(&across)?, want[700..720].to_vec());
+        drop((stored, across));
         assert_eq!(cold.collect_garbage()?, 1);
         Ok(())
     }

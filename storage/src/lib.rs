@@ -18,6 +18,7 @@ pub mod log_entry;
 pub mod state;
 mod state_recovery;
 pub mod state_tier;
+pub mod stored_rows;
 #[cfg(test)]
 mod test_util;
 pub mod view_contents;
@@ -33,4 +34,5 @@ pub use index::SecondaryIndex;
 pub use log_entry::LogEntry;
 pub use state::{EncodeFn, SizeFn, StateCounters, StateKey, StateStore, TieredState};
 pub use state_tier::{StateLocation, StateTier};
+pub use stored_rows::StoredRows;
 pub use view_contents::ViewContents;

@@ -33,9 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use millrace_planner::Changelog;
 use millrace_planner::pipeline::{Pipeline, PipelineStats};
 use millrace_planner::view_table::{MaterializedView, ViewStatus};
+use millrace_planner::{Changelog, EpochPart};
 use millrace_storage::{StateTier, Store, ViewContents};
 use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -60,8 +60,9 @@ pub struct CatchUp {
 }
 
 /// Changes of one epoch, by source id (table or view): the parts in the order they apply
-/// (kept apart: concatenating a large UPDATE's deleted and inserted rows copied them all).
-pub type EpochChanges = HashMap<u64, Vec<Changelog>>;
+/// (kept apart: concatenating a large UPDATE's deleted and inserted rows copied them all;
+/// deleted rows stay where the table stores them until a view step reads them).
+pub type EpochChanges = HashMap<u64, Vec<EpochPart>>;
 
 /// Progress of a view's backfill.
 #[derive(Debug, Clone, Default)]
@@ -656,15 +657,17 @@ impl ViewRuntime {
     }
 
     async fn process_epoch(&self, epoch: u64, mut changes: EpochChanges) {
-        // NOTE: a source's parts that fit in one step are merged once here, not by each view.
+        // NOTE: a source's parts that fit in one step are merged (and its stored rows read)
+        // once here, not by each view.
         for (id, parts) in changes.iter_mut() {
-            let bytes: usize = parts.iter().map(Changelog::bytes).sum();
-            if parts.len() > 1
+            let bytes: usize = parts.iter().map(EpochPart::bytes_when_read).sum();
+            let stored = parts.iter().any(|p| matches!(p, EpochPart::Stored { .. }));
+            if (parts.len() > 1 || stored)
                 && bytes <= self.step_bytes
-                && let Some(schema) = parts.first().map(Changelog::schema)
+                && let Some(schema) = parts.first().map(EpochPart::schema)
             {
-                match Changelog::concat(&schema, parts.clone()) {
-                    Ok(c) => *parts = vec![c],
+                match EpochPart::concat(&schema, parts) {
+                    Ok(c) => *parts = vec![c.into()],
                     Err(e) => warn!(source = id, error = %e, "cannot merge epoch changes"),
                 }
             }
@@ -740,7 +743,7 @@ impl ViewRuntime {
                 continue;
             };
             view.record_stats(epoch, &before).await;
-            changes.insert(view.id, vec![out.clone()]);
+            changes.insert(view.id, vec![out.clone().into()]);
             staged.push((view, out, recovered));
         }
         let _guard = self.read_lock.write().await;
