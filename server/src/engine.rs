@@ -37,6 +37,8 @@ pub const DEFAULT_SCHEMA: &str = "public";
 /// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
 const COMPACT_MIN_ENTRIES: usize = 256;
 
+/// Metadata key of the object store (its URL) the last run kept spilled data in.
+const OBJECT_STORE_META: &[u8] = b"object_store_url";
 /// A table log is rewritten once at least this many rows (and a quarter of the table) sit in
 /// cold files it does not refer to: the rewrite turns them into references, so that a
 /// restart opens the files instead of reading the rows and evicting them again.
@@ -148,7 +150,18 @@ impl Engine {
         crate::runtime::cache::register(&engine);
         // The budget holds while the tables are rebuilt from their logs, too.
         tokio::spawn(crate::runtime::cache::run(Arc::downgrade(&engine)));
-        engine.replay().await?;
+        let recorded = engine.object_store_moved_from()?;
+        if let Err(e) = engine.replay().await {
+            return Err(match recorded {
+                Some(recorded) => ServerError::ObjectStoreMoved {
+                    recorded,
+                    given: engine.cache.cold.url().to_string(),
+                    cause: e.to_string(),
+                },
+                None => e,
+            });
+        }
+        engine.record_object_store()?;
         // NOTE: only now: the tables have opened the cold files their logs refer to.
         engine.cache.remove_orphans()?;
         engine.sources.load_bad_records(engine.store())?;
@@ -158,6 +171,36 @@ impl Engine {
             tokio::spawn(checkpoint_ticker(Arc::downgrade(&engine), interval));
         }
         Ok(engine)
+    }
+
+    /// The object store the data directory's last run used, if it was another one than
+    /// now (its spilled files must have been copied here; a start that misses one says so).
+    fn object_store_moved_from(&self) -> Result<Option<String>> {
+        let given = self.cache.cold.url();
+        let recorded = self
+            .store()
+            .meta(OBJECT_STORE_META)?
+            .map(|url| String::from_utf8_lossy(&url).into_owned())
+            .filter(|url| url != given);
+        if let Some(recorded) = &recorded {
+            warn!(
+                recorded = %recorded,
+                given = %given,
+                "the object store differs from the last run's: its spilled files are read from the new one"
+            );
+        }
+        Ok(recorded)
+    }
+
+    /// Records the object store in use, once every table found its files there.
+    fn record_object_store(&self) -> Result<()> {
+        let url = self.cache.cold.url().as_bytes();
+        if self.store().meta(OBJECT_STORE_META)?.as_deref() != Some(url) {
+            let mut set = WriteSet::new();
+            set.put_meta(OBJECT_STORE_META, url.to_vec());
+            self.commit_write_set(set)?;
+        }
+        Ok(())
     }
 
     /// The durable store.

@@ -73,6 +73,20 @@ pub enum ServerError {
     /// The statement ran past `statement_timeout`.
     #[error("canceling statement due to statement timeout")]
     StatementTimeout,
+    /// A start-up failed to find a file the data directory refers to in the object store,
+    /// and the data directory was last run with another one.
+    #[error(
+        "{cause}; this data directory's last run kept its spilled data in {recorded}, not \
+         {given}: start with --object-store {recorded}, or copy those files to {given} first"
+    )]
+    ObjectStoreMoved {
+        /// The object store of the last run.
+        recorded: String,
+        /// The object store given now.
+        given: String,
+        /// What failed.
+        cause: String,
+    },
     /// An unknown configuration parameter.
     #[error("unrecognized configuration parameter \"{0}\"")]
     UnknownSetting(String),
@@ -162,7 +176,7 @@ impl ServerError {
                 PlanError::ViewNotReady { .. } => "55000",
                 PlanError::Internal(_) => "XX000",
             },
-            ServerError::Storage(_) => "58030",
+            ServerError::Storage(_) | ServerError::ObjectStoreMoved { .. } => "58030",
             ServerError::Arrow(e) => arrow_sqlstate(e),
             ServerError::NotSupported(_) => "0A000",
             ServerError::UniqueViolation { .. } => "23505",

@@ -491,9 +491,9 @@ async fn evicted_chunks_answer_every_read_through_changes_failures_and_kill_9() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_spill_to_s3_and_survive_an_unreachable_store() {
     let mut rng = StdRng::seed_from_u64(seed() ^ 0x53);
-    let s3 = S3Server::start(&["lake"]).expect("start s3s-fs");
+    let s3 = S3Server::start(&["lake", "pond"]).expect("start s3s-fs");
     let endpoint = s3.endpoint();
-    let server = TestServer::start_with_env(
+    let mut server = TestServer::start_with_env(
         &["--memory-limit", LIMIT, "--object-store", "s3://lake/spill"],
         &[
             ("AWS_ENDPOINT", endpoint.as_str()),
@@ -536,4 +536,57 @@ async fn chunks_spill_to_s3_and_survive_an_unreachable_store() {
     s3.resume();
     churn(&client, &mut model, &mut rng).await;
     check_reads(&client, &model, &mut rng, "after the outage").await;
+
+    // Another bucket: once the logs refer to the spilled files instead of holding their
+    // rows, the start fails, naming both stores, and changes nothing; once the files are
+    // copied there, it starts and reads them from there.
+    exec(&client, "CHECKPOINT").await;
+    assert!(
+        cache_total(&client, "log_files").await > 0,
+        "the logs refer to cold files"
+    );
+    let other = s3.root.join("pond").join("spill");
+    let err = server
+        .restart_with_args(&["--memory-limit", LIMIT, "--object-store", "s3://pond/spill"])
+        .expect_err("a start without the spilled files");
+    let message = err.to_string();
+    assert!(
+        message.contains("s3://lake/spill") && message.contains("start with --object-store"),
+        "the error names the last run's store: {message}"
+    );
+    copy_dir(&bucket, &other);
+    server
+        .restart_with_args(&["--memory-limit", LIMIT, "--object-store", "s3://pond/spill"])
+        .expect("start from the copy");
+    let client = server.connect("millrace").await.expect("connect");
+    check_reads(&client, &model, &mut rng, "from the copied store").await;
+    assert!(
+        one(
+            &client,
+            "SELECT detail FROM millrace_cache WHERE kind = 'total'"
+        )
+        .await
+        .contains("s3://pond/spill")
+    );
+    churn(&client, &mut model, &mut rng).await;
+    check_reads(
+        &client,
+        &model,
+        &mut rng,
+        "after changes in the copied store",
+    )
+    .await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
 }

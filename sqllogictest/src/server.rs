@@ -178,6 +178,12 @@ impl TestServer {
         }
     }
 
+    /// Starts the server again on the same data directory and port, with other arguments.
+    pub fn restart_with_args(&mut self, args: &[&str]) -> std::io::Result<()> {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.restart()
+    }
+
     /// Starts the server again on the same data directory and port.
     pub fn restart(&mut self) -> std::io::Result<()> {
         self.kill();
