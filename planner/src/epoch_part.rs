@@ -38,11 +38,6 @@ impl EpochPart {
         EpochPart::Stored { rows, weight: -1 }
     }
 
-    /// Stored rows that were inserted.
-    pub fn inserted(rows: StoredRows) -> Self {
-        EpochPart::Stored { rows, weight: 1 }
-    }
-
     /// Number of rows.
     pub fn len(&self) -> usize {
         match self {
@@ -115,16 +110,13 @@ impl EpochPart {
 
     /// Reads and concatenates parts with one schema into one change.
     pub fn concat(schema: &SchemaRef, parts: &[EpochPart]) -> Result<Changelog> {
+        if let [one] = parts {
+            return one.read();
+        }
         let read = parts
             .iter()
             .map(EpochPart::read)
             .collect::<Result<Vec<_>>>()?;
-        match read.len() {
-            1 => read
-                .into_iter()
-                .next()
-                .map_or_else(|| Ok(Changelog::empty(schema.clone())), Ok),
-            _ => Changelog::concat(schema, read),
-        }
+        Changelog::concat(schema, read)
     }
 }

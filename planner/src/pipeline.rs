@@ -748,8 +748,6 @@ fn run<'a>(
     })
 }
 
-/// `sources` as consecutive parts of about `max_bytes` each (a slice of one changelog per
-/// part), sources in id order; none when everything fits.
 /// The parts of an epoch's changes, in steps of about `max_bytes` each once read (one
 /// source per step, each source's rows in order); none when all fit in one step.
 fn split(sources: &HashMap<u64, Vec<EpochPart>>, max_bytes: usize) -> Vec<(u64, EpochPart)> {

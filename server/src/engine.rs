@@ -37,12 +37,14 @@ pub const DEFAULT_SCHEMA: &str = "public";
 /// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
 const COMPACT_MIN_ENTRIES: usize = 256;
 
-/// Metadata key of the object store (its URL) the last run kept spilled data in.
-const OBJECT_STORE_META: &[u8] = b"object_store_url";
 /// A table log is rewritten once at least this many rows (and a quarter of the table) sit in
 /// cold files it does not refer to: the rewrite turns them into references, so that a
 /// restart opens the files instead of reading the rows and evicting them again.
 const COMPACT_MIN_COLD_ROWS: usize = 65_536;
+
+/// Metadata key of the object store (its URL) the last run kept spilled data in.
+const OBJECT_STORE_META: &[u8] = b"object_store_url";
+
 /// Bytes of rows a log rewrite (compaction, ALTER TABLE) commits at a time.
 pub(crate) const REWRITE_COMMIT_BYTES: usize = 4 << 20;
 
