@@ -255,9 +255,9 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
         );
         // NOTE: the changes (a DELETE of 200k rows and an UPDATE of 286k rows of the spilled
         // tables, one epoch each) peak at the idle RSS plus 1.2-1.25 x the limit, at times a
-        // little over the 1.2 x the build keeps: during a step in which the join evicts
-        // state, RocksDB's own allocations grow by ~50 MB (see bench/README.md). This bounds
-        // them at 1.5 x; they were at 2.4 x before an epoch went through the view in parts.
+        // little over the 1.2 x the build keeps, in steps in which the join evicts state
+        // (RocksDB's allocations, see bench/README.md). This bounds them at 1.5 x; they were
+        // at 2.4 x before an epoch went through the view in parts.
         let changes_bound = LIMIT_BYTES + LIMIT_BYTES / 2 + idle;
         assert!(
             changes_peak <= changes_bound,
