@@ -25,7 +25,7 @@ use crate::error::{Result, StorageError};
 use crate::index::SecondaryIndex;
 use crate::key_index::KeyIndex;
 use crate::log_entry::LogEntry;
-use crate::stored_rows::{Piece, RowSource, StoredRows};
+use crate::stored_rows::{Piece, StoredRows};
 
 /// Identifier of a row inside one table; never reused.
 pub type RowId = u64;
@@ -124,10 +124,25 @@ fn tick() -> u64 {
 }
 
 /// Where a chunk's rows are.
-#[derive(Debug)]
-enum Rows {
+#[derive(Debug, Clone)]
+pub(crate) enum Rows {
     Hot(RecordBatch),
     Cold(Arc<ColdFile>),
+}
+
+impl Rows {
+    /// The rows at the given ascending positions (a cold file reads only those).
+    pub(crate) fn at(&self, positions: &[usize]) -> Result<RecordBatch> {
+        match self {
+            Rows::Hot(batch) => {
+                let idx = arrow::array::UInt32Array::from(
+                    positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                );
+                Ok(arrow::compute::take_record_batch(batch, &idx)?)
+            }
+            Rows::Cold(file) => file.read(None, Some(positions)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -274,19 +289,12 @@ impl Chunk {
     /// The rows at the given ascending positions (live or not).
     fn rows_at(&self, positions: &[usize], stats: &Counters) -> Result<RecordBatch> {
         self.touch();
-        match &self.rows {
-            Rows::Hot(batch) => {
-                stats.hits.fetch_add(1, Ordering::Relaxed);
-                let idx = arrow::array::UInt32Array::from(
-                    positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
-                );
-                Ok(arrow::compute::take_record_batch(batch, &idx)?)
-            }
-            Rows::Cold(file) => {
-                stats.misses.fetch_add(1, Ordering::Relaxed);
-                file.read(None, Some(positions))
-            }
-        }
+        let counter = match &self.rows {
+            Rows::Hot(_) => &stats.hits,
+            Rows::Cold(_) => &stats.misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.rows.at(positions)
     }
 
     fn memory_bytes(&self) -> usize {
@@ -931,11 +939,10 @@ impl ColumnarTable {
             positions.sort_unstable();
             positions.dedup();
             if let Some(chunk) = self.chunks.get(&chunk_id) {
-                let source = match &chunk.rows {
-                    Rows::Hot(batch) => RowSource::Hot(batch.clone()),
-                    Rows::Cold(file) => RowSource::Cold(file.clone()),
-                };
-                pieces.push(Piece { source, positions });
+                pieces.push(Piece {
+                    rows: chunk.rows.clone(),
+                    positions,
+                });
             }
         }
         let per_row = usize::try_from(self.bytes_per_row()).unwrap_or(usize::MAX);

@@ -10,26 +10,16 @@
 
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, UInt32Array};
-use arrow::compute::take_record_batch;
+use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
-use crate::cold::ColdFile;
+use crate::columnar::Rows;
 use crate::error::Result;
 
-/// Where one chunk's rows are.
-#[derive(Debug, Clone)]
-pub(crate) enum RowSource {
-    /// The chunk's rows as appended, in memory.
-    Hot(RecordBatch),
-    /// The chunk's Parquet file.
-    Cold(Arc<ColdFile>),
-}
-
-/// Rows of one chunk: its rows at ascending positions.
+/// Rows of one chunk: its rows (batch or file) at ascending positions.
 #[derive(Debug)]
 pub(crate) struct Piece {
-    pub(crate) source: RowSource,
+    pub(crate) rows: Rows,
     pub(crate) positions: Vec<usize>,
 }
 
@@ -123,15 +113,7 @@ impl StoredRows {
             if lo >= hi {
                 continue;
             }
-            let positions = &piece.positions[lo..hi];
-            let batch = match &piece.source {
-                RowSource::Hot(batch) => {
-                    let idx =
-                        UInt32Array::from(positions.iter().map(|&p| p as u32).collect::<Vec<_>>());
-                    take_record_batch(batch, &idx)?
-                }
-                RowSource::Cold(file) => file.read(None, Some(positions))?,
-            };
+            let batch = piece.rows.at(&piece.positions[lo..hi])?;
             batches.push(batch);
         }
         Ok(batches)
