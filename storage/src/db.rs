@@ -272,6 +272,12 @@ impl Store {
                 table.set_block_cache(cache);
                 // Several memtables per family must fit the write-buffer share.
                 o.set_write_buffer_size((m / 8).clamp(1 << 20, 64 << 20));
+                // NOTE: a compaction holds its output file's filter hashes (8 bytes a key)
+                // and index block in memory until the file is cut, outside the budget. At
+                // RocksDB's 64 MiB of compressed data a file, the join state's files held
+                // 2.7M keys: 22 MB of hashes and 17 MB of index builder in one compaction
+                // (heaptrack, `state_spill`). Files of a 32nd of the limit keep that small.
+                o.set_target_file_size_base((m as u64 / 32).clamp(2 << 20, 64 << 20));
             }
             o.set_block_based_table_factory(&table);
             o
