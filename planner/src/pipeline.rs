@@ -29,6 +29,10 @@ use millrace_storage::StateTier;
 /// Rows of a bounded step's change below which it is not consolidated between parts.
 const MIN_CONSOLIDATE: usize = 65_536;
 
+/// The state one step of a bounded epoch should add in memory, in multiples of its input
+/// bound (see [`Pipeline::step_budget`]).
+const GROWTH_PER_STEP: usize = 4;
+
 /// Jobs a partition instance may have queued before the router waits.
 const WORKER_QUEUE: usize = 2;
 
@@ -116,6 +120,9 @@ pub struct Pipeline {
     tier: Option<Arc<StateTier>>,
     /// The plan's fingerprint (`PlanNode::layout`), recorded with checkpoints.
     layout: u64,
+    /// Per source, how many bytes the state in memory grew per input byte in the source's
+    /// last measured step (see [`Pipeline::step_budget`]).
+    growth_per_byte: HashMap<u64, f64>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -140,6 +147,7 @@ impl Pipeline {
             rows_out: 0,
             tier,
             layout,
+            growth_per_byte: HashMap::new(),
         })
     }
 
@@ -193,7 +201,10 @@ impl Pipeline {
     /// failed eviction keeps the state in memory and is counted in the tier.
     pub async fn evict(&mut self, fraction: f64) -> u64 {
         match self.control(StateControl::Evict(fraction)).await {
-            Ok(freed) => freed.iter().map(|(_, b)| b).sum(),
+            Ok(freed) => {
+                self.publish_held();
+                freed.iter().map(|(_, b)| b).sum()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "evicting operator state failed; it stays in memory");
                 if let Some(tier) = &self.tier {
@@ -219,6 +230,16 @@ impl Pipeline {
 
     /// Pushes one epoch's source changes through the pipeline and returns the view's change.
     pub async fn step(&mut self, sources: &HashMap<u64, Changelog>) -> Result<Changelog> {
+        Ok(self.step_measured(sources).await?.0)
+    }
+
+    /// [`Pipeline::step`], also returning by how much the state held in memory grew during
+    /// the step (before the eviction after it).
+    async fn step_measured(
+        &mut self,
+        sources: &HashMap<u64, Changelog>,
+    ) -> Result<(Changelog, i64)> {
+        let before = self.stats().state.bytes;
         self.rows_in += sources.values().map(|c| c.len() as u64).sum::<u64>();
         // NOTE: an operator bug must fail this view, not the server.
         let out = std::panic::AssertUnwindSafe(run(&mut self.root, sources))
@@ -227,8 +248,9 @@ impl Pipeline {
             .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??
             .consolidate()?;
         self.rows_out += out.len() as u64;
+        let held = self.stats().state.bytes;
+        let growth = held as i64 - before as i64;
         if let Some(tier) = self.tier.clone() {
-            let held = self.stats().state.bytes;
             let cap = tier.cap();
             let over = (held > cap).then(|| 1.0 - 0.8 * cap as f64 / held as f64);
             if let Some(fraction) = tier
@@ -238,9 +260,11 @@ impl Pipeline {
                 .reduce(f64::max)
             {
                 self.evict(fraction).await;
+            } else {
+                tier.set_held(held);
             }
         }
-        Ok(out)
+        Ok((out, growth))
     }
 
     /// Pushes one epoch's source changes through the pipeline in steps that each take about
@@ -254,13 +278,21 @@ impl Pipeline {
     /// before and after it, so steps over consecutive parts add up to the step over the
     /// whole; each source's rows keep their order, so no relation is ever seen with a row
     /// deleted before it was inserted.
+    ///
+    /// A step's input can bring back far more state than its own size (each changed row of
+    /// a join reads its key's evicted rows of the other side), and state is only evicted
+    /// after a step: the steps shrink so that the state a step adds stays near
+    /// [`GROWTH_PER_STEP`] times `max_bytes` (see [`Pipeline::step_budget`]).
     pub async fn step_bounded(
         &mut self,
         sources: &HashMap<u64, Vec<EpochPart>>,
         max_bytes: usize,
     ) -> Result<Changelog> {
-        let parts = split(sources, max_bytes);
-        if parts.is_empty() {
+        let bytes = |parts: &[EpochPart]| parts.iter().map(EpochPart::bytes_when_read).sum();
+        let total: usize = sources.values().map(|p| bytes(p)).sum();
+        let whole = total <= max_bytes
+            && (sources.iter()).all(|(id, p)| bytes(p) <= self.step_budget(*id, max_bytes));
+        if whole {
             let mut whole = HashMap::with_capacity(sources.len());
             for (id, parts) in sources {
                 let Some(schema) = parts.first().map(EpochPart::schema) else {
@@ -268,35 +300,73 @@ impl Pipeline {
                 };
                 whole.insert(*id, EpochPart::concat(&schema, parts)?);
             }
-            return self.step(&whole).await;
+            let (out, growth) = self.step_measured(&whole).await?;
+            if let [(id, parts)] = sources.iter().collect::<Vec<_>>()[..] {
+                self.record_growth(*id, bytes(parts), growth);
+            }
+            return Ok(out);
         }
         let mut outs: Vec<Changelog> = Vec::new();
         let mut schema = None;
         let (mut held, mut consolidated) = (0usize, 0usize);
-        for (id, part) in parts {
-            // NOTE: stored rows are read here, one step's slice at a time.
-            let part = HashMap::from([(id, part.read()?)]);
-            let out = self.step(&part).await?;
-            schema.get_or_insert_with(|| out.schema());
-            if out.is_empty() {
-                continue;
-            }
-            held += out.len();
-            outs.push(out);
-            // NOTE: consolidating when the change doubles keeps the work linear overall.
-            if held > MIN_CONSOLIDATE.max(2 * consolidated)
-                && let Some(schema) = &schema
-            {
-                let merged = Changelog::concat(schema, std::mem::take(&mut outs))?.consolidate()?;
-                held = merged.len();
-                consolidated = held;
-                outs.push(merged);
+        for (id, change) in in_order(sources) {
+            let per_row = (change.bytes_when_read() / change.len().max(1)).max(1);
+            let mut offset = 0;
+            while offset < change.len() {
+                let budget = self.step_budget(id, max_bytes);
+                let rows = (budget / per_row).clamp(1, change.len() - offset);
+                // NOTE: stored rows are read here, one step's slice at a time.
+                let part = HashMap::from([(id, change.slice(offset, rows).read()?)]);
+                offset += rows;
+                let (out, growth) = self.step_measured(&part).await?;
+                self.record_growth(id, rows * per_row, growth);
+                schema.get_or_insert_with(|| out.schema());
+                if out.is_empty() {
+                    continue;
+                }
+                held += out.len();
+                outs.push(out);
+                // NOTE: consolidating when the change doubles keeps the work linear overall.
+                if held > MIN_CONSOLIDATE.max(2 * consolidated)
+                    && let Some(schema) = &schema
+                {
+                    let merged =
+                        Changelog::concat(schema, std::mem::take(&mut outs))?.consolidate()?;
+                    held = merged.len();
+                    consolidated = held;
+                    outs.push(merged);
+                }
             }
         }
         let schema = schema.ok_or_else(|| PlanError::Internal("a step without parts".into()))?;
         match outs.len() {
             1 => Ok(outs.remove(0)),
             _ => Changelog::concat(&schema, outs)?.consolidate(),
+        }
+    }
+
+    /// Input bytes of source `id` that one step of a bounded epoch takes: `max_bytes`, or
+    /// less where the source's last step grew the state in memory by more than
+    /// [`GROWTH_PER_STEP`] x `max_bytes` for that much input.
+    ///
+    /// Measured in `state_spill` (an UPDATE of 286k rows of one side of a spilled 1:1 join
+    /// under `--memory-limit 256MiB`, 2 MiB steps): a step read back 31-58 MB of the other
+    /// side's rows before the eviction after it, 15-25 x its input.
+    fn step_budget(&self, id: u64, max_bytes: usize) -> usize {
+        step_budget(self.growth_per_byte.get(&id).copied(), max_bytes)
+    }
+
+    /// Remembers how much a step of `input` bytes of source `id` grew the state.
+    fn record_growth(&mut self, id: u64, input: usize, growth: i64) {
+        let per_byte = growth.max(0) as f64 / input.max(1) as f64;
+        self.growth_per_byte.insert(id, per_byte);
+    }
+
+    /// Tells the warm tier how much state the operators hold in memory now, for the cache
+    /// manager (a large epoch takes many steps, and reads state back in each).
+    fn publish_held(&self) {
+        if let Some(tier) = &self.tier {
+            tier.set_held(self.stats().state.bytes);
         }
     }
 
@@ -750,34 +820,27 @@ fn run<'a>(
 
 /// The parts of an epoch's changes, in steps of about `max_bytes` each once read (one
 /// source per step, each source's rows in order); none when all fit in one step.
-fn split(sources: &HashMap<u64, Vec<EpochPart>>, max_bytes: usize) -> Vec<(u64, EpochPart)> {
-    let total: usize = sources
-        .values()
-        .flatten()
-        .map(EpochPart::bytes_when_read)
-        .sum();
-    if total <= max_bytes {
-        return vec![];
+/// Input bytes of a step that would grow the state by about [`GROWTH_PER_STEP`] x
+/// `max_bytes`, if the last step grew it by `per_byte` for each byte of input; at most
+/// `max_bytes`, at least one byte.
+fn step_budget(per_byte: Option<f64>, max_bytes: usize) -> usize {
+    let target = max_bytes.saturating_mul(GROWTH_PER_STEP) as f64;
+    match per_byte {
+        Some(per_byte) if per_byte * max_bytes as f64 > target => {
+            ((target / per_byte) as usize).clamp(1, max_bytes)
+        }
+        _ => max_bytes,
     }
+}
+
+/// Each source's non-empty parts, sources by id, parts in their order.
+fn in_order(sources: &HashMap<u64, Vec<EpochPart>>) -> impl Iterator<Item = (u64, &EpochPart)> {
     let mut ids: Vec<u64> = sources.keys().copied().collect();
     ids.sort_unstable();
-    let mut parts = Vec::new();
-    let changes = ids
-        .iter()
-        .filter_map(|id| sources.get(id).map(|c| (*id, c)))
-        .flat_map(|(id, changes)| changes.iter().map(move |c| (id, c)));
-    for (id, change) in changes {
-        if change.is_empty() {
-            continue;
-        }
-        let per_row = (change.bytes_when_read() / change.len()).max(1);
-        let rows = (max_bytes / per_row).max(1);
-        for offset in (0..change.len()).step_by(rows) {
-            let len = rows.min(change.len() - offset);
-            parts.push((id, change.slice(offset, len)));
-        }
-    }
-    parts
+    ids.into_iter()
+        .filter_map(|id| sources.get(&id).map(|parts| (id, parts)))
+        .flat_map(|(id, parts)| parts.iter().map(move |part| (id, part)))
+        .filter(|(_, part)| !part.is_empty())
 }
 
 fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
@@ -787,5 +850,21 @@ fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "unknown panic".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_shrink_when_they_grow_the_state_more_than_the_target() {
+        let max = 2 << 20;
+        assert_eq!(step_budget(None, max), max, "no step measured yet");
+        assert_eq!(step_budget(Some(0.0), max), max, "a step that freed state");
+        assert_eq!(step_budget(Some(4.0), max), max, "at the target");
+        // A step that read back 25 bytes of state per input byte: the next takes 4/25.
+        assert_eq!(step_budget(Some(25.0), max), max * 4 / 25);
+        assert_eq!(step_budget(Some(1e30), max), 1, "at least a byte");
     }
 }

@@ -261,16 +261,6 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
                 Some(*ranks.select_nth_unstable(k - 1).1)
             }
         };
-        let victims: Vec<StateKey> = match cutoff {
-            Some(cutoff) => self
-                .entries
-                .iter()
-                .filter(|(key, slot)| rank(key, slot) <= cutoff)
-                .map(|(key, _)| key.clone())
-                .take(k)
-                .collect(),
-            None => Vec::new(),
-        };
         // Changed entries are written before they leave memory, in bounded batches; so are
         // removals, which then need no tombstone in memory.
         let removed: Vec<StateKey> = self
@@ -280,16 +270,87 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
             .filter(|key| !self.entries.contains_key(*key))
             .cloned()
             .collect();
-        self.write_changes(&location, removed.iter().chain(&victims), encode)?;
-        let mut freed = 0;
-        for key in &victims {
-            if let Some(slot) = self.entries.remove(key) {
-                freed += size(key, &slot.value);
+        self.write_changes(&location, removed.iter(), encode)?;
+        let Some(cutoff) = cutoff else {
+            return Ok(0);
+        };
+        // NOTE: victims are taken out of the map as they are found, not listed first: the
+        // list of their keys held 40 MB at the start of a large eviction of a join's state
+        // (`state_spill`).
+        let (mut freed, mut evicted) = (0, 0u64);
+        let mut batch: Vec<(StateKey, Slot<V>, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0;
+        let mut written: Vec<StateKey> = Vec::new();
+        let mut unwritten: Vec<(StateKey, Slot<V>)> = Vec::new();
+        let mut failure = None;
+        {
+            let (dirty, pending) = (&self.dirty, &self.pending);
+            let changed = |key: &[u8]| dirty.contains(key) || pending.contains(key);
+            let mut taken = 0;
+            let victims = self.entries.extract_if(|key, slot| {
+                let rank = match changed(key) {
+                    true => slot.used | 1 << 63,
+                    false => slot.used,
+                };
+                let take = taken < k && rank <= cutoff;
+                taken += usize::from(take);
+                take
+            });
+            for (key, mut slot) in victims {
+                if !changed(&key) {
+                    freed += size(&key, &slot.value);
+                    evicted += 1;
+                    continue;
+                }
+                match encode(&mut slot.value) {
+                    Ok(value) => {
+                        batch_bytes += key.len() + value.len();
+                        batch.push((key, slot, value));
+                    }
+                    Err(e) => {
+                        unwritten.push((key, slot));
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                if batch_bytes >= SPILL_CHUNK_BYTES {
+                    batch_bytes = 0;
+                    match spill_slots(&location, &mut batch, size) {
+                        Ok((bytes, keys)) => {
+                            freed += bytes;
+                            evicted += keys.len() as u64;
+                            written.extend(keys);
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
             }
         }
-        if !victims.is_empty() {
+        if failure.is_none() && !batch.is_empty() {
+            match spill_slots(&location, &mut batch, size) {
+                Ok((bytes, keys)) => {
+                    freed += bytes;
+                    evicted += keys.len() as u64;
+                    written.extend(keys);
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        // A failed write leaves the entries it did not write in memory, still changed.
+        unwritten.extend(batch.into_iter().map(|(key, slot, _)| (key, slot)));
+        for (key, slot) in unwritten {
+            self.entries.insert(key, slot);
+        }
+        for key in &written {
+            self.dirty.remove(key);
+            self.pending.remove(key);
+        }
+        if evicted > 0 {
             self.cold = true;
-            self.counters.evicted += victims.len() as u64;
+            self.counters.evicted += evicted;
             // NOTE: a table sized for the entries before eviction keeps its slots (64 bytes
             // each); left at half load or less after an eviction, it is rebuilt to size.
             if self.entries.len() <= self.entries.capacity() / 2 {
@@ -299,7 +360,10 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
                 self.dirty.shrink_to_fit();
             }
         }
-        Ok(freed)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(freed),
+        }
     }
 
     fn flush_changes(&mut self, min_entries: usize, encode: &mut EncodeFn<'_, V>) -> Result<u64> {
@@ -317,6 +381,28 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
             .collect();
         self.write_changes(&location, keys.iter(), encode)
     }
+}
+
+/// Writes a batch of evicted changed entries (key, entry, encoded value) to the warm tier
+/// and empties it; returns the bytes they accounted for and their keys. On failure the
+/// entries stay in the batch (their encoded values taken).
+fn spill_slots<V>(
+    location: &StateLocation,
+    batch: &mut Vec<(StateKey, Slot<V>, Vec<u8>)>,
+    size: &SizeFn<'_, V>,
+) -> Result<(i64, Vec<StateKey>)> {
+    let entries = batch
+        .iter_mut()
+        .map(|(key, _, value)| (key.to_vec(), Some(std::mem::take(value))))
+        .collect();
+    location.spill(entries)?;
+    let mut bytes = 0;
+    let mut keys = Vec::with_capacity(batch.len());
+    for (key, slot, _) in batch.drain(..) {
+        bytes += size(&key, &slot.value);
+        keys.push(key);
+    }
+    Ok((bytes, keys))
 }
 
 impl<V> TieredState<V> {

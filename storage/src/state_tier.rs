@@ -55,6 +55,10 @@ pub struct StateTier {
     /// Bytes of state the pipeline may hold before it evicts on its own after a step
     /// (u64::MAX: no cap), set by the cache manager from the budget's headroom.
     cap: AtomicU64,
+    /// Bytes of state in memory after the pipeline's last step or eviction (u64::MAX: none
+    /// yet): the cache manager counts a long epoch's state as it grows from this, not from
+    /// the figure recorded when the last epoch ended.
+    held: AtomicU64,
     /// Entries written to and read back from the tier.
     written: AtomicU64,
     read: AtomicU64,
@@ -77,6 +81,7 @@ impl StateTier {
             spills: RwLock::new(()),
             eviction: AtomicU32::new(0),
             cap: AtomicU64::new(u64::MAX),
+            held: AtomicU64::new(u64::MAX),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -121,6 +126,21 @@ impl StateTier {
     /// The cap on state held in memory.
     pub fn cap(&self) -> u64 {
         self.cap.load(Ordering::Relaxed)
+    }
+
+    /// Records the bytes of state the pipeline holds in memory now (after a step or an
+    /// eviction).
+    pub fn set_held(&self, bytes: u64) {
+        self.held.store(bytes.min(u64::MAX - 1), Ordering::Relaxed);
+    }
+
+    /// The bytes of state the pipeline held after its last step or eviction, if it has
+    /// taken one.
+    pub fn held(&self) -> Option<u64> {
+        match self.held.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            bytes => Some(bytes),
+        }
     }
 
     /// The eviction requested since the last call, if any.
@@ -334,6 +354,57 @@ mod tests {
         store.commit(set)?;
         tier.committed();
         assert!(!StateTier::is_marked(&store, 7)?);
+        Ok(())
+    }
+
+    #[test]
+    fn an_eviction_over_several_writes_that_fails_midway_keeps_every_entry() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Injected(e.to_string()))?;
+        let store = Arc::new(Store::open(dir.path())?);
+        let tier = StateTier::new(store.clone(), 11, true);
+        let mut s: TieredState<Vec<u8>> = TieredState::default();
+        s.attach(tier.location(2, 1));
+        // 3,000 changed entries of 1 KB: an eviction of all of them takes three writes.
+        let want = |k: u32| vec![(k % 251) as u8; 1000];
+        for k in 0..3000u32 {
+            *s.get_or_insert_with(&k.to_be_bytes(), &mut Vec::new) = want(k);
+        }
+        let size = |_: &[u8], v: &Vec<u8>| v.len() as i64;
+        // The 1,500th encoding fails: the first write went through, the rest did not.
+        let mut calls = 0;
+        let mut failing = |v: &mut Vec<u8>| {
+            calls += 1;
+            match calls {
+                1500 => Err(StorageError::Injected("encode".into())),
+                _ => Ok(v.clone()),
+            }
+        };
+        assert!(s.evict(1.0, &mut failing, &size).is_err());
+        let written = tier.counters().0;
+        assert!(
+            written > 0 && written < 1499,
+            "{written} written before the failure"
+        );
+        assert_eq!(
+            s.len() as u64,
+            3000 - written,
+            "the entries not written stay"
+        );
+        assert_eq!(
+            s.take_dirty().len() as u64,
+            3000 - written,
+            "and stay changed"
+        );
+        let mut encode = |v: &mut Vec<u8>| Ok(v.clone());
+        assert_eq!(
+            s.evict(1.0, &mut encode, &size)?,
+            (3000 - written as i64) * 1000
+        );
+        assert_eq!((s.len(), tier.counters().0), (0, 3000));
+        for k in 0..3000u32 {
+            let bytes = s.fetch(&k.to_be_bytes())?;
+            assert_eq!(bytes, Some(want(k)), "key {k}");
+        }
         Ok(())
     }
 

@@ -299,7 +299,14 @@ impl CacheManager {
             }
         }
         for view in engine.views.views() {
-            let state = view.stats.lock().map(|s| s.state).unwrap_or_default();
+            let mut state = view.stats.lock().map(|s| s.state).unwrap_or_default();
+            // NOTE: the stats are recorded once an epoch is done; the tier has the state
+            // after the last step (an UPDATE's epoch took 18 s of steps, reading back 100 MB
+            // of state that the cache did not count until it ended).
+            let live = view.tier.lock().ok().and_then(|t| t.as_ref()?.held());
+            if let Some(bytes) = live {
+                state.bytes = bytes;
+            }
             let owner = Owner::View(view.provider.clone());
             // The contents' row index (encoded rows to their copies) is memory too.
             let stats = view.provider.contents.read().ok().map(|c| CacheStats {
