@@ -818,8 +818,6 @@ fn run<'a>(
     })
 }
 
-/// The parts of an epoch's changes, in steps of about `max_bytes` each once read (one
-/// source per step, each source's rows in order); none when all fit in one step.
 /// Input bytes of a step that would grow the state by about [`GROWTH_PER_STEP`] x
 /// `max_bytes`, if the last step grew it by `per_byte` for each byte of input; at most
 /// `max_bytes`, at least one byte.

@@ -75,8 +75,10 @@ pub trait StateStore<V>: Send + std::fmt::Debug {
     /// as they are used instead of restoring them up front. False if not attached.
     fn restore_lazily(&mut self) -> bool;
     /// Evicts the least recently used `fraction` of the entries in memory. Changed entries
-    /// are encoded and written to the warm tier first (if that fails, nothing is evicted).
-    /// Returns the bytes freed as `size` counts them.
+    /// are encoded and written to the warm tier first, in batches; those a failed write (or
+    /// encoding) did not write stay in memory, and the failure is counted on the tier.
+    /// Returns the bytes freed as `size` counts them (an error only if removals could not
+    /// be written, when nothing is evicted).
     fn evict(
         &mut self,
         fraction: f64,
@@ -360,10 +362,13 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
                 self.dirty.shrink_to_fit();
             }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(freed),
+        // NOTE: counted, not returned: what left memory before the failure must leave the
+        // operator's state figure too.
+        if let Some(e) = failure {
+            tracing::warn!(error = %e, "writing evicted operator state failed; the entries not written stay in memory");
+            location.record_failure(e.to_string());
         }
+        Ok(freed)
     }
 
     fn flush_changes(&mut self, min_entries: usize, encode: &mut EncodeFn<'_, V>) -> Result<u64> {

@@ -229,6 +229,11 @@ pub struct StateLocation {
 }
 
 impl StateLocation {
+    /// Counts a failed eviction on the tier.
+    pub fn record_failure(&self, error: String) {
+        self.tier.record_failure(error);
+    }
+
     /// The same location for keys starting with `prefix` (after this location's prefix).
     pub fn with_prefix(&self, prefix: &[u8]) -> Self {
         let mut joined = self.prefix.clone();
@@ -344,8 +349,9 @@ mod tests {
         // A change after that is dirty again; a failed write keeps it in memory.
         *s.get_or_insert_with(&42i64.to_be_bytes(), &mut || 0) += 1;
         store.inject_write_failures(1);
-        assert!(s.evict(1.0, &mut encode, &|_, _| 10).is_err());
+        assert_eq!(s.evict(1.0, &mut encode, &|_, _| 10)?, 0, "nothing freed");
         assert_eq!(s.peek(&42i64.to_be_bytes()), Some(&43));
+        assert_eq!(tier.failures().0, 1, "the failed write is counted");
         s.evict(1.0, &mut encode, &|_, _| 10)?;
         assert_eq!(value(&mut s, &42i64.to_be_bytes())?, Some(43));
         // The checkpoint that includes the view clears the mark.
@@ -379,8 +385,10 @@ mod tests {
                 _ => Ok(v.clone()),
             }
         };
-        assert!(s.evict(1.0, &mut failing, &size).is_err());
+        let freed = s.evict(1.0, &mut failing, &size)?;
         let written = tier.counters().0;
+        assert_eq!(freed, written as i64 * 1000, "what was written left memory");
+        assert_eq!(tier.failures().0, 1);
         assert!(
             written > 0 && written < 1499,
             "{written} written before the failure"
