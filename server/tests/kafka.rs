@@ -183,6 +183,22 @@ async fn kafka_source_reads_exactly_once_through_outages_and_crashes() {
         .await,
         "2"
     );
+    // Each reader's fetch process is memory the limit covers: the cache counts it.
+    let detail = one(
+        &client,
+        "SELECT detail FROM millrace_cache WHERE kind = 'total'",
+    )
+    .await;
+    let helpers = detail
+        .split("; ")
+        .find_map(|part| part.strip_suffix(" bytes (counted in the limit)"))
+        .and_then(|part| part.split_once(" kafka fetch processes hold "))
+        .and_then(|(n, bytes)| Some((n.parse::<u32>().ok()?, bytes.parse::<u64>().ok()?)));
+    println!("kafka fetch processes and their anonymous resident bytes: {helpers:?}");
+    assert!(
+        matches!(helpers, Some((2, bytes)) if bytes > 1 << 20),
+        "two fetch processes holding more than 1 MiB counted: {detail}"
+    );
 
     // A source is fed only by its connector.
     let err = client

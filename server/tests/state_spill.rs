@@ -254,7 +254,7 @@ async fn join_state_five_times_the_limit_is_correct_within_the_memory_limit() {
             "peak RSS {load_peak} bytes while building is over 1.2 x the limit plus the idle RSS ({bound} bytes)"
         );
         // NOTE: the changes (a DELETE of 200k rows and an UPDATE of 286k rows of the spilled
-        // tables, one epoch each) peaked at the idle RSS plus 1.05-1.19 x the limit in nine
+        // tables, one epoch each) peaked at the idle RSS plus 1.05-1.19 x the limit in ten
         // runs (377-412 MiB against 415; see bench/README.md), after passing 1.2 x in two
         // runs of five before the steps were sized by the state they read back. The margin
         // is thin and what is left over the budget is a statement's working set and

@@ -29,6 +29,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ServerError};
+use crate::runtime::resident::Helper;
 
 /// The hidden subcommand of the `millrace` binary that runs a fetch process.
 pub const SUBCOMMAND: &str = "kafka-fetch";
@@ -76,6 +77,8 @@ pub(super) struct FetchProcess {
     _stdin: ChildStdin,
     /// The key and payload of the last message frame.
     buffer: Vec<u8>,
+    /// Counts the process's memory against the limit while it runs.
+    _resident: Helper,
 }
 
 impl FetchProcess {
@@ -106,6 +109,7 @@ impl FetchProcess {
             return Err(spawn_failed(e));
         }
         Ok(Self {
+            _resident: Helper::register(child.id()),
             child,
             frames: BufReader::with_capacity(256 << 10, stdout),
             _stdin: stdin,

@@ -25,9 +25,8 @@ use tracing::{info, warn};
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
 use crate::runtime::ViewEntry;
+use crate::runtime::resident;
 
-/// Bytes per page in `/proc/self/statm` (4 KiB on the platforms we run on).
-const PAGE_BYTES: u64 = 4096;
 /// The process is taken to be over its limit from a this-many-th below it: memory allocated
 /// between two ticks (a statement's rows, a view step's changes) lands in that margin.
 const OVER_LIMIT_MARGIN: u64 = 8;
@@ -221,7 +220,7 @@ impl CacheManager {
             state_evictions: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             ticking: Mutex::new(()),
-            anon_at_start: anonymous_resident().unwrap_or(0),
+            anon_at_start: resident::anonymous_resident().unwrap_or(0),
             over_limit: AtomicU64::new(0),
         }))
     }
@@ -320,9 +319,9 @@ impl CacheManager {
         out
     }
 
-    /// The cache's share this tick: its part of the budget, less what the process's
-    /// anonymous resident memory is over the limit (less a margin, plus what it held at
-    /// start).
+    /// The cache's share this tick: its part of the budget, less what the anonymous
+    /// resident memory of the server and its helper processes (`resident.rs`) is over the
+    /// limit (less a margin, plus what it held at start).
     ///
     /// The shares count what the cache, RocksDB and the query pool account for; the rest
     /// (a statement's working set, a view step's intermediate changes, allocator slack,
@@ -333,7 +332,7 @@ impl CacheManager {
     /// RocksDB's 32 MB share. Measuring the process makes the cache give way to all of it.
     fn share_now(&self) -> Option<u64> {
         let share = self.budget.cache?;
-        let over = match (self.budget.limit, anonymous_resident()) {
+        let over = match (self.budget.limit, resident::anonymous_resident()) {
             (Some(limit), Some(anon)) => {
                 anon.saturating_sub(self.anon_at_start + limit - limit / OVER_LIMIT_MARGIN)
             }
@@ -637,7 +636,7 @@ pub fn register(engine: &Arc<Engine>) {
             state: total_state,
             budget: manager.budget.cache,
             detail: Some(format!(
-                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}; operator state: {} eviction passes, {state_failed} failed evictions{}{}{}",
+                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}; operator state: {} eviction passes, {state_failed} failed evictions{}{}{}{}",
                 manager.cold.url(),
                 counters.files_written.load(Ordering::Relaxed),
                 counters.files_deleted.load(Ordering::Relaxed),
@@ -657,6 +656,12 @@ pub fn register(engine: &Arc<Engine>) {
                     0 => String::new(),
                     over => format!(
                         "; resident memory {over} bytes over the limit at the last tick (the share shrinks by as much)"
+                    ),
+                },
+                match resident::helpers() {
+                    (0, _) => String::new(),
+                    (n, bytes) => format!(
+                        "; {n} kafka fetch processes hold {bytes} bytes (counted in the limit)"
                     ),
                 }
             )),
@@ -772,14 +777,4 @@ pub fn cold_store(setting: Option<&str>, data_dir: &std::path::Path) -> Result<A
             )?)
         }
     }
-}
-
-/// Resident memory of the process that is not backed by a file (heap, stacks, anonymous
-/// mappings; the binary's pages are not), from `/proc/self/statm`; None elsewhere.
-fn anonymous_resident() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let mut pages = statm.split_whitespace().skip(1);
-    let resident: u64 = pages.next()?.parse().ok()?;
-    let shared: u64 = pages.next()?.parse().ok()?;
-    Some(resident.saturating_sub(shared) * PAGE_BYTES)
 }

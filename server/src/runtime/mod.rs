@@ -24,6 +24,7 @@ pub mod backlog;
 pub mod cache;
 pub mod checkpoint;
 pub mod events;
+pub mod resident;
 pub mod subscribe;
 pub mod supervisor;
 pub mod system;
