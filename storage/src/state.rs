@@ -246,15 +246,7 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
         };
         let n = self.entries.len();
         let k = ((n as f64) * fraction.clamp(0.0, 1.0)).ceil() as usize;
-        // Unchanged entries go first (dropping them writes nothing), least recently used
-        // first within each kind.
-        let rank = |key: &StateKey, slot: &Slot<V>| {
-            if self.dirty.contains(key) || self.pending.contains(key) {
-                slot.used | 1 << 63
-            } else {
-                slot.used
-            }
-        };
+        let rank = |key: &StateKey, slot: &Slot<V>| eviction_rank(self.changed(key), slot.used);
         let cutoff = match k {
             0 => None,
             k if k >= n => Some(u64::MAX),
@@ -290,11 +282,7 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
             let changed = |key: &[u8]| dirty.contains(key) || pending.contains(key);
             let mut taken = 0;
             let victims = self.entries.extract_if(|key, slot| {
-                let rank = match changed(key) {
-                    true => slot.used | 1 << 63,
-                    false => slot.used,
-                };
-                let take = taken < k && rank <= cutoff;
+                let take = taken < k && eviction_rank(changed(key), slot.used) <= cutoff;
                 taken += usize::from(take);
                 take
             });
@@ -386,6 +374,12 @@ impl<V: Send + std::fmt::Debug> StateStore<V> for TieredState<V> {
             .collect();
         self.write_changes(&location, keys.iter(), encode)
     }
+}
+
+/// The order entries are evicted in: unchanged ones before changed ones (dropping them
+/// writes nothing), least recently `used` first within each kind.
+fn eviction_rank(changed: bool, used: u64) -> u64 {
+    if changed { used | 1 << 63 } else { used }
 }
 
 /// Writes a batch of evicted changed entries (key, entry, encoded value) to the warm tier
