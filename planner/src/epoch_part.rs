@@ -38,6 +38,11 @@ impl EpochPart {
         EpochPart::Stored { rows, weight: -1 }
     }
 
+    /// Stored rows that were inserted.
+    pub fn inserted(rows: StoredRows) -> Self {
+        EpochPart::Stored { rows, weight: 1 }
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         match self {

@@ -578,42 +578,60 @@ impl Engine {
                 let table = ddl::build_table(&ctx, &record).await?;
                 plan.check_table(self.store(), record.id)?;
                 let after = plan.manifest.as_ref().map(|m| m.log_seq);
-                let mut changes = Vec::new();
-                let entries = {
+                // The changes since the checkpoint, net of rows both inserted and deleted
+                // after it: the rows deleted that the checkpoint had, read before their
+                // delete is applied, and the rows inserted that are still live.
+                let mut deleted: Vec<Changelog> = Vec::new();
+                let mut inserted: HashSet<RowId> = HashSet::new();
+                let (entries, parts) = {
                     let mut data = table
                         .data
                         .write()
                         .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
                     let mut replay = self.cache.replay_budget(record.id);
                     let cold = &self.cache.cold;
-                    self.store().for_each_log_entry(record.id, |seq, entry| {
+                    let entries = self.store().for_each_log_entry(record.id, |seq, entry| {
                         let tracked = after.is_some_and(|s| seq >= s);
                         match &entry {
                             LogEntry::Delete { row_ids } if tracked => {
-                                changes.push(Changelog::deletes(data.fetch(row_ids.values())?));
+                                let checkpointed: Vec<RowId> = (row_ids.values().iter())
+                                    .copied()
+                                    .filter(|id| !inserted.remove(id))
+                                    .collect();
+                                if !checkpointed.is_empty() {
+                                    deleted.push(Changelog::deletes(data.fetch(&checkpointed)?));
+                                }
                                 data.apply(&entry)?;
                             }
                             LogEntry::Insert { row_ids, .. } | LogEntry::Cold { row_ids, .. }
                                 if tracked =>
                             {
                                 data.replay(&entry, cold)?;
-                                changes.push(Changelog::inserts(data.fetch(row_ids.values())?));
+                                inserted.extend(row_ids.values().iter().copied());
                             }
                             _ => data.replay(&entry, cold)?,
                         }
                         replay.applied(&entry, &mut data);
                         Ok(())
-                    })?
+                    })?;
+                    // NOTE: the inserted rows are referred to where the table keeps them,
+                    // not read: the views read them a step at a time. Reading both sides,
+                    // then concatenating and consolidating them, held a large change since
+                    // the checkpoint in memory three times while the restart replayed.
+                    let mut parts: Vec<EpochPart> = Vec::new();
+                    if !deleted.is_empty() {
+                        let rows = Changelog::concat(&table.def.schema, deleted)?;
+                        parts.push(rows.into());
+                    }
+                    if !inserted.is_empty() {
+                        let mut ids: Vec<RowId> = inserted.into_iter().collect();
+                        ids.sort_unstable();
+                        parts.push(EpochPart::inserted(data.stored_rows(&ids)));
+                    }
+                    (entries, parts)
                 };
-                if !changes.is_empty() {
-                    since_checkpoint.insert(
-                        record.id,
-                        vec![
-                            Changelog::concat(&table.def.schema, changes)?
-                                .consolidate()?
-                                .into(),
-                        ],
-                    );
+                if !parts.is_empty() {
+                    since_checkpoint.insert(record.id, parts);
                 }
                 let (rows, stats) = table
                     .data

@@ -279,6 +279,11 @@ async fn a_restart_restores_views_from_the_checkpoint_instead_of_recomputing_the
     // Changes after the checkpoint: caught up from the table log after the restart.
     exec(&client, "DELETE FROM t WHERE k = 5").await;
     exec(&client, "INSERT INTO t VALUES (5, 1), (1000, 2)").await;
+    // Rows inserted after the checkpoint and then deleted or updated are caught up as
+    // what is left of them: nothing, and the updated row once.
+    exec(&client, "INSERT INTO t VALUES (2000, 3), (2000, 4)").await;
+    exec(&client, "DELETE FROM t WHERE k = 2000").await;
+    exec(&client, "UPDATE t SET v = v + 1 WHERE k = 1000").await;
     drop(client);
     server.kill();
     server.restart().expect("restart");
