@@ -5,9 +5,11 @@
 //! pool for queries a quarter, and the rest is the columnar cache: the Arrow chunks of tables
 //! and view contents plus the views' operator state. Every 100 ms the manager adds up what
 //! the cache holds; above its share it evicts the least recently read chunks, over all tables
-//! and views, to Parquet files on the object store (`storage::cold`) until the cache is at
-//! 80% of its share. Reads see evicted chunks through their files. The files of chunks that
-//! were deleted, merged or dropped are deleted on the same tick.
+//! and views, to Parquet files on the object store (`storage::cold`), and operator state to
+//! the warm tier, until the cache is at 60% of its share. While the process's anonymous
+//! resident memory is over three quarters of the limit, the share is what the cache holds
+//! less what is over. Reads see evicted chunks through their files. The files of chunks
+//! that were deleted, merged or dropped are deleted on the same tick.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -363,6 +365,19 @@ impl CacheManager {
 
     /// Bytes evictions freed within the last [`RELEASE_WINDOW`].
     fn recently_freed(&self) -> u64 {
+        self.freed_window(None)
+    }
+
+    /// Records bytes an eviction freed now.
+    fn record_freed(&self, bytes: u64) {
+        if bytes > 0 {
+            self.freed_window(Some(bytes));
+        }
+    }
+
+    /// Forgets evictions older than [`RELEASE_WINDOW`], adds one that freed `now` bytes,
+    /// and returns the bytes freed within the window.
+    fn freed_window(&self, now: Option<u64>) -> u64 {
         let Ok(mut freed) = self.freed.lock() else {
             return 0;
         };
@@ -372,16 +387,10 @@ impl CacheManager {
         {
             freed.pop_front();
         }
-        freed.iter().map(|(_, bytes)| bytes).sum()
-    }
-
-    /// Records bytes an eviction freed now.
-    fn record_freed(&self, bytes: u64) {
-        if bytes > 0
-            && let Ok(mut freed) = self.freed.lock()
-        {
+        if let Some(bytes) = now {
             freed.push_back((Instant::now(), bytes));
         }
+        freed.iter().map(|(_, bytes)| bytes).sum()
     }
 
     /// One tick: evicts while over budget, then deletes unreferenced files.
