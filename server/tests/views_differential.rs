@@ -462,9 +462,9 @@ async fn run(workers: usize, seed: u64, steps: usize, seen: &mut Seen) -> Result
     }
     for step in 0..=steps {
         if step > 0 {
-            // NOTE: with every state entry evicted after each step, a kill -9 right after a
-            // checkpoint and a change finds state evicted after the checkpoint; at random
-            // that was missed in 1 run out of ~30, so once per run it is certain.
+            // NOTE: a kill -9 after a checkpoint, a change and the eviction of the state it
+            // touched finds state evicted after the checkpoint; at random that was missed in
+            // 1 run out of ~30, so once per run it is certain (`spill_after_checkpoint`).
             let undo = cold && step == steps * 3 / 4;
             // NOTE: emptying a table is rare at random; once per run it is certain.
             let (sql, edge) = if step == steps / 2 {
