@@ -13,6 +13,7 @@ use datafusion::catalog::{
 use datafusion::datasource::TableProvider;
 use millrace_storage::{CatalogRecord, ObjectKind, Store};
 
+use crate::error::ObjectClass;
 use crate::error::{PlanError, Result};
 use crate::system_table::{SystemTables, UserSchema};
 use crate::table::MillraceTable;
@@ -172,7 +173,7 @@ impl Catalog {
         let db = self
             .database(&record.database)
             .ok_or_else(|| PlanError::UndefinedObject {
-                kind: "database",
+                kind: ObjectClass::Database,
                 name: record.database.clone(),
             })?;
         db.register_schema(&record.name, Arc::new(UserSchema::new(self.system.clone())))?;
@@ -190,7 +191,7 @@ impl Catalog {
         let schema = self
             .schema(&record.database, &record.schema)
             .ok_or_else(|| PlanError::UndefinedObject {
-                kind: "schema",
+                kind: ObjectClass::Schema,
                 name: record.schema.clone(),
             })?;
         schema.deregister_table(&record.name)?;

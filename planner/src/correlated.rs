@@ -139,6 +139,7 @@ impl PartialEq for CorrelatedScalar {
         self.id == other.id
     }
 }
+
 impl Eq for CorrelatedScalar {}
 impl Hash for CorrelatedScalar {
     fn hash<H: Hasher>(&self, state: &mut H) {

@@ -2,6 +2,7 @@
 
 use datafusion::error::DataFusionError;
 use millrace_storage::StorageError;
+use millrace_storage::error::Poisoned;
 
 /// Errors raised by the planner and the catalog.
 #[derive(Debug, thiserror::Error)]
@@ -18,16 +19,16 @@ pub enum PlanError {
     /// The named object does not exist.
     #[error("{kind} \"{name}\" does not exist")]
     UndefinedObject {
-        /// "table", "schema", "database", ...
-        kind: &'static str,
+        /// What kind of object was named.
+        kind: ObjectClass,
         /// The name as the user wrote it.
         name: String,
     },
     /// An object of that name already exists.
     #[error("{kind} \"{name}\" already exists")]
     DuplicateObject {
-        /// "table", "schema", "database", ...
-        kind: &'static str,
+        /// What kind of object was named.
+        kind: ObjectClass,
         /// The name as the user wrote it.
         name: String,
     },
@@ -65,6 +66,55 @@ pub enum PlanError {
     /// An invariant of the planner or an operator was broken.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A lock whose holder panicked.
+    #[error(transparent)]
+    Poisoned(#[from] Poisoned),
+}
+
+/// The kinds of named objects errors speak of, as PostgreSQL's messages name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectClass {
+    /// A table (or a source).
+    Table,
+    /// A plain view.
+    View,
+    /// A materialized view.
+    MaterializedView,
+    /// A table, view or materialized view.
+    Relation,
+    /// An index.
+    Index,
+    /// A schema.
+    Schema,
+    /// A database.
+    Database,
+    /// A column.
+    Column,
+    /// A sink.
+    Sink,
+}
+
+impl ObjectClass {
+    /// The words PostgreSQL's messages name the kind with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectClass::Table => "table",
+            ObjectClass::View => "view",
+            ObjectClass::MaterializedView => "materialized view",
+            ObjectClass::Relation => "relation",
+            ObjectClass::Index => "index",
+            ObjectClass::Schema => "schema",
+            ObjectClass::Database => "database",
+            ObjectClass::Column => "column",
+            ObjectClass::Sink => "sink",
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Result type of the planner crate.

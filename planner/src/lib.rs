@@ -17,6 +17,7 @@ pub mod incremental;
 pub mod lookup;
 pub mod ops;
 pub mod pg_casts;
+pub mod pg_functions;
 pub mod pg_intervals;
 pub mod pipeline;
 pub mod rewrite;

@@ -18,6 +18,7 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use crate::lookup::LookupExec;
 use crate::table::MillraceTable;
+use millrace_storage::error::LockResultExt;
 
 /// Name of the hidden row-id column.
 pub const ROW_ID_COLUMN: &str = "__rowid";
@@ -81,9 +82,10 @@ impl TableProvider for RowIdTable {
         let snapshot = {
             let data = self
                 .table
-                .data
+                .rows
                 .read()
-                .map_err(|_| DataFusionError::Execution("table lock poisoned".into()))?;
+                .or_poisoned("table")
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
             data.tiered_snapshot_with_ids(self.schema.clone())
                 .map_err(|e| DataFusionError::External(Box::new(e)))?
         };

@@ -18,6 +18,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use millrace_storage::{ColumnarTable, RowId, TableSnapshot};
 
 use crate::lookup::{LookupExec, column_range, key_bounds};
+use millrace_storage::error::LockResultExt;
 
 /// Everything the planner knows about a table's shape.
 #[derive(Debug, Clone)]
@@ -40,7 +41,7 @@ pub struct MillraceTable {
     /// Shape of the table.
     pub def: TableDef,
     /// The columnar cache holding the table's rows.
-    pub data: Arc<RwLock<ColumnarTable>>,
+    pub rows: Arc<RwLock<ColumnarTable>>,
     /// The CREATE TABLE statement (for `\d` and pg_catalog).
     pub sql: String,
     /// Entries in the table's durable log since it was last rewritten (drives compaction).
@@ -51,9 +52,10 @@ impl MillraceTable {
     /// A consistent snapshot of the table's live rows.
     pub fn snapshot(&self) -> datafusion::error::Result<TableSnapshot> {
         let data = self
-            .data
+            .rows
             .read()
-            .map_err(|_| DataFusionError::Internal("table lock poisoned".into()))?;
+            .or_poisoned("table")
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
         data.snapshot()
             .map_err(|e| DataFusionError::External(Box::new(e)))
     }
@@ -70,9 +72,10 @@ impl MillraceTable {
             return Ok(None);
         }
         let data = self
-            .data
+            .rows
             .read()
-            .map_err(|_| DataFusionError::Internal("table lock poisoned".into()))?;
+            .or_poisoned("table")
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let Some((description, mut ids)) = self.index_row_ids(&data, filters)? else {
             return Ok(None);
         };
@@ -206,9 +209,10 @@ impl TableProvider for MillraceTable {
         }
         let snapshot = {
             let data = self
-                .data
+                .rows
                 .read()
-                .map_err(|_| DataFusionError::Internal("table lock poisoned".into()))?;
+                .or_poisoned("table")
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
             data.tiered_snapshot()
                 .map_err(|e| DataFusionError::External(Box::new(e)))?
         };

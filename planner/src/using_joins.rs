@@ -11,6 +11,9 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
+use datafusion::execution::session_state::SessionState;
+use datafusion::sql::planner::object_name_to_table_reference;
+
 use datafusion::sql::sqlparser::ast::{
     BinaryOperator, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
     FunctionArguments, GroupByExpr, Ident, JoinConstraint, JoinOperator, ObjectName,
@@ -396,6 +399,36 @@ impl VisitorMut for ReplaceMerged<'_> {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Gives `FULL`/`RIGHT JOIN ... USING` PostgreSQL's merged columns
+/// (see [`rewrite`]), looking up the columns of the tables they join. A
+/// table that cannot be found is left for the planner to report.
+pub async fn merge_using_columns(state: &SessionState, statement: &mut Statement) {
+    let needed = tables_needed(statement);
+    if needed.is_empty() {
+        return;
+    }
+    let mut columns = HashMap::new();
+    for name in needed {
+        let Ok(reference) = object_name_to_table_reference(name.clone(), true) else {
+            continue;
+        };
+        let Ok(schema) = state.schema_for_ref(reference.clone()) else {
+            continue;
+        };
+        if let Ok(Some(table)) = schema.table(reference.table()).await {
+            let names = table
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|n| n != crate::row_id::ROW_ID_COLUMN)
+                .collect();
+            columns.insert(name.to_string(), names);
+        }
+    }
+    rewrite(statement, &columns);
 }
 
 #[cfg(test)]

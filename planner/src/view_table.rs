@@ -14,6 +14,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use millrace_storage::{TableSnapshot, TieredSnapshot, ViewContents};
 
 use crate::error::PlanError;
+use millrace_storage::error::LockResultExt;
 
 /// Where a materialized view is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,20 +95,14 @@ impl MaterializedView {
     /// or that it is still computing its contents (after CREATE, a restart or a failure).
     pub fn snapshot(&self) -> Result<TableSnapshot, PlanError> {
         self.readable()?;
-        let contents = self
-            .contents
-            .read()
-            .map_err(|_| PlanError::Internal("view contents lock poisoned".into()))?;
+        let contents = self.contents.read().or_poisoned("view contents")?;
         Ok(contents.snapshot()?)
     }
 
     /// Like [`MaterializedView::snapshot`], leaving cold chunks on object storage.
     pub fn tiered_snapshot(&self) -> Result<TieredSnapshot, PlanError> {
         self.readable()?;
-        let contents = self
-            .contents
-            .read()
-            .map_err(|_| PlanError::Internal("view contents lock poisoned".into()))?;
+        let contents = self.contents.read().or_poisoned("view contents")?;
         Ok(contents.table().tiered_snapshot()?)
     }
 

@@ -1,5 +1,7 @@
-//! The engine: state shared by every session — the catalog, the durable store, the write
-//! path that turns table changes into committed log entries, and start-up replay.
+//! The engine: the handles every session and background task shares (the catalog, the
+//! durable store, DataFusion's runtime, the view coordinator, the cache manager, sources and
+//! sinks) and the write path that turns table changes into committed log entries. It starts
+//! nothing (`boot.rs` does) and imports no statement code.
 //!
 //! Flow of a write: a session computes [`TableChange`]s under [`Engine::write_lock`], then
 //! [`Engine::commit_changes`] validates them, syncs one `WriteSet` to RocksDB and only then
@@ -17,22 +19,20 @@ use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use millrace_planner::{Catalog, MillraceTable};
-use millrace_storage::{CatalogRecord, LogEntry, ObjectKind, RowId, Store, WriteSet};
+use millrace_storage::{LogEntry, RowId, Store, WriteSet};
 use tracing::{info, warn};
 
 use crate::config::ServeConfig;
-use crate::connector::Sources;
+use crate::coordinator::Coordinator;
+use crate::coordinator::entry::EpochChanges;
 use crate::error::{Result, ServerError};
-use crate::exec::{ddl, matview};
-use crate::runtime::checkpoint::RestorePlan;
-use crate::runtime::{EpochChanges, ViewRuntime};
-use crate::session::functions;
-use millrace_planner::{Changelog, EpochPart};
+use crate::memory::budget::{MemoryBudget, cold_store};
+use crate::memory::cache::CacheManager;
+use crate::registry::sinks::Sinks;
+use crate::registry::sources::Sources;
 
-/// Name of the database every server starts with.
-pub const DEFAULT_DATABASE: &str = "millrace";
-/// Name of the default schema of every database.
-pub const DEFAULT_SCHEMA: &str = "public";
+use millrace_planner::{Changelog, EpochPart};
+use millrace_storage::error::LockResultExt;
 
 /// A table log is rewritten once it holds at least this many entries (and 1/64 of its rows).
 const COMPACT_MIN_ENTRIES: usize = 256;
@@ -41,9 +41,6 @@ const COMPACT_MIN_ENTRIES: usize = 256;
 /// cold files it does not refer to: the rewrite turns them into references, so that a
 /// restart opens the files instead of reading the rows and evicting them again.
 const COMPACT_MIN_COLD_ROWS: usize = 65_536;
-
-/// Metadata key of the object store (its URL) the last run kept spilled data in.
-const OBJECT_STORE_META: &[u8] = b"object_store_url";
 
 /// Bytes of rows a log rewrite (compaction, ALTER TABLE) commits at a time.
 pub(crate) const REWRITE_COMMIT_BYTES: usize = 4 << 20;
@@ -74,17 +71,17 @@ pub struct Engine {
     /// Number of open client connections.
     pub connections: AtomicUsize,
     /// The materialized views and the coordinator that maintains them epoch by epoch.
-    pub views: Arc<ViewRuntime>,
+    pub views: Arc<Coordinator>,
     /// Ingest tasks of connector-fed tables.
     pub sources: Arc<Sources>,
     /// Delivery tasks of sinks.
-    pub sinks: Arc<crate::sink::Sinks>,
+    pub sinks: Arc<Sinks>,
     /// Whether sessions may inject faults (`--failpoints`, tests only).
     pub failpoints: bool,
     /// Time between checkpoints (None: checkpoints off).
     pub checkpoint_interval: Option<std::time::Duration>,
     /// The memory budget and the object store that chunks are evicted to.
-    pub cache: Arc<crate::runtime::cache::CacheManager>,
+    pub cache: Arc<CacheManager>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -96,16 +93,16 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Opens the store under the configured data directory and replays the catalog.
-    pub async fn open(config: &ServeConfig) -> Result<Arc<Engine>> {
+    /// The shared handles over the configured data directory: the store opened, nothing
+    /// replayed or started yet (see `boot.rs`).
+    pub fn new(config: &ServeConfig) -> Result<Arc<Engine>> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             ServerError::Internal(format!(
                 "cannot create data directory {}: {e}",
                 config.data_dir.display()
             ))
         })?;
-        let budget =
-            crate::runtime::cache::MemoryBudget::new(config.memory_limit, config.cache_bytes);
+        let budget = MemoryBudget::new(config.memory_limit, config.cache_bytes);
         let store = Arc::new(Store::open_with_memory(
             &config.data_dir.join("rocksdb"),
             budget.rocksdb.map(|b| b as usize),
@@ -115,10 +112,8 @@ impl Engine {
             runtime = runtime.with_memory_limit(queries as usize, 1.0);
         }
         let runtime = runtime.build_arc()?;
-        let cold =
-            crate::runtime::cache::cold_store(config.object_store.as_deref(), &config.data_dir)?;
-        let cache = crate::runtime::cache::CacheManager::try_new(cold, budget)?;
-        let views = ViewRuntime::new(
+        let cold = cold_store(config.object_store.as_deref(), &config.data_dir)?;
+        let views = Coordinator::new(
             config.workers(),
             config.epoch_queue,
             config.view_max_restarts,
@@ -127,82 +122,23 @@ impl Engine {
             config.memory_limit.map(|l| (l / 64).max(1 << 20)),
             config.step_bytes,
         );
+        let catalog = Arc::new(Catalog::new(store));
+        let cache = CacheManager::try_new(cold, budget, catalog.clone(), views.clone())?;
         let engine = Arc::new(Engine {
-            catalog: Arc::new(Catalog::new(store)),
+            catalog,
             write_lock: tokio::sync::Mutex::new(()),
             runtime,
             workers: config.workers(),
             connections: AtomicUsize::new(0),
             views,
             sources: Arc::new(Sources::default()),
-            sinks: Arc::new(crate::sink::Sinks::default()),
+            sinks: Arc::new(Sinks::default()),
             failpoints: config.failpoints,
             checkpoint_interval: (config.checkpoint_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(config.checkpoint_interval_ms)),
             cache,
         });
-        // NOTE: the coordinator starts once checkpointed views have loaded their state
-        // (`supervisor::restore_all`); epochs committed meanwhile queue up for it.
-        crate::runtime::system::register(&engine.catalog, &engine.views);
-        crate::runtime::events::register(&engine.catalog, &engine.views.events);
-        crate::runtime::checkpoint::register(&engine.catalog, &engine.views);
-        tokio::spawn(crate::runtime::supervisor::run(engine.clone()));
-        crate::connector::system::register(&engine.catalog, &engine.sources);
-        crate::sink::system::register(&engine.catalog, &engine.sinks);
-        crate::runtime::cache::register(&engine);
-        // The budget holds while the tables are rebuilt from their logs, too.
-        tokio::spawn(crate::runtime::cache::run(Arc::downgrade(&engine)));
-        let recorded = engine.object_store_moved_from()?;
-        if let Err(e) = engine.replay().await {
-            return Err(match recorded {
-                Some(recorded) => ServerError::ObjectStoreMoved {
-                    recorded,
-                    given: engine.cache.cold.url().to_string(),
-                    cause: e.to_string(),
-                },
-                None => e,
-            });
-        }
-        engine.record_object_store()?;
-        // NOTE: only now: the tables have opened the cold files their logs refer to.
-        engine.cache.remove_orphans()?;
-        engine.sources.load_bad_records(engine.store())?;
-        engine.start_sources()?;
-        engine.start_sinks()?;
-        if let Some(interval) = engine.checkpoint_interval {
-            tokio::spawn(checkpoint_ticker(Arc::downgrade(&engine), interval));
-        }
         Ok(engine)
-    }
-
-    /// The object store the data directory's last run used, if it was another one than
-    /// now (its spilled files must have been copied here; a start that misses one says so).
-    fn object_store_moved_from(&self) -> Result<Option<String>> {
-        let given = self.cache.cold.url();
-        let recorded = self
-            .store()
-            .meta(OBJECT_STORE_META)?
-            .map(|url| String::from_utf8_lossy(&url).into_owned())
-            .filter(|url| url != given);
-        if let Some(recorded) = &recorded {
-            warn!(
-                recorded = %recorded,
-                given = %given,
-                "the object store differs from the last run's: its spilled files are read from the new one"
-            );
-        }
-        Ok(recorded)
-    }
-
-    /// Records the object store in use, once every table found its files there.
-    fn record_object_store(&self) -> Result<()> {
-        let url = self.cache.cold.url().as_bytes();
-        if self.store().meta(OBJECT_STORE_META)?.as_deref() != Some(url) {
-            let mut set = WriteSet::new();
-            set.put_meta(OBJECT_STORE_META, url.to_vec());
-            self.commit_write_set(set)?;
-        }
-        Ok(())
     }
 
     /// The durable store.
@@ -232,7 +168,7 @@ impl Engine {
             .map_err(ServerError::DataFusion)?;
         datafusion_pg_catalog::setup_pg_catalog(&ctx, database, EmptyContextProvider)
             .map_err(|e| ServerError::DataFusion(*e))?;
-        functions::register(&ctx);
+        millrace_planner::pg_functions::register(&ctx);
         ctx.add_analyzer_rule(Arc::new(millrace_planner::pg_casts::PgCasts));
         ctx.add_analyzer_rule(Arc::new(millrace_planner::exists_domain::ExistsOverDomain));
         ctx.add_optimizer_rule(Arc::new(
@@ -245,7 +181,7 @@ impl Engine {
     /// Commits table changes atomically: validate, sync to RocksDB, then apply to the cache.
     /// The caller holds [`Engine::write_lock`]. Returns the number of rows touched.
     pub fn commit_changes(&self, changes: Vec<TableChange>, mut extra: WriteSet) -> Result<usize> {
-        let _room = self.cache.make_room(self, || self.bytes_to_read(&changes));
+        let _room = self.cache.make_room(|| self.bytes_to_read(&changes));
         let mut touched = 0;
         let mut applied: Vec<(Arc<MillraceTable>, Vec<LogEntry>)> = Vec::new();
         let mut epoch = EpochChanges::new();
@@ -256,10 +192,7 @@ impl Engine {
                 deletes,
                 inserts,
             } = change;
-            let mut data = table
-                .data
-                .write()
-                .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+            let mut data = table.rows.write().or_poisoned("table")?;
             let deleted: HashSet<RowId> = deletes.iter().copied().collect();
             if deleted.len() != deletes.len() || deletes.iter().any(|id| !data.contains(*id)) {
                 return Err(ServerError::SerializationFailure);
@@ -307,10 +240,7 @@ impl Engine {
         }
         self.commit_write_set(extra)?;
         for (table, entries) in &applied {
-            let mut data = table
-                .data
-                .write()
-                .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+            let mut data = table.rows.write().or_poisoned("table")?;
             for entry in entries {
                 data.apply(entry)?;
             }
@@ -356,7 +286,7 @@ impl Engine {
                     self.maybe_compact(&table)?;
                 }
             }
-            let barrier = crate::runtime::checkpoint::Barrier {
+            let barrier = crate::coordinator::manifest::Barrier {
                 log_seq: self.store().next_log_seq(),
                 done: Some(done),
                 flush,
@@ -374,10 +304,7 @@ impl Engine {
     /// as references to their files. The caller holds the write lock.
     fn maybe_compact(&self, table: &MillraceTable) -> Result<()> {
         let entries = table.log_entries.load(Ordering::SeqCst);
-        let data = table
-            .data
-            .read()
-            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+        let data = table.rows.read().or_poisoned("table")?;
         let rows = data.num_rows();
         let unlogged_cold = data.unlogged_cold_rows();
         if entries < COMPACT_MIN_ENTRIES.max(rows / 64)
@@ -428,9 +355,9 @@ impl Engine {
         let bytes = tokio::task::block_in_place(rewrite)?;
         let referenced = files.len();
         table
-            .data
+            .rows
             .write()
-            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+            .or_poisoned("table")?
             .set_log_files(files);
         table.log_entries.store(n, Ordering::SeqCst);
         info!(
@@ -453,11 +380,7 @@ impl Engine {
             return Ok(());
         };
         let batch = conform_to_table(&change.table_name, &change.table.def.schema, batch)?;
-        let data = change
-            .table
-            .data
-            .read()
-            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+        let data = change.table.rows.read().or_poisoned("table")?;
         let deleted: HashSet<RowId> = change.deletes.iter().copied().collect();
         if data.find_duplicate_key(&deleted, &batch)?.is_some() {
             return Err(ServerError::UniqueViolation {
@@ -473,213 +396,6 @@ impl Engine {
         Ok(tokio::task::block_in_place(move || store.commit(set))?)
     }
 
-    /// Rebuilds the catalog and every table's cache from the durable store.
-    async fn replay(self: &Arc<Self>) -> Result<()> {
-        let records = self.store().catalog()?;
-        if !records
-            .iter()
-            .any(|r| r.kind == ObjectKind::Database && r.name == DEFAULT_DATABASE)
-        {
-            let mut set = WriteSet::new();
-            for record in ddl::database_records(self, DEFAULT_DATABASE) {
-                set.put_catalog(record);
-            }
-            self.commit_write_set(set)?;
-        }
-        let records = self.store().catalog()?;
-        info!(objects = records.len(), "replaying catalog");
-        let mut plan = RestorePlan::load(self.store())?;
-        if self.checkpoint_interval.is_none() {
-            plan.manifest = None;
-        }
-        let mut since_checkpoint = EpochChanges::new();
-        let mut rows = 0usize;
-        for record in records {
-            rows += self
-                .replay_record(record, &mut plan, &mut since_checkpoint)
-                .await?;
-        }
-        info!(rows, "catalog replayed; table caches rebuilt");
-        if !plan.restored.is_empty() {
-            // The changes committed after the checkpoint, as the first epoch, for the views
-            // that restore their state (processed once they have loaded it).
-            let rows: usize = since_checkpoint.values().flatten().map(|c| c.len()).sum();
-            let _writers = self.write_lock.lock().await;
-            let epoch = self.views.send_epoch(since_checkpoint);
-            self.views.set_catch_up(crate::runtime::CatchUp {
-                epoch,
-                rows,
-                checkpoint_epoch: plan.manifest.as_ref().map_or(0, |m| m.epoch),
-            });
-        }
-        Ok(())
-    }
-
-    /// Starts the ingest task of every connector-fed table, each from its committed offset.
-    fn start_sources(self: &Arc<Self>) -> Result<()> {
-        for record in self.store().catalog()? {
-            if record.kind != ObjectKind::Table {
-                continue;
-            }
-            let Some(options) = ddl::connector_options(&record.sql)? else {
-                continue;
-            };
-            let Some(table) = self.catalog.table(record.id) else {
-                continue;
-            };
-            self.sources
-                .start(self.clone(), table, record.name.clone(), &options)?;
-        }
-        Ok(())
-    }
-
-    /// Starts every sink from its committed progress (each waits for its view's backfill).
-    fn start_sinks(self: &Arc<Self>) -> Result<()> {
-        for record in self.store().catalog()? {
-            if record.kind != ObjectKind::Sink {
-                continue;
-            }
-            let options = crate::exec::sink::stored_options(&record)?;
-            let Some(view) = record
-                .depends_on
-                .first()
-                .and_then(|id| self.catalog.record(*id))
-            else {
-                continue;
-            };
-            self.sinks.start(
-                self.clone(),
-                record.id,
-                record.name.clone(),
-                (view.id, view.name.clone()),
-                &options,
-            )?;
-        }
-        Ok(())
-    }
-
-    async fn replay_record(
-        self: &Arc<Self>,
-        record: CatalogRecord,
-        plan: &mut RestorePlan,
-        since_checkpoint: &mut EpochChanges,
-    ) -> Result<usize> {
-        match record.kind {
-            ObjectKind::Database => {
-                self.catalog.register_database(record);
-                Ok(0)
-            }
-            ObjectKind::Schema => {
-                self.catalog.register_schema(record)?;
-                Ok(0)
-            }
-            ObjectKind::Table => {
-                let ctx = self.session_context(&record.database, replay_schema(&record))?;
-                let table = ddl::build_table(&ctx, &record).await?;
-                plan.check_table(self.store(), record.id)?;
-                let after = plan.manifest.as_ref().map(|m| m.log_seq);
-                // The changes since the checkpoint, net of rows both inserted and deleted
-                // after it: the rows deleted that the checkpoint had, read before their
-                // delete is applied, and the rows inserted that are still live.
-                let mut deleted: Vec<Changelog> = Vec::new();
-                let mut inserted: HashSet<RowId> = HashSet::new();
-                let (entries, parts) = {
-                    let mut data = table
-                        .data
-                        .write()
-                        .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
-                    let mut replay = self.cache.replay_budget(record.id);
-                    let cold = &self.cache.cold;
-                    let entries = self.store().for_each_log_entry(record.id, |seq, entry| {
-                        let tracked = after.is_some_and(|s| seq >= s);
-                        match &entry {
-                            LogEntry::Delete { row_ids } if tracked => {
-                                let checkpointed: Vec<RowId> = (row_ids.values().iter())
-                                    .copied()
-                                    .filter(|id| !inserted.remove(id))
-                                    .collect();
-                                if !checkpointed.is_empty() {
-                                    deleted.push(Changelog::deletes(data.fetch(&checkpointed)?));
-                                }
-                                data.apply(&entry)?;
-                            }
-                            LogEntry::Insert { row_ids, .. } | LogEntry::Cold { row_ids, .. }
-                                if tracked =>
-                            {
-                                data.replay(&entry, cold)?;
-                                inserted.extend(row_ids.values().iter().copied());
-                            }
-                            _ => data.replay(&entry, cold)?,
-                        }
-                        replay.applied(&entry, &mut data);
-                        Ok(())
-                    })?;
-                    // NOTE: the inserted rows are referred to where the table keeps them,
-                    // not read: the views read them a step at a time. Reading both sides,
-                    // then concatenating and consolidating them, held a large change since
-                    // the checkpoint in memory three times while the restart replayed.
-                    let mut parts: Vec<EpochPart> = Vec::new();
-                    if !deleted.is_empty() {
-                        let rows = Changelog::concat(&table.def.schema, deleted)?;
-                        parts.push(rows.into());
-                    }
-                    if !inserted.is_empty() {
-                        let mut ids: Vec<RowId> = inserted.into_iter().collect();
-                        ids.sort_unstable();
-                        parts.push(EpochPart::inserted(data.stored_rows(&ids)));
-                    }
-                    (entries, parts)
-                };
-                if !parts.is_empty() {
-                    since_checkpoint.insert(record.id, parts);
-                }
-                let (rows, stats) = table
-                    .data
-                    .read()
-                    .map(|d| (d.num_rows(), d.cache_stats()))
-                    .unwrap_or_default();
-                table.log_entries.store(entries, Ordering::SeqCst);
-                info!(
-                    table = %record.name,
-                    rows,
-                    log_entries = entries,
-                    cold_chunks = stats.cold_chunks,
-                    log_files = stats.log_files,
-                    "table restored"
-                );
-                self.catalog
-                    .register_relation(record, table.clone(), Some(table))?;
-                Ok(rows)
-            }
-            ObjectKind::View => {
-                let ctx = self.session_context(&record.database, replay_schema(&record))?;
-                let view = ddl::build_view(&ctx, &record).await?;
-                self.catalog.register_relation(record, view, None)?;
-                Ok(0)
-            }
-            ObjectKind::MaterializedView => {
-                let ctx = self.session_context(&record.database, replay_schema(&record))?;
-                matview::register_for_restore(self, &ctx, record, plan).await?;
-                Ok(0)
-            }
-            ObjectKind::Sink => {
-                self.catalog.register_index(record);
-                Ok(0)
-            }
-            ObjectKind::Index => {
-                let table = record
-                    .depends_on
-                    .first()
-                    .and_then(|id| self.catalog.table(*id));
-                self.catalog.register_index(record);
-                if let Some(table) = table {
-                    ddl::attach_indexes(self, &table)?;
-                }
-                Ok(0)
-            }
-        }
-    }
-
     /// Counts a new connection; returns the new total.
     pub fn connection_opened(&self) -> usize {
         self.connections.fetch_add(1, Ordering::SeqCst) + 1
@@ -689,24 +405,6 @@ impl Engine {
     pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Takes a checkpoint every `interval` while the engine lives.
-async fn checkpoint_ticker(engine: std::sync::Weak<Engine>, interval: std::time::Duration) {
-    loop {
-        tokio::time::sleep(interval).await;
-        let Some(engine) = engine.upgrade() else {
-            return;
-        };
-        if let Err(e) = engine.checkpoint(false).await {
-            tracing::warn!(error = %e, "checkpoint failed");
-        }
-    }
-}
-
-/// The schema a record's SQL was planned in when it was created.
-pub(crate) fn replay_schema(record: &CatalogRecord) -> &str {
-    record.search_schema.as_deref().unwrap_or(&record.schema)
 }
 
 /// Folds several changes to one table into one (a transaction may write a table twice).
@@ -772,11 +470,13 @@ pub fn conform_to_table(
             for v in text.iter() {
                 bytes.push(match v {
                     None => None,
-                    Some(s) => Some(crate::exec::copy::parse_bytea(s).ok_or_else(|| {
-                        ServerError::InvalidText(format!(
-                            "invalid input syntax for type bytea: \"{s}\""
-                        ))
-                    })?),
+                    Some(s) => {
+                        Some(millrace_planner::pg_casts::parse_bytea(s).ok_or_else(|| {
+                            ServerError::InvalidText(format!(
+                                "invalid input syntax for type bytea: \"{s}\""
+                            ))
+                        })?)
+                    }
                 });
             }
             std::sync::Arc::new(datafusion::arrow::array::BinaryArray::from_iter(bytes))

@@ -7,6 +7,7 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::error::DataFusionError;
 use datafusion::sql::sqlparser::parser::ParserError;
 use millrace_planner::PlanError;
+use millrace_planner::error::ObjectClass;
 use millrace_storage::StorageError;
 
 /// Errors a statement or connection can end with.
@@ -128,6 +129,9 @@ pub enum ServerError {
     /// A bug: an invariant did not hold.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A lock whose holder panicked.
+    #[error(transparent)]
+    Poisoned(#[from] millrace_storage::error::Poisoned),
 }
 
 /// Result type of the server crate.
@@ -158,23 +162,27 @@ impl ServerError {
                 PlanError::DataFusion(e) => datafusion_sqlstate(e),
                 PlanError::Arrow(e) => arrow_sqlstate(e),
                 PlanError::Storage(_) => "58030",
-                PlanError::UndefinedObject { kind, .. } => match *kind {
-                    "table" | "view" | "relation" | "materialized view" => "42P01",
-                    "schema" => "3F000",
-                    "database" => "3D000",
-                    "column" => "42703",
-                    _ => "42704",
+                PlanError::UndefinedObject { kind, .. } => match kind {
+                    ObjectClass::Table
+                    | ObjectClass::View
+                    | ObjectClass::Relation
+                    | ObjectClass::MaterializedView => "42P01",
+                    ObjectClass::Schema => "3F000",
+                    ObjectClass::Database => "3D000",
+                    ObjectClass::Column => "42703",
+                    ObjectClass::Index | ObjectClass::Sink => "42704",
                 },
-                PlanError::DuplicateObject { kind, .. } => match *kind {
-                    "database" => "42P04",
-                    "schema" => "42P06",
+                PlanError::DuplicateObject { kind, .. } => match kind {
+                    ObjectClass::Database => "42P04",
+                    ObjectClass::Schema => "42P06",
+                    ObjectClass::Column => "42701",
                     _ => "42P07",
                 },
                 PlanError::DependentObjects { .. } => "2BP01",
                 PlanError::Unsupported(_) => "0A000",
                 PlanError::ViewFailed { .. } => "XX000",
                 PlanError::ViewNotReady { .. } => "55000",
-                PlanError::Internal(_) => "XX000",
+                PlanError::Internal(_) | PlanError::Poisoned(_) => "XX000",
             },
             ServerError::Storage(_) | ServerError::ObjectStoreMoved { .. } => "58030",
             ServerError::Arrow(e) => arrow_sqlstate(e),
@@ -200,7 +208,7 @@ impl ServerError {
             ServerError::ObjectNotReady(_) => "55000",
             ServerError::SubscriberTooSlow(_) => "54000",
             ServerError::ClientGone(_) => "08006",
-            ServerError::Internal(_) => "XX000",
+            ServerError::Internal(_) | ServerError::Poisoned(_) => "XX000",
         }
     }
 
@@ -261,40 +269,44 @@ fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
     }
 }
 
-/// SQLSTATE for DataFusion errors that only carry a message.
+/// Marks the row of [`MESSAGE_SQLSTATES`] whose state [`cast_sqlstate`] tells.
+const CAST: &str = "cast";
+
+/// SQLSTATEs of DataFusion errors that carry only a message (`Plan`, `Execution`): the first
+/// row all of whose words the lower-cased message contains wins; a cast is told apart by
+/// [`cast_sqlstate`]. Typed errors (schema, Arrow, resources) never get here.
+const MESSAGE_SQLSTATES: &[(&[&str], &str)] = &[
+    (&["non-nullable but contains null"], "23502"),
+    (&["not found", "table"], "42P01"),
+    (&["not found", "view"], "42P01"),
+    (&["no field named"], "42703"),
+    (&["column", "not found"], "42703"),
+    (&["divide by zero"], "22012"),
+    (&["division by zero"], "22012"),
+    (&["overflow"], "22003"),
+    (&["cast"], CAST),
+    (&["cannot parse"], "22P02"),
+    (&["invalid", "input"], "22P02"),
+    (&["invalid function"], "42883"),
+    (&["no function matches"], "42883"),
+    (&["coerce"], "42804"),
+    (&["mismatch"], "42804"),
+    (&["does not support"], "42804"),
+    (&["cannot infer common"], "42804"),
+    (&["already exists"], "42P07"),
+    (&["unsupported"], "0A000"),
+];
+
+/// SQLSTATE for DataFusion errors that only carry a message (see [`MESSAGE_SQLSTATES`]).
 fn message_sqlstate(m: &str) -> &'static str {
     let lower = m.to_ascii_lowercase();
-    if lower.contains("non-nullable but contains null") {
-        "23502"
-    } else if lower.contains("not found") && (lower.contains("table") || lower.contains("view")) {
-        "42P01"
-    } else if lower.contains("no field named")
-        || lower.contains("column") && lower.contains("not found")
+    match MESSAGE_SQLSTATES
+        .iter()
+        .find(|(words, _)| words.iter().all(|w| lower.contains(w)))
     {
-        "42703"
-    } else if lower.contains("divide by zero") || lower.contains("division by zero") {
-        "22012"
-    } else if lower.contains("overflow") {
-        "22003"
-    } else if lower.contains("cast") {
-        cast_sqlstate(m)
-    } else if lower.contains("cannot parse") || lower.contains("invalid") && lower.contains("input")
-    {
-        "22P02"
-    } else if lower.contains("invalid function") || lower.contains("no function matches") {
-        "42883"
-    } else if lower.contains("coerce")
-        || lower.contains("mismatch")
-        || lower.contains("does not support")
-        || lower.contains("cannot infer common")
-    {
-        "42804"
-    } else if lower.contains("already exists") {
-        "42P07"
-    } else if lower.contains("unsupported") {
-        "0A000"
-    } else {
-        "42000"
+        Some((_, state)) if *state == CAST => cast_sqlstate(m),
+        Some((_, state)) => state,
+        None => "42000",
     }
 }
 
@@ -401,5 +413,82 @@ mod tests {
             .sqlstate(),
             "23505"
         );
+    }
+
+    /// What DataFusion itself raises for common mistakes, mapped to PostgreSQL's SQLSTATEs:
+    /// the statements run through a real context, so a change of DataFusion's wording or
+    /// error type shows here.
+    #[tokio::test]
+    async fn datafusion_errors_of_common_mistakes_map_to_postgresql_states() {
+        let ctx = datafusion::prelude::SessionContext::new();
+        let cases = [
+            ("SELECT * FROM nope", "42P01"),
+            ("SELECT nope FROM (VALUES (1)) AS t(a)", "42703"),
+            ("SELECT 1 / 0", "22012"),
+            ("SELECT CAST('x' AS INT)", "22P02"),
+            ("SELECT CAST(3000000000 AS INT)", "22003"),
+            ("SELECT no_such_function(1)", "42883"),
+            ("SELEC 1", "42601"),
+            (
+                "SELECT a FROM (VALUES (1)) AS t(a), (VALUES (2)) AS u(a)",
+                "42702",
+            ),
+        ];
+        for (sql, state) in cases {
+            let error = match ctx.sql(sql).await {
+                Ok(df) => match df.collect().await {
+                    Ok(_) => panic!("{sql} succeeded"),
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            let message = error.to_string();
+            assert_eq!(
+                ServerError::from(error).sqlstate(),
+                state,
+                "{sql}: {message}"
+            );
+        }
+    }
+
+    /// What must stay textual: DataFusion messages with no typed error, each row of
+    /// [`MESSAGE_SQLSTATES`] and its neighbours' order.
+    #[test]
+    fn message_only_errors_map_by_their_words() {
+        let cases = [
+            (
+                "Invalid batch column at '0' is non-nullable but contains null",
+                "23502",
+            ),
+            ("table 'millrace.public.nope' not found", "42P01"),
+            ("view 'v' not found", "42P01"),
+            ("No field named x.", "42703"),
+            ("column 'y' not found", "42703"),
+            ("Divide by zero error", "22012"),
+            (
+                "Arithmetic overflow: Overflow happened on: 9223372036854775807 + 1",
+                "22003",
+            ),
+            (
+                "Cast error: Cannot cast string 'abc' to value of Int32 type",
+                "22P02",
+            ),
+            (
+                "Cast error: Can't cast value 3000000000 to type Int32",
+                "22003",
+            ),
+            ("Cannot parse 'x' as date", "22P02"),
+            ("Invalid function 'nope'", "42883"),
+            ("Cannot coerce arithmetic expression Utf8 + Int64", "42804"),
+            ("Table 't' already exists", "42P07"),
+            ("Unsupported ast node in sqltorel", "0A000"),
+            ("something else entirely", "42000"),
+        ];
+        for (message, state) in cases {
+            let plan = DataFusionError::Plan(message.into());
+            assert_eq!(ServerError::from(plan).sqlstate(), state, "{message}");
+            let execution = DataFusionError::Execution(message.into());
+            assert_eq!(ServerError::from(execution).sqlstate(), state, "{message}");
+        }
     }
 }

@@ -17,7 +17,7 @@ enum Command {
     /// Start the server.
     Serve(ServeConfig),
     /// Fetch a Kafka source's partitions for a running server (started by the server).
-    #[command(name = millrace::connector::kafka_fetch::SUBCOMMAND, hide = true)]
+    #[command(name = millrace::connector::kafka::fetch::SUBCOMMAND, hide = true)]
     KafkaFetch,
 }
 
@@ -113,7 +113,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::KafkaFetch => millrace::connector::kafka_fetch::serve(),
+        Command::KafkaFetch => millrace::connector::kafka::fetch::serve(),
         Command::Serve(config) => {
             if config.memory_limit.is_some() {
                 purge_freed_pages_at_once();

@@ -7,15 +7,15 @@ use pgwire::tokio::process_socket;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::catalog::records::DEFAULT_DATABASE;
 use crate::config::ServeConfig;
-use crate::engine::{DEFAULT_DATABASE, Engine};
 use crate::error::{Result, ServerError};
 use crate::wire::handler::{Connection, Handlers};
 
 /// Runs the server until a shutdown signal arrives.
 pub async fn run(config: ServeConfig) -> Result<()> {
     info!(data_dir = %config.data_dir.display(), workers = config.workers(), "starting millrace");
-    let engine = Engine::open(&config).await?;
+    let engine = crate::boot::open(&config).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -28,7 +28,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         addr.port(),
         DEFAULT_DATABASE
     );
-    tokio::spawn(crate::runtime::supervisor::restore_all(engine.clone()));
+    tokio::spawn(crate::views::supervisor::restore_all(engine.clone()));
     let manager = Arc::new(ConnectionManager::new());
     let keys = Arc::new(RandomPidSecretKeyGenerator::default());
     let shutdown = shutdown_signal();

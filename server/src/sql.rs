@@ -1,10 +1,11 @@
 //! Turning query text into statements: PostgreSQL parsing, with the pg_catalog compatibility
 //! rewrites applied only to statements that read the system catalogs (psql's `\d` and BI
-//! tools' introspection), so user queries keep exact PostgreSQL semantics.
+//! tools' introspection), so user queries keep exact PostgreSQL semantics; and folding names
+//! as PostgreSQL does. It sits under the statement code (`exec/`) and the connectors.
 
 use std::sync::LazyLock;
 
-use datafusion::sql::sqlparser::ast::{ObjectName, SqlOption, Statement};
+use datafusion::sql::sqlparser::ast::{Ident, ObjectName, SqlOption, Statement};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
@@ -432,6 +433,54 @@ pub fn parse_single(sql: &str) -> Result<Option<Parsed>> {
         ));
     }
     Ok(all.pop())
+}
+
+/// A fully qualified relation name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QualifiedName {
+    /// Database.
+    pub database: String,
+    /// Schema.
+    pub schema: String,
+    /// Object name.
+    pub name: String,
+}
+
+impl std::fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.name)
+    }
+}
+
+/// Folds an identifier the way PostgreSQL does.
+pub fn fold(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// The folded parts of a dotted name.
+pub fn parts(name: &ObjectName) -> Vec<String> {
+    name.0
+        .iter()
+        .map(|p| match p.as_ident() {
+            Some(ident) => fold(ident),
+            None => p.to_string(),
+        })
+        .collect()
+}
+
+/// Parses exactly one statement.
+pub fn parse_one(sql: &str) -> Result<Statement> {
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)?;
+    match (stmts.pop(), stmts.is_empty()) {
+        (Some(stmt), true) => Ok(stmt),
+        _ => Err(ServerError::Syntax(format!(
+            "expected one statement: {sql}"
+        ))),
+    }
 }
 
 #[cfg(test)]

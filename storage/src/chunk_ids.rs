@@ -7,7 +7,7 @@
 
 use arrow::array::{Array, UInt64Array};
 
-use crate::columnar::RowId;
+use crate::rows::RowId;
 
 /// Row ids aligned with a chunk's rows.
 #[derive(Debug, Clone)]

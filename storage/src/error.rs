@@ -37,6 +37,27 @@ pub enum StorageError {
     /// A fault injected by a test (see `Store::inject_write_failures`).
     #[error("injected storage fault: {0}")]
     Injected(String),
+    /// A lock whose holder panicked.
+    #[error(transparent)]
+    Poisoned(#[from] Poisoned),
+}
+
+/// A lock whose holder panicked, named by what it guards: every crate's error converts from
+/// it, so one helper ([`LockResultExt::or_poisoned`]) serves every lock.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} lock poisoned")]
+pub struct Poisoned(pub &'static str);
+
+/// Turns a poisoned lock's result into a [`Poisoned`] error naming what the lock guards.
+pub trait LockResultExt<G> {
+    /// The guard, or the error that the lock guarding `what` is poisoned.
+    fn or_poisoned(self, what: &'static str) -> std::result::Result<G, Poisoned>;
+}
+
+impl<G> LockResultExt<G> for std::sync::LockResult<G> {
+    fn or_poisoned(self, what: &'static str) -> std::result::Result<G, Poisoned> {
+        self.map_err(|_| Poisoned(what))
+    }
 }
 
 impl From<object_store::Error> for StorageError {

@@ -10,8 +10,8 @@ use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use arrow_row::{RowConverter, SortField};
 
-use crate::columnar::RowId;
 use crate::error::Result;
+use crate::rows::RowId;
 
 /// One secondary index.
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::{Entry, RandomState};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
-use crate::columnar::RowId;
+use crate::rows::RowId;
 
 /// Hashes a key that is already a hash: the identity.
 #[derive(Default)]

@@ -15,6 +15,7 @@ pub mod error;
 pub mod index;
 pub mod key_index;
 pub mod log_entry;
+pub mod rows;
 pub mod state;
 mod state_recovery;
 pub mod state_tier;
@@ -25,13 +26,14 @@ pub mod view_contents;
 
 pub use catalog_record::{CatalogRecord, ObjectKind};
 pub use cold::{ColdFile, ColdStore, RowFilter};
-pub use columnar::{
-    CacheStats, ColumnarTable, LogPart, RowId, SnapshotPart, TableSnapshot, TieredSnapshot,
-};
-pub use db::{Store, WriteSet};
+pub use columnar::ColumnarTable;
+pub use columnar::snapshot::{CacheStats, LogPart, SnapshotPart, TableSnapshot, TieredSnapshot};
+pub use db::Store;
+pub use db::write_set::WriteSet;
 pub use error::{Result, StorageError};
 pub use index::SecondaryIndex;
 pub use log_entry::LogEntry;
+pub use rows::RowId;
 pub use state::{EncodeFn, SizeFn, StateCounters, StateKey, StateStore, TieredState};
 pub use state_tier::{StateLocation, StateTier};
 pub use stored_rows::StoredRows;

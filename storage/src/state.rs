@@ -443,6 +443,9 @@ impl<V> TieredState<V> {
 }
 
 #[cfg(test)]
+mod tier_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use rocksdb::{IteratorMode, WriteBatch};
 
-use crate::db::{CF_VIEW_STATE, CF_VIEW_UNDO, Store, decode_u64, view_state_key};
+use crate::db::Store;
+use crate::db::keys::{CF_VIEW_STATE, CF_VIEW_UNDO, decode_u64, view_state_key};
 use crate::error::{Result, StorageError};
 
 /// First byte of an undo record: the key held this value at the checkpoint.
@@ -187,7 +188,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::WriteSet;
+    use crate::db::write_set::WriteSet;
 
     fn entries(pairs: &[(u8, Option<u8>)]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         pairs
@@ -208,10 +209,10 @@ mod tests {
         p.iter().map(|(k, v)| (vec![*k], vec![*v])).collect()
     }
 
-    fn view_record(id: u64) -> crate::CatalogRecord {
-        crate::CatalogRecord {
+    fn view_record(id: u64) -> crate::catalog_record::CatalogRecord {
+        crate::catalog_record::CatalogRecord {
             id,
-            kind: crate::ObjectKind::MaterializedView,
+            kind: crate::catalog_record::ObjectKind::MaterializedView,
             database: "millrace".into(),
             schema: "public".into(),
             name: format!("v{id}"),

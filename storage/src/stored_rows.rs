@@ -13,8 +13,8 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
-use crate::columnar::Rows;
 use crate::error::Result;
+use crate::rows::Rows;
 
 /// Rows of one chunk: its rows (batch or file) at ascending positions.
 #[derive(Debug)]

@@ -15,10 +15,12 @@ use arrow::compute::take_record_batch;
 use arrow::datatypes::SchemaRef;
 use arrow_row::{RowConverter, Rows, SortField};
 
-use crate::columnar::{ColumnarTable, RowId, TableSnapshot};
+use crate::columnar::ColumnarTable;
+use crate::columnar::snapshot::TableSnapshot;
 use crate::error::{Result, StorageError};
 use crate::key_index::KeyIndex;
 use crate::log_entry::LogEntry;
+use crate::rows::RowId;
 
 /// Encoded rows with their number of copies, as a checkpoint writes them (0: gone).
 pub type RowCounts = Vec<(Box<[u8]>, i64)>;

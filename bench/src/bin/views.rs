@@ -70,14 +70,14 @@ fn table(id: u64, schema: SchemaRef) -> Result<Arc<MillraceTable>, Error> {
             defaults: HashMap::new(),
             constraints: Constraints::default(),
         },
-        data: Arc::new(RwLock::new(ColumnarTable::try_new(schema, None)?)),
+        rows: Arc::new(RwLock::new(ColumnarTable::try_new(schema, None)?)),
         sql: String::new(),
         log_entries: AtomicUsize::new(0),
     }))
 }
 
 fn load(table: &MillraceTable, batch: RecordBatch) -> Result<(), Error> {
-    let mut data = table.data.write().map_err(|_| "poisoned")?;
+    let mut data = table.rows.write().map_err(|_| "poisoned")?;
     let ids = data.allocate_row_ids(batch.num_rows());
     data.apply(&LogEntry::Insert {
         row_ids: ids,

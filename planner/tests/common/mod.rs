@@ -31,7 +31,7 @@ pub fn table(id: u64) -> Result<Arc<MillraceTable>, Error> {
             defaults: HashMap::new(),
             constraints: Constraints::default(),
         },
-        data: Arc::new(RwLock::new(ColumnarTable::try_new(schema(), None)?)),
+        rows: Arc::new(RwLock::new(ColumnarTable::try_new(schema(), None)?)),
         sql: String::new(),
         log_entries: AtomicUsize::new(0),
     }))

@@ -15,7 +15,8 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 
-use super::{ConnectorOptions, Generator};
+use crate::catalog::options::ConnectorOptions;
+use crate::connector::ingest::Generator;
 use crate::error::{Result, ServerError};
 
 /// Seconds from the Unix epoch to 2024-01-01, where generated timestamps start.
@@ -85,7 +86,7 @@ impl Datagen {
                     });
                 }
             };
-            if !super::column_type_supported(&data_type) {
+            if !crate::connector::ingest::column_type_supported(&data_type) {
                 return Err(ServerError::NotSupported(format!(
                     "datagen for column \"{name}\" of type {data_type}"
                 )));

@@ -13,52 +13,14 @@ use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
 use datafusion::common::ScalarValue;
 
-use super::avro::AvroCodec;
-use super::{BadRecord, ConnectorOptions};
+use crate::catalog::options::ConnectorOptions;
+use crate::connector::format::Format;
+use crate::connector::format::avro::AvroCodec;
 use crate::error::{Result, ServerError};
+use crate::registry::sources::BadRecord;
 
 /// Bytes of a bad record kept in `millrace_source_errors`.
 const PAYLOAD_PREFIX: usize = 200;
-
-/// How records are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// One JSON object per record, fields by column name.
-    Json,
-    /// Comma-separated values in column order.
-    Csv {
-        /// The first line of each file names the columns (files only).
-        header: bool,
-    },
-    /// Whole Parquet files, columns by name (files only).
-    Parquet,
-    /// One Avro datum per message, fields by column name (Kafka), or object container
-    /// files read whole (files).
-    Avro,
-}
-
-impl Format {
-    /// The format named by the `format` option (`FORMAT JSON` sets it too); JSON by default.
-    pub fn from_options(options: &ConnectorOptions) -> Result<Self> {
-        let header = matches!(
-            options.values.get("csv.header").map(|s| s.as_str()),
-            Some("true" | "on" | "1")
-        );
-        match options
-            .values
-            .get("format")
-            .or_else(|| options.values.get("encode"))
-            .map(|s| s.to_ascii_lowercase())
-        {
-            None => Ok(Format::Json),
-            Some(f) if f == "json" || f == "jsonl" => Ok(Format::Json),
-            Some(f) if f == "csv" => Ok(Format::Csv { header }),
-            Some(f) if f == "parquet" => Ok(Format::Parquet),
-            Some(f) if f == "avro" => Ok(Format::Avro),
-            Some(other) => Err(ServerError::NotSupported(format!("format '{other}'"))),
-        }
-    }
-}
 
 /// Decodes records into the values of a list of columns.
 #[derive(Debug, Clone)]
@@ -74,7 +36,7 @@ impl RecordDecoder {
     /// A decoder for `fields` (checked to be types a record can carry).
     pub fn try_new(options: &ConnectorOptions, fields: Vec<FieldRef>) -> Result<Self> {
         for field in &fields {
-            if !super::column_type_supported(field.data_type()) {
+            if !crate::connector::ingest::column_type_supported(field.data_type()) {
                 return Err(ServerError::NotSupported(format!(
                     "source column \"{}\" of type {}",
                     field.name(),
@@ -129,8 +91,8 @@ impl RecordDecoder {
                 let text = std::str::from_utf8(raw)
                     .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
                 let texts = match self.format {
-                    Format::Json => self.json_fields(text)?,
-                    _ => self.csv_fields(text)?,
+                    Format::Json => crate::connector::format::json::fields(&self.fields, text)?,
+                    _ => crate::connector::format::csv::fields(&self.fields, text)?,
                 };
                 texts
                     .into_iter()
@@ -169,52 +131,6 @@ impl RecordDecoder {
                 }),
             })
             .collect()
-    }
-
-    fn json_fields(&self, text: &str) -> std::result::Result<Vec<Option<String>>, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
-        let serde_json::Value::Object(object) = value else {
-            return Err("a JSON record must be an object".into());
-        };
-        self.fields
-            .iter()
-            .map(|f| match object.get(f.name()) {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
-                    Ok(Some(v.to_string()))
-                }
-                Some(other) => Err(format!(
-                    "field \"{}\": {} is not a {}",
-                    f.name(),
-                    kind(other),
-                    f.data_type()
-                )),
-            })
-            .collect()
-    }
-
-    fn csv_fields(&self, text: &str) -> std::result::Result<Vec<Option<String>>, String> {
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .from_reader(text.as_bytes());
-        let record = reader
-            .records()
-            .next()
-            .ok_or("empty CSV record")?
-            .map_err(|e| format!("malformed CSV: {e}"))?;
-        if record.len() != self.fields.len() {
-            return Err(format!(
-                "{} CSV fields, the table has {} columns",
-                record.len(),
-                self.fields.len()
-            ));
-        }
-        Ok(record
-            .iter()
-            .map(|v| (!v.is_empty()).then(|| v.to_string()))
-            .collect())
     }
 }
 
@@ -284,13 +200,5 @@ impl BatchBuilder {
         })
         .collect::<datafusion::error::Result<Vec<ArrayRef>>>()?;
         Ok(RecordBatch::try_new(self.schema.clone(), arrays)?)
-    }
-}
-
-fn kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-        _ => "a scalar",
     }
 }

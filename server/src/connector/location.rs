@@ -14,7 +14,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 
-use super::ConnectorOptions;
+use crate::catalog::options::ConnectorOptions;
 use crate::error::{Result, ServerError};
 
 /// A directory of files, local or in object storage.

@@ -17,7 +17,8 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 
-use super::{ConnectorOptions, Generator};
+use crate::catalog::options::ConnectorOptions;
+use crate::connector::ingest::Generator;
 use crate::error::{Result, ServerError};
 
 /// Event time of the first event (2024-01-01T00:00:00Z) unless `nexmark.base.time` (epoch

@@ -1,5 +1,5 @@
 //! Back-pressure by bytes: bounds the memory that committed changes take while they wait
-//! for the view coordinator (see `ViewRuntime::send_epoch`).
+//! for the view coordinator (see `Coordinator::send_epoch`).
 //!
 //! Writers and sources hand each commit's changes to the coordinator through a queue of
 //! epochs. The queue's length bounds how many wait, not how large they are: 256 epochs of

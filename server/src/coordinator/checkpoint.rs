@@ -22,122 +22,30 @@
 //! before the server answers. Source offsets and sink progress need no manifest entry: they
 //! commit with the rows they describe.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
-use datafusion::arrow::array::{
-    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use millrace_planner::Catalog;
-use millrace_planner::pipeline::RestoreEntries;
-use millrace_planner::system_table::SystemTable;
+use millrace_planner::system_table::SystemTableBuilder;
 use millrace_planner::view_table::ViewStatus;
-use millrace_storage::db::CONTENTS_OP;
-use millrace_storage::{StateTier, Store, WriteSet};
-use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use millrace_storage::db::keys::CONTENTS_OP;
+use millrace_storage::{StateTier, WriteSet};
 use tracing::{info, warn};
 
-use super::ViewRuntime;
+use super::Coordinator;
+use crate::coordinator::manifest::{Barrier, CheckpointRecord, MANIFEST_KEY, Manifest};
 use crate::error::{Result, ServerError};
 
-/// Metadata key of the last committed manifest.
-pub const MANIFEST_KEY: &[u8] = b"checkpoint/manifest";
 /// Changed entries of one operator partition from which they are written ahead of the
 /// checkpoint's commit (see `Pipeline::flush_changes`).
 const FLUSH_AHEAD_ENTRIES: usize = 4096;
-/// Checkpoints listed in `millrace_checkpoints`.
-const HISTORY: usize = 100;
 /// Bytes written by checkpoints after which the state is flushed out of RocksDB's memtable
 /// (so that a restart does not replay it from the WAL).
 const FLUSH_AFTER_BYTES: u64 = 32 << 20;
 
-/// What a committed checkpoint covers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
-    /// The epoch every checkpointed view had processed.
-    pub epoch: u64,
-    /// Log position of that epoch: table log entries numbered from here on came after it.
-    pub log_seq: u64,
-    /// When it was committed (milliseconds since the Unix epoch).
-    pub time_ms: u64,
-    /// Checkpointed views, with the number of partitions their state is split over.
-    pub views: BTreeMap<u64, usize>,
-    /// Checkpointed views' plan fingerprints (`PlanNode::layout`): a view restores only
-    /// into a plan with the same one.
-    #[serde(default)]
-    pub layouts: BTreeMap<u64, u64>,
-}
-
-impl Manifest {
-    /// The last committed manifest, if any.
-    pub fn load(store: &Store) -> Result<Option<Manifest>> {
-        match store.meta(MANIFEST_KEY)? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
-                ServerError::Internal(format!("unreadable checkpoint manifest: {e}"))
-            })?)),
-            None => Ok(None),
-        }
-    }
-}
-
-/// One checkpoint, for `millrace_checkpoints`.
-#[derive(Debug, Clone)]
-pub struct CheckpointRecord {
-    pub epoch: u64,
-    pub log_seq: u64,
-    pub started: SystemTime,
-    pub duration: Duration,
-    /// Views checkpointed, and views left out (not running, or not checkpointable).
-    pub views: usize,
-    pub skipped: usize,
-    /// State entries and view rows written, and their bytes.
-    pub entries: u64,
-    pub bytes: u64,
-    /// Why it did not commit, if it failed.
-    pub error: Option<String>,
-}
-
-/// The checkpoints taken since start, and views whose state must be written in full.
-#[derive(Debug, Default)]
-pub struct Checkpoints {
-    pub history: Mutex<VecDeque<CheckpointRecord>>,
-    /// Views dropped since the last checkpoint (their state is deleted with the next one).
-    pub dropped: Mutex<Vec<u64>>,
-    /// Log position and views of the last committed checkpoint (an idle server writes no
-    /// new one).
-    last: Mutex<Option<(u64, BTreeMap<u64, usize>)>>,
-    /// Bytes written since the state was last flushed to disk.
-    unflushed: std::sync::atomic::AtomicU64,
-}
-
-impl Checkpoints {
-    fn record(&self, record: CheckpointRecord) {
-        if let Ok(mut h) = self.history.lock() {
-            if h.len() == HISTORY {
-                h.pop_front();
-            }
-            h.push_back(record);
-        }
-    }
-}
-
-/// A queued checkpoint barrier.
-#[derive(Debug)]
-pub struct Barrier {
-    /// Log position of the last epoch queued before the barrier.
-    pub log_seq: u64,
-    /// Told the checkpointed epoch (None if nothing was written) when it commits.
-    pub done: Option<oneshot::Sender<Result<Option<u64>>>>,
-    /// Whether to flush the state to disk before telling (`CHECKPOINT`), so that a restart
-    /// reads it from files rather than replaying RocksDB's WAL.
-    pub flush: bool,
-}
-
-impl ViewRuntime {
+impl Coordinator {
     /// Takes a checkpoint of every running view at the published epoch (called by the
     /// coordinator between epochs).
     pub(super) async fn checkpoint(&self, barrier: Barrier) {
@@ -357,177 +265,27 @@ impl ViewRuntime {
     }
 }
 
-/// Which views restore from the last checkpoint on start, decided as the catalog replays.
-#[derive(Debug, Default)]
-pub struct RestorePlan {
-    pub manifest: Option<Manifest>,
-    /// Tables whose logs no longer hold every entry since the checkpoint.
-    pub rebased_tables: HashSet<u64>,
-    /// Views restored so far (an upstream view must be among them).
-    pub restored: HashSet<u64>,
-}
-
-impl RestorePlan {
-    /// The plan for the last committed manifest.
-    pub fn load(store: &Store) -> Result<Self> {
-        let manifest = Manifest::load(store)?;
-        if let Some(m) = &manifest {
-            info!(
-                epoch = m.epoch,
-                log_seq = m.log_seq,
-                views = m.views.len(),
-                "last checkpoint"
-            );
-        }
-        Ok(Self {
-            manifest,
-            ..Self::default()
-        })
-    }
-
-    /// Notes a table whose log was rewritten after the checkpoint.
-    pub fn check_table(&mut self, store: &Store, table_id: u64) -> Result<()> {
-        if let Some(m) = &self.manifest
-            && store
-                .log_rebased_at(table_id)?
-                .is_some_and(|s| s >= m.log_seq)
-        {
-            self.rebased_tables.insert(table_id);
-        }
-        Ok(())
-    }
-
-    /// Whether a view reading `sources` with `workers` partitions and plan fingerprint
-    /// `layout` can restore its state.
-    pub fn can_restore(
-        &self,
-        view_id: u64,
-        sources: &[u64],
-        (workers, layout): (usize, u64),
-        is_view: impl Fn(u64) -> bool,
-    ) -> bool {
-        let Some(m) = &self.manifest else {
-            return false;
-        };
-        m.views.get(&view_id) == Some(&workers)
-            && m.layouts.get(&view_id).is_none_or(|l| *l == layout)
-            && sources.iter().all(|id| {
-                if is_view(*id) {
-                    self.restored.contains(id)
-                } else {
-                    !self.rebased_tables.contains(id)
-                }
-            })
-    }
-}
-
-/// A view's checkpointed contents: encoded rows with their number of copies.
-pub type ContentsRows = Vec<(Vec<u8>, i64)>;
-
-/// The checkpointed state of operators `ops` of a view (those restored up front).
-pub fn load_op_state(store: &Store, view_id: u64, ops: &[u32]) -> Result<RestoreEntries> {
-    let mut state = RestoreEntries::new();
-    for &op in ops {
-        for (partition, key, value) in store.view_state_op(view_id, op)? {
-            state.entry((op, partition)).or_default().push((key, value));
-        }
-    }
-    Ok(state)
-}
-
-/// Calls `f` with a view's checkpointed contents rows, `piece` rows at a time, so that a
-/// restore holds one piece besides what it has loaded (and can evict between pieces).
-pub fn for_each_contents_piece(
-    store: &Store,
-    view_id: u64,
-    piece: usize,
-    mut f: impl FnMut(ContentsRows) -> Result<()>,
-) -> Result<()> {
-    let mut rows = Vec::with_capacity(piece);
-    store.for_each_view_state_op(view_id, CONTENTS_OP, |_, key, value| {
-        let n = value
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(i64::from_le_bytes)
-            .ok_or_else(|| ServerError::Internal("corrupt checkpointed row count".into()))?;
-        rows.push((key.to_vec(), n));
-        if rows.len() >= piece {
-            f(std::mem::replace(&mut rows, Vec::with_capacity(piece)))?;
-        }
-        Ok::<(), ServerError>(())
-    })?;
-    if !rows.is_empty() {
-        f(rows)?;
-    }
-    Ok(())
-}
-
 /// Registers `millrace_checkpoints`: the checkpoints taken since the server started, newest
 /// last, with what each wrote and how long it took.
-pub fn register(catalog: &Arc<Catalog>, runtime: &Arc<ViewRuntime>) {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("epoch", DataType::Int64, false),
-        Field::new("log_seq", DataType::Int64, false),
-        Field::new(
-            "started",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
-            false,
-        ),
-        Field::new("duration_ms", DataType::Float64, false),
-        Field::new("views", DataType::Int64, false),
-        Field::new("views_skipped", DataType::Int64, false),
-        Field::new("entries_written", DataType::Int64, false),
-        Field::new("bytes_written", DataType::Int64, false),
-        Field::new("error", DataType::Utf8, true),
-    ]));
-    let runtime = runtime.clone();
-    let table_schema = schema.clone();
-    let fill = Arc::new(move || {
-        let records: Vec<CheckpointRecord> = runtime
-            .checkpoints
-            .history
-            .lock()
-            .map(|h| h.iter().cloned().collect())
-            .unwrap_or_default();
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from_iter_values(
-                records.iter().map(|r| r.epoch as i64),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                records.iter().map(|r| r.log_seq as i64),
-            )),
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(records.iter().map(|r| {
-                    r.started
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_micros() as i64)
-                        .unwrap_or(0)
-                }))
-                .with_timezone("+00:00"),
-            ),
-            Arc::new(Float64Array::from_iter_values(
-                records.iter().map(|r| r.duration.as_secs_f64() * 1e3),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                records.iter().map(|r| r.views as i64),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                records.iter().map(|r| r.skipped as i64),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                records.iter().map(|r| r.entries as i64),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                records.iter().map(|r| r.bytes as i64),
-            )),
-            Arc::new(StringArray::from_iter(
-                records.iter().map(|r| r.error.as_deref()),
-            )),
-        ];
-        Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
-    });
-    catalog.register_system_table(
-        "millrace_checkpoints",
-        Arc::new(SystemTable::new(schema, fill)),
-    );
+pub fn register(catalog: &Arc<Catalog>, coordinator: &Arc<Coordinator>) {
+    let coordinator = coordinator.clone();
+    let table = SystemTableBuilder::new()
+        .int("epoch", |r: &CheckpointRecord| r.epoch as i64)
+        .int("log_seq", |r| r.log_seq as i64)
+        .time("started", |r| r.started)
+        .float("duration_ms", |r| r.duration.as_secs_f64() * 1e3)
+        .int("views", |r| r.views as i64)
+        .int("views_skipped", |r| r.skipped as i64)
+        .int("entries_written", |r| r.entries as i64)
+        .int("bytes_written", |r| r.bytes as i64)
+        .text_or_null("error", |r| r.error.clone())
+        .build(move || {
+            coordinator
+                .checkpoints
+                .history
+                .lock()
+                .map(|h| h.iter().cloned().collect())
+                .unwrap_or_default()
+        });
+    catalog.register_system_table("millrace_checkpoints", Arc::new(table));
 }

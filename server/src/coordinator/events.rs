@@ -1,18 +1,14 @@
 //! `millrace_events`: what happened to the server's pipelines, newest last — a view's task
 //! failing and its cause, each restart attempt and its outcome, a view given up on, and the
-//! progress of start-up recovery (views restored from the checkpoint or rebuilt). Every event is logged too; the table keeps the latest
-//! [`CAPACITY`] in memory.
+//! progress of start-up recovery (views restored from the checkpoint or rebuilt). Every
+//! event is logged too; the table keeps the latest [`CAPACITY`] in memory.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use datafusion::arrow::array::{
-    ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use millrace_planner::Catalog;
-use millrace_planner::system_table::SystemTable;
+use millrace_planner::system_table::SystemTableBuilder;
 use tracing::{info, warn};
 
 /// Events kept for `millrace_events`.
@@ -85,49 +81,16 @@ impl EventLog {
 
 /// Registers `millrace_events`.
 pub fn register(catalog: &Arc<Catalog>, log: &Arc<EventLog>) {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("seq", DataType::Int64, false),
-        Field::new(
-            "time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
-            false,
-        ),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("object", DataType::Utf8, true),
-        Field::new("attempt", DataType::Int64, true),
-        Field::new("detail", DataType::Utf8, false),
-    ]));
     let log = log.clone();
-    let table_schema = schema.clone();
-    let fill = Arc::new(move || {
-        let events = log.events();
-        let micros = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_micros() as i64)
-                .unwrap_or(0)
-        };
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from_iter_values(
-                events.iter().map(|e| e.seq as i64),
-            )),
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(events.iter().map(|e| micros(e.time)))
-                    .with_timezone("+00:00"),
-            ),
-            Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.kind))),
-            Arc::new(StringArray::from_iter(
-                events.iter().map(|e| e.object.as_deref()),
-            )),
-            Arc::new(Int64Array::from_iter(
-                events.iter().map(|e| e.attempt.map(i64::from)),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                events.iter().map(|e| e.detail.as_str()),
-            )),
-        ];
-        Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
-    });
-    catalog.register_system_table("millrace_events", Arc::new(SystemTable::new(schema, fill)));
+    let table = SystemTableBuilder::new()
+        .int("seq", |e: &Event| e.seq as i64)
+        .time("time", |e| e.time)
+        .text("kind", |e| e.kind.to_string())
+        .text_or_null("object", |e| e.object.clone())
+        .int_or_null("attempt", |e| e.attempt.map(i64::from))
+        .text("detail", |e| e.detail.clone())
+        .build(move || log.events());
+    catalog.register_system_table("millrace_events", Arc::new(table));
 }
 
 #[cfg(test)]

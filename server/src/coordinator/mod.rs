@@ -1,14 +1,14 @@
-//! The view runtime: drives every materialized view's pipeline epoch by epoch.
+//! The epoch coordinator: drives every materialized view's pipeline epoch by epoch.
 //!
 //! Flow: a committed DML statement hands its changelogs (one per table, rows with weights)
-//! to [`ViewRuntime::send_epoch`] while it still holds the write lock, so epochs are in commit
+//! to [`Coordinator::send_epoch`] while it still holds the write lock, so epochs are in commit
 //! order. One coordinator task takes whatever epochs are queued (coalescing them under load:
 //! the barrier between two batches is the point where all views are consistent), pushes the
 //! changes through each running view in creation order (a view's output is the input of the
 //! views built on it), and then publishes all views' changes at once under `read_lock`.
 //! SELECTs hold `read_lock` shared while they snapshot views, so one query never sees two
 //! views at different epochs. A session waits for the epoch of its own last write before it
-//! reads ([`ViewRuntime::wait_published`]).
+//! reads ([`Coordinator::wait_published`]).
 //!
 //! A view whose pipeline fails (an operator error or panic) is not lost: its pipeline is
 //! dropped, the view turns `recovering`, and the supervisor (`supervisor.rs`) rebuilds it from
@@ -19,32 +19,32 @@
 //! `backfill.rs`) is skipped too and its inputs are queued until it catches up. Failures,
 //! restarts and their outcome are listed in `millrace_events` (`events.rs`).
 
-pub mod backfill;
 pub mod backlog;
-pub mod cache;
 pub mod checkpoint;
+pub mod entry;
 pub mod events;
-pub mod resident;
+pub mod feed;
+pub mod manifest;
 pub mod subscribe;
-pub mod supervisor;
 pub mod system;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
 
-use millrace_planner::pipeline::{Pipeline, PipelineStats};
-use millrace_planner::view_table::{MaterializedView, ViewStatus};
+use millrace_planner::pipeline::PipelineStats;
+use millrace_planner::view_table::ViewStatus;
 use millrace_planner::{Changelog, EpochPart};
-use millrace_storage::{StateTier, Store, ViewContents};
-use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
+use millrace_storage::{Store, ViewContents};
+use tokio::sync::{RwLock, mpsc, watch};
 use tracing::{info, warn};
 
-use crate::error::{Result, ServerError};
-use crate::runtime::checkpoint::{Barrier, Checkpoints};
-use crate::runtime::events::EventLog;
-use crate::runtime::subscribe::{EpochDelta, FEED_CAPACITY};
+use crate::coordinator::entry::{EpochChanges, ViewEntry};
+use crate::coordinator::events::EventLog;
+use crate::coordinator::feed::EpochDelta;
+use crate::coordinator::manifest::{Barrier, Checkpoints};
+use crate::error::Result;
+use millrace_storage::error::LockResultExt;
 
 /// Epochs merged into one step at most.
 const MAX_COALESCE: usize = 64;
@@ -60,243 +60,6 @@ pub struct CatchUp {
     pub checkpoint_epoch: u64,
 }
 
-/// Changes of one epoch, by source id (table or view): the parts in the order they apply
-/// (kept apart: concatenating a large UPDATE's deleted and inserted rows copied them all;
-/// deleted rows stay where the table stores them until a view step reads them).
-pub type EpochChanges = HashMap<u64, Vec<EpochPart>>;
-
-/// Progress of a view's backfill.
-#[derive(Debug, Clone, Default)]
-pub struct Backfill {
-    /// Source rows pushed through the pipeline so far.
-    pub rows_done: u64,
-    /// Source rows the backfill reads in total.
-    pub rows_total: u64,
-    /// When it started.
-    pub started: Option<Instant>,
-    /// When it finished.
-    pub finished: Option<Instant>,
-}
-
-/// Figures of the last epoch a view processed.
-#[derive(Debug, Clone, Default)]
-pub struct EpochFigures {
-    /// The epoch.
-    pub epoch: u64,
-    /// Source rows the pipeline consumed in it.
-    pub rows_in: u64,
-    /// State entries the pipeline read in it.
-    pub state_reads: u64,
-    /// Changed output rows.
-    pub rows_out: u64,
-}
-
-/// One materialized view as the runtime holds it.
-#[derive(Debug)]
-pub struct ViewEntry {
-    /// Catalog id.
-    pub id: u64,
-    /// The provider SELECTs read (contents and status).
-    pub provider: Arc<MaterializedView>,
-    /// Ids of the tables and views it reads.
-    pub sources: Vec<u64>,
-    /// The incremental plan, as EXPLAIN prints it.
-    pub plan: Vec<String>,
-    /// The running operators (None once failed or dropped).
-    pub pipeline: tokio::sync::Mutex<Option<Pipeline>>,
-    /// The warm tier the current pipeline evicts operator state to (the cache manager asks
-    /// for evictions through it without waiting for the pipeline).
-    pub tier: Mutex<Option<Arc<StateTier>>>,
-    /// Inputs that arrived while backfilling, replayed when it ends.
-    pending: Mutex<Vec<EpochChanges>>,
-    /// Backfill progress.
-    pub backfill: Mutex<Backfill>,
-    /// Last processed epoch's figures.
-    pub last_epoch: Mutex<EpochFigures>,
-    /// Time of the last change to the contents.
-    pub last_change: Mutex<Option<SystemTime>>,
-    /// Pipeline figures after the last epoch.
-    pub stats: Mutex<PipelineStats>,
-    /// Told when the backfill has caught up (or failed).
-    ready: Mutex<Option<oneshot::Sender<()>>>,
-    /// Each published epoch's delta, for SUBSCRIBE (`subscribe.rs`).
-    pub feed: broadcast::Sender<Arc<EpochDelta>>,
-    /// Failures since the view last processed an epoch after a restart.
-    pub failures_in_a_row: AtomicU32,
-    /// Restarts since the server started.
-    pub restarts: AtomicU32,
-    /// While rebuilding after a failure: the new contents being computed beside the old.
-    rebuild: Mutex<Option<ViewContents>>,
-    /// After a rebuild: the old contents' change into the new, published with the next epoch.
-    carried: Mutex<Option<Changelog>>,
-    /// Whether the next checkpoint must write this view's state in full (a new or rebuilt
-    /// pipeline, or a checkpoint that failed to commit).
-    pub checkpoint_fresh: AtomicBool,
-    /// Whether changes of this pipeline were drained but never written (a failed
-    /// checkpoint): it is left out of checkpoints until it is rebuilt.
-    pub checkpoint_lost: AtomicBool,
-    /// Whether the view loads its state from the last checkpoint on start (else it is
-    /// rebuilt from its inputs).
-    pub restore_pending: AtomicBool,
-}
-
-impl ViewEntry {
-    /// A view about to be backfilled.
-    pub fn new(
-        provider: Arc<MaterializedView>,
-        sources: Vec<u64>,
-        plan: Vec<String>,
-        pipeline: Pipeline,
-    ) -> (Arc<Self>, oneshot::Receiver<()>) {
-        let (tx, rx) = oneshot::channel();
-        let entry = Arc::new(Self {
-            id: provider.id,
-            provider,
-            sources,
-            plan,
-            tier: Mutex::new(pipeline.tier().cloned()),
-            pipeline: tokio::sync::Mutex::new(Some(pipeline)),
-            pending: Mutex::new(Vec::new()),
-            backfill: Mutex::new(Backfill::default()),
-            last_epoch: Mutex::new(EpochFigures::default()),
-            last_change: Mutex::new(None),
-            stats: Mutex::new(PipelineStats::default()),
-            ready: Mutex::new(Some(tx)),
-            feed: broadcast::channel(FEED_CAPACITY).0,
-            failures_in_a_row: AtomicU32::new(0),
-            restarts: AtomicU32::new(0),
-            rebuild: Mutex::new(None),
-            carried: Mutex::new(None),
-            checkpoint_fresh: AtomicBool::new(true),
-            checkpoint_lost: AtomicBool::new(false),
-            restore_pending: AtomicBool::new(false),
-        });
-        (entry, rx)
-    }
-
-    /// Starts rebuilding a failed view with a fresh `pipeline`: new contents are computed
-    /// beside the old ones (which stay until the rebuilt view is published), and inputs
-    /// queue up from now on. The returned receiver is told when the backfill has caught up.
-    pub fn begin_rebuild(&self, pipeline: Pipeline) -> Result<oneshot::Receiver<()>> {
-        let (tx, rx) = oneshot::channel();
-        let contents = ViewContents::try_new(self.provider.schema.clone())?;
-        if let Ok(mut r) = self.rebuild.lock() {
-            *r = Some(contents);
-        }
-        if let Ok(mut p) = self.pending.lock() {
-            p.clear();
-        }
-        if let Ok(mut b) = self.backfill.lock() {
-            *b = Backfill::default();
-        }
-        if let Ok(mut ready) = self.ready.lock() {
-            *ready = Some(tx);
-        }
-        if let Ok(mut tier) = self.tier.lock() {
-            *tier = pipeline.tier().cloned();
-        }
-        if let Ok(mut p) = self.pipeline.try_lock() {
-            *p = Some(pipeline);
-        } else {
-            return Err(ServerError::Internal("view pipeline busy".into()));
-        }
-        self.checkpoint_fresh.store(true, Ordering::SeqCst);
-        self.checkpoint_lost.store(false, Ordering::SeqCst);
-        self.set_status(ViewStatus::Backfilling);
-        Ok(rx)
-    }
-
-    /// Whether the view is being rebuilt after a failure (rather than built at CREATE or
-    /// start-up).
-    pub fn is_rebuilding(&self) -> bool {
-        self.rebuild.lock().map(|r| r.is_some()).unwrap_or(false)
-    }
-
-    /// Whether a rebuilt view waits for an epoch to publish its change.
-    pub fn has_carried_change(&self) -> bool {
-        self.carried.lock().map(|c| c.is_some()).unwrap_or(false)
-    }
-
-    /// Current status.
-    pub fn status(&self) -> ViewStatus {
-        self.provider.status()
-    }
-
-    /// Sets the status.
-    pub fn set_status(&self, status: ViewStatus) {
-        if let Ok(mut s) = self.provider.status.write() {
-            *s = status;
-        }
-    }
-
-    /// Marks the view failed with `reason` and stops its pipeline.
-    pub async fn fail(&self, reason: String) {
-        warn!(view = %self.provider.name, %reason, "materialized view failed");
-        self.set_status(ViewStatus::Failed(reason));
-        *self.pipeline.lock().await = None;
-        self.signal_ready();
-    }
-
-    fn signal_ready(&self) {
-        if let Ok(mut ready) = self.ready.lock()
-            && let Some(tx) = ready.take()
-        {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Applies an output change to the stored contents.
-    fn apply(&self, change: &Changelog) -> Result<()> {
-        if change.is_empty() {
-            return Ok(());
-        }
-        if let Ok(mut rebuild) = self.rebuild.lock()
-            && let Some(contents) = rebuild.as_mut()
-        {
-            contents.apply(&change.batch, &change.weights)?;
-            return Ok(());
-        }
-        let mut contents = self
-            .provider
-            .contents
-            .write()
-            .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?;
-        contents.apply(&change.batch, &change.weights)?;
-        if let Ok(mut t) = self.last_change.lock() {
-            *t = Some(SystemTime::now());
-        }
-        Ok(())
-    }
-
-    /// The inputs of this view within an epoch's changes.
-    fn inputs_of(&self, changes: &EpochChanges) -> EpochChanges {
-        changes
-            .iter()
-            .filter(|(id, parts)| self.sources.contains(id) && parts.iter().any(|c| !c.is_empty()))
-            .map(|(id, c)| (*id, c.clone()))
-            .collect()
-    }
-
-    async fn record_stats(&self, epoch: u64, before: &PipelineStats) {
-        let guard = self.pipeline.lock().await;
-        let Some(pipeline) = guard.as_ref() else {
-            return;
-        };
-        let now = pipeline.stats();
-        if let Ok(mut last) = self.last_epoch.lock() {
-            *last = EpochFigures {
-                epoch,
-                rows_in: now.rows_in - before.rows_in,
-                state_reads: now.state.counters.reads - before.state.counters.reads,
-                rows_out: now.rows_out - before.rows_out,
-            };
-        }
-        if let Ok(mut s) = self.stats.lock() {
-            *s = now;
-        }
-    }
-}
-
 enum Command {
     /// An epoch's changes and the bytes they hold (released from the backlog when done).
     Epoch(u64, EpochChanges, u64),
@@ -306,7 +69,7 @@ enum Command {
 
 /// The registry of running views and the epoch coordinator's handle.
 #[derive(Debug)]
-pub struct ViewRuntime {
+pub struct Coordinator {
     commands: mpsc::Sender<Command>,
     commands_rx: Mutex<Option<mpsc::Receiver<Command>>>,
     /// Last epoch handed to the coordinator.
@@ -343,7 +106,7 @@ pub struct ViewRuntime {
     store: Arc<Store>,
     /// The first epoch after a restart: the changes since the checkpoint.
     catch_up: Mutex<Option<CatchUp>>,
-    /// See [`ViewRuntime::read_floor`].
+    /// See [`Coordinator::read_floor`].
     read_floor: AtomicU64,
     /// Checkpoints taken, for `millrace_checkpoints`.
     pub checkpoints: Checkpoints,
@@ -359,8 +122,8 @@ impl std::fmt::Debug for Command {
     }
 }
 
-impl ViewRuntime {
-    /// A runtime whose coordinator is started by [`ViewRuntime::start`]; at most
+impl Coordinator {
+    /// A coordinator whose task is started by [`Coordinator::start`]; at most
     /// `epoch_queue` committed epochs wait for it before committing writers block
     /// (back-pressure).
     pub fn new(
@@ -486,8 +249,8 @@ impl ViewRuntime {
     pub fn start(self: &Arc<Self>) {
         let rx = self.commands_rx.lock().ok().and_then(|mut r| r.take());
         if let Some(rx) = rx {
-            let runtime = self.clone();
-            tokio::spawn(async move { runtime.coordinate(rx).await });
+            let coordinator = self.clone();
+            tokio::spawn(async move { coordinator.coordinate(rx).await });
         }
     }
 
@@ -845,7 +608,7 @@ impl ViewRuntime {
     }
 
     /// Tells the coordinator a backfill has pushed its snapshot through.
-    async fn backfill_done(&self, view: Arc<ViewEntry>) {
+    pub(crate) async fn backfill_done(&self, view: Arc<ViewEntry>) {
         let _ = self.commands.send(Command::BackfillDone(view)).await;
     }
 }
@@ -857,7 +620,7 @@ fn contents_change(view: &ViewEntry, rebuilt: &ViewContents) -> Result<Changelog
         .provider
         .contents
         .read()
-        .map_err(|_| ServerError::Internal("view contents lock poisoned".into()))?
+        .or_poisoned("view contents")?
         .snapshot()?;
     let new = rebuilt.snapshot()?;
     let schema = view.provider.schema.clone();

@@ -13,64 +13,21 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::sql::sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget,
 };
-use millrace_planner::{MillraceTable, PlanError};
+use millrace_planner::PlanError;
 use pgwire::api::portal::Format;
 
 use crate::engine::TableChange;
 use crate::error::{Result, ServerError};
 use crate::exec::ddl::default_column;
+use crate::exec::output::Output;
 use crate::exec::query;
-use crate::exec::{Output, names, txn};
+use crate::exec::{names, txn};
 use crate::session::Session;
+use crate::session::copy_in::{CopyFormat, CopyIn};
+use millrace_planner::error::ObjectClass;
 
 /// Largest COPY FROM STDIN payload buffered for one statement.
 const MAX_COPY_BYTES: usize = 1 << 30;
-
-/// How COPY data is laid out.
-#[derive(Debug, Clone)]
-pub struct CopyFormat {
-    /// CSV (true) or PostgreSQL text format (false).
-    pub csv: bool,
-    /// Field separator.
-    pub delimiter: char,
-    /// The text that means NULL.
-    pub null: String,
-    /// Whether the first line is a header to skip or write.
-    pub header: bool,
-    /// CSV quote character.
-    pub quote: char,
-    /// CSV escape character.
-    pub escape: char,
-}
-
-/// A COPY FROM STDIN in progress.
-#[derive(Debug)]
-pub struct CopyIn {
-    /// Target table.
-    pub table: Arc<MillraceTable>,
-    /// Its name, for messages.
-    pub table_name: String,
-    /// Table column index of each field in a line.
-    pub columns: Vec<usize>,
-    /// Data layout.
-    pub format: CopyFormat,
-    /// Data received so far.
-    pub buffer: Vec<u8>,
-}
-
-impl CopyFormat {
-    /// PostgreSQL's default text format: tab-separated, `\N` for NULL, no header.
-    pub fn text() -> Self {
-        CopyFormat {
-            csv: false,
-            delimiter: '\t',
-            null: "\\N".into(),
-            header: false,
-            quote: '"',
-            escape: '"',
-        }
-    }
-}
 
 fn parse_format(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> Result<CopyFormat> {
     let mut f = CopyFormat::text();
@@ -163,7 +120,7 @@ pub async fn start(
             }
             CopySource::Query(q) => q.to_string(),
         };
-        let statement = crate::exec::ddl::parse_one(&sql)?;
+        let statement = crate::sql::parse_one(&sql)?;
         let Output::Rows { schema, batches } = query::run(session, statement, None, None)
             .await?
             .collect()
@@ -205,7 +162,7 @@ pub async fn start(
                 schema
                     .index_of(&col)
                     .map_err(|_| PlanError::UndefinedObject {
-                        kind: "column",
+                        kind: ObjectClass::Column,
                         name: col.clone(),
                     })?,
             );

@@ -3,60 +3,35 @@
 //! Each statement commits its catalog records (and any table-log rewrite) as one write set
 //! before the in-memory catalog changes, so a crash never leaves half an object behind.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::catalog::TableProvider;
 use datafusion::catalog::view::ViewTable;
-use datafusion::common::Constraint;
-use datafusion::datasource::source_as_provider;
-use datafusion::logical_expr::{CreateMemoryTable, DdlStatement, ExprSchemable, LogicalPlan};
-use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::logical_expr::{DdlStatement, ExprSchemable, LogicalPlan};
+use datafusion::prelude::DataFrame;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{
-    self, AlterTableOperation, ColumnOption, ObjectType, SchemaName, Statement,
+    self, AlterTableOperation, ObjectType, SchemaName, Statement,
 };
-use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-use datafusion::sql::sqlparser::parser::Parser;
 use millrace_planner::view_table::ViewStatus;
-use millrace_planner::{MillraceTable, PlanError, TableDef};
-use millrace_storage::{CatalogRecord, ColumnarTable, ObjectKind, WriteSet};
+use millrace_planner::{PlanError, TableDef};
+use millrace_storage::{CatalogRecord, ObjectKind, WriteSet};
 use tracing::info;
 
-use crate::connector::ConnectorOptions;
-use crate::engine::{DEFAULT_SCHEMA, Engine, TableChange};
+use crate::catalog::index::{attach_indexes, index_columns};
+use crate::catalog::options::ConnectorOptions;
+use crate::catalog::records::database_records;
+use crate::catalog::relation::{new_table, plan_table, rewrite_column_types};
+use crate::engine::TableChange;
 use crate::error::{Result, ServerError};
-use crate::exec::Output;
-use crate::exec::names::{self, QualifiedName};
+use crate::exec::names::{self, relation_exists, require_schema};
+use crate::exec::output::Output;
+use crate::exec::query::relation_dependencies;
 use crate::session::Session;
-
-/// The records of a new database: the database and its `public` schema.
-pub fn database_records(engine: &Engine, name: &str) -> Vec<CatalogRecord> {
-    vec![
-        CatalogRecord {
-            id: engine.store().allocate_object_id(),
-            kind: ObjectKind::Database,
-            database: name.to_string(),
-            schema: String::new(),
-            name: name.to_string(),
-            sql: format!("CREATE DATABASE \"{name}\""),
-            depends_on: vec![],
-            search_schema: None,
-        },
-        CatalogRecord {
-            id: engine.store().allocate_object_id(),
-            kind: ObjectKind::Schema,
-            database: name.to_string(),
-            schema: DEFAULT_SCHEMA.to_string(),
-            name: DEFAULT_SCHEMA.to_string(),
-            sql: format!("CREATE SCHEMA {DEFAULT_SCHEMA}"),
-            depends_on: vec![],
-            search_schema: None,
-        },
-    ]
-}
+use crate::sql::parse_one;
+use millrace_planner::error::ObjectClass;
+use millrace_storage::error::LockResultExt;
 
 /// Runs a DDL statement.
 pub async fn run(session: &mut Session, stmt: Statement) -> Result<Output> {
@@ -94,177 +69,6 @@ pub fn first_words(sql: &str) -> String {
     sql.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
-/// Maps PostgreSQL column types DataFusion does not know onto ones it does.
-fn rewrite_column_types(columns: &mut [ast::ColumnDef]) {
-    for column in columns {
-        if matches!(column.data_type, ast::DataType::JSON | ast::DataType::JSONB) {
-            column.data_type = ast::DataType::Text;
-        }
-    }
-}
-
-/// Plans a CREATE TABLE statement and derives the table's definition.
-async fn plan_table(
-    ctx: &SessionContext,
-    create: &ast::CreateTable,
-) -> Result<(CreateMemoryTable, TableDef)> {
-    // NOTE: connector options are ours; DataFusion plans only the columns.
-    let mut columns_only = create.clone();
-    columns_only.table_options = ast::CreateTableOptions::None;
-    let plan = ctx
-        .state()
-        .statement_to_plan(DFStatement::Statement(Box::new(Statement::CreateTable(
-            columns_only,
-        ))))
-        .await?;
-    let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(cmt)) = plan else {
-        return Err(ServerError::Internal(
-            "CREATE TABLE did not plan to a table".into(),
-        ));
-    };
-    let input_schema = cmt.input.schema().as_arrow().clone();
-    let mut primary_key = None;
-    for constraint in cmt.constraints.iter() {
-        if let Constraint::PrimaryKey(cols) = constraint {
-            primary_key = Some(cols.clone());
-        }
-    }
-    let not_null: Vec<bool> = create
-        .columns
-        .iter()
-        .map(|c| {
-            c.options
-                .iter()
-                .any(|o| matches!(o.option, ColumnOption::NotNull))
-        })
-        .collect();
-    let fields: Vec<Field> = input_schema
-        .fields()
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let required = primary_key.as_ref().is_some_and(|pk| pk.contains(&i))
-                || not_null.get(i).copied().unwrap_or(false)
-                || !f.is_nullable() && create.query.is_none();
-            Field::new(f.name(), storage_type(f.data_type()), !required)
-        })
-        .collect();
-    let schema: SchemaRef = Arc::new(Schema::new(fields));
-    let def = TableDef {
-        schema,
-        primary_key,
-        defaults: cmt
-            .column_defaults
-            .iter()
-            .cloned()
-            .collect::<HashMap<_, _>>(),
-        constraints: cmt.constraints.clone(),
-    };
-    Ok((cmt, def))
-}
-
-/// Types as stored: views of strings become plain strings.
-fn storage_type(t: &DataType) -> DataType {
-    match t {
-        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
-        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
-        DataType::Null => DataType::Utf8,
-        other => other.clone(),
-    }
-}
-
-/// Rebuilds a table (empty cache) from its durable record.
-pub async fn build_table(
-    ctx: &SessionContext,
-    record: &CatalogRecord,
-) -> Result<Arc<MillraceTable>> {
-    let stmt = parse_one(&record.sql)?;
-    let Statement::CreateTable(mut create) = stmt else {
-        return Err(ServerError::Internal(format!(
-            "record {} is not CREATE TABLE",
-            record.id
-        )));
-    };
-    rewrite_column_types(&mut create.columns);
-    let (_, def) = plan_table(ctx, &create).await?;
-    new_table(record.id, def, record.sql.clone())
-}
-
-fn new_table(id: u64, def: TableDef, sql: String) -> Result<Arc<MillraceTable>> {
-    let data = ColumnarTable::try_new(def.schema.clone(), def.primary_key.clone())?;
-    Ok(Arc::new(MillraceTable {
-        id,
-        def,
-        data: Arc::new(RwLock::new(data)),
-        sql,
-        log_entries: Default::default(),
-    }))
-}
-
-/// Rebuilds a view from its durable record.
-pub async fn build_view(
-    ctx: &SessionContext,
-    record: &CatalogRecord,
-) -> Result<Arc<dyn TableProvider>> {
-    let plan = ctx
-        .state()
-        .statement_to_plan(DFStatement::Statement(Box::new(parse_one(&record.sql)?)))
-        .await?;
-    let LogicalPlan::Ddl(DdlStatement::CreateView(view)) = plan else {
-        return Err(ServerError::Internal(format!(
-            "record {} is not CREATE VIEW",
-            record.id
-        )));
-    };
-    Ok(Arc::new(ViewTable::new(
-        view.input.as_ref().clone(),
-        Some(record.sql.clone()),
-    )))
-}
-
-/// The connector options of a stored CREATE TABLE, if it names a connector.
-pub fn connector_options(sql: &str) -> Result<Option<ConnectorOptions>> {
-    match parse_one(sql)? {
-        Statement::CreateTable(create) => ConnectorOptions::from_table(&create.table_options),
-        _ => Ok(None),
-    }
-}
-
-/// Parses exactly one statement.
-pub fn parse_one(sql: &str) -> Result<Statement> {
-    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)?;
-    match (stmts.pop(), stmts.is_empty()) {
-        (Some(stmt), true) => Ok(stmt),
-        _ => Err(ServerError::Syntax(format!(
-            "expected one statement: {sql}"
-        ))),
-    }
-}
-
-pub(crate) fn relation_exists(session: &Session, name: &QualifiedName) -> Option<CatalogRecord> {
-    session.engine.catalog.find(
-        &[
-            ObjectKind::Table,
-            ObjectKind::View,
-            ObjectKind::MaterializedView,
-        ],
-        &name.database,
-        &name.schema,
-        &name.name,
-    )
-}
-
-pub(crate) fn require_schema(session: &Session, name: &QualifiedName) -> Result<()> {
-    match session.engine.catalog.schema(&name.database, &name.schema) {
-        Some(_) => Ok(()),
-        None => Err(PlanError::UndefinedObject {
-            kind: "schema",
-            name: name.schema.clone(),
-        }
-        .into()),
-    }
-}
-
 async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Result<Output> {
     let name = names::resolve(session, &create.name)?;
     require_schema(session, &name)?;
@@ -273,12 +77,12 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
             return Ok(Output::command("CREATE TABLE"));
         }
         return Err(PlanError::DuplicateObject {
-            kind: "relation",
+            kind: ObjectClass::Relation,
             name: name.name,
         }
         .into());
     }
-    crate::connector::avro::prepare_table(&mut create)?;
+    crate::connector::format::avro::prepare_table(&mut create)?;
     rewrite_column_types(&mut create.columns);
     let (cmt, def) = plan_table(&session.ctx, &create).await?;
     let connector = ConnectorOptions::from_table(&create.table_options)?;
@@ -289,7 +93,7 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
             ));
         }
         // NOTE: validates the options against the columns before anything is stored.
-        options.validate(&def.schema)?;
+        crate::connector::validate(options, &def.schema)?;
     }
     let sql = if create.query.is_some() {
         column_ddl(&name.name, &def.schema)?
@@ -336,10 +140,7 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
         .catalog
         .register_relation(record, table.clone(), Some(table.clone()))?;
     if let Some(options) = &connector {
-        session
-            .engine
-            .sources
-            .start(session.engine.clone(), table, name.name.clone(), options)?;
+        crate::connector::start(session.engine.clone(), table, name.name.clone(), options)?;
     }
     info!(table = %name.name, "created table");
     Ok(match rows {
@@ -413,7 +214,7 @@ async fn create_view(session: &mut Session, view: ast::CreateView) -> Result<Out
         && !(view.or_replace && existing.kind == ObjectKind::View)
     {
         return Err(PlanError::DuplicateObject {
-            kind: "relation",
+            kind: ObjectClass::Relation,
             name: name.name,
         }
         .into());
@@ -455,41 +256,6 @@ async fn create_view(session: &mut Session, view: ast::CreateView) -> Result<Out
     Ok(Output::command("CREATE VIEW"))
 }
 
-/// Catalog ids of the tables and views a plan scans (with subqueries).
-pub fn relation_dependencies(session: &Session, plan: &LogicalPlan) -> Vec<u64> {
-    let mut ids = Vec::new();
-    let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            if let Ok(provider) = source_as_provider(&scan.source)
-                && let Some(t) = provider.downcast_ref::<MillraceTable>()
-            {
-                ids.push(t.id);
-            } else {
-                let r = scan
-                    .table_name
-                    .clone()
-                    .resolve(&session.database, &session.current_schema());
-                if let Some(rec) = session.engine.catalog.find(
-                    &[
-                        ObjectKind::View,
-                        ObjectKind::Table,
-                        ObjectKind::MaterializedView,
-                    ],
-                    &r.catalog,
-                    &r.schema,
-                    &r.table,
-                ) {
-                    ids.push(rec.id);
-                }
-            }
-        }
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    });
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 fn create_schema(
     session: &mut Session,
     schema_name: SchemaName,
@@ -511,7 +277,7 @@ fn create_schema(
             return Ok(Output::command("CREATE SCHEMA"));
         }
         return Err(PlanError::DuplicateObject {
-            kind: "schema",
+            kind: ObjectClass::Schema,
             name,
         }
         .into());
@@ -547,12 +313,12 @@ fn create_database(
             return Ok(Output::command("CREATE DATABASE"));
         }
         return Err(PlanError::DuplicateObject {
-            kind: "database",
+            kind: ObjectClass::Database,
             name,
         }
         .into());
     }
-    let records = database_records(&session.engine, &name);
+    let records = database_records(session.engine.store(), &name);
     let mut set = WriteSet::new();
     for r in &records {
         set.put_catalog(r.clone());
@@ -602,7 +368,7 @@ async fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<
             return Ok(Output::command("CREATE INDEX"));
         }
         return Err(PlanError::DuplicateObject {
-            kind: "relation",
+            kind: ObjectClass::Relation,
             name: index_name,
         }
         .into());
@@ -622,58 +388,12 @@ async fn create_index(session: &mut Session, index: ast::CreateIndex) -> Result<
     set.put_catalog(record.clone());
     session.engine.commit_write_set(set)?;
     table_data
-        .data
+        .rows
         .write()
-        .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
+        .or_poisoned("table")?
         .add_index(&record.name, columns)?;
     session.engine.catalog.register_index(record);
     Ok(Output::command("CREATE INDEX"))
-}
-
-/// Table column positions of a CREATE INDEX statement's columns.
-pub fn index_columns(schema: &SchemaRef, index: &ast::CreateIndex) -> Result<Vec<usize>> {
-    let mut out = Vec::with_capacity(index.columns.len());
-    for col in &index.columns {
-        let name = match &col.column.expr {
-            ast::Expr::Identifier(i) => names::fold(i),
-            ast::Expr::CompoundIdentifier(parts) => {
-                parts.last().map(names::fold).unwrap_or_default()
-            }
-            other => {
-                return Err(ServerError::NotSupported(format!(
-                    "index on expression {other}"
-                )));
-            }
-        };
-        out.push(
-            schema
-                .index_of(&name)
-                .map_err(|_| PlanError::UndefinedObject {
-                    kind: "column",
-                    name: name.clone(),
-                })?,
-        );
-    }
-    Ok(out)
-}
-
-/// Builds the secondary indexes recorded for a table (after replay or a table rewrite).
-pub fn attach_indexes(engine: &Engine, table: &MillraceTable) -> Result<()> {
-    for record in engine.catalog.records() {
-        if record.kind != ObjectKind::Index || record.depends_on.first() != Some(&table.id) {
-            continue;
-        }
-        let Statement::CreateIndex(index) = parse_one(&record.sql)? else {
-            continue;
-        };
-        let columns = index_columns(&table.def.schema, &index)?;
-        table
-            .data
-            .write()
-            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
-            .add_index(&record.name, columns)?;
-    }
-    Ok(())
 }
 
 async fn drop_objects(
@@ -683,17 +403,21 @@ async fn drop_objects(
     object_names: &[ast::ObjectName],
     cascade: bool,
 ) -> Result<Output> {
-    let (kinds, kind_name, tag): (&[ObjectKind], &'static str, &'static str) = match object_type {
-        ObjectType::Table => (&[ObjectKind::Table], "table", "DROP TABLE"),
-        ObjectType::View => (&[ObjectKind::View], "view", "DROP VIEW"),
+    let (kinds, kind_name, tag): (&[ObjectKind], ObjectClass, &'static str) = match object_type {
+        ObjectType::Table => (&[ObjectKind::Table], ObjectClass::Table, "DROP TABLE"),
+        ObjectType::View => (&[ObjectKind::View], ObjectClass::View, "DROP VIEW"),
         ObjectType::MaterializedView => (
             &[ObjectKind::MaterializedView],
-            "materialized view",
+            ObjectClass::MaterializedView,
             "DROP MATERIALIZED VIEW",
         ),
-        ObjectType::Index => (&[ObjectKind::Index], "index", "DROP INDEX"),
-        ObjectType::Schema => (&[ObjectKind::Schema], "schema", "DROP SCHEMA"),
-        ObjectType::Database => (&[ObjectKind::Database], "database", "DROP DATABASE"),
+        ObjectType::Index => (&[ObjectKind::Index], ObjectClass::Index, "DROP INDEX"),
+        ObjectType::Schema => (&[ObjectKind::Schema], ObjectClass::Schema, "DROP SCHEMA"),
+        ObjectType::Database => (
+            &[ObjectKind::Database],
+            ObjectClass::Database,
+            "DROP DATABASE",
+        ),
         other => return Err(ServerError::NotSupported(format!("DROP {other}"))),
     };
     let catalog = session.engine.catalog.clone();
@@ -773,7 +497,7 @@ async fn drop_objects(
             .collect();
         if !blocking.is_empty() && !cascade {
             return Err(PlanError::DependentObjects {
-                kind: kind_name,
+                kind: kind_name.as_str(),
                 name: record.name.clone(),
                 dependents: blocking
                     .iter()
@@ -821,7 +545,7 @@ async fn drop_objects(
     for r in &doomed {
         if r.kind == ObjectKind::Index
             && let Some(table) = r.depends_on.first().and_then(|id| catalog.table(*id))
-            && let Ok(mut data) = table.data.write()
+            && let Ok(mut data) = table.rows.write()
         {
             data.drop_index(&r.name);
         }
@@ -895,7 +619,7 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
             return Ok(Output::command("ALTER TABLE"));
         }
         return Err(PlanError::UndefinedObject {
-            kind: "table",
+            kind: ObjectClass::Table,
             name: names::parts(&alter.name).pop().unwrap_or_default(),
         }
         .into());
@@ -926,7 +650,7 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
                         continue;
                     }
                     return Err(PlanError::DuplicateObject {
-                        kind: "column",
+                        kind: ObjectClass::Column,
                         name: col,
                     }
                     .into());
@@ -952,11 +676,7 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
     let engine = session.engine.clone();
     let _write = engine.write_lock.lock().await;
     let old_width = old.def.schema.fields().len();
-    let parts = old
-        .data
-        .read()
-        .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
-        .log_parts()?;
+    let parts = old.rows.read().or_poisoned("table")?.log_parts()?;
     let table = new_table(record.id, def.clone(), sql.clone())?;
     let new_record = CatalogRecord { sql, ..record };
     // NOTE: the log is rewritten a chunk at a time (a spilled table is read a file at a
@@ -977,10 +697,7 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
                 batch: with_defaults(session, &def, &name.name, old_width, &batch).await?,
             };
             {
-                let mut data = table
-                    .data
-                    .write()
-                    .map_err(|_| ServerError::Internal("table lock poisoned".into()))?;
+                let mut data = table.rows.write().or_poisoned("table")?;
                 data.apply(&entry)?;
                 budget.applied(&entry, &mut data);
             }
@@ -1008,7 +725,7 @@ async fn alter_table(session: &mut Session, alter: ast::AlterTable) -> Result<Ou
         .engine
         .catalog
         .register_relation(new_record, table.clone(), Some(table.clone()))?;
-    attach_indexes(&session.engine, &table)?;
+    attach_indexes(&session.engine.catalog, &table)?;
     Ok(Output::command("ALTER TABLE"))
 }
 

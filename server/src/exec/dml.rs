@@ -24,9 +24,11 @@ use millrace_planner::{MillraceTable, ROW_ID_COLUMN, RowIdTable};
 use crate::engine::TableChange;
 use crate::error::{Result, ServerError};
 use crate::exec::names;
+use crate::exec::output::Output;
 use crate::exec::query::{bind, check_reads, plan_statement};
-use crate::exec::{Output, txn};
+use crate::exec::txn;
 use crate::session::Session;
+use millrace_storage::error::LockResultExt;
 
 /// Runs INSERT, UPDATE or DELETE.
 pub async fn run(
@@ -168,11 +170,7 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
         let names::ResolvedTable { name, table, .. } = names::require_table(session, &target.name)?;
         engine.sources.check_writable(table.id, &name.name)?;
         // NOTE: the row ids only: a spilled table's rows stay in their files.
-        let deletes = table
-            .data
-            .read()
-            .map_err(|_| ServerError::Internal("table lock poisoned".into()))?
-            .live_row_ids()?;
+        let deletes = table.rows.read().or_poisoned("table")?.live_row_ids()?;
         changes.push(TableChange {
             table,
             table_name: name.name,

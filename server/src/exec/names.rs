@@ -1,7 +1,7 @@
 //! Resolving SQL object names against a session (PostgreSQL folding: unquoted names are
 //! lower-cased, quoted names kept as written).
 
-use datafusion::sql::sqlparser::ast::{Ident, ObjectName};
+use datafusion::sql::sqlparser::ast::ObjectName;
 
 use std::sync::Arc;
 
@@ -10,43 +10,8 @@ use millrace_storage::{CatalogRecord, ObjectKind};
 
 use crate::error::{Result, ServerError};
 use crate::session::Session;
-
-/// A fully qualified relation name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QualifiedName {
-    /// Database.
-    pub database: String,
-    /// Schema.
-    pub schema: String,
-    /// Object name.
-    pub name: String,
-}
-
-impl std::fmt::Display for QualifiedName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.name)
-    }
-}
-
-/// Folds an identifier the way PostgreSQL does.
-pub fn fold(ident: &Ident) -> String {
-    if ident.quote_style.is_some() {
-        ident.value.clone()
-    } else {
-        ident.value.to_lowercase()
-    }
-}
-
-/// The folded parts of a dotted name.
-pub fn parts(name: &ObjectName) -> Vec<String> {
-    name.0
-        .iter()
-        .map(|p| match p.as_ident() {
-            Some(ident) => fold(ident),
-            None => p.to_string(),
-        })
-        .collect()
-}
+pub use crate::sql::{QualifiedName, fold, parts};
+use millrace_planner::error::ObjectClass;
 
 /// Resolves `[db.][schema.]name` against the session's database and current schema.
 pub fn resolve(session: &Session, name: &ObjectName) -> Result<QualifiedName> {
@@ -113,9 +78,35 @@ pub fn find_table(session: &Session, name: &ObjectName) -> Result<Option<Resolve
 pub fn require_table(session: &Session, name: &ObjectName) -> Result<ResolvedTable> {
     find_table(session, name)?.ok_or_else(|| {
         PlanError::UndefinedObject {
-            kind: "table",
+            kind: ObjectClass::Table,
             name: parts(name).pop().unwrap_or_default(),
         }
         .into()
     })
+}
+
+/// The table, view or materialized view with this name, if any.
+pub fn relation_exists(session: &Session, name: &QualifiedName) -> Option<CatalogRecord> {
+    session.engine.catalog.find(
+        &[
+            ObjectKind::Table,
+            ObjectKind::View,
+            ObjectKind::MaterializedView,
+        ],
+        &name.database,
+        &name.schema,
+        &name.name,
+    )
+}
+
+/// Fails unless the schema of `name` exists (undefined schema otherwise).
+pub fn require_schema(session: &Session, name: &QualifiedName) -> Result<()> {
+    match session.engine.catalog.schema(&name.database, &name.schema) {
+        Some(_) => Ok(()),
+        None => Err(PlanError::UndefinedObject {
+            kind: ObjectClass::Schema,
+            name: name.schema.clone(),
+        }
+        .into()),
+    }
 }

@@ -1,59 +1,28 @@
 //! Queries (SELECT, EXPLAIN): planned and run by DataFusion over the catalog's providers.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::common::ParamValues;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::execution::session_state::SessionState;
+use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::planner::object_name_to_table_reference;
 use datafusion::sql::sqlparser::ast::Statement;
+use millrace_planner::MillraceTable;
 use millrace_planner::using_joins;
+use millrace_storage::ObjectKind;
 
 use crate::error::{Result, ServerError};
-use crate::exec::Output;
-use crate::exec::ddl::relation_dependencies;
+use crate::exec::output::Output;
 use crate::session::Session;
 
 /// Plans a statement with DataFusion in the session's context.
 pub async fn plan_statement(session: &Session, mut statement: Statement) -> Result<LogicalPlan> {
     let state = session.state();
-    merge_using_columns(&state, &mut statement).await;
+    using_joins::merge_using_columns(&state, &mut statement).await;
     Ok(state
         .statement_to_plan(DFStatement::Statement(Box::new(statement)))
         .await?)
-}
-
-/// Gives `FULL`/`RIGHT JOIN ... USING` PostgreSQL's merged columns
-/// ([`millrace_planner::using_joins`]), looking up the columns of the tables they join. A
-/// table that cannot be found is left for the planner to report.
-pub async fn merge_using_columns(state: &SessionState, statement: &mut Statement) {
-    let needed = using_joins::tables_needed(statement);
-    if needed.is_empty() {
-        return;
-    }
-    let mut columns = HashMap::new();
-    for name in needed {
-        let Ok(reference) = object_name_to_table_reference(name.clone(), true) else {
-            continue;
-        };
-        let Ok(schema) = state.schema_for_ref(reference.clone()) else {
-            continue;
-        };
-        if let Ok(Some(table)) = schema.table(reference.table()).await {
-            let names = table
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .filter(|n| n != millrace_planner::ROW_ID_COLUMN)
-                .collect();
-            columns.insert(name.to_string(), names);
-        }
-    }
-    using_joins::rewrite(statement, &columns);
 }
 
 /// Substitutes bound parameter values into a prepared plan.
@@ -144,7 +113,7 @@ pub async fn run(
             return Ok(Output::Stream {
                 schema,
                 head: batches,
-                rest: crate::exec::RowStream(stream),
+                rest: crate::exec::output::RowStream(stream),
             });
         }
     }
@@ -153,3 +122,38 @@ pub async fn run(
 
 /// Results larger than this are streamed to the client rather than computed in full first.
 const STREAM_AFTER_BYTES: usize = 8 << 20;
+
+/// Catalog ids of the tables and views a plan scans (with subqueries).
+pub fn relation_dependencies(session: &Session, plan: &LogicalPlan) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if let Ok(provider) = source_as_provider(&scan.source)
+                && let Some(t) = provider.downcast_ref::<MillraceTable>()
+            {
+                ids.push(t.id);
+            } else {
+                let r = scan
+                    .table_name
+                    .clone()
+                    .resolve(&session.database, &session.current_schema());
+                if let Some(rec) = session.engine.catalog.find(
+                    &[
+                        ObjectKind::View,
+                        ObjectKind::Table,
+                        ObjectKind::MaterializedView,
+                    ],
+                    &r.catalog,
+                    &r.schema,
+                    &r.table,
+                ) {
+                    ids.push(rec.id);
+                }
+            }
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

@@ -7,7 +7,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::sql::sqlparser::ast::{Expr, Reset, Set, Statement, Value};
 
 use crate::error::{Result, ServerError};
-use crate::exec::Output;
+use crate::exec::output::Output;
 use crate::session::Session;
 
 /// Fault injection, only on a server started with `--failpoints`:

@@ -1,19 +1,20 @@
 //! `CREATE SINK` and `DROP SINK`: a sink is a catalog object that depends on its view (so
 //! `DROP MATERIALIZED VIEW` needs CASCADE while a sink reads it) and a running task in
-//! [`crate::sink::Sinks`].
+//! [`crate::registry::sinks::Sinks`].
 
 use datafusion::sql::sqlparser::ast::ObjectName;
 use millrace_planner::PlanError;
 use millrace_storage::{CatalogRecord, ObjectKind, WriteSet};
 use tracing::info;
 
-use crate::connector::ConnectorOptions;
+use crate::catalog::options::ConnectorOptions;
 use crate::error::{Result, ServerError};
-use crate::exec::Output;
 use crate::exec::names::{parts, resolve};
+use crate::exec::output::Output;
 use crate::session::Session;
 use crate::sink::Target;
-use crate::wire::sql::{CreateSink, Parsed};
+use crate::sql::{CreateSink, Parsed};
+use millrace_planner::error::ObjectClass;
 
 /// Runs CREATE SINK or DROP SINK.
 pub async fn run(session: &mut Session, command: Parsed) -> Result<Output> {
@@ -46,7 +47,7 @@ async fn create_sink(session: &mut Session, create: CreateSink) -> Result<Output
             return Ok(Output::command("CREATE SINK"));
         }
         return Err(PlanError::DuplicateObject {
-            kind: "sink",
+            kind: ObjectClass::Sink,
             name: name.name,
         }
         .into());
@@ -61,7 +62,7 @@ async fn create_sink(session: &mut Session, create: CreateSink) -> Result<Output
             &view_name.name,
         )
         .ok_or_else(|| PlanError::UndefinedObject {
-            kind: "materialized view",
+            kind: ObjectClass::MaterializedView,
             name: parts(&create.from).pop().unwrap_or_default(),
         })?;
     let options = ConnectorOptions::from_options(&create.options)?;
@@ -89,13 +90,7 @@ async fn create_sink(session: &mut Session, create: CreateSink) -> Result<Output
     set.put_catalog(record.clone());
     engine.commit_write_set(set)?;
     engine.catalog.register_index(record.clone());
-    engine.sinks.start(
-        engine.clone(),
-        record.id,
-        record.name.clone(),
-        (view.id, view.name.clone()),
-        &options,
-    )?;
+    crate::sink::start(engine.clone(), &record, &view, &options)?;
     info!(sink = %record.name, view = %view.name, "created sink");
     Ok(Output::command("CREATE SINK"))
 }
@@ -111,7 +106,7 @@ fn drop_sink(session: &mut Session, name: &ObjectName, if_exists: bool) -> Resul
             return Ok(Output::command("DROP SINK"));
         }
         return Err(PlanError::UndefinedObject {
-            kind: "sink",
+            kind: ObjectClass::Sink,
             name: q.name,
         }
         .into());
@@ -129,15 +124,4 @@ fn drop_sink(session: &mut Session, name: &ObjectName, if_exists: bool) -> Resul
 pub fn forget(set: &mut WriteSet, record: &CatalogRecord) {
     set.delete_source_offset(record.id);
     set.drop_sink_rows(record.id);
-}
-
-/// The connector options of a stored sink.
-pub fn stored_options(record: &CatalogRecord) -> Result<ConnectorOptions> {
-    match crate::wire::sql::parse(&record.sql)?.pop() {
-        Some(Parsed::CreateSink(create)) => ConnectorOptions::from_options(&create.options),
-        _ => Err(ServerError::Internal(format!(
-            "stored sink {} is not a CREATE SINK",
-            record.name
-        ))),
-    }
 }

@@ -5,7 +5,7 @@ use millrace_storage::WriteSet;
 
 use crate::engine::TableChange;
 use crate::error::{Result, ServerError};
-use crate::exec::Output;
+use crate::exec::output::Output;
 use crate::session::{Session, Transaction};
 
 /// BEGIN / START TRANSACTION.

@@ -16,19 +16,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use millrace_planner::Catalog;
 use millrace_planner::ops::StateStats;
-use millrace_planner::system_table::SystemTable;
 use millrace_planner::table::MillraceTable;
 use millrace_planner::view_table::MaterializedView;
 use millrace_storage::{CacheStats, ColdStore, ColumnarTable};
 use tracing::{info, warn};
 
-use crate::engine::Engine;
-use crate::error::{Result, ServerError};
-use crate::runtime::ViewEntry;
-use crate::runtime::resident;
+use crate::coordinator::Coordinator;
+use crate::coordinator::entry::ViewEntry;
+use crate::error::Result;
+use crate::memory::budget::MemoryBudget;
+use crate::memory::resident;
 
 /// The process is taken to be over its limit from a this-many-th below it: memory allocated
 /// between two ticks or during a long view step (a statement's rows, a step's intermediate
@@ -48,48 +47,12 @@ const MIN_EVICT_BYTES: usize = 64 << 10;
 /// what the pipelines grow into before the next tick).
 const EVICT_TO_TENTHS: u64 = 6;
 
-/// How the memory limit is shared out.
-#[derive(Debug, Clone, Copy)]
-pub struct MemoryBudget {
-    /// The whole limit, if any.
-    pub limit: Option<u64>,
-    /// RocksDB memtables and block cache.
-    pub rocksdb: Option<u64>,
-    /// DataFusion's memory pool for queries.
-    pub queries: Option<u64>,
-    /// Tables' and views' chunks and operator state.
-    pub cache: Option<u64>,
-    /// Whether the cache share was set on its own (`--cache-bytes`): chunks of any size are
-    /// evicted.
-    pub cache_only: bool,
-}
-
-impl MemoryBudget {
-    /// The shares of `limit` (no shares without a limit); `cache` overrides the cache's.
-    pub fn new(limit: Option<u64>, cache: Option<u64>) -> Self {
-        let Some(limit) = limit else {
-            return Self {
-                limit: None,
-                rocksdb: None,
-                queries: None,
-                cache,
-                cache_only: cache.is_some(),
-            };
-        };
-        let rocksdb = (limit / 8).max(8 << 20);
-        let queries = (limit / 4).max(16 << 20);
-        Self {
-            limit: Some(limit),
-            rocksdb: Some(rocksdb),
-            queries: Some(queries),
-            cache: cache.or(Some(limit.saturating_sub(rocksdb + queries).max(16 << 20))),
-            cache_only: cache.is_some(),
-        }
-    }
-}
-
 /// The cache manager's state.
 pub struct CacheManager {
+    /// The tables it watches.
+    catalog: Arc<Catalog>,
+    /// The views it watches.
+    views: Arc<Coordinator>,
     /// Where evicted chunks go.
     pub cold: Arc<ColdStore>,
     /// The budget.
@@ -190,14 +153,14 @@ impl ReplayBudget<'_> {
 }
 
 /// A table or view whose chunks can be evicted.
-enum Owner {
+pub(crate) enum Owner {
     Table(Arc<MillraceTable>),
     View(Arc<MaterializedView>),
 }
 
 impl Owner {
     /// Name of the owner's directory in the object store.
-    fn dir(&self) -> String {
+    pub(crate) fn dir(&self) -> String {
         match self {
             Owner::Table(t) => table_dir(t.id),
             Owner::View(v) => view_dir(v.id),
@@ -206,23 +169,30 @@ impl Owner {
 
     fn read<T>(&self, f: impl FnOnce(&ColumnarTable) -> T) -> Option<T> {
         match self {
-            Owner::Table(t) => t.data.read().ok().map(|d| f(&d)),
+            Owner::Table(t) => t.rows.read().ok().map(|d| f(&d)),
             Owner::View(v) => v.contents.read().ok().map(|c| f(c.table())),
         }
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut ColumnarTable) -> T) -> Option<T> {
         match self {
-            Owner::Table(t) => t.data.write().ok().map(|mut d| f(&mut d)),
+            Owner::Table(t) => t.rows.write().ok().map(|mut d| f(&mut d)),
             Owner::View(v) => v.contents.write().ok().map(|mut c| f(c.table_mut())),
         }
     }
 }
 
 impl CacheManager {
-    /// The manager of `cold` under `budget`.
-    pub fn try_new(cold: Arc<ColdStore>, budget: MemoryBudget) -> Result<Arc<Self>> {
+    /// The manager of `cold` under `budget`, watching the tables of `catalog` and `views`.
+    pub fn try_new(
+        cold: Arc<ColdStore>,
+        budget: MemoryBudget,
+        catalog: Arc<Catalog>,
+        views: Arc<Coordinator>,
+    ) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
+            catalog,
+            views,
             cold,
             budget,
             failed_evictions: AtomicU64::new(0),
@@ -238,13 +208,23 @@ impl CacheManager {
         }))
     }
 
+    /// The catalog whose tables the manager watches.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The coordinator whose views the manager watches.
+    pub fn views(&self) -> &Arc<Coordinator> {
+        &self.views
+    }
+
     /// Makes room for the `bytes` (worked out only under a limit) that a statement is about
     /// to bring into memory (a large DELETE or UPDATE reads its rows back out of spilled
     /// chunks, and they go through the views), if they are a large part of the cache's
     /// share: a tick runs now counting them, instead of the next one finding the process over
     /// its limit. They count until the returned guard is dropped (by then they are changes
     /// in flight, counted as such).
-    pub fn make_room<'a>(&'a self, engine: &Engine, bytes: impl FnOnce() -> u64) -> Room<'a> {
+    pub fn make_room(&self, bytes: impl FnOnce() -> u64) -> Room<'_> {
         let none = Room {
             manager: self,
             bytes: 0,
@@ -259,7 +239,7 @@ impl CacheManager {
         self.reserved.fetch_add(bytes, Ordering::SeqCst);
         // NOTE: the tick blocks on writes to the object store and on pipelines.
         if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::task::block_in_place(|| self.tick(engine));
+            tokio::task::block_in_place(|| self.tick());
         }
         Room {
             manager: self,
@@ -300,17 +280,17 @@ impl CacheManager {
     }
 
     /// Every table and view with its cache figures, and the operator state of each view.
-    fn owners(engine: &Engine) -> Vec<(Owner, CacheStats, StateStats)> {
+    pub(crate) fn owners(&self) -> Vec<(Owner, CacheStats, StateStats)> {
         let mut out = Vec::new();
-        for id in engine.catalog.table_ids() {
-            if let Some(table) = engine.catalog.table(id) {
+        for id in self.catalog.table_ids() {
+            if let Some(table) = self.catalog.table(id) {
                 let owner = Owner::Table(table);
                 if let Some(stats) = owner.read(ColumnarTable::cache_stats) {
                     out.push((owner, stats, StateStats::default()));
                 }
             }
         }
-        for view in engine.views.views() {
+        for view in self.views.views() {
             let mut state = view.stats.lock().map(|s| s.state).unwrap_or_default();
             // NOTE: the stats are recorded once an epoch is done; the tier has the state
             // after the last step (an UPDATE's epoch took 18 s of steps, reading back 100 MB
@@ -394,9 +374,9 @@ impl CacheManager {
     }
 
     /// One tick: evicts while over budget, then deletes unreferenced files.
-    fn tick(&self, engine: &Engine) {
+    fn tick(&self) {
         let _ticking = self.ticking.lock();
-        let owners = Self::owners(engine);
+        let owners = self.owners();
         let held: u64 = owners
             .iter()
             .map(|(_, s, state)| s.memory_bytes + state.bytes)
@@ -404,7 +384,7 @@ impl CacheManager {
         self.cache_bytes.store(held, Ordering::Relaxed);
         // NOTE: changes on their way through the views (one UPDATE's can be a third of the
         // limit) share the cache's part of the budget: the cache makes room for them.
-        let in_flight = engine.views.changes_in_flight() + self.reserved.load(Ordering::SeqCst);
+        let in_flight = self.views.changes_in_flight() + self.reserved.load(Ordering::SeqCst);
         let mut used = held + in_flight;
         let share_now = self.share_now(used);
         if let Some(share) = share_now
@@ -430,14 +410,14 @@ impl CacheManager {
         if let Some(share) = share_now
             && used > share
         {
-            let freed = self.evict_state(engine, used - share / 10 * EVICT_TO_TENTHS);
+            let freed = self.evict_state(used - share / 10 * EVICT_TO_TENTHS);
             self.record_freed(freed);
             used = used.saturating_sub(freed);
             self.cache_bytes
                 .store(used.saturating_sub(in_flight), Ordering::Relaxed);
         }
         if let Some(share) = share_now {
-            self.cap_state(engine, &owners, share.saturating_sub(used));
+            self.cap_state(&owners, share.saturating_sub(used));
         }
         let over = self.budget.cache.map_or(0, |share| {
             used.saturating_sub(in_flight).saturating_sub(share)
@@ -456,19 +436,14 @@ impl CacheManager {
     /// Caps each view's operator state at what it holds plus its part of the cache's
     /// `headroom` (in proportion to its state), so that a pipeline that grows faster than
     /// the manager's ticks evicts on its own after a step.
-    fn cap_state(
-        &self,
-        engine: &Engine,
-        owners: &[(Owner, CacheStats, StateStats)],
-        headroom: u64,
-    ) {
+    fn cap_state(&self, owners: &[(Owner, CacheStats, StateStats)], headroom: u64) {
         let total: u64 = owners.iter().map(|(_, _, s)| s.bytes).sum();
         let views = owners.iter().filter_map(|(owner, _, state)| match owner {
             Owner::View(v) => Some((v.id, state.bytes)),
             Owner::Table(_) => None,
         });
         for (id, state) in views {
-            let Some(view) = engine.views.view(id) else {
+            let Some(view) = self.views.view(id) else {
                 continue;
             };
             let share = match total {
@@ -484,8 +459,8 @@ impl CacheManager {
     /// Evicts operator state of every view in proportion to what `want` is of all of it
     /// (to the warm tier in RocksDB); returns the bytes freed. A view whose pipeline is
     /// busy (stepping, backfilling) is asked to evict after its current step instead.
-    fn evict_state(&self, engine: &Engine, want: u64) -> u64 {
-        let views: Vec<(Arc<ViewEntry>, u64)> = engine
+    fn evict_state(&self, want: u64) -> u64 {
+        let views: Vec<(Arc<ViewEntry>, u64)> = self
             .views
             .views()
             .into_iter()
@@ -556,16 +531,15 @@ impl CacheManager {
     }
 }
 
-/// Runs the manager until the engine goes away.
-pub async fn run(engine: Weak<Engine>) {
+/// Runs the manager until it goes away (with the engine that holds it).
+pub async fn run(manager: Weak<CacheManager>) {
     loop {
         tokio::time::sleep(TICK).await;
-        let Some(e) = engine.upgrade() else {
+        let Some(manager) = manager.upgrade() else {
             return;
         };
-        let manager = e.cache.clone();
         // Writing Parquet and talking to the object store block; keep them off the runtime.
-        let _ = tokio::task::spawn_blocking(move || manager.tick(&e)).await;
+        let _ = tokio::task::spawn_blocking(move || manager.tick()).await;
     }
 }
 
@@ -593,256 +567,6 @@ impl Drop for Room<'_> {
         self.manager
             .reserved
             .fetch_sub(self.bytes, Ordering::SeqCst);
-    }
-}
-
-/// One row of `millrace_cache`.
-struct CacheRow {
-    name: String,
-    kind: &'static str,
-    stats: CacheStats,
-    state: StateStats,
-    budget: Option<u64>,
-    detail: Option<String>,
-}
-
-impl CacheRow {
-    fn system(name: &str, memory_bytes: u64, budget: Option<u64>, detail: &str) -> Self {
-        Self {
-            name: name.into(),
-            kind: "system",
-            stats: CacheStats {
-                memory_bytes,
-                ..CacheStats::default()
-            },
-            state: StateStats::default(),
-            budget,
-            detail: Some(detail.into()),
-        }
-    }
-}
-
-/// Registers `millrace_cache`: per table and view, bytes in memory and in the object store,
-/// chunks, hits, misses and evictions, cold files held (and of them, those a table's log
-/// refers to); plus rows for RocksDB, queries and the whole budget.
-pub fn register(engine: &Arc<Engine>) {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("name", DataType::Utf8, false),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("memory_bytes", DataType::Int64, false),
-        Field::new("state_bytes", DataType::Int64, false),
-        Field::new("state_spilled_bytes", DataType::Int64, false),
-        Field::new("state_evicted", DataType::Int64, false),
-        Field::new("state_fetched", DataType::Int64, false),
-        Field::new("object_store_bytes", DataType::Int64, false),
-        Field::new("hot_chunks", DataType::Int64, false),
-        Field::new("cold_chunks", DataType::Int64, false),
-        Field::new("hits", DataType::Int64, false),
-        Field::new("misses", DataType::Int64, false),
-        Field::new("evictions", DataType::Int64, false),
-        Field::new("budget_bytes", DataType::Int64, true),
-        Field::new("detail", DataType::Utf8, true),
-        Field::new("files", DataType::Int64, false),
-        Field::new("log_files", DataType::Int64, false),
-    ]));
-    let weak = Arc::downgrade(engine);
-    let table_schema = schema.clone();
-    let fill = Arc::new(move || {
-        let Some(engine) = weak.upgrade() else {
-            return Ok(RecordBatch::new_empty(table_schema.clone()));
-        };
-        let manager = &engine.cache;
-        let records = engine.catalog.records();
-        let mut rows: Vec<CacheRow> = Vec::new();
-        let mut total = CacheStats::default();
-        let mut total_state = StateStats::default();
-        for (owner, stats, state) in CacheManager::owners(&engine) {
-            let (id, kind) = match &owner {
-                Owner::Table(t) => (t.id, "table"),
-                Owner::View(v) => (v.id, "view"),
-            };
-            let name = records
-                .iter()
-                .find(|r| r.id == id)
-                .map(|r| r.name.clone())
-                .unwrap_or_else(|| owner.dir());
-            total.memory_bytes += stats.memory_bytes;
-            total.object_store_bytes += stats.object_store_bytes;
-            total.hot_chunks += stats.hot_chunks;
-            total.cold_chunks += stats.cold_chunks;
-            total.hits += stats.hits;
-            total.misses += stats.misses;
-            total.evictions += stats.evictions;
-            total.files += stats.files;
-            total.log_files += stats.log_files;
-            total_state.add(state);
-            rows.push(CacheRow {
-                name,
-                kind,
-                stats,
-                state,
-                budget: None,
-                detail: None,
-            });
-        }
-        let counters = &manager.cold.counters;
-        let failed = manager.failed_evictions.load(Ordering::Relaxed);
-        let last = manager.last_error.lock().ok().and_then(|l| l.clone());
-        let (mut state_failed, mut state_last) = (0, None);
-        for view in engine.views.views() {
-            if let Some(tier) = view.tier.lock().ok().and_then(|t| t.clone()) {
-                let (n, last) = tier.failures();
-                state_failed += n;
-                state_last = state_last.or(last);
-            }
-        }
-        rows.push(CacheRow {
-            name: "columnar cache".into(),
-            kind: "total",
-            stats: total,
-            state: total_state,
-            budget: manager.budget.cache,
-            detail: Some(format!(
-                "object store {}: {} files written, {} deleted, {} reads; scans pruned {} files and {} row groups; {failed} failed eviction passes{}; operator state: {} eviction passes, {state_failed} failed evictions{}{}{}{}",
-                manager.cold.url(),
-                counters.files_written.load(Ordering::Relaxed),
-                counters.files_deleted.load(Ordering::Relaxed),
-                counters.reads.load(Ordering::Relaxed),
-                counters.files_pruned.load(Ordering::Relaxed),
-                counters.row_groups_pruned.load(Ordering::Relaxed),
-                last.map(|e| format!(" (last: {e})")).unwrap_or_default(),
-                manager.state_evictions.load(Ordering::Relaxed),
-                state_last.map(|e| format!(" (last: {e})")).unwrap_or_default(),
-                match manager.over_share.load(Ordering::Relaxed) {
-                    0 => String::new(),
-                    over => format!(
-                        "; {over} bytes over the share that cannot be evicted (row indexes, state of views without checkpoint encoding)"
-                    ),
-                },
-                match manager.over_limit.load(Ordering::Relaxed) {
-                    0 => String::new(),
-                    over => format!(
-                        "; resident memory {over} bytes over the limit at the last tick (the share shrinks by as much)"
-                    ),
-                },
-                match resident::helpers() {
-                    (0, _) => String::new(),
-                    (n, bytes) => format!(
-                        "; {n} kafka fetch processes hold {bytes} bytes (counted in the limit)"
-                    ),
-                }
-            )),
-        });
-        rows.push(CacheRow::system(
-            "rocksdb",
-            engine.store().memory_bytes(),
-            manager.budget.rocksdb,
-            "memtables and block cache",
-        ));
-        rows.push(CacheRow::system(
-            "queries",
-            engine.runtime.memory_pool.reserved() as u64,
-            manager.budget.queries,
-            "DataFusion memory pool",
-        ));
-        let int = |f: &dyn Fn(&CacheRow) -> u64| -> ArrayRef {
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|r| f(r) as i64),
-            ))
-        };
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.name.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.kind))),
-            int(&|r| r.stats.memory_bytes),
-            int(&|r| r.state.bytes),
-            int(&|r| r.state.spilled_bytes),
-            int(&|r| r.state.counters.evicted),
-            int(&|r| r.state.counters.fetched),
-            int(&|r| r.stats.object_store_bytes),
-            int(&|r| r.stats.hot_chunks),
-            int(&|r| r.stats.cold_chunks),
-            int(&|r| r.stats.hits),
-            int(&|r| r.stats.misses),
-            int(&|r| r.stats.evictions),
-            Arc::new(Int64Array::from_iter(
-                rows.iter().map(|r| r.budget.map(|b| b as i64)),
-            )),
-            Arc::new(StringArray::from_iter(
-                rows.iter().map(|r| r.detail.as_deref()),
-            )),
-            int(&|r| r.stats.files),
-            int(&|r| r.stats.log_files),
-        ];
-        Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
-    });
-    engine
-        .catalog
-        .register_system_table("millrace_cache", Arc::new(SystemTable::new(schema, fill)));
-}
-
-/// The object store chunks are evicted to: `s3://bucket/prefix` (with the `AWS_*`
-/// environment) or a local directory; `objects` under the data dir by default.
-pub fn cold_store(setting: Option<&str>, data_dir: &std::path::Path) -> Result<Arc<ColdStore>> {
-    let invalid = |detail: String| ServerError::InvalidSetting {
-        name: "object-store".into(),
-        value: detail,
-    };
-    match setting {
-        Some(url) if url.starts_with("s3://") => {
-            let rest = &url["s3://".len()..];
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(invalid(url.to_string()));
-            }
-            // NOTE: an unreachable store should fail an eviction pass in seconds (it is
-            // retried on the next tick), not after object_store's three minutes of retries.
-            let retry = object_store::RetryConfig {
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(10),
-                ..object_store::RetryConfig::default()
-            };
-            let mut client = object_store::ClientOptions::new()
-                .with_timeout(Duration::from_secs(10))
-                .with_connect_timeout(Duration::from_secs(2));
-            let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_retry(retry);
-            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT")
-                && endpoint.starts_with("http://")
-            {
-                client = client.with_allow_http(true);
-            }
-            builder = builder.with_client_options(client);
-            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err()
-            {
-                builder = builder.with_region("us-east-1");
-            }
-            let store = builder
-                .build()
-                .map_err(|e| invalid(format!("{url}: {e}")))?;
-            let prefix = format!("{}/cache", prefix.trim_matches('/'));
-            Ok(ColdStore::try_new(
-                Arc::new(store),
-                prefix.trim_start_matches('/'),
-                url,
-            )?)
-        }
-        _ => {
-            let dir = setting
-                .map(|s| std::path::PathBuf::from(s.strip_prefix("file://").unwrap_or(s)))
-                .unwrap_or_else(|| data_dir.join("objects"));
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
-            Ok(ColdStore::try_new(
-                Arc::new(fs),
-                "cache",
-                &dir.display().to_string(),
-            )?)
-        }
     }
 }
 

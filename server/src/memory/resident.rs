@@ -1,6 +1,6 @@
 //! Resident memory of the server's process tree, read from `/proc`: what the cache manager
 //! measures against `--memory-limit` (see `cache.rs`). The tree is the server and its helper
-//! processes, the Kafka fetch processes (`connector/kafka_fetch.rs`), whose librdkafka
+//! processes, the Kafka fetch processes (`connector/kafka/fetch.rs`), whose librdkafka
 //! queues are memory the limit covers too. A helper is counted while its [`Helper`] guard
 //! lives.
 

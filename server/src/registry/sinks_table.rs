@@ -2,80 +2,40 @@
 //! circuit breaker, the last sequence number given and delivered, rows delivered and errors.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use millrace_planner::Catalog;
-use millrace_planner::system_table::SystemTable;
+use millrace_planner::system_table::SystemTableBuilder;
 
-use super::Sinks;
-use crate::connector::system::status_columns;
+use crate::registry::sinks::{SinkStats, Sinks};
+use crate::registry::status::{SourceStatus, status_rows, with_status};
 
 /// Registers `millrace_sinks` in the catalog.
 pub fn register(catalog: &Arc<Catalog>, sinks: &Arc<Sinks>) {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("name", DataType::Utf8, false),
-        Field::new("view", DataType::Utf8, false),
-        Field::new("connector", DataType::Utf8, false),
-        Field::new("status", DataType::Utf8, false),
-        Field::new("reason", DataType::Utf8, true),
-        Field::new(
-            "status_since",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
-            false,
-        ),
-        Field::new("circuit", DataType::Utf8, false),
-        Field::new("circuit_opened", DataType::Int64, false),
-        Field::new("seq", DataType::Int64, false),
-        Field::new("delivered_seq", DataType::Int64, false),
-        Field::new("rows_delivered", DataType::Int64, false),
-        Field::new("errors", DataType::Int64, false),
-        Field::new("consecutive_failures", DataType::Int64, false),
-    ]));
+    type Row = (Arc<SinkStats>, Option<SourceStatus>);
+    let table = SystemTableBuilder::<Row>::new()
+        .text("name", |(s, _)| s.name.clone())
+        .text("view", |(s, _)| s.view.clone())
+        .text("connector", |(s, _)| s.connector.clone());
+    let count = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
+    let table = with_status(table, |(_, status)| status.as_ref())
+        .text("circuit", |(_, status)| {
+            match status.as_ref().map(|s| s.state) {
+                Some("circuit_open") => "open",
+                Some("half_open") => "half_open",
+                _ => "closed",
+            }
+            .to_string()
+        })
+        .int("circuit_opened", move |(s, _)| count(&s.circuit_opened))
+        .int("seq", move |(s, _)| count(&s.seq))
+        .int("delivered_seq", move |(s, _)| count(&s.delivered))
+        .int("rows_delivered", move |(s, _)| count(&s.rows))
+        .int("errors", move |(s, _)| count(&s.errors))
+        .int("consecutive_failures", move |(s, _)| {
+            count(&s.consecutive_failures)
+        });
     let sinks = sinks.clone();
-    let table_schema = schema.clone();
-    let fill = Arc::new(move || {
-        let mut all = sinks.stats();
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        let statuses: Vec<_> = all
-            .iter()
-            .map(|s| s.status.lock().map(|st| st.clone()).ok())
-            .collect();
-        let state = |i: usize| statuses[i].as_ref().map_or("unknown", |s| s.state);
-        let counter = |f: fn(&super::SinkStats) -> &std::sync::atomic::AtomicU64| {
-            Arc::new(Int64Array::from_iter_values(
-                all.iter().map(|s| f(s).load(Ordering::Relaxed) as i64),
-            )) as ArrayRef
-        };
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(
-                all.iter().map(|s| s.name.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                all.iter().map(|s| s.view.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                all.iter().map(|s| s.connector.as_str()),
-            )),
-        ];
-        columns.extend(status_columns(&statuses));
-        columns.extend([
-            Arc::new(StringArray::from_iter_values((0..all.len()).map(
-                |i| match state(i) {
-                    "circuit_open" => "open",
-                    "half_open" => "half_open",
-                    _ => "closed",
-                },
-            ))),
-            counter(|s| &s.circuit_opened),
-            counter(|s| &s.seq),
-            counter(|s| &s.delivered),
-            counter(|s| &s.rows),
-            counter(|s| &s.errors),
-            counter(|s| &s.consecutive_failures),
-        ]);
-        Ok(RecordBatch::try_new(table_schema.clone(), columns)?)
-    });
-    catalog.register_system_table("millrace_sinks", Arc::new(SystemTable::new(schema, fill)));
+    let table = table.build(move || status_rows(sinks.stats(), |s| &s.status, |s| &s.name));
+    catalog.register_system_table("millrace_sinks", Arc::new(table));
 }

@@ -1,7 +1,7 @@
 //! A client session: who is connected to which database, its settings, its DataFusion
 //! context, and its open transaction. One per connection; owned by the wire handler.
 
-pub mod functions;
+pub mod copy_in;
 pub mod settings;
 
 use std::collections::HashSet;
@@ -10,9 +10,10 @@ use std::sync::Arc;
 use datafusion::execution::session_state::SessionState;
 use datafusion::prelude::SessionContext;
 
-use crate::engine::{DEFAULT_SCHEMA, Engine, TableChange};
+use crate::catalog::records::DEFAULT_SCHEMA;
+use crate::engine::{Engine, TableChange};
 use crate::error::{Result, ServerError};
-use crate::exec::copy::CopyIn;
+use crate::session::copy_in::CopyIn;
 pub use settings::Settings;
 
 /// Writes staged by an open `BEGIN ... COMMIT` block.

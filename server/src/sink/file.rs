@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::connector::ConnectorOptions;
+use crate::catalog::options::ConnectorOptions;
 use crate::error::{Result, ServerError};
 
 /// A directory receiving a sink's changes.

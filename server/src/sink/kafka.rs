@@ -14,7 +14,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::connector::ConnectorOptions;
+use crate::catalog::options::ConnectorOptions;
 use crate::error::{Result, ServerError};
 
 /// A topic receiving a sink's changes.

@@ -21,9 +21,7 @@
 pub mod file;
 pub mod kafka;
 pub mod mirror;
-pub mod system;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -31,15 +29,17 @@ use std::time::{Duration, SystemTime};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use millrace_planner::Changelog;
-use millrace_storage::WriteSet;
+use millrace_storage::{CatalogRecord, WriteSet};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::connector::{ConnectorOptions, SourceStatus, StatusCell};
+use crate::catalog::options::ConnectorOptions;
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
+use crate::registry::sinks::SinkStats;
+use crate::registry::status::SourceStatus;
 use mirror::Mirror;
 
 /// Longest wait between retries while the circuit is closed.
@@ -115,122 +115,53 @@ struct Progress {
     pending: Option<String>,
 }
 
-/// Live figures of one sink.
-#[derive(Debug)]
-pub struct SinkStats {
-    /// Sink name.
-    pub name: String,
-    /// The view it reads.
-    pub view: String,
-    /// Connector name.
-    pub connector: String,
-    /// Last sequence number given to a change.
-    pub seq: AtomicU64,
-    /// Last sequence number delivered.
-    pub delivered: AtomicU64,
-    /// Row changes (copies) delivered since the server started.
-    pub rows: AtomicU64,
-    /// Failed deliveries since the server started.
-    pub errors: AtomicU64,
-    /// Failed deliveries since the last success.
-    pub consecutive_failures: AtomicU64,
-    /// Times the circuit opened.
-    pub circuit_opened: AtomicU64,
-    /// Current state.
-    pub status: Mutex<SourceStatus>,
-}
-
-impl SinkStats {
-    fn set_status(&self, state: &'static str, reason: Option<String>) {
-        self.status.change(state, reason);
-    }
-}
-
-struct SinkHandle {
-    stats: Arc<SinkStats>,
-    stop: watch::Sender<bool>,
-}
-
-/// Every running sink.
-#[derive(Default)]
-pub struct Sinks {
-    running: Mutex<HashMap<u64, SinkHandle>>,
-}
-
-impl std::fmt::Debug for Sinks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sinks").finish()
-    }
-}
-
-impl Sinks {
-    /// Figures of every sink.
-    pub fn stats(&self) -> Vec<Arc<SinkStats>> {
-        self.running
-            .lock()
-            .map(|r| r.values().map(|h| h.stats.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    /// Stops sink `id`, if running.
-    pub fn stop(&self, id: u64) {
-        if let Ok(mut running) = self.running.lock()
-            && let Some(handle) = running.remove(&id)
-        {
-            let _ = handle.stop.send(true);
-        }
-    }
-
-    /// Starts sink `id` (named `name`) on view `view_id` from its committed progress.
-    pub fn start(
-        &self,
-        engine: Arc<Engine>,
-        id: u64,
-        name: String,
-        view: (u64, String),
-        options: &ConnectorOptions,
-    ) -> Result<()> {
-        let target = Target::try_new(options)?;
-        let breaker = Breaker::try_new(options)?;
-        let progress: Progress = match engine.store().source_state(id)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| ServerError::Internal(format!("sink {name} progress: {e}")))?,
-            None => Progress::default(),
-        };
-        let stats = Arc::new(SinkStats {
-            name: name.clone(),
-            view: view.1.clone(),
-            connector: options.connector().to_string(),
-            seq: AtomicU64::new(progress.seq),
-            delivered: AtomicU64::new(progress.delivered),
-            rows: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            consecutive_failures: AtomicU64::new(0),
-            circuit_opened: AtomicU64::new(0),
-            status: Mutex::new(SourceStatus {
-                state: "starting",
-                reason: None,
-                since: SystemTime::now(),
-            }),
-        });
-        let (stop, stopped) = watch::channel(false);
-        let task = SinkTask {
-            engine,
-            id,
-            view_id: view.0,
-            target,
-            breaker,
-            progress,
-            stats: stats.clone(),
-            stopped,
-        };
-        info!(sink = %name, view = %view.1, "sink started");
-        tokio::spawn(task.run());
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(id, SinkHandle { stats, stop });
-        }
-        Ok(())
-    }
+/// Starts the sink of `record` on `view` from its committed progress.
+pub fn start(
+    engine: Arc<Engine>,
+    record: &CatalogRecord,
+    view: &CatalogRecord,
+    options: &ConnectorOptions,
+) -> Result<()> {
+    let (id, name, view) = (record.id, record.name.clone(), (view.id, view.name.clone()));
+    let target = Target::try_new(options)?;
+    let breaker = Breaker::try_new(options)?;
+    let progress: Progress = match engine.store().source_state(id)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| ServerError::Internal(format!("sink {name} progress: {e}")))?,
+        None => Progress::default(),
+    };
+    let stats = Arc::new(SinkStats {
+        name: name.clone(),
+        view: view.1.clone(),
+        connector: options.connector().to_string(),
+        seq: AtomicU64::new(progress.seq),
+        delivered: AtomicU64::new(progress.delivered),
+        rows: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        consecutive_failures: AtomicU64::new(0),
+        circuit_opened: AtomicU64::new(0),
+        status: Mutex::new(SourceStatus {
+            state: "starting",
+            reason: None,
+            since: SystemTime::now(),
+        }),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let sinks = engine.sinks.clone();
+    let task = SinkTask {
+        engine,
+        id,
+        view_id: view.0,
+        target,
+        breaker,
+        progress,
+        stats: stats.clone(),
+        stopped,
+    };
+    info!(sink = %name, view = %view.1, "sink started");
+    tokio::spawn(task.run());
+    sinks.register(id, stats, stop);
+    Ok(())
 }
 
 /// One sink's delivery loop.

@@ -17,7 +17,8 @@ use millrace_planner::Changelog;
 use millrace_storage::{SnapshotPart, TieredSnapshot};
 use tracing::info;
 
-use super::{ViewEntry, ViewRuntime};
+use crate::coordinator::Coordinator;
+use crate::coordinator::entry::ViewEntry;
 use crate::error::{Result, ServerError};
 
 /// Source rows pushed through the pipeline per step.
@@ -27,7 +28,7 @@ const LOG_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs a view's backfill over `snapshots` (source id, rows) and hands it to the coordinator.
 pub async fn run(
-    runtime: Arc<ViewRuntime>,
+    coordinator: Arc<Coordinator>,
     view: Arc<ViewEntry>,
     snapshots: Vec<(u64, TieredSnapshot)>,
 ) {
@@ -42,7 +43,9 @@ pub async fn run(
     info!(view = %view.provider.name, rows = total, "backfill started");
     if let Err(e) = push(&view, snapshots, total).await {
         if view.is_rebuilding() {
-            runtime.task_failed(&view, format!("backfill: {e}")).await;
+            coordinator
+                .task_failed(&view, format!("backfill: {e}"))
+                .await;
         } else {
             view.fail(format!("backfill: {e}")).await;
         }
@@ -50,7 +53,7 @@ pub async fn run(
     if let Ok(mut b) = view.backfill.lock() {
         b.finished = Some(Instant::now());
     }
-    runtime.backfill_done(view).await;
+    coordinator.backfill_done(view).await;
 }
 
 async fn push(view: &ViewEntry, snapshots: Vec<(u64, TieredSnapshot)>, total: usize) -> Result<()> {

@@ -1,8 +1,8 @@
 //! The supervisor: restarts views whose pipeline failed, inside the running server.
 //!
-//! The coordinator reports a failed view ([`ViewRuntime::task_failed`]); the supervisor
+//! The coordinator reports a failed view ([`Coordinator::task_failed`]); the supervisor
 //! waits a backoff that doubles with each failure in a row, waits for the view's upstream
-//! views to be running, and rebuilds it ([`crate::exec::matview::rebuild`]). When the
+//! views to be running, and rebuilds it ([`crate::views::start::rebuild`]). When the
 //! rebuilt view has caught up, an empty epoch is committed so that its change is published
 //! at once even when nothing else is written. Each restart is its own task, so one view's
 //! backoff never delays another's, and a view dropped meanwhile is simply forgotten.
@@ -19,7 +19,8 @@ use std::sync::atomic::Ordering;
 use millrace_planner::view_table::ViewStatus;
 use tracing::{info, warn};
 
-use super::{EpochChanges, ViewEntry, ViewRuntime};
+use crate::coordinator::Coordinator;
+use crate::coordinator::entry::{EpochChanges, ViewEntry};
 use crate::engine::Engine;
 
 /// Backoff before the first restart; doubled for each further failure in a row.
@@ -42,8 +43,8 @@ pub async fn run(engine: Arc<Engine>) {
 }
 
 async fn restart(engine: Arc<Engine>, id: u64) {
-    let runtime = engine.views.clone();
-    let Some(view) = runtime.view(id) else {
+    let coordinator = engine.views.clone();
+    let Some(view) = coordinator.view(id) else {
         return;
     };
     let name = view.provider.name.clone();
@@ -51,22 +52,24 @@ async fn restart(engine: Arc<Engine>, id: u64) {
         .failures_in_a_row
         .load(std::sync::atomic::Ordering::SeqCst);
     let wait = backoff(attempt);
-    runtime.events.record(
+    coordinator.events.record(
         "view_restarting",
         Some(&name),
         Some(attempt),
         format!("rebuilding from its inputs in {} ms", wait.as_millis()),
     );
     tokio::time::sleep(wait).await;
-    if !upstream_running(&runtime, &view).await {
+    if !upstream_running(&coordinator, &view).await {
         return;
     }
     view.restarts
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let ready = match crate::exec::matview::rebuild(&engine, &view).await {
+    let ready = match crate::views::start::rebuild(&engine, &view).await {
         Ok(ready) => ready,
         Err(e) => {
-            runtime.task_failed(&view, format!("restart: {e}")).await;
+            coordinator
+                .task_failed(&view, format!("restart: {e}"))
+                .await;
             return;
         }
     };
@@ -78,13 +81,13 @@ async fn restart(engine: Arc<Engine>, id: u64) {
 /// order (so a view's upstream views run before it is built), while the server already
 /// accepts connections. Progress goes to the log and `millrace_events`.
 pub async fn restore_all(engine: Arc<Engine>) {
-    let runtime = engine.views.clone();
+    let coordinator = engine.views.clone();
     let started = Instant::now();
     load_checkpointed(&engine).await;
-    runtime.start();
-    if let Some(catch_up) = runtime.take_catch_up() {
-        runtime.wait_published(catch_up.epoch).await;
-        runtime.events.record(
+    coordinator.start();
+    if let Some(catch_up) = coordinator.take_catch_up() {
+        coordinator.wait_published(catch_up.epoch).await;
+        coordinator.events.record(
             "checkpoint_replayed",
             None,
             None,
@@ -94,7 +97,7 @@ pub async fn restore_all(engine: Arc<Engine>) {
             ),
         );
     }
-    let views: Vec<Arc<ViewEntry>> = runtime
+    let views: Vec<Arc<ViewEntry>> = coordinator
         .views()
         .into_iter()
         .filter(|v| matches!(v.status(), ViewStatus::Recovering(_)))
@@ -102,7 +105,7 @@ pub async fn restore_all(engine: Arc<Engine>) {
     if views.is_empty() {
         return;
     }
-    runtime.events.record(
+    coordinator.events.record(
         "recovery_started",
         None,
         None,
@@ -110,24 +113,26 @@ pub async fn restore_all(engine: Arc<Engine>) {
     );
     let mut restored = 0;
     for view in views {
-        if !upstream_running(&runtime, &view).await {
+        if !upstream_running(&coordinator, &view).await {
             continue;
         }
-        let ready = match crate::exec::matview::rebuild(&engine, &view).await {
+        let ready = match crate::views::start::rebuild(&engine, &view).await {
             Ok(ready) => ready,
             Err(e) => {
-                runtime.task_failed(&view, format!("restore: {e}")).await;
+                coordinator
+                    .task_failed(&view, format!("restore: {e}"))
+                    .await;
                 continue;
             }
         };
         let _ = ready.await;
         publish_rebuilt(&engine, &view).await;
-        runtime.wait_ready(&[view.id]).await;
+        coordinator.wait_ready(&[view.id]).await;
         if view.status() == ViewStatus::Running {
             restored += 1;
         }
     }
-    runtime.events.record(
+    coordinator.events.record(
         "recovery_finished",
         None,
         None,
@@ -142,9 +147,9 @@ pub async fn restore_all(engine: Arc<Engine>) {
 /// the coordinator starts, so the catch-up epoch is the first they process). A view whose
 /// state cannot be loaded, or whose upstream view's could not, is rebuilt instead.
 async fn load_checkpointed(engine: &Arc<Engine>) {
-    let runtime = engine.views.clone();
+    let coordinator = engine.views.clone();
     let mut unusable: HashSet<u64> = HashSet::new();
-    for view in runtime.views() {
+    for view in coordinator.views() {
         if !view.restore_pending.swap(false, Ordering::SeqCst) {
             continue;
         }
@@ -154,7 +159,7 @@ async fn load_checkpointed(engine: &Arc<Engine>) {
             Some(_) => Err(crate::error::ServerError::ObjectNotReady(
                 "an upstream view is rebuilt".into(),
             )),
-            None => crate::exec::matview::restore_state(engine, &view).await,
+            None => crate::views::restore::restore_state(engine, &view).await,
         };
         match loaded {
             Ok((entries, rows)) => {
@@ -166,7 +171,7 @@ async fn load_checkpointed(engine: &Arc<Engine>) {
                         "; {n} state entries evicted after the checkpoint were put back to it"
                     ),
                 };
-                runtime.events.record(
+                coordinator.events.record(
                     "view_restored",
                     Some(&name),
                     None,
@@ -197,13 +202,13 @@ async fn publish_rebuilt(engine: &Engine, view: &ViewEntry) {
 
 /// Waits until every upstream view of `view` runs; false (and the view marked failed) if
 /// one has failed for good, or if `view` was dropped meanwhile.
-async fn upstream_running(runtime: &ViewRuntime, view: &Arc<ViewEntry>) -> bool {
+async fn upstream_running(coordinator: &Coordinator, view: &Arc<ViewEntry>) -> bool {
     loop {
-        if runtime.view(view.id).is_none() {
+        if coordinator.view(view.id).is_none() {
             return false;
         }
         let mut waiting = false;
-        for upstream in view.sources.iter().filter_map(|id| runtime.view(*id)) {
+        for upstream in view.sources.iter().filter_map(|id| coordinator.view(*id)) {
             match upstream.status() {
                 ViewStatus::Running => {}
                 ViewStatus::Failed(reason) => {
@@ -211,7 +216,7 @@ async fn upstream_running(runtime: &ViewRuntime, view: &Arc<ViewEntry>) -> bool 
                         "upstream materialized view \"{}\" failed: {reason}",
                         upstream.provider.name
                     );
-                    runtime.events.record(
+                    coordinator.events.record(
                         "view_failed",
                         Some(&view.provider.name),
                         None,

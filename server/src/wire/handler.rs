@@ -31,12 +31,13 @@ use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::sync::Mutex;
 use tracing::info;
 
-use crate::engine::{DEFAULT_DATABASE, Engine};
+use crate::catalog::records::DEFAULT_DATABASE;
+use crate::engine::Engine;
 use crate::error::{Result, ServerError};
 use crate::exec::{self, Output, Prepared, copy, query};
 use crate::session::Session;
+use crate::sql::{self, Parsed};
 use crate::wire::encode::{error_info, pg_error, response};
-use crate::wire::sql::{self, Parsed};
 use crate::wire::subscribe;
 
 /// The session of one connection, shared by its handlers.
@@ -238,7 +239,7 @@ impl SimpleQueryHandler for Connection {
                 },
                 Parsed::Statement(s, renames) => run(session, *s, None, None)
                     .await
-                    .and_then(|o| exec::rename_columns(o, &renames)),
+                    .and_then(|o| exec::output::rename_columns(o, &renames)),
                 Parsed::CreateSink(_) | Parsed::DropSink { .. } => {
                     exec::sink::run(session, p).await
                 }
@@ -461,7 +462,7 @@ impl ExtendedQueryHandler for Connection {
         }
         let output = run(session, statement, prepared.plan.clone(), params)
             .await
-            .and_then(|o| exec::rename_columns(o, &prepared.renames))
+            .and_then(|o| exec::output::rename_columns(o, &prepared.renames))
             .map_err(pg_error)?;
         response(session, output, &portal.result_column_format)
     }

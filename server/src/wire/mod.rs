@@ -3,6 +3,5 @@
 
 pub mod encode;
 pub mod handler;
-pub mod sql;
 pub mod subscribe;
 pub mod text;

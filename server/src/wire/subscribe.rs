@@ -20,12 +20,14 @@ use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::info;
 
+use crate::coordinator::feed::with_epoch_and_diff;
 use crate::error::{Result, ServerError};
-use crate::exec::copy::{CopyFormat, encode_rows};
+use crate::exec::copy::encode_rows;
 use crate::exec::names::{parts, resolve};
-use crate::runtime::subscribe::with_epoch_and_diff;
 use crate::session::Session;
-use crate::wire::sql::SubscribeTarget;
+use crate::session::copy_in::CopyFormat;
+use crate::sql::SubscribeTarget;
+use millrace_planner::error::ObjectClass;
 
 /// Streams the changes of a view, or of a query (through a view that lives as long as the
 /// feed), to `client` until the feed ends.
@@ -53,7 +55,7 @@ where
                     &name.name,
                 )
                 .ok_or_else(|| millrace_planner::PlanError::UndefinedObject {
-                    kind: "materialized view",
+                    kind: ObjectClass::MaterializedView,
                     name: parts(view).pop().unwrap_or_default(),
                 })?
         }
@@ -118,7 +120,7 @@ where
 
 /// Resolves once more than `limit` epochs wait unread in `feed`, with how many wait.
 async fn lag_passes(
-    feed: &tokio::sync::broadcast::Receiver<std::sync::Arc<crate::runtime::subscribe::EpochDelta>>,
+    feed: &tokio::sync::broadcast::Receiver<std::sync::Arc<crate::coordinator::feed::EpochDelta>>,
     limit: usize,
 ) -> usize {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));

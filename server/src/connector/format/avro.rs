@@ -2,7 +2,7 @@
 //! one datum per Kafka message (raw, or in the Confluent wire format), or object container
 //! files read whole by the file source.
 //!
-//! Sits inside [`super::decode::RecordDecoder`]: a record is decoded with the writer schema
+//! Sits inside [`crate::connector::decode::RecordDecoder`]: a record is decoded with the writer schema
 //! into an Avro value, then each payload column takes the record field of its name, as a
 //! `ScalarValue` of the Avro type that the decoder casts to the column's type. Nested
 //! values (arrays, maps, records) become JSON text. A record that does not decode, leaves
@@ -20,7 +20,8 @@ use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
-use super::ConnectorOptions;
+use crate::catalog::options::ConnectorOptions;
+use crate::connector::format::Format;
 use crate::error::{Result, ServerError};
 
 /// Options that name a schema file; its text is kept in the catalog as `avro.schema`.
@@ -246,7 +247,7 @@ pub fn prepare_table(create: &mut ast::CreateTable) -> Result<()> {
     let Some(options) = ConnectorOptions::from_table(&create.table_options)? else {
         return Ok(());
     };
-    if super::decode::Format::from_options(&options)? != super::decode::Format::Avro {
+    if Format::from_options(&options)? != Format::Avro {
         return Ok(());
     }
     let Some(text) = schema_text(&options)? else {

@@ -1,7 +1,7 @@
 //! The fetch process of a Kafka reader: librdkafka polls a reader's partitions in a child
 //! process (`millrace kafka-fetch`), which streams the messages back over a pipe.
 //!
-//! Flow: broker -> fetch process (librdkafka consumer) -> pipe -> [`super::kafka_reader`]
+//! Flow: broker -> fetch process (librdkafka consumer) -> pipe -> [`super::reader`]
 //! (decode, in the server) -> the source's session (commit). A crash inside the C library
 //! (librdkafka 2.12 dereferences a null topic name when a topic it fetches is deleted under
 //! it) ends the fetch process, not the server: the reader sees the pipe close, the source
@@ -29,7 +29,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ServerError};
-use crate::runtime::resident::Helper;
+use crate::memory::resident::Helper;
 
 /// The hidden subcommand of the `millrace` binary that runs a fetch process.
 pub const SUBCOMMAND: &str = "kafka-fetch";
@@ -42,7 +42,7 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 
 /// What a fetch process reads: sent as one JSON line on its standard input.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct FetchSpec {
+pub(crate) struct FetchSpec {
     /// librdkafka settings (`bootstrap.servers`, `group.id`, the user's `properties.*`).
     pub config: Vec<(String, String)>,
     /// The topic.
@@ -53,7 +53,7 @@ pub(super) struct FetchSpec {
 
 /// One frame from the fetch process; key and payload borrow the reader's buffer.
 #[derive(Debug, PartialEq)]
-pub(super) enum Frame<'a> {
+pub(crate) enum Frame<'a> {
     /// A message.
     Message {
         partition: i32,
@@ -68,7 +68,7 @@ pub(super) enum Frame<'a> {
 }
 
 /// The server's end of a running fetch process.
-pub(super) struct FetchProcess {
+pub(crate) struct FetchProcess {
     /// The process; killed and reaped on drop.
     child: Child,
     /// Its standard output, the frames.

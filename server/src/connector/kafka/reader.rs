@@ -1,5 +1,5 @@
 //! The readers of a Kafka source: each owns a share of the topic's partitions, fetched by
-//! its own consumer in a child process ([`super::kafka_fetch`]), and decodes the messages
+//! its own consumer in a child process ([`super::fetch`]), and decodes the messages
 //! into Arrow batches on its own thread.
 //!
 //! Flow: the source's session ([`super::kafka`]) splits the partitions over its readers,
@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::ScalarValue;
 
-use super::decode::{BatchBuilder, bad_record};
-use super::kafka::{Column, KafkaOptions, Offsets};
-use super::kafka_fetch::{FetchProcess, Frame};
-use super::{BadRecord, MAX_BATCH, Pacer, SourceStats};
+use crate::connector::decode::{BatchBuilder, bad_record};
+use crate::connector::ingest::{MAX_BATCH, Pacer};
+use crate::connector::kafka::fetch::{FetchProcess, Frame};
+use crate::connector::kafka::options::{Column, KafkaOptions, Offsets};
 use crate::error::Result;
+use crate::registry::sources::{BadRecord, SourceStats};
 
 /// What one reader read in one round: the rows, the bad records, and the next offset of
 /// each partition it read from.
