@@ -25,6 +25,8 @@ pub mod row_id;
 pub mod scalar_subquery;
 pub mod system_table;
 pub mod table;
+#[cfg(test)]
+mod test_util;
 pub mod tiered_scan;
 pub mod using_joins;
 pub mod view_table;

@@ -9,6 +9,9 @@
 //! Δ(L⋈R) = ΔL⋈R + (L+ΔL)⋈ΔR. Work is proportional to the changes and the rows sharing
 //! their keys, never to the sides' sizes.
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};

@@ -215,3 +215,129 @@ impl Operator for TopNOp {
         Ok(Changelog::new(batch, weights))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::compute::SortOptions;
+    use datafusion::physical_expr::expressions::col;
+
+    use super::*;
+    use crate::test_util::{assert_changelog, changelog, raw_rows, schema, step};
+
+    /// `SELECT id, v FROM t ORDER BY v DESC LIMIT fetch OFFSET skip`.
+    fn topn(skip: usize, fetch: usize) -> TopNOp {
+        let s = schema("id:i64 v:i64");
+        let order = vec![PhysicalSortExpr {
+            expr: col("v", &s).unwrap(),
+            options: SortOptions {
+                descending: true,
+                nulls_first: false,
+            },
+        }];
+        TopNOp::try_new(s, order, skip, fetch).unwrap()
+    }
+
+    fn feed(op: &mut TopNOp, text: &str) -> Changelog {
+        step(op, changelog(&schema("id:i64 v:i64"), text))
+    }
+
+    /// Top 2 of v = 50, 40, 30, 20.
+    fn seeded() -> TopNOp {
+        let mut op = topn(0, 2);
+        let out = feed(
+            &mut op,
+            "
+            id v  | w
+            1  30 | +1
+            2  50 | +1
+            3  20 | +1
+            4  40 | +1
+            ",
+        );
+        assert_changelog(&out, "id v | w\n 2 50 | +1\n 4 40 | +1");
+        op
+    }
+
+    #[test]
+    fn insert_into_the_top_pushes_the_last_row_out() {
+        let mut op = seeded();
+        let out = feed(&mut op, "id v | w\n 5 45 | +1");
+        assert_changelog(&out, "id v | w\n 5 45 | +1\n 4 40 | -1");
+        // Below the top: nothing.
+        let out = feed(&mut op, "id v | w\n 6 10 | +1");
+        assert!(out.is_empty(), "{:?}", raw_rows(&out));
+    }
+
+    #[test]
+    fn delete_of_a_top_row_pulls_the_next_one_up() {
+        let mut op = seeded();
+        let out = feed(&mut op, "id v | w\n 2 50 | -1");
+        assert_changelog(&out, "id v | w\n 2 50 | -1\n 1 30 | +1");
+        // A delete below the top changes nothing.
+        let out = feed(&mut op, "id v | w\n 3 20 | -1");
+        assert!(out.is_empty(), "{:?}", raw_rows(&out));
+    }
+
+    #[test]
+    fn update_moves_a_row_into_and_out_of_the_top() {
+        let mut op = seeded();
+        let out = feed(&mut op, "id v | w\n 3 20 | -1\n 3 60 | +1");
+        assert_changelog(&out, "id v | w\n 3 60 | +1\n 4 40 | -1");
+        let out = feed(&mut op, "id v | w\n 3 60 | -1\n 3 5 | +1");
+        assert_changelog(&out, "id v | w\n 3 60 | -1\n 4 40 | +1");
+        // An update within the top.
+        let out = feed(&mut op, "id v | w\n 4 40 | -1\n 4 55 | +1");
+        assert_changelog(&out, "id v | w\n 4 40 | -1\n 4 55 | +1");
+    }
+
+    #[test]
+    fn row_whose_weight_goes_to_zero_in_one_epoch_emits_nothing() {
+        let mut op = seeded();
+        let out = feed(&mut op, "id v | w\n 7 99 | +1\n 7 99 | -1");
+        assert!(out.is_empty(), "{:?}", raw_rows(&out));
+        assert_eq!(op.state().entries, 4);
+        // It left no trace: deleting a top row pulls up 30, not 99.
+        let out = feed(&mut op, "id v | w\n 4 40 | -1");
+        assert_changelog(&out, "id v | w\n 4 40 | -1\n 1 30 | +1");
+    }
+
+    #[test]
+    fn deleting_every_row_retracts_the_top() {
+        let mut op = seeded();
+        let out = feed(
+            &mut op,
+            "id v | w\n 1 30 | -1\n 2 50 | -1\n 3 20 | -1\n 4 40 | -1",
+        );
+        assert_changelog(&out, "id v | w\n 2 50 | -1\n 4 40 | -1");
+        assert_eq!(op.state().entries, 0);
+    }
+
+    #[test]
+    fn empty_epoch_emits_nothing() {
+        let mut op = seeded();
+        let out = feed(&mut op, "id v | w");
+        assert!(out.is_empty(), "{:?}", raw_rows(&out));
+    }
+
+    #[test]
+    fn copies_fill_several_places() {
+        let mut op = topn(0, 2);
+        let out = feed(&mut op, "id v | w\n 1 50 | +2\n 2 40 | +1");
+        assert_changelog(&out, "id v | w\n 1 50 | +2");
+        let out = feed(&mut op, "id v | w\n 1 50 | -1");
+        assert_changelog(&out, "id v | w\n 1 50 | -1\n 2 40 | +1");
+    }
+
+    #[test]
+    fn offset_skips_the_first_rows() {
+        let mut op = topn(1, 2);
+        let out = feed(
+            &mut op,
+            "id v | w\n 1 30 | +1\n 2 50 | +1\n 3 20 | +1\n 4 40 | +1",
+        );
+        assert_changelog(&out, "id v | w\n 4 40 | +1\n 1 30 | +1");
+        // The first row goes: every later row moves up one place.
+        let out = feed(&mut op, "id v | w\n 2 50 | -1");
+        assert_changelog(&out, "id v | w\n 4 40 | -1\n 3 20 | +1");
+    }
+}

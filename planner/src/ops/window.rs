@@ -330,3 +330,181 @@ fn partition_size(_key: &[u8], partition: &Partition) -> i64 {
         .map(|(sort_key, row)| (sort_key.len() + row.len()) as i64 + ENTRY_OVERHEAD)
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::compute::SortOptions;
+    use datafusion::physical_expr::expressions::col;
+
+    use super::*;
+    use crate::test_util::{assert_changelog, changelog, raw_rows, schema, step};
+
+    fn input() -> SchemaRef {
+        schema("p:utf8 id:i64 v:i64")
+    }
+
+    /// `SELECT *, row_number() rn, rank() rk, dense_rank() dr OVER (PARTITION BY p ORDER
+    /// BY v)`.
+    fn window() -> WindowOp {
+        let s = input();
+        let order = vec![PhysicalSortExpr {
+            expr: col("v", &s).unwrap(),
+            options: SortOptions::default(),
+        }];
+        WindowOp::try_new(
+            schema("p:utf8 id:i64 v:i64 rn:u64 rk:u64 dr:u64"),
+            s.clone(),
+            vec![col("p", &s).unwrap()],
+            order,
+            vec![Rank::RowNumber, Rank::Rank, Rank::DenseRank],
+        )
+        .unwrap()
+    }
+
+    fn feed(op: &mut WindowOp, text: &str) -> Changelog {
+        step(op, changelog(&input(), text))
+    }
+
+    /// Partition a: v 10, 20, 20 (ids 2 and 3 tie), 30; partition b: v 5.
+    fn seeded() -> WindowOp {
+        let mut op = window();
+        let out = feed(
+            &mut op,
+            "
+            p id v  | w
+            a 1  10 | +1
+            a 2  20 | +1
+            a 3  20 | +1
+            a 4  30 | +1
+            b 5  5  | +1
+            ",
+        );
+        assert_changelog(
+            &out,
+            "
+            p id v  rn rk dr | w
+            a 1  10 1  1  1  | +1
+            a 2  20 2  2  2  | +1
+            a 3  20 3  2  2  | +1
+            a 4  30 4  4  3  | +1
+            b 5  5  1  1  1  | +1
+            ",
+        );
+        op
+    }
+
+    #[test]
+    fn insert_at_the_end_emits_only_the_new_row() {
+        let mut op = seeded();
+        let out = feed(&mut op, "p id v | w\n a 6 40 | +1");
+        assert_changelog(&out, "p id v rn rk dr | w\n a 6 40 5 5 4 | +1");
+    }
+
+    #[test]
+    fn delete_of_the_first_row_renumbers_the_rest_of_its_partition() {
+        let mut op = seeded();
+        let out = feed(&mut op, "p id v | w\n a 1 10 | -1");
+        assert_changelog(
+            &out,
+            "
+            p id v  rn rk dr | w
+            a 1  10 1  1  1  | -1
+            a 2  20 2  2  2  | -1
+            a 2  20 1  1  1  | +1
+            a 3  20 3  2  2  | -1
+            a 3  20 2  1  1  | +1
+            a 4  30 4  4  3  | -1
+            a 4  30 3  3  2  | +1
+            ",
+        );
+    }
+
+    #[test]
+    fn a_tie_moves_rank_but_not_row_number() {
+        let mut op = seeded();
+        // A third row ties at 20, after ids 2 and 3 by its encoding: 30 loses one rank.
+        let out = feed(&mut op, "p id v | w\n a 7 20 | +1");
+        assert_changelog(
+            &out,
+            "
+            p id v  rn rk dr | w
+            a 7  20 4  2  2  | +1
+            a 4  30 4  4  3  | -1
+            a 4  30 5  5  3  | +1
+            ",
+        );
+    }
+
+    #[test]
+    fn update_moves_a_row_between_partitions() {
+        let mut op = seeded();
+        let out = feed(&mut op, "p id v | w\n a 2 20 | -1\n b 2 1 | +1");
+        assert_changelog(
+            &out,
+            "
+            p id v  rn rk dr | w
+            a 2  20 2  2  2  | -1
+            a 3  20 3  2  2  | -1
+            a 3  20 2  2  2  | +1
+            a 4  30 4  4  3  | -1
+            a 4  30 3  3  3  | +1
+            b 2  1  1  1  1  | +1
+            b 5  5  1  1  1  | -1
+            b 5  5  2  2  2  | +1
+            ",
+        );
+    }
+
+    #[test]
+    fn partition_whose_rows_go_to_zero_is_retracted() {
+        let mut op = seeded();
+        let out = feed(&mut op, "p id v | w\n b 5 5 | -1");
+        assert_changelog(&out, "p id v rn rk dr | w\n b 5 5 1 1 1 | -1");
+        assert_eq!(op.state().entries, 1, "partition b is gone");
+        let out = feed(&mut op, "p id v | w\n b 8 50 | +1");
+        assert_changelog(&out, "p id v rn rk dr | w\n b 8 50 1 1 1 | +1");
+    }
+
+    #[test]
+    fn insert_and_delete_in_one_epoch_emit_nothing() {
+        let mut op = seeded();
+        let out = feed(
+            &mut op,
+            "p id v | w\n a 9 1 | +1\n a 9 1 | -1\n c 9 1 | +1\n c 9 1 | -1",
+        );
+        assert!(out.is_empty(), "{:?}", raw_rows(&out));
+        assert_eq!(op.state().entries, 2, "partition c was not kept");
+    }
+
+    #[test]
+    fn copies_take_consecutive_numbers() {
+        let mut op = window();
+        let out = feed(&mut op, "p id v | w\n a 1 10 | +2\n a 2 20 | +1");
+        assert_changelog(
+            &out,
+            "
+            p id v  rn rk dr | w
+            a 1  10 1  1  1  | +1
+            a 1  10 2  1  1  | +1
+            a 2  20 3  3  2  | +1
+            ",
+        );
+        let out = feed(&mut op, "p id v | w\n a 1 10 | -1");
+        assert_changelog(
+            &out,
+            "
+            p id v  rn rk dr | w
+            a 1  10 2  1  1  | -1
+            a 2  20 3  3  2  | -1
+            a 2  20 2  2  2  | +1
+            ",
+        );
+    }
+
+    #[test]
+    fn empty_epoch_emits_nothing() {
+        let mut op = seeded();
+        let out = feed(&mut op, "p id v | w");
+        assert!(out.is_empty(), "{:?}", raw_rows(&out));
+    }
+}

@@ -1,0 +1,344 @@
+//! The aggregate with retractions: count / sum (retractable accumulators) and min / max
+//! (value multisets) per group, and a global aggregate.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::min_max::{max_udaf, min_udaf};
+use datafusion::functions_aggregate::sum::sum_udaf;
+use datafusion::logical_expr::AggregateUDF;
+use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+use datafusion::physical_expr::expressions::col;
+
+use super::{AggregateCall, AggregateOp, Grouping};
+use crate::ops::Operator;
+use crate::test_util::{assert_changelog, changelog, raw_rows, schema, step};
+
+/// `udaf(v)` over rows of `input`.
+fn call(udaf: Arc<AggregateUDF>, name: &str, input: &SchemaRef) -> AggregateCall {
+    let expr = AggregateExprBuilder::new(udaf, vec![col("v", input).unwrap()])
+        .schema(input.clone())
+        .alias(name)
+        .build()
+        .unwrap();
+    AggregateCall {
+        expr: Arc::new(expr),
+        filter: None,
+    }
+}
+
+fn calls(input: &SchemaRef) -> Vec<AggregateCall> {
+    vec![
+        call(count_udaf(), "n", input),
+        call(sum_udaf(), "total", input),
+        call(min_udaf(), "lo", input),
+        call(max_udaf(), "hi", input),
+    ]
+}
+
+fn input() -> SchemaRef {
+    schema("k:utf8 v:i64")
+}
+
+/// `SELECT k, count(v) n, sum(v) total, min(v) lo, max(v) hi FROM t GROUP BY k`.
+fn grouped() -> AggregateOp {
+    let input = input();
+    let grouping = Grouping {
+        exprs: vec![col("k", &input).unwrap()],
+        sets: vec![vec![false]],
+        grouping_id: None,
+    };
+    let output = schema("k:utf8 n:i64 total:i64 lo:i64 hi:i64");
+    AggregateOp::try_new(output, grouping, calls(&input)).unwrap()
+}
+
+/// `SELECT count(v) n, sum(v) total, min(v) lo, max(v) hi FROM t`.
+fn global() -> AggregateOp {
+    let input = input();
+    let grouping = Grouping {
+        exprs: Vec::new(),
+        sets: vec![Vec::new()],
+        grouping_id: None,
+    };
+    let output = schema("n:i64 total:i64 lo:i64 hi:i64");
+    AggregateOp::try_new(output, grouping, calls(&input)).unwrap()
+}
+
+fn feed(op: &mut AggregateOp, text: &str) -> crate::changelog::Changelog {
+    step(op, changelog(&input(), text))
+}
+
+/// Groups a {1, 3, 5} and b {2}.
+fn seeded() -> AggregateOp {
+    let mut op = grouped();
+    let out = feed(
+        &mut op,
+        "
+        k v | w
+        a 1 | +1
+        a 3 | +1
+        a 5 | +1
+        b 2 | +1
+        ",
+    );
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 3 9     1  5  | +1
+        b 1 2     2  2  | +1
+        ",
+    );
+    op
+}
+
+#[test]
+fn inserts_emit_one_row_per_group_and_update_it() {
+    let mut op = seeded();
+    let out = feed(&mut op, "k v | w\n a 4 | +1\n c 7 | +1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 3 9     1  5  | -1
+        a 4 13    1  5  | +1
+        c 1 7     7  7  | +1
+        ",
+    );
+}
+
+#[test]
+fn delete_of_the_min_falls_back_to_the_next_value() {
+    let mut op = seeded();
+    let out = feed(&mut op, "k v | w\n a 1 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 3 9     1  5  | -1
+        a 2 8     3  5  | +1
+        ",
+    );
+}
+
+#[test]
+fn delete_of_the_max_falls_back_to_the_next_value() {
+    let mut op = seeded();
+    let out = feed(&mut op, "k v | w\n a 5 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 3 9     1  5  | -1
+        a 2 4     1  3  | +1
+        ",
+    );
+}
+
+#[test]
+fn delete_of_one_copy_of_the_min_keeps_it() {
+    let mut op = seeded();
+    feed(&mut op, "k v | w\n a 1 | +1");
+    let out = feed(&mut op, "k v | w\n a 1 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 4 10    1  5  | -1
+        a 3 9     1  5  | +1
+        ",
+    );
+    // The last copy goes: now the min moves.
+    let out = feed(&mut op, "k v | w\n a 1 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 3 9     1  5  | -1
+        a 2 8     3  5  | +1
+        ",
+    );
+}
+
+#[test]
+fn update_moves_a_row_between_groups() {
+    let mut op = seeded();
+    // The max of a becomes the max of b.
+    let out = feed(&mut op, "k v | w\n a 5 | -1\n b 5 | +1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 3 9     1  5  | -1
+        a 2 4     1  3  | +1
+        b 1 2     2  2  | -1
+        b 2 7     2  5  | +1
+        ",
+    );
+}
+
+#[test]
+fn group_whose_rows_go_to_zero_is_retracted_and_comes_back_fresh() {
+    let mut op = seeded();
+    let out = feed(&mut op, "k v | w\n b 2 | -1");
+    assert_changelog(&out, "k n total lo hi | w\n b 1 2 2 2 | -1");
+    // No trace of the old group: its min, max and sum start over.
+    let out = feed(&mut op, "k v | w\n b 9 | +1");
+    assert_changelog(&out, "k n total lo hi | w\n b 1 9 9 9 | +1");
+}
+
+#[test]
+fn insert_and_delete_in_one_epoch_emit_nothing() {
+    let mut op = seeded();
+    let out = feed(
+        &mut op,
+        "k v | w\n c 7 | +1\n c 7 | -1\n a 1 | -1\n a 1 | +1",
+    );
+    assert!(out.is_empty(), "{:?}", raw_rows(&out));
+    assert_eq!(op.state().entries, 2, "group c was not kept");
+    let out = feed(&mut op, "k v | w\n c 2 | +1");
+    assert_changelog(&out, "k n total lo hi | w\n c 1 2 2 2 | +1");
+}
+
+#[test]
+fn empty_epoch_emits_nothing() {
+    let mut op = seeded();
+    let out = feed(&mut op, "k v | w");
+    assert!(out.is_empty(), "{:?}", raw_rows(&out));
+    assert_eq!(op.schema().fields().len(), out.schema().fields().len());
+    // The global aggregate emits its row on the first step only.
+    let mut op = global();
+    assert_eq!(feed(&mut op, "k v | w").len(), 1);
+    let out = feed(&mut op, "k v | w");
+    assert!(out.is_empty(), "{:?}", raw_rows(&out));
+}
+
+#[test]
+fn weights_count_as_copies() {
+    let mut op = grouped();
+    let out = feed(&mut op, "k v | w\n a 2 | +3\n a 8 | +1");
+    assert_changelog(&out, "k n total lo hi | w\n a 4 14 2 8 | +1");
+    let out = feed(&mut op, "k v | w\n a 2 | -2\n a 8 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 4 14    2  8  | -1
+        a 1 2     2  2  | +1
+        ",
+    );
+}
+
+#[test]
+fn nulls_count_as_rows_but_not_as_values() {
+    let mut op = grouped();
+    let out = feed(&mut op, "k v | w\n a null | +1\n a 4 | +1");
+    assert_changelog(&out, "k n total lo hi | w\n a 1 4 4 4 | +1");
+    // The last non-NULL value goes; the group stays (one row) with NULL aggregates.
+    let out = feed(&mut op, "k v | w\n a 4 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo   hi   | w
+        a 1 4     4    4    | -1
+        a 0 null  null null | +1
+        ",
+    );
+    let out = feed(&mut op, "k v | w\n a null | -1");
+    assert_changelog(&out, "k n total lo hi | w\n a 0 null null null | -1");
+}
+
+#[test]
+fn global_aggregate_starts_with_a_row_and_returns_to_it() {
+    let mut op = global();
+    let out = feed(&mut op, "k v | w");
+    assert_changelog(&out, "n total lo hi | w\n 0 null null null | +1");
+    let out = feed(&mut op, "k v | w\n a 3 | +1\n b 6 | +1");
+    assert_changelog(
+        &out,
+        "
+        n total lo   hi   | w
+        0 null  null null | -1
+        2 9     3    6    | +1
+        ",
+    );
+    let out = feed(&mut op, "k v | w\n a 3 | -1");
+    assert_changelog(
+        &out,
+        "
+        n total lo hi | w
+        2 9     3  6  | -1
+        1 6     6  6  | +1
+        ",
+    );
+    let out = feed(&mut op, "k v | w");
+    assert!(out.is_empty(), "{:?}", raw_rows(&out));
+    // The last row goes: the global row is back at its empty value, not retracted.
+    let out = feed(&mut op, "k v | w\n b 6 | -1");
+    assert_changelog(
+        &out,
+        "
+        n total lo   hi   | w
+        1 6     6    6    | -1
+        0 null  null null | +1
+        ",
+    );
+}
+
+#[test]
+fn min_and_max_survive_a_checkpoint() {
+    let mut op = seeded();
+    let entries = op.checkpoint().unwrap().unwrap();
+    let mut restored = grouped();
+    restored
+        .restore(
+            entries
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k, v)))
+                .collect(),
+        )
+        .unwrap();
+    let out = feed(&mut restored, "k v | w\n a 1 | -1\n a 5 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo hi | w
+        a 3 9     1  5  | -1
+        a 1 3     3  3  | +1
+        ",
+    );
+    // The restored sum knows how many values it holds: with none left it is NULL.
+    let out = feed(&mut restored, "k v | w\n b null | +1\n b 2 | -1");
+    assert_changelog(
+        &out,
+        "
+        k n total lo   hi   | w
+        b 1 2     2    2    | -1
+        b 0 null  null null | +1
+        ",
+    );
+}
+
+/// A known bug, kept as an ignored test until it is fixed: SUM (and AVG) over a float
+/// column is maintained by adding and subtracting, so a retraction leaves behind the
+/// rounding of values that are gone. PostgreSQL, and DataFusion over the rows left, give 1.
+#[test]
+#[ignore = "known bug: float SUM/AVG drift under retraction (the view says 0)"]
+fn float_sum_after_a_retraction_is_the_sum_of_the_rows_left() {
+    let input = schema("k:utf8 v:f64");
+    let grouping = Grouping {
+        exprs: Vec::new(),
+        sets: vec![Vec::new()],
+        grouping_id: None,
+    };
+    let calls = vec![call(sum_udaf(), "total", &input)];
+    let mut op = AggregateOp::try_new(schema("total:f64"), grouping, calls).unwrap();
+    step(&mut op, changelog(&input, "k v | w"));
+    step(
+        &mut op,
+        changelog(&input, "k v | w\n a 1e20 | +1\n b 1 | +1"),
+    );
+    let out = step(&mut op, changelog(&input, "k v | w\n a 1e20 | -1"));
+    assert_changelog(&out, "total | w\n 1e20 | -1\n 1 | +1");
+}
