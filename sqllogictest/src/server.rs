@@ -69,11 +69,22 @@ impl TestServer {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        s.spawn()?;
-        Ok(s)
+        // NOTE: a free port may be taken by another test's server before ours binds it;
+        // then ours exits saying it cannot listen, and starts again on another port.
+        let mut attempts = 0;
+        loop {
+            match s.spawn() {
+                Err(_) if attempts < 3 && s.log().contains("cannot listen on") => {
+                    attempts += 1;
+                    s.port = free_port();
+                }
+                result => return result.map(|()| s),
+            }
+        }
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
+        let ready_before = self.ready_lines();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -95,10 +106,17 @@ impl TestServer {
             .stderr(Stdio::from(log))
             .spawn()?;
         self.child = Some(child);
-        self.wait_ready()
+        self.wait_ready(ready_before)
     }
 
-    fn wait_ready(&mut self) -> std::io::Result<()> {
+    /// Waits until the child listens. The port answering is not enough: another process
+    /// (a test's S3 server, say) may have taken the same free port, and then our child
+    /// fails to bind and exits. Where the log shows `info`, the child's own line saying it
+    /// listens (one more than before this start) must be there too.
+    fn wait_ready(&mut self, ready_before: usize) -> std::io::Result<()> {
+        let logs_info = std::env::var("MILLRACE_LOG")
+            .map(|l| ["info", "debug", "trace"].iter().any(|w| l.contains(w)))
+            .unwrap_or(true);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(child) = self.child.as_mut()
@@ -109,7 +127,8 @@ impl TestServer {
                     self.log()
                 )));
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            let listening = !logs_info || self.ready_lines() > ready_before;
+            if listening && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -117,6 +136,11 @@ impl TestServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// How many times the log says a server started listening.
+    fn ready_lines(&self) -> usize {
+        self.log().matches("millrace is ready").count()
     }
 
     /// The server's log so far.
