@@ -115,11 +115,6 @@ pub struct SourceTask {
 }
 
 impl SourceTask {
-    /// Whether the source was stopped.
-    pub fn is_stopped(&self) -> bool {
-        *self.stopped.borrow()
-    }
-
     /// Commits `batch` like an INSERT, with the source's new position (in `set`) and the bad
     /// records read beside it, in one write; then counts the rows and lists the bad records.
     pub async fn commit(
