@@ -10,6 +10,7 @@
 //! results are exactly DataFusion's. Only groups touched by the epoch's changes are read.
 //! The group state, its evaluation and its encoding are in `aggregate/group.rs`.
 
+mod exact_sum;
 mod group;
 #[cfg(test)]
 mod tests;

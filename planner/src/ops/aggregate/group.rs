@@ -15,6 +15,7 @@ use datafusion::logical_expr::Accumulator;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
+use super::exact_sum::exact_float_sum;
 use crate::error::{PlanError, Result};
 use crate::ops::codec::{Reader, Writer};
 
@@ -78,9 +79,20 @@ pub(super) struct Agg {
     /// string_agg is evaluated here: PostgreSQL allows any delimiter expression, DataFusion's
     /// accumulator only a literal.
     pub(super) string_agg: bool,
+    /// A sum or average kept in floats by DataFusion, kept exactly here (`exact_sum.rs`):
+    /// `Some(true)` for an average.
+    exact_float: Option<bool>,
 }
 
 impl Agg {
+    /// A fresh retractable accumulator of a `Kind::Sliding` aggregate.
+    pub(super) fn sliding_accumulator(&self) -> Result<Box<dyn Accumulator>> {
+        Ok(match self.exact_float {
+            Some(average) => exact_float_sum(average, self.call.expr.field().data_type().clone()),
+            None => self.call.expr.create_sliding_accumulator()?,
+        })
+    }
+
     /// An aggregate call with the state kind that maintains it.
     pub(super) fn try_new(call: AggregateCall) -> Result<Self> {
         let mut inputs = call.expr.expressions();
@@ -110,8 +122,21 @@ impl Agg {
                 _ => Kind::Generic { distinct: false },
             }
         };
+        // NOTE: DataFusion's sum and avg keep a float running total wherever their state is
+        // a float (float inputs, and avg of integers): retractions would leave rounding.
+        let float_state = call
+            .expr
+            .state_fields()?
+            .iter()
+            .any(|f| matches!(f.data_type(), DataType::Float64 | DataType::Float32));
+        let exact_float = match (kind, name.as_str()) {
+            (Kind::Sliding, "sum") if float_state => Some(false),
+            (Kind::Sliding, "avg" | "mean") if float_state => Some(true),
+            _ => None,
+        };
         Ok(Self {
             converter: None,
+            exact_float,
             string_agg: name == "string_agg" && inputs.len() >= 2,
             inputs,
             kind,
@@ -144,7 +169,9 @@ pub(super) fn group_size(key: &[u8], group: &Group) -> i64 {
             AggState::Values(values) => {
                 values.keys().map(|v| v.len() as i64 + VALUE_OVERHEAD).sum()
             }
-            AggState::Sliding(_) => 0,
+            // NOTE: DataFusion's sliding accumulators fit in the measured overhead; an exact
+            // float sum holds its limbs beyond it.
+            AggState::Sliding(acc) => (acc.size() as i64 - 64).max(0),
         })
         .sum();
     key.len() as i64 + group_overhead(group.states.len()) + held
@@ -221,9 +248,7 @@ impl GroupCodec {
                 // NOTE: a sliding accumulator's state can differ from the plain one's
                 // (state_fields): take the types from a fresh one.
                 Kind::Sliding => Some(ScalarCodec::new(
-                    agg.call
-                        .expr
-                        .create_sliding_accumulator()?
+                    agg.sliding_accumulator()?
                         .state()?
                         .iter()
                         .map(|v| v.data_type())
@@ -290,7 +315,7 @@ impl GroupCodec {
                             "accumulator state without codec".into(),
                         ));
                     };
-                    let mut acc = agg.call.expr.create_sliding_accumulator()?;
+                    let mut acc = agg.sliding_accumulator()?;
                     acc.merge_batch(&c.decode(r.bytes()?)?)?;
                     states.push(AggState::Sliding(acc));
                 }
@@ -437,7 +462,7 @@ pub(super) fn new_group(aggs: &[Agg]) -> Result<Group> {
     let mut states = Vec::with_capacity(aggs.len());
     for agg in aggs {
         states.push(match agg.kind {
-            Kind::Sliding => AggState::Sliding(agg.call.expr.create_sliding_accumulator()?),
+            Kind::Sliding => AggState::Sliding(agg.sliding_accumulator()?),
             _ => AggState::Values(BTreeMap::new()),
         });
     }
