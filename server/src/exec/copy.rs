@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
+use arrow_pg::datatypes::arrow_schema_to_pg_fields;
 use datafusion::arrow::array::{ArrayRef, BinaryArray, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::{CastOptions, cast_with_options};
 use datafusion::arrow::datatypes::DataType;
@@ -499,7 +499,7 @@ pub fn encode_rows(
         chunks.push(format_line(&values, format));
     }
     for batch in batches {
-        for row in encode_recordbatch(fields.clone(), batch.clone()) {
+        for row in crate::exec::output::data_rows(fields.clone(), batch.clone()) {
             let row = row.map_err(|e| ServerError::Internal(e.to_string()))?;
             let values = split_data_row(&row.data)?;
             chunks.push(format_line(&values, format));

@@ -117,6 +117,76 @@ impl Output {
     }
 }
 
+/// The DataRows of one batch, ending at the first row that fails to encode, with its error.
+/// NOTE: arrow-pg's row iterator does not move past a row it cannot encode: it returns the
+/// same error for ever, and collecting them grew the server until the kernel killed it.
+pub fn data_rows(
+    fields: std::sync::Arc<Vec<pgwire::api::results::FieldInfo>>,
+    batch: RecordBatch,
+) -> impl Iterator<Item = pgwire::error::PgWireResult<pgwire::messages::data::DataRow>> {
+    let mut failed = false;
+    arrow_pg::datatypes::encode_recordbatch(fields, batch).take_while(move |row| {
+        let go_on = !failed;
+        failed |= row.is_err();
+        go_on
+    })
+}
+
+/// A batch with the column types the statement was described with. NOTE: a statement is
+/// described by its logical plan before type coercion, whose types can differ from what the
+/// physical plan computes (a CASE of a float literal and a numeric column is described as
+/// float and computed as decimal); rows of another type would not match their description
+/// (arrow-pg fails to encode them), so they are cast to it.
+pub fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let same = batch.num_columns() == schema.fields().len()
+        && batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(schema.fields())
+            .all(|(a, b)| a.data_type() == b.data_type());
+    if same {
+        return Ok(batch);
+    }
+    if batch.num_columns() != schema.fields().len() {
+        return Err(crate::error::ServerError::Internal(format!(
+            "a query computed {} columns for {} described",
+            batch.num_columns(),
+            schema.fields().len()
+        )));
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| datafusion::arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let fields: Vec<_> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    let relaxed = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
+    Ok(RecordBatch::try_new(relaxed, columns)?)
+}
+
+impl RowStream {
+    /// The stream with every batch conformed to `schema` (see [`conform`]).
+    pub fn conformed(self, schema: SchemaRef) -> RowStream {
+        use futures::StreamExt;
+        let target = schema.clone();
+        let rest = self.0.map(move |b| {
+            b.and_then(|b| {
+                conform(b, &target)
+                    .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))
+            })
+        });
+        RowStream(Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, rest),
+        ))
+    }
+}
+
 /// Renames output columns back to the names the statement asked for.
 pub fn rename_columns(output: Output, renames: &[(usize, String)]) -> Result<Output> {
     if renames.is_empty() {
@@ -166,5 +236,65 @@ pub fn rename_columns(output: Output, renames: &[(usize, String)]) -> Result<Out
             Ok(Output::Stream { schema, head, rest })
         }
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, Decimal128Array, Float64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use pgwire::api::Type;
+    use pgwire::api::results::{FieldFormat, FieldInfo};
+
+    use super::*;
+
+    /// Three rows of numeric(38,15), -897.49 each.
+    fn decimals() -> RecordBatch {
+        let values = Decimal128Array::from(vec![-897_490_000_000_000_000i128; 3])
+            .with_precision_and_scale(38, 15)
+            .unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "c1",
+            DataType::Decimal128(38, 15),
+            true,
+        )]));
+        RecordBatch::try_new(schema, vec![Arc::new(values) as ArrayRef]).unwrap()
+    }
+
+    /// A row that cannot be encoded (a numeric under a float8 description) gives one error
+    /// and the end of the rows, not the same error for ever.
+    #[test]
+    fn rows_end_at_the_first_row_that_fails_to_encode() {
+        let fields = Arc::new(vec![FieldInfo::new(
+            "c1".into(),
+            None,
+            None,
+            Type::FLOAT8,
+            FieldFormat::Text,
+        )]);
+        let rows: Vec<_> = data_rows(fields, decimals()).take(10).collect();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(rows[0].is_err());
+    }
+
+    /// Rows computed with another type than described are cast to the description.
+    #[test]
+    fn rows_are_cast_to_the_type_they_were_described_with() {
+        let described = Arc::new(Schema::new(vec![Field::new(
+            "c1",
+            DataType::Float64,
+            false,
+        )]));
+        let batch = conform(decimals(), &described).unwrap();
+        let values = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        assert_eq!(values.values().to_vec(), vec![-897.49; 3]);
+        let same = conform(batch.clone(), &described).unwrap();
+        assert_eq!(same.column(0).to_data(), batch.column(0).to_data());
     }
 }

@@ -106,14 +106,14 @@ pub async fn run(
     let mut batches = Vec::new();
     let mut bytes = 0;
     while let Some(batch) = futures::StreamExt::next(&mut stream).await {
-        let batch = batch?;
+        let batch = crate::exec::output::conform(batch?, &schema)?;
         bytes += batch.get_array_memory_size();
         batches.push(batch);
         if bytes > STREAM_AFTER_BYTES {
             return Ok(Output::Stream {
-                schema,
                 head: batches,
-                rest: crate::exec::output::RowStream(stream),
+                rest: crate::exec::output::RowStream(stream).conformed(schema.clone()),
+                schema,
             });
         }
     }

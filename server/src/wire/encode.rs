@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
+use arrow_pg::datatypes::arrow_schema_to_pg_fields;
 use futures::{StreamExt, stream};
 use pgwire::api::portal::Format;
 use pgwire::api::results::{CopyResponse, QueryResponse, Response, Tag};
@@ -11,6 +11,7 @@ use pgwire::messages::copy::CopyData;
 
 use crate::error::ServerError;
 use crate::exec::Output;
+use crate::exec::output::data_rows;
 use crate::session::Session;
 
 /// The row description of `schema` in the session's output format.
@@ -36,7 +37,7 @@ pub fn response(session: &Session, output: Output, format: &Format) -> PgWireRes
             for batch in batches {
                 let batch =
                     crate::wire::text::render(batch, &fields, &tz).map_err(|e| pg_error_ref(&e))?;
-                rows.extend(encode_recordbatch(fields.clone(), batch));
+                rows.extend(data_rows(fields.clone(), batch));
             }
             Response::Query(QueryResponse::new(fields, stream::iter(rows)))
         }
@@ -51,7 +52,7 @@ pub fn response(session: &Session, output: Output, format: &Format) -> PgWireRes
                         .map_err(ServerError::from)
                         .and_then(|b| crate::wire::text::render(b, &encode_fields, &tz))
                     {
-                        Ok(batch) => encode_recordbatch(encode_fields.clone(), batch).collect(),
+                        Ok(batch) => data_rows(encode_fields.clone(), batch).collect(),
                         Err(e) => vec![Err(pg_error_ref(&e))],
                     };
                     stream::iter(encoded)
