@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod rewrite;
 pub mod row_id;
 pub mod scalar_subquery;
+pub mod set_ops;
 pub mod system_table;
 pub mod table;
 #[cfg(test)]

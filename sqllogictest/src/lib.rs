@@ -3,6 +3,8 @@
 
 pub mod broker;
 pub mod db;
+pub mod postgres;
+pub mod random_sql;
 pub mod rows;
 pub mod runner;
 pub mod s3;

@@ -1,0 +1,197 @@
+//! Runs a generated query on Millrace and on PostgreSQL and compares the answers: as
+//! multisets of rows, or as lists when the query orders them; numbers of approximate types
+//! compared to nine significant digits (a float sum depends on the order of its terms, and
+//! numeric prints its scale), everything else as PostgreSQL's text.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::SqlType;
+use super::query::Query;
+use crate::rows::TextRow;
+
+/// How one query went.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Both gave the same answer.
+    Agree,
+    /// PostgreSQL refused the query (a generator mistake or an error both should give):
+    /// not counted.
+    PostgresError(String),
+    /// Millrace failed where PostgreSQL answered: counts against the agreement rate.
+    MillraceError(String),
+    /// Both answered, differently: a bug.
+    Wrong {
+        /// PostgreSQL's rows (normalized).
+        postgres: Vec<TextRow>,
+        /// Millrace's rows (normalized).
+        millrace: Vec<TextRow>,
+    },
+    /// Millrace's connection broke: the server crashed or dropped the session.
+    Lost(String),
+}
+
+/// The rows of `sql`, or the error's message; `Err(None)` when the connection broke.
+async fn run(client: &Client, sql: &str) -> Result<Vec<TextRow>, Option<String>> {
+    let call = client.simple_query(sql);
+    let messages = match tokio::time::timeout(Duration::from_secs(60), call).await {
+        Err(_) => return Err(Some("no answer within 60 s".into())),
+        Ok(Err(e)) => {
+            return match e.as_db_error() {
+                Some(db) => Err(Some(format!("{}: {}", db.code().code(), db.message()))),
+                None if client.is_closed() => Err(None),
+                None => Err(Some(e.to_string())),
+            };
+        }
+        Ok(Ok(m)) => m,
+    };
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A value as compared: approximate numbers to nine significant digits.
+fn normalize_value(value: Option<String>, ty: SqlType) -> Option<String> {
+    let v = value?;
+    if !ty.is_approximate() {
+        return Some(v);
+    }
+    Some(match v.parse::<f64>() {
+        Ok(f) if f.is_nan() => "NaN".into(),
+        Ok(f) if f == 0.0 => "0".into(),
+        Ok(f) if f.is_infinite() => v,
+        Ok(f) => format!("{f:.8e}"),
+        Err(_) => v,
+    })
+}
+
+/// A row as compared.
+pub fn normalize(row: TextRow, types: &[SqlType]) -> TextRow {
+    row.into_iter()
+        .enumerate()
+        .map(|(i, v)| normalize_value(v, types.get(i).copied().unwrap_or(SqlType::Text)))
+        .collect()
+}
+
+/// Runs `query` on both servers and compares the answers.
+pub async fn check(postgres: &Client, millrace: &Client, query: &Query) -> Outcome {
+    let expected = match run(postgres, &query.sql).await {
+        Ok(rows) => rows,
+        Err(e) => return Outcome::PostgresError(e.unwrap_or_else(|| "connection lost".into())),
+    };
+    let actual = match run(millrace, &query.sql).await {
+        Ok(rows) => rows,
+        Err(Some(e)) => return Outcome::MillraceError(e),
+        Err(None) => return Outcome::Lost("the connection to millrace broke".into()),
+    };
+    let mut expected: Vec<TextRow> = expected
+        .into_iter()
+        .map(|r| normalize(r, &query.types))
+        .collect();
+    let mut actual: Vec<TextRow> = actual
+        .into_iter()
+        .map(|r| normalize(r, &query.types))
+        .collect();
+    if !query.ordered {
+        expected.sort();
+        actual.sort();
+    }
+    if expected == actual {
+        Outcome::Agree
+    } else {
+        Outcome::Wrong {
+            postgres: expected,
+            millrace: actual,
+        }
+    }
+}
+
+/// Counts of outcomes over a run, with the errors grouped by message.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Queries both answered alike.
+    pub agree: usize,
+    /// Queries PostgreSQL refused.
+    pub postgres_errors: usize,
+    /// Millrace errors where PostgreSQL answered, by message (digits blanked).
+    pub millrace_errors: BTreeMap<String, usize>,
+    /// Wrong answers and lost connections: `(seed, index, what)`.
+    pub failures: Vec<(u64, u64, String)>,
+}
+
+impl Tally {
+    /// Adds one outcome.
+    pub fn add(&mut self, seed: u64, index: u64, query: &Query, outcome: &Outcome) {
+        match outcome {
+            Outcome::Agree => self.agree += 1,
+            Outcome::PostgresError(_) => self.postgres_errors += 1,
+            Outcome::MillraceError(e) => {
+                let key: String = e
+                    .chars()
+                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                    .take(160)
+                    .collect();
+                *self.millrace_errors.entry(key).or_default() += 1;
+            }
+            Outcome::Wrong { postgres, millrace } => self.failures.push((
+                seed,
+                index,
+                format!(
+                    "wrong answer\n  query: {}\n  postgres: {:?}\n  millrace: {:?}",
+                    query.sql,
+                    &postgres[..postgres.len().min(10)],
+                    &millrace[..millrace.len().min(10)]
+                ),
+            )),
+            Outcome::Lost(e) => {
+                self.failures
+                    .push((seed, index, format!("{e}\n  query: {}", query.sql)))
+            }
+        }
+    }
+
+    /// Queries PostgreSQL answered.
+    pub fn answered(&self) -> usize {
+        self.agree + self.millrace_errors.values().sum::<usize>() + self.failures.len()
+    }
+
+    /// The share of queries PostgreSQL answered on which Millrace agreed.
+    pub fn rate(&self) -> f64 {
+        if self.answered() == 0 {
+            return 1.0;
+        }
+        self.agree as f64 / self.answered() as f64
+    }
+
+    /// A report: the counts, the most common errors, every failure.
+    pub fn report(&self) -> String {
+        let mut out = format!(
+            "{} of {} answered queries agree ({:.2}%); {} Millrace errors, {} wrong or lost, {} refused by PostgreSQL\n",
+            self.agree,
+            self.answered(),
+            self.rate() * 100.0,
+            self.millrace_errors.values().sum::<usize>(),
+            self.failures.len(),
+            self.postgres_errors
+        );
+        let mut errors: Vec<_> = self.millrace_errors.iter().collect();
+        errors.sort_by(|a, b| b.1.cmp(a.1));
+        for (message, n) in errors.iter().take(15) {
+            out.push_str(&format!("  {n:5} x {message}\n"));
+        }
+        for (seed, index, what) in &self.failures {
+            out.push_str(&format!("FAILED seed {seed} query {index}: {what}\n"));
+        }
+        out
+    }
+}
