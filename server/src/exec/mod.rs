@@ -51,7 +51,29 @@ pub async fn execute(
     {
         return Err(ServerError::InFailedTransaction);
     }
-    let result = dispatch(session, statement, plan, params).await;
+    // NOTE: a panic inside DataFusion (its planner has some, e.g. interval arithmetic over a
+    // date plus an integer) fails the statement with XX000 instead of dropping the session.
+    let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(dispatch(
+        session, statement, plan, params,
+    )))
+    .await
+    {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            tracing::error!(
+                panic = message,
+                "statement panicked; the session carries on"
+            );
+            Err(ServerError::Internal(format!(
+                "statement failed: {message}"
+            )))
+        }
+    };
     if result.is_err() {
         session.fail_transaction();
     }

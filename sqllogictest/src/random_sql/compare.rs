@@ -68,7 +68,7 @@ fn normalize_value(value: Option<String>, ty: SqlType) -> Option<String> {
     }
     Some(match v.parse::<f64>() {
         Ok(f) if f.is_nan() => "NaN".into(),
-        Ok(f) if f == 0.0 => "0".into(),
+        Ok(0.0) => "0".into(),
         Ok(f) if f.is_infinite() => v,
         Ok(f) => format!("{f:.8e}"),
         Err(_) => v,

@@ -42,10 +42,38 @@ impl Scope {
     }
 }
 
+/// Known bugs the generator steers clear of, each named by a `gap` line in
+/// `random-cases.txt` until it is fixed (so that a fresh seed in CI finds only new ones).
+#[derive(Debug, Clone, Default)]
+pub struct Gaps {
+    /// No `NOT IN (subquery)`: three-valued logic over NULLs is wrong.
+    pub not_in: bool,
+    /// A CTE is read at most once per query: a scalar subquery over a CTE the outer query
+    /// also reads answers wrongly.
+    pub cte_once: bool,
+}
+
+impl Gaps {
+    /// The gaps named (unknown names are ignored).
+    pub fn from_names<'n>(names: impl IntoIterator<Item = &'n str>) -> Gaps {
+        let mut gaps = Gaps::default();
+        for name in names {
+            match name {
+                "not_in" => gaps.not_in = true,
+                "cte_once" => gaps.cte_once = true,
+                _ => {}
+            }
+        }
+        gaps
+    }
+}
+
 /// Makes the queries of one database.
 pub struct Generator<'a> {
     rng: Rng,
     db: &'a Database,
+    gaps: Gaps,
+    ctes_read: usize,
     aliases: usize,
     /// Common table expressions in scope: name and column types.
     ctes: Vec<(String, Vec<SqlType>)>,
@@ -55,10 +83,12 @@ const MAX_DEPTH: u32 = 3;
 
 impl<'a> Generator<'a> {
     /// Query `index` of database `db` made from `seed`.
-    pub fn query(db: &'a Database, seed: u64, index: u64) -> Query {
+    pub fn query(db: &'a Database, seed: u64, index: u64, gaps: &Gaps) -> Query {
         let mut g = Generator {
             rng: Rng::for_query(seed, index),
             db,
+            gaps: gaps.clone(),
+            ctes_read: 0,
             aliases: 0,
             ctes: Vec::new(),
         };
@@ -99,8 +129,12 @@ impl<'a> Generator<'a> {
         } else {
             sql.push_str(&self.select(&types, 0));
         }
-        let ordered = self.rng.chance(30);
+        let mut ordered = self.rng.chance(30);
         if ordered {
+            // NOTE: floats that are equal in exact arithmetic can differ in their last bits
+            // between two systems (a sum in another order), and then sort apart: an order
+            // over approximate numbers is not compared, and LIMIT does not cut there.
+            let approximate = types.iter().any(|t| t.is_approximate());
             let keys: Vec<String> = (1..=types.len())
                 .map(|i| {
                     let dir = *self.rng.pick(&["", " DESC", " ASC"]);
@@ -109,12 +143,13 @@ impl<'a> Generator<'a> {
                 })
                 .collect();
             sql.push_str(&format!(" ORDER BY {}", keys.join(", ")));
-            if self.rng.chance(60) {
+            if !approximate && self.rng.chance(60) {
                 sql.push_str(&format!(" LIMIT {}", self.rng.range(0, 8)));
             }
-            if self.rng.chance(30) {
+            if !approximate && self.rng.chance(30) {
                 sql.push_str(&format!(" OFFSET {}", self.rng.range(0, 5)));
             }
+            ordered = !approximate;
         }
         Query {
             sql,
@@ -268,7 +303,9 @@ impl<'a> Generator<'a> {
                 .collect();
             return (format!("({body}) AS {alias}"), Scope { columns });
         }
-        if !self.ctes.is_empty() && self.rng.chance(30) {
+        let cte_allowed = !(self.gaps.cte_once && self.ctes_read > 0);
+        if !self.ctes.is_empty() && self.rng.chance(30) && cte_allowed {
+            self.ctes_read += 1;
             let (name, types) = self.ctes[self.rng.below(self.ctes.len())].clone();
             let columns = types
                 .iter()
@@ -442,7 +479,7 @@ impl<'a> Generator<'a> {
         let t = *self.rng.pick(&SqlType::ALL);
         let e = |g: &mut Self, t: SqlType| g.expr(t, scope, outer, d);
         match self.rng.below(11) {
-            0 | 1 | 2 => {
+            0..=2 => {
                 let op = *self.rng.pick(&["=", "<>", "<", "<=", ">", ">="]);
                 format!("({} {op} {})", e(self, t), e(self, t))
             }
@@ -488,7 +525,11 @@ impl<'a> Generator<'a> {
         let t = *self.rng.pick(&SqlType::ALL);
         let probe = self.expr(t, outer, &Scope::default(), depth + 1);
         let value = self.expr(t, &inner, &Scope::default(), MAX_DEPTH);
-        let not = if self.rng.chance(30) { " NOT" } else { "" };
+        let not = if self.rng.chance(30) && !self.gaps.not_in {
+            " NOT"
+        } else {
+            ""
+        };
         format!("({probe}{not} IN (SELECT {value} FROM {from}{correlated}))")
     }
 
