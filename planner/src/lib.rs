@@ -15,6 +15,7 @@ pub mod error;
 pub mod exists_domain;
 pub mod incremental;
 pub mod lookup;
+pub mod not_in;
 pub mod ops;
 pub mod pg_casts;
 pub mod pg_functions;
