@@ -16,18 +16,24 @@ pub async fn sorted_rows(client: &Client, sql: &str) -> Result<Vec<TextRow>, Str
                 .unwrap_or_else(|| e.to_string())
         )
     })?;
-    let mut out = Vec::new();
-    for m in messages {
-        if let SimpleQueryMessage::Row(row) = m {
-            out.push(
+    let mut out = text_rows(messages);
+    out.sort();
+    Ok(out)
+}
+
+/// The rows of a simple-protocol answer, in the order they came, each value as text.
+pub fn text_rows(messages: Vec<SimpleQueryMessage>) -> Vec<TextRow> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
                 (0..row.len())
                     .map(|i| row.get(i).map(str::to_string))
                     .collect(),
-            );
-        }
-    }
-    out.sort();
-    Ok(out)
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 /// [`sorted_rows`] for tests: panics with the statement and the server's message.

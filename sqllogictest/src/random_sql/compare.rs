@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use super::SqlType;
 use super::query::Query;
-use crate::rows::TextRow;
+use crate::rows::{TextRow, text_rows};
 
 /// How one query went.
 #[derive(Debug, Clone)]
@@ -47,17 +47,7 @@ async fn run(client: &Client, sql: &str) -> Result<Vec<TextRow>, Option<String>>
         }
         Ok(Ok(m)) => m,
     };
-    Ok(messages
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_string))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect())
+    Ok(text_rows(messages))
 }
 
 /// A value as compared: approximate numbers to nine significant digits.

@@ -27,6 +27,16 @@ struct Scope {
 }
 
 impl Scope {
+    /// The output columns `c0..` of a generated SELECT under `alias`.
+    fn outputs(alias: &str, types: &[SqlType]) -> Scope {
+        let columns = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("{alias}.c{i}"), *t))
+            .collect();
+        Scope { columns }
+    }
+
     fn of_type(&self, ty: SqlType) -> Vec<&str> {
         self.columns
             .iter()
@@ -296,23 +306,16 @@ impl<'a> Generator<'a> {
         if depth < 2 && self.rng.chance(15) {
             let types = self.types(3);
             let body = self.select(&types, depth + 1);
-            let columns = types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (format!("{alias}.c{i}"), *t))
-                .collect();
-            return (format!("({body}) AS {alias}"), Scope { columns });
+            return (
+                format!("({body}) AS {alias}"),
+                Scope::outputs(&alias, &types),
+            );
         }
         let cte_allowed = !(self.gaps.cte_once && self.ctes_read > 0);
         if !self.ctes.is_empty() && self.rng.chance(30) && cte_allowed {
             self.ctes_read += 1;
             let (name, types) = self.ctes[self.rng.below(self.ctes.len())].clone();
-            let columns = types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (format!("{alias}.c{i}"), *t))
-                .collect();
-            return (format!("{name} AS {alias}"), Scope { columns });
+            return (format!("{name} AS {alias}"), Scope::outputs(&alias, &types));
         }
         let table = &self.db.tables[self.rng.below(self.db.tables.len())];
         let columns = table
