@@ -15,7 +15,7 @@ use datafusion::logical_expr::expr::{WindowFunction, WindowFunctionParams};
 use datafusion::logical_expr::logical_plan::{FetchType, SkipType};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
-    Aggregate, Distinct, Expr, GroupingSet, Join, LogicalPlan, WindowFunctionDefinition,
+    Aggregate, Distinct, Expr, GroupingSet, Join, LogicalPlan, Volatility, WindowFunctionDefinition,
 };
 use datafusion::physical_expr::{
     PhysicalSortExpr, create_physical_expr, create_physical_sort_exprs,
@@ -705,6 +705,14 @@ fn check_expr_with(e: &Expr, strict_subqueries: bool) -> Result<()> {
             {
                 bad = Some("this subquery".into());
             }
+            // NOTE: checked before the analyzer rewrites it (not_in.rs) into NOT EXISTS
+            // joined by OR, which would be refused in terms the query does not use.
+            Expr::InSubquery(i) if i.negated => {
+                bad = Some("NOT IN (subquery)".into());
+            }
+            Expr::Not(inner) if matches!(inner.as_ref(), Expr::InSubquery(_)) => {
+                bad = Some("NOT IN (subquery)".into());
+            }
             Expr::ScalarFunction(f) => {
                 let name = f.func.name().to_ascii_lowercase();
                 if matches!(
@@ -717,6 +725,12 @@ fn check_expr_with(e: &Expr, strict_subqueries: bool) -> Result<()> {
                         | "current_date"
                 ) {
                     bad = Some(format!("the non-deterministic function {name}()"));
+                } else if name.starts_with("correlated_subquery") {
+                    // NOTE: a subquery run row by row (crate::correlated) sees its tables
+                    // when the row changes, not when they do.
+                    bad = Some("this correlated subquery".into());
+                } else if f.func.signature().volatility == Volatility::Volatile {
+                    bad = Some(format!("the volatile function {name}()"));
                 }
             }
             _ => {}

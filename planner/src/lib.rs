@@ -10,13 +10,16 @@
 pub mod catalog;
 pub mod changelog;
 pub mod correlated;
+pub mod dependencies;
 pub mod epoch_part;
 pub mod error;
 pub mod exists_domain;
+pub mod filter_pushdown;
 pub mod incremental;
 pub mod lookup;
 pub mod not_in;
 pub mod ops;
+pub mod optimizer;
 pub mod pg_casts;
 pub mod pg_functions;
 pub mod pg_intervals;
@@ -25,6 +28,7 @@ pub mod rewrite;
 pub mod row_id;
 pub mod scalar_subquery;
 pub mod set_ops;
+pub mod subquery_values;
 pub mod system_table;
 pub mod table;
 #[cfg(test)]

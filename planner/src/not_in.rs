@@ -1,25 +1,34 @@
-//! `constant NOT IN (subquery)` in a WHERE clause with PostgreSQL's three-valued logic, as
-//! an analyzer rule.
+//! `x NOT IN (subquery)` in a WHERE clause with PostgreSQL's three-valued logic, as an
+//! analyzer rule.
 //!
-//! DataFusion turns `5 NOT IN (SELECT v FROM b)` into a null-aware anti join and its
-//! optimizer then moves the join's only key, `b.v = 5`, into the subquery as a filter: the
-//! NULLs of `b.v` are gone before the join can see them, and the query answers every row
-//! where PostgreSQL (for which `5 NOT IN (1, NULL)` is NULL) answers none. Where NULL and
-//! false mean the same (a conjunct of a filter), `c NOT IN (S)` is rewritten to what it
-//! means: `NOT EXISTS (S WHERE s = c OR s IS NULL) AND (c IS NOT NULL OR NOT EXISTS (S))`
-//! (true when S is empty; else only for a non-NULL `c` that meets neither its own value nor
-//! a NULL in S). Only constant `c` is rewritten: it needs no outer reference inside S.
+//! DataFusion turns `x NOT IN (SELECT v FROM b)` into a null-aware anti join. Its optimizer
+//! then moved a constant probe's only key, `b.v = 5`, into the subquery as a filter: the
+//! NULLs of `b.v` were gone before the join could see them, and the query answered every
+//! row where PostgreSQL (for which `5 NOT IN (1, NULL)` is NULL) answers none. For a column
+//! probe with a correlated subquery the join looked for NULLs among all of `b`, not among
+//! the rows each outer row sees, and answered no row where PostgreSQL answers some (seed 5
+//! query 71); with two correlated keys it refused the query. Where NULL and false mean the
+//! same (a conjunct of a filter), `x NOT IN (S)` is rewritten to what it means:
+//! `NOT EXISTS (S WHERE s = x) AND NOT EXISTS (S WHERE s IS NULL) AND (x IS NOT NULL OR NOT
+//! EXISTS (S))` (true when S is empty; else only for a non-NULL `x` that meets neither its
+//! own value nor a NULL in S). The first is an equality, so it plans as a hash anti join;
+//! `x`'s columns enter it as outer references. An IN or NOT IN inside a larger condition
+//! (`v > 20 OR k NOT IN (S)`), where NULL and false differ, becomes a CASE of EXISTS with
+//! its three values (DataFusion's mark join answered false for NULL).
 
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::config::ConfigOptions;
 use datafusion::logical_expr::expr::{Exists, InSubquery};
 use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
-use datafusion::logical_expr::{Expr, Filter, LogicalPlan, LogicalPlanBuilder, Subquery};
+use datafusion::logical_expr::{
+    Expr, Filter, LogicalPlan, LogicalPlanBuilder, Subquery, lit, when,
+};
 use datafusion::optimizer::AnalyzerRule;
 
-/// Rewrites `constant NOT IN (subquery)` conjuncts of filters.
+/// Rewrites `x NOT IN (subquery)` conjuncts of filters.
 #[derive(Debug, Default)]
 pub struct NotInOverNulls;
 
@@ -38,9 +47,10 @@ impl AnalyzerRule for NotInOverNulls {
     }
 }
 
-/// Whether `expr` is the same for every row: no columns, no subqueries.
-fn is_constant(expr: &Expr) -> bool {
-    !expr.any_column_refs()
+/// Whether `expr` can be evaluated inside the subquery in place of its outer row: no
+/// subqueries, no outer references of its own, the same value each time.
+fn is_probe(expr: &Expr) -> bool {
+    !expr.is_volatile()
         && !expr
             .exists(|e| {
                 Ok(matches!(
@@ -54,50 +64,138 @@ fn is_constant(expr: &Expr) -> bool {
             .unwrap_or(true)
 }
 
-/// The `constant NOT IN (subquery)` of a conjunct, if it is one.
+/// The `x NOT IN (subquery)` of a conjunct, if it is one.
 fn not_in(conjunct: &Expr) -> Option<(&Expr, &Subquery)> {
     match conjunct {
         Expr::InSubquery(InSubquery {
             expr,
             subquery,
             negated: true,
-        }) if is_constant(expr) => Some((expr, subquery)),
+        }) if is_probe(expr) => Some((expr, subquery)),
         Expr::Not(inner) => match inner.as_ref() {
             Expr::InSubquery(InSubquery {
                 expr,
                 subquery,
                 negated: false,
-            }) if is_constant(expr) => Some((expr, subquery)),
+            }) if is_probe(expr) => Some((expr, subquery)),
             _ => None,
         },
         _ => None,
     }
 }
 
-/// `c NOT IN (S)` as two NOT EXISTS.
-fn rewrite_not_in(constant: &Expr, subquery: &Subquery) -> datafusion::error::Result<Expr> {
+/// `[NOT] EXISTS` of `subquery` keeping only the rows where `predicate` holds, with `outer`
+/// as further outer references.
+fn restricted(
+    subquery: &Subquery,
+    predicate: Expr,
+    outer: &[Expr],
+    negated: bool,
+) -> datafusion::error::Result<Expr> {
     let plan = subquery.subquery.as_ref().clone();
-    let Some(value) = plan.schema().columns().into_iter().next() else {
-        return Err(datafusion::error::DataFusionError::Plan(
-            "a NOT IN subquery has no column".into(),
-        ));
-    };
-    let value = Expr::Column(value);
-    let meets = value.clone().eq(constant.clone()).or(value.is_null());
-    let meeting = LogicalPlanBuilder::from(plan).filter(meets)?.build()?;
-    let none_meets = Expr::Exists(Exists {
+    let plan = LogicalPlanBuilder::from(plan).filter(predicate)?.build()?;
+    let mut outer_ref_columns = subquery.outer_ref_columns.clone();
+    for reference in outer {
+        if !outer_ref_columns.contains(reference) {
+            outer_ref_columns.push(reference.clone());
+        }
+    }
+    Ok(Expr::Exists(Exists {
         subquery: Subquery {
-            subquery: Arc::new(meeting),
-            outer_ref_columns: subquery.outer_ref_columns.clone(),
+            subquery: Arc::new(plan),
+            outer_ref_columns,
             spans: subquery.spans.clone(),
         },
-        negated: true,
-    });
+        negated,
+    }))
+}
+
+/// The subquery's value column, the probe as the subquery sees it (its columns the outer
+/// row's, from `outer`) and those outer references.
+fn inside(
+    probe: &Expr,
+    subquery: &Subquery,
+    outer: &DFSchema,
+) -> datafusion::error::Result<(Expr, Expr, Vec<Expr>)> {
+    let Some(value) = subquery.subquery.schema().columns().into_iter().next() else {
+        return Err(datafusion::error::DataFusionError::Plan(
+            "an IN subquery has no column".into(),
+        ));
+    };
+    let mut references = Vec::new();
+    let inner_probe = probe
+        .clone()
+        .transform(|e| match e {
+            Expr::Column(column) => {
+                let (_, field) = outer.qualified_field_from_column(&column)?;
+                let reference = Expr::OuterReferenceColumn(field.clone(), column);
+                references.push(reference.clone());
+                Ok(Transformed::yes(reference))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data;
+    Ok((Expr::Column(value), inner_probe, references))
+}
+
+/// `probe NOT IN (S)` as three NOT EXISTS, `probe` over the rows of `outer`.
+fn rewrite_not_in(
+    probe: &Expr,
+    subquery: &Subquery,
+    outer: &DFSchema,
+) -> datafusion::error::Result<Expr> {
+    let (value, inner_probe, references) = inside(probe, subquery, outer)?;
+    let none_equal = restricted(subquery, value.clone().eq(inner_probe), &references, true)?;
+    let no_null = restricted(subquery, value.is_null(), &[], true)?;
     let empty = Expr::Exists(Exists {
         subquery: subquery.clone(),
         negated: true,
     });
-    Ok(none_meets.and(constant.clone().is_not_null().or(empty)))
+    Ok(none_equal
+        .and(no_null)
+        .and(probe.clone().is_not_null().or(empty)))
+}
+
+/// `probe [NOT] IN (S)` inside a larger expression, with its three values:
+/// `CASE WHEN EXISTS (S WHERE s = probe) THEN true WHEN probe IS NULL AND EXISTS (S) THEN
+/// NULL WHEN EXISTS (S WHERE s IS NULL) THEN NULL ELSE false END` (DataFusion's mark join
+/// gave false where the answer is NULL, so `v > 20 OR k NOT IN (1, NULL)` kept rows).
+fn in_with_nulls(in_subquery: &InSubquery, outer: &DFSchema) -> datafusion::error::Result<Expr> {
+    let InSubquery {
+        expr: probe,
+        subquery,
+        negated,
+    } = in_subquery;
+    let (value, inner_probe, references) = inside(probe, subquery, outer)?;
+    let equal = restricted(subquery, value.clone().eq(inner_probe), &references, false)?;
+    let nulls = restricted(subquery, value.is_null(), &[], false)?;
+    let any = Expr::Exists(Exists {
+        subquery: subquery.clone(),
+        negated: false,
+    });
+    let unknown = lit(ScalarValue::Boolean(None));
+    let found = when(equal, lit(true))
+        .when(probe.as_ref().clone().is_null().and(any), unknown.clone())
+        .when(nulls, unknown)
+        .otherwise(lit(false))?;
+    Ok(if *negated {
+        Expr::Not(Box::new(found))
+    } else {
+        found
+    })
+}
+
+/// Whether `conjunct` holds an IN subquery that is not the whole conjunct (a plain
+/// `x IN (S)` conjunct is a semi join, where NULL and false mean the same).
+fn has_nested_in(conjunct: &Expr) -> bool {
+    let nested = |e: &Expr| {
+        e.exists(|x| Ok(matches!(x, Expr::InSubquery(i) if is_probe(&i.expr))))
+            .unwrap_or(false)
+    };
+    match conjunct {
+        Expr::InSubquery(i) => nested(&i.expr),
+        other => nested(other),
+    }
 }
 
 fn rewrite_filter(plan: LogicalPlan) -> datafusion::error::Result<Transformed<LogicalPlan>> {
@@ -105,13 +203,27 @@ fn rewrite_filter(plan: LogicalPlan) -> datafusion::error::Result<Transformed<Lo
         return Ok(Transformed::no(plan));
     };
     let conjuncts = split_conjunction_owned(filter.predicate.clone());
-    if !conjuncts.iter().any(|c| not_in(c).is_some()) {
+    if !conjuncts
+        .iter()
+        .any(|c| not_in(c).is_some() || has_nested_in(c))
+    {
         return Ok(Transformed::no(plan));
     }
+    let outer = filter.input.schema();
     let mut rewritten = Vec::with_capacity(conjuncts.len());
     for conjunct in conjuncts {
         rewritten.push(match not_in(&conjunct) {
-            Some((constant, subquery)) => rewrite_not_in(constant, subquery)?,
+            Some((probe, subquery)) => rewrite_not_in(probe, subquery, outer)?,
+            None if has_nested_in(&conjunct) => {
+                conjunct
+                    .transform_up(|e| match e {
+                        Expr::InSubquery(i) if is_probe(&i.expr) => {
+                            Ok(Transformed::yes(in_with_nulls(&i, outer)?))
+                        }
+                        other => Ok(Transformed::no(other)),
+                    })?
+                    .data
+            }
             None => conjunct,
         });
     }

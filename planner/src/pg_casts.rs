@@ -186,15 +186,18 @@ fn round_whole(array: &ArrayRef) -> datafusion::error::Result<ArrayRef> {
         DataType::Decimal128(precision, scale) if *scale > 0 => {
             let unit = 10i128.pow(*scale as u32);
             let values: &Decimal128Array = array.as_primitive();
+            // NOTE: wrapping, because `unary` also runs over the slots of NULLs, whose
+            // values are arbitrary (a view's rebuild panicked on one); a valid value of 38
+            // digits rounds to at most 10^38, far from the i128 limit.
             let rounded: Decimal128Array = values.unary(|v| {
                 let whole = v / unit;
                 let rest = v % unit;
-                let away = if rest.abs() * 2 >= unit {
+                let away = if rest.unsigned_abs() >= unit.unsigned_abs().div_ceil(2) {
                     rest.signum()
                 } else {
                     0
                 };
-                (whole + away) * unit
+                whole.wrapping_add(away).wrapping_mul(unit)
             });
             Arc::new(rounded.with_precision_and_scale(*precision, *scale)?)
         }

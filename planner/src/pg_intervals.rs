@@ -8,7 +8,8 @@
 use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, Decimal128Array, Int64Array, IntervalMonthDayNanoArray,
+    Array, ArrayRef, Date32Array, Date32Builder, Decimal128Array, Int64Array,
+    IntervalMonthDayNanoArray,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, IntervalMonthDayNano, IntervalUnit, TimeUnit};
@@ -35,7 +36,8 @@ impl ExprPlanner for PgIntervals {
     ) -> Result<PlannerResult<RawBinaryExpr>> {
         if !matches!(
             expr.op,
-            BinaryOperator::Minus
+            BinaryOperator::Plus
+                | BinaryOperator::Minus
                 | BinaryOperator::Lt
                 | BinaryOperator::LtEq
                 | BinaryOperator::Gt
@@ -54,6 +56,24 @@ impl ExprPlanner for PgIntervals {
             return Ok(PlannerResult::Original(expr));
         };
         let comparison = match expr.op {
+            BinaryOperator::Plus if left == DataType::Date32 && right.is_integer() => {
+                return Ok(PlannerResult::Planned(call(
+                    &DATE_PLUS_DAYS,
+                    vec![expr.left, expr.right],
+                )));
+            }
+            BinaryOperator::Plus if left.is_integer() && right == DataType::Date32 => {
+                return Ok(PlannerResult::Planned(call(
+                    &DATE_PLUS_DAYS,
+                    vec![expr.right, expr.left],
+                )));
+            }
+            BinaryOperator::Minus if left == DataType::Date32 && right.is_integer() => {
+                return Ok(PlannerResult::Planned(call(
+                    &DATE_MINUS_DAYS,
+                    vec![expr.left, expr.right],
+                )));
+            }
             BinaryOperator::Minus if is_timestamp(&left) && is_timestamp(&right) => {
                 return Ok(PlannerResult::Planned(call(
                     &TIMESTAMP_DIFF,
@@ -100,7 +120,15 @@ fn small(e: &Expr) -> bool {
             Expr::Alias(a) => pending.push(&a.expr),
             Expr::Negative(x) | Expr::Not(x) => pending.push(x),
             Expr::ScalarFunction(f) => pending.extend(f.args.iter()),
-            Expr::Case(_) | Expr::ScalarSubquery(_) | Expr::InList(_) | Expr::InSubquery(_) => {
+            Expr::Case(case) => {
+                pending.extend(case.expr.as_deref());
+                for (when, then) in &case.when_then_expr {
+                    pending.push(when);
+                    pending.push(then);
+                }
+                pending.extend(case.else_expr.as_deref());
+            }
+            Expr::ScalarSubquery(_) | Expr::InList(_) | Expr::InSubquery(_) => {
                 return false;
             }
             _ => {}
@@ -125,6 +153,82 @@ static TIMESTAMP_DIFF: LazyLock<Arc<ScalarUDF>> =
     LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(TimestampDiff::new())));
 static INTERVAL_SPAN: LazyLock<Arc<ScalarUDF>> =
     LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(IntervalSpan::new())));
+static DATE_PLUS_DAYS: LazyLock<Arc<ScalarUDF>> =
+    LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(DateShift::new(false))));
+static DATE_MINUS_DAYS: LazyLock<Arc<ScalarUDF>> =
+    LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(DateShift::new(true))));
+
+/// Days since 1970-01-01 of PostgreSQL's first and last dates (4714-11-24 BC, 5874897-12-31).
+const FIRST_DAY: i64 = -2_440_588;
+const LAST_DAY: i64 = 2_145_042_906;
+
+/// `pg_date_plus_days(date, n)` and `pg_date_minus_days(date, n)`: PostgreSQL's
+/// `date + integer` and `date - integer`, a date `n` days later or earlier.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct DateShift {
+    /// `date - n` rather than `date + n`.
+    subtract: bool,
+    /// A date and any integer.
+    signature: Signature,
+}
+
+impl DateShift {
+    fn new(subtract: bool) -> Self {
+        Self {
+            subtract,
+            signature: Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for DateShift {
+    fn name(&self) -> &str {
+        if self.subtract {
+            "pg_date_minus_days"
+        } else {
+            "pg_date_plus_days"
+        }
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Date32)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let [date, days] = args.args.as_slice() else {
+            return exec_err!("{} takes a date and a number of days", self.name());
+        };
+        let dates = cast(&date.to_array(rows)?, &DataType::Date32)?;
+        let days = cast(&days.to_array(rows)?, &DataType::Int64)?;
+        let (Some(dates), Some(days)) = (
+            dates.as_any().downcast_ref::<Date32Array>(),
+            days.as_any().downcast_ref::<Int64Array>(),
+        ) else {
+            return exec_err!("{} takes a date and a number of days", self.name());
+        };
+        let mut shifted = Date32Builder::with_capacity(rows);
+        for (date, days) in dates.iter().zip(days.iter()) {
+            let (Some(date), Some(days)) = (date, days) else {
+                shifted.append_null();
+                continue;
+            };
+            let day = if self.subtract {
+                i64::from(date).checked_sub(days)
+            } else {
+                i64::from(date).checked_add(days)
+            };
+            match day {
+                Some(day) if (FIRST_DAY..=LAST_DAY).contains(&day) => {
+                    shifted.append_value(day as i32)
+                }
+                _ => return exec_err!("date out of range"),
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(shifted.finish())))
+    }
+}
 
 /// `pg_timestamp_diff(a, b)`: `a - b` as an interval of whole days plus the remaining time,
 /// as PostgreSQL's `timestamp - timestamp` gives it (`21 days 23:59:59`).

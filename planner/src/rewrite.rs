@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr, Ident, Query, SelectItem, SetExpr, Statement, VisitMut, VisitorMut,
+    Expr, Ident, Query, SelectItem, SetExpr, Statement, TableAliasColumnDef, TableFactor, VisitMut,
+    VisitorMut,
 };
 
 /// A rewritten statement and the result columns to rename back.
@@ -315,10 +316,34 @@ mod tests {
 /// In PostgreSQL `SELECT generate_series(1, x) FROM t` returns a row per element; DataFusion's
 /// generate_series is a scalar function returning a list. A call at the top of a SELECT item
 /// is wrapped in `unnest(...)`, which gives PostgreSQL's rows.
+///
+/// In FROM, PostgreSQL names the single column of `generate_series(..) AS g` after its
+/// alias; DataFusion names it `value`. Such a call gets the column alias PostgreSQL would
+/// give.
+// NOTE: without an alias PostgreSQL's column is `generate_series`; it stays `value` here,
+// which existing loads and tests use.
 struct SetReturningFunctions;
 
 impl VisitorMut for SetReturningFunctions {
     type Break = ();
+
+    fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<Self::Break> {
+        if let TableFactor::Table {
+            name,
+            args: Some(_),
+            alias: Some(alias),
+            ..
+        } = factor
+            && name.to_string().eq_ignore_ascii_case("generate_series")
+            && alias.columns.is_empty()
+        {
+            alias.columns = vec![TableAliasColumnDef {
+                name: alias.name.clone(),
+                data_type: None,
+            }];
+        }
+        ControlFlow::Continue(())
+    }
 
     fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<Self::Break> {
         if let SetExpr::Select(select) = query.body.as_mut() {

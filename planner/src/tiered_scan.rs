@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 use std::collections::HashSet;
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt64Array};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions, UInt64Array,
+};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::Session;
 use datafusion::common::pruning::PruningStatistics;
@@ -438,7 +440,13 @@ fn read_with_ids(
                 ))),
             })
             .collect::<datafusion::error::Result<Vec<ArrayRef>>>()?;
-        batches_out.push(RecordBatch::try_new(out.clone(), columns)?);
+        // NOTE: with the row count, so that a scan of no columns (`count(*)`, `EXISTS`) works.
+        let options = RecordBatchOptions::new().with_row_count(Some(n));
+        batches_out.push(RecordBatch::try_new_with_options(
+            out.clone(),
+            columns,
+            &options,
+        )?);
     }
     if offset != ids.len() {
         return Err(DataFusionError::Internal(format!(

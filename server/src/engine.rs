@@ -28,6 +28,7 @@ use crate::coordinator::entry::EpochChanges;
 use crate::error::{Result, ServerError};
 use crate::memory::budget::{MemoryBudget, cold_store};
 use crate::memory::cache::CacheManager;
+use crate::memory::statement::SessionPool;
 use crate::registry::sinks::Sinks;
 use crate::registry::sources::Sources;
 
@@ -157,11 +158,18 @@ impl Engine {
         options.sql_parser.map_string_types_to_utf8view = false;
         options.sql_parser.dialect = datafusion::config::Dialect::PostgreSQL;
         options.execution.time_zone = Some("+00:00".to_string());
+        // Each session draws from the engine's query pool through a pool of its own, which
+        // holds its statements to `statement_mem` (memory/statement.rs).
+        let pool = SessionPool::new(self.runtime.memory_pool.clone());
+        let runtime = RuntimeEnvBuilder::from_runtime_env(&self.runtime)
+            .with_memory_pool(Arc::new(pool))
+            .build_arc()?;
         let state = SessionStateBuilder::new()
             .with_config(config)
-            .with_runtime_env(self.runtime.clone())
+            .with_runtime_env(runtime)
             .with_catalog_list(self.catalog.provider_list())
             .with_default_features()
+            .with_optimizer_rules(millrace_planner::optimizer::rules())
             .build();
         let mut ctx = SessionContext::new_with_state(state);
         ctx.register_expr_planner(Arc::new(millrace_planner::pg_intervals::PgIntervals))

@@ -281,6 +281,7 @@ const MESSAGE_SQLSTATES: &[(&[&str], &str)] = &[
     (&["not found", "view"], "42P01"),
     (&["no field named"], "42703"),
     (&["column", "not found"], "42703"),
+    (&["date out of range"], "22008"),
     (&["divide by zero"], "22012"),
     (&["division by zero"], "22012"),
     (&["overflow"], "22003"),

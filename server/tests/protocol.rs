@@ -2,6 +2,10 @@
 //! with parameters and binary results, error recovery, COPY, cancellation, timeouts,
 //! concurrent sessions, and bad input that must not take the server down.
 
+// NOTE: its own file, in this test binary (one binary links the server once).
+#[path = "protocol/fuzz.rs"]
+mod fuzz;
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -412,4 +416,50 @@ async fn deeply_nested_predicates_are_planned_without_crashing() {
         .expect("after")
         .get(0);
     assert_eq!(one, 1);
+}
+
+/// A statement over `statement_mem` fails alone with 53200 (a hash join's build side cannot
+/// spill): the session carries on, and so does another; without the limit the same query
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_over_statement_mem_fails_alone_with_53200() {
+    let (mut server, client) = setup().await;
+    let join = "SELECT count(*) FROM generate_series(1, 300000) AS a \
+                JOIN generate_series(1, 300000) AS b ON a.a = b.b";
+    client
+        .batch_execute("SET statement_mem = '1MB'")
+        .await
+        .expect("set");
+    let e = client
+        .simple_query(join)
+        .await
+        .expect_err("a 300,000-row hash join in 1 MB");
+    assert_eq!(code(&e), "53200", "{e}");
+    assert!(server.is_running(), "server died:\n{}", server.log());
+    let other = server.connect("millrace").await.expect("another session");
+    let one: i64 = other
+        .query_one("SELECT 1::BIGINT", &[])
+        .await
+        .expect("the other session answers")
+        .get(0);
+    assert_eq!(one, 1);
+    client
+        .batch_execute("RESET statement_mem")
+        .await
+        .expect("reset");
+    let n: i64 = client
+        .query_one(join, &[])
+        .await
+        .expect("the same join without the limit")
+        .get(0);
+    assert_eq!(n, 300_000);
+    let shown = client
+        .simple_query("SHOW statement_mem")
+        .await
+        .expect("show");
+    let value = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("0"));
 }

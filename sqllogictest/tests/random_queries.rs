@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::postgres::Postgres;
-use millrace_sqllogictest::random_sql::compare::{Outcome, Tally, check};
+use millrace_sqllogictest::random_sql::compare::{Outcome, Tally, check, load};
 use millrace_sqllogictest::random_sql::query::{Gaps, Generator};
 use millrace_sqllogictest::random_sql::tables::Database;
 use tokio_postgres::Client;
@@ -67,18 +67,6 @@ fn cases(root: &std::path::Path) -> Cases {
         gaps,
         wrong_ceiling,
     }
-}
-
-async fn load(pg: &Client, mr: &Client, db: &Database) -> Result<(), String> {
-    for client in [pg, mr] {
-        for sql in db.teardown_sql().iter().chain(&db.setup_sql()) {
-            client
-                .simple_query(sql)
-                .await
-                .map_err(|e| format!("{sql}: {e}"))?;
-        }
-    }
-    Ok(())
 }
 
 async fn run_seed(

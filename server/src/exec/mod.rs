@@ -51,6 +51,7 @@ pub async fn execute(
     {
         return Err(ServerError::InFailedTransaction);
     }
+    session.hold_statement_memory();
     // NOTE: a panic inside DataFusion (its planner has some, e.g. interval arithmetic over a
     // date plus an integer) fails the statement with XX000 instead of dropping the session.
     let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(dispatch(

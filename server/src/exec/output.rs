@@ -2,8 +2,10 @@
 //! rows, or the start of a COPY; and output columns renamed back to the names a statement
 //! asked for.
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::SchemaRef;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, Decimal128Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
 
@@ -166,8 +168,69 @@ pub fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
         .iter()
         .map(|f| f.as_ref().clone().with_nullable(true))
         .collect();
-    let relaxed = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
+    let relaxed = Arc::new(Schema::new(fields));
     Ok(RecordBatch::try_new(relaxed, columns)?)
+}
+
+/// The largest unscaled numeric the wire encoder takes (rust_decimal's 96 bits), and the
+/// largest scale (28 digits).
+const WIRE_UNSCALED_MAX: u128 = (1 << 96) - 1;
+const WIRE_SCALE_MAX: i8 = 28;
+
+/// `batch` with each numeric column rounded to a scale its values can be sent at (by the wire
+/// encoder, just before its rows are encoded: the column's type then differs from the one
+/// described, which is numeric either way).
+///
+/// arrow-pg sends a numeric through rust_decimal, which holds 96 bits at any scale up to 28:
+/// `CAST(1000000 AS NUMERIC) * CAST(1000000 AS NUMERIC)` (10^12 at scale 20, unscaled 10^32)
+/// and a product of scale 30 failed to encode where PostgreSQL answers. Such a column is
+/// rounded to the largest scale at which every value of the batch fits (the digits dropped
+/// are beyond rust_decimal's 28 significant ones); a value above 2^96 at scale 0 still
+/// fails, with 22003.
+pub fn wire_decimals(batch: RecordBatch) -> Result<RecordBatch> {
+    let mut columns = batch.columns().to_vec();
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut changed = false;
+    for (column, field) in columns.iter_mut().zip(fields.iter_mut()) {
+        let DataType::Decimal128(precision, scale) = *column.data_type() else {
+            continue;
+        };
+        let Some(decimals) = column.as_any().downcast_ref::<Decimal128Array>() else {
+            continue;
+        };
+        let largest = decimals
+            .iter()
+            .flatten()
+            .map(i128::unsigned_abs)
+            .max()
+            .unwrap_or(0);
+        let mut fitted = scale.min(WIRE_SCALE_MAX);
+        let mut unscaled = largest / 10u128.pow(u32::try_from(scale - fitted).unwrap_or(0));
+        // NOTE: one more digit than the bound needs, so that rounding up cannot cross it.
+        while unscaled >= WIRE_UNSCALED_MAX / 10 && fitted > 0 {
+            fitted -= 1;
+            unscaled /= 10;
+        }
+        if fitted == scale {
+            continue;
+        }
+        let target = DataType::Decimal128(precision, fitted);
+        *column = datafusion::arrow::compute::cast(column, &target)?;
+        *field = field.clone().with_data_type(target);
+        changed = true;
+    }
+    if !changed {
+        return Ok(batch);
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 impl RowStream {
@@ -296,5 +359,46 @@ mod tests {
         assert_eq!(values.values().to_vec(), vec![-897.49; 3]);
         let same = conform(batch.clone(), &described).unwrap();
         assert_eq!(same.column(0).to_data(), batch.column(0).to_data());
+    }
+
+    /// Numerics beyond rust_decimal's 96 bits or 28 digits of scale are rounded to a scale
+    /// they encode at: 10^12 at scale 20 (unscaled 10^32) and 1.5 at scale 30.
+    #[test]
+    fn numerics_are_rounded_to_a_scale_the_wire_takes() {
+        let column = |scale: i8, value: i128| {
+            let values = Decimal128Array::from(vec![Some(value), None, Some(-value)])
+                .with_precision_and_scale(38, scale)
+                .unwrap();
+            let schema = Arc::new(Schema::new(vec![Field::new(
+                "n",
+                DataType::Decimal128(38, scale),
+                true,
+            )]));
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(values) as ArrayRef]).unwrap()
+        };
+        let fields = Arc::new(vec![FieldInfo::new(
+            "n".into(),
+            None,
+            None,
+            Type::NUMERIC,
+            FieldFormat::Text,
+        )]);
+        for (batch, expected_scale) in [
+            (column(20, 10i128.pow(32)), 15),
+            (column(30, 15 * 10i128.pow(29)), 27),
+            (column(10, 15 * 10i128.pow(9)), 10),
+        ] {
+            let before: Vec<_> = data_rows(fields.clone(), batch.clone()).collect();
+            let fitted = wire_decimals(batch).unwrap();
+            assert_eq!(
+                fitted.column(0).data_type(),
+                &DataType::Decimal128(38, expected_scale)
+            );
+            let rows: Vec<_> = data_rows(fields.clone(), fitted).collect();
+            assert_eq!(rows.len(), 3);
+            assert!(rows.iter().all(|r| r.is_ok()), "{rows:?}");
+            // The first two did not encode as they were; the last needed no change.
+            assert_eq!(before.iter().all(|r| r.is_ok()), expected_scale == 10);
+        }
     }
 }

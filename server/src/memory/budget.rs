@@ -25,13 +25,14 @@ pub struct MemoryBudget {
 }
 
 impl MemoryBudget {
-    /// The shares of `limit` (no shares without a limit); `cache` overrides the cache's.
+    /// The shares of `limit` (without a limit, only queries have a share: of the machine's
+    /// memory); `cache` overrides the cache's.
     pub fn new(limit: Option<u64>, cache: Option<u64>) -> Self {
         let Some(limit) = limit else {
             return Self {
                 limit: None,
                 rocksdb: None,
-                queries: None,
+                queries: default_query_pool(),
                 cache,
                 cache_only: cache.is_some(),
             };
@@ -46,6 +47,29 @@ impl MemoryBudget {
             cache_only: cache.is_some(),
         }
     }
+}
+
+/// The default size of the engine's query pool without `--memory-limit`: a quarter of the
+/// machine's memory (or of the cgroup's limit, when lower), so that one runaway query
+/// cannot take the process down; `None` where neither can be read.
+pub fn default_query_pool() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let machine = match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    };
+    machine.map(|m| (m / 4).max(64 << 20))
 }
 
 /// The object store chunks are evicted to: `s3://bucket/prefix` (with the `AWS_*`
@@ -109,5 +133,21 @@ pub fn cold_store(setting: Option<&str>, data_dir: &std::path::Path) -> Result<A
                 &dir.display().to_string(),
             )?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_limit_queries_get_a_share_of_the_machine() {
+        let pool = default_query_pool().expect("/proc/meminfo on Linux");
+        assert!(pool >= 64 << 20);
+        assert_eq!(MemoryBudget::new(None, None).queries, Some(pool));
+        assert_eq!(
+            MemoryBudget::new(Some(1 << 30), None).queries,
+            Some(256 << 20)
+        );
     }
 }

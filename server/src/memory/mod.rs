@@ -7,4 +7,5 @@
 pub mod budget;
 pub mod cache;
 pub mod resident;
+pub mod statement;
 pub mod system;

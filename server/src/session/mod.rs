@@ -13,6 +13,7 @@ use datafusion::prelude::SessionContext;
 use crate::catalog::records::DEFAULT_SCHEMA;
 use crate::engine::{Engine, TableChange};
 use crate::error::{Result, ServerError};
+use crate::memory::statement::SessionPool;
 use crate::session::copy_in::CopyIn;
 pub use settings::Settings;
 
@@ -81,6 +82,14 @@ impl Session {
     /// A snapshot of the DataFusion state (cheap: reference-counted parts).
     pub fn state(&self) -> SessionState {
         self.ctx.state()
+    }
+
+    /// Holds the next statement to the session's `statement_mem` (memory/statement.rs).
+    pub fn hold_statement_memory(&self) {
+        let runtime = self.ctx.runtime_env();
+        if let Some(pool) = runtime.memory_pool.downcast_ref::<SessionPool>() {
+            pool.set_limit(self.settings.statement_mem());
+        }
     }
 
     /// Pushes settings that change planning (time zone, search path) into DataFusion.

@@ -58,6 +58,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("synchronous_commit", "on"),
     ("row_security", "on"),
     ("work_mem", "4MB"),
+    // The most memory one statement's operators may reserve (PostgreSQL units; 0: only the
+    // server's query pool applies). See memory/statement.rs.
+    ("statement_mem", "0"),
     ("enable_seqscan", "on"),
     ("enable_indexscan", "on"),
     ("geqo", "on"),
@@ -127,6 +130,13 @@ impl Settings {
                 })?;
                 value.to_string()
             }
+            "statement_mem" => {
+                parse_memory_bytes(value).ok_or_else(|| ServerError::InvalidSetting {
+                    name: name.clone(),
+                    value: value.to_string(),
+                })?;
+                value.to_string()
+            }
             "real_time_recency" => match parse_bool(value) {
                 Some(true) => "on".to_string(),
                 Some(false) => "off".to_string(),
@@ -181,6 +191,15 @@ impl Settings {
     pub fn statement_timeout(&self) -> Option<Duration> {
         let ms = parse_duration_ms(self.values.get("statement_timeout")?)?;
         (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    /// The most memory one statement may reserve, in bytes (`statement_mem`; 0: no limit of
+    /// its own).
+    pub fn statement_mem(&self) -> usize {
+        self.values
+            .get("statement_mem")
+            .and_then(|v| parse_memory_bytes(v))
+            .unwrap_or(0)
     }
 
     /// Whether reads of views wait for every acknowledged write (`real_time_recency`).
@@ -249,6 +268,22 @@ fn parse_duration_ms(value: &str) -> Option<u64> {
     Some(n * factor)
 }
 
+/// A memory setting in PostgreSQL's units (`64MB`, `512kB`, `1GB`; a bare number is kB).
+fn parse_memory_bytes(value: &str) -> Option<usize> {
+    let v = value.trim().trim_matches('\'').trim();
+    let digits: String = v.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: usize = digits.parse().ok()?;
+    let factor: usize = match v[digits.len()..].trim() {
+        "B" => 1,
+        "" | "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
 /// Accepts the time zone names and offsets PostgreSQL users write.
 fn normalize_time_zone(value: &str) -> Result<String> {
     let v = value.trim().trim_matches('\'');
@@ -308,6 +343,13 @@ mod tests {
         assert_eq!(s.statement_timeout(), Some(Duration::from_secs(2)));
         s.reset("statement_timeout")?;
         assert_eq!(s.statement_timeout(), None);
+        assert_eq!(s.statement_mem(), 0);
+        s.set("statement_mem", "'64MB'")?;
+        assert_eq!(s.statement_mem(), 64 << 20);
+        s.set("statement_mem", "512")?;
+        assert_eq!(s.statement_mem(), 512 << 10);
+        assert!(s.set("statement_mem", "lots").is_err());
+        assert!(s.set("statement_mem", "5 parsecs").is_err());
         s.set("search_path", "app, public")?;
         assert_eq!(
             s.search_path(),

@@ -16,6 +16,7 @@ use crate::error::Result;
 
 /// Re-renders text-format timestamp and float columns of `batch` as PostgreSQL prints them.
 pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Result<RecordBatch> {
+    let batch = crate::exec::output::wire_decimals(batch)?;
     let needs = batch.schema().fields().iter().enumerate().any(|(i, f)| {
         matches!(
             f.data_type(),

@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 
 use super::SqlType;
 use super::query::Query;
+use super::tables::Database;
 use crate::rows::{TextRow, text_rows};
 
 /// How one query went.
@@ -50,6 +51,19 @@ async fn run(client: &Client, sql: &str) -> Result<Vec<TextRow>, Option<String>>
     Ok(text_rows(messages))
 }
 
+/// Drops `db`'s tables and creates and fills them again, on both servers.
+pub async fn load(postgres: &Client, millrace: &Client, db: &Database) -> Result<(), String> {
+    for client in [postgres, millrace] {
+        for sql in db.teardown_sql().iter().chain(&db.setup_sql()) {
+            client
+                .simple_query(sql)
+                .await
+                .map_err(|e| format!("{sql}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// A value as compared: approximate numbers to nine significant digits.
 fn normalize_value(value: Option<String>, ty: SqlType) -> Option<String> {
     let v = value?;
@@ -75,11 +89,39 @@ pub fn normalize(row: TextRow, types: &[SqlType]) -> TextRow {
 
 /// Runs `query` on both servers and compares the answers.
 pub async fn check(postgres: &Client, millrace: &Client, query: &Query) -> Outcome {
-    let expected = match run(postgres, &query.sql).await {
+    compare(postgres, &query.sql, millrace, &query.sql, query).await
+}
+
+/// Compares what PostgreSQL answers to `query` with the rows of Millrace's view `view` of it
+/// (as multisets: a view has no order).
+pub async fn check_view(
+    postgres: &Client,
+    millrace: &Client,
+    query: &Query,
+    view: &str,
+) -> Outcome {
+    let unordered = Query {
+        ordered: false,
+        ..query.clone()
+    };
+    let read = format!("SELECT * FROM {view}");
+    compare(postgres, &query.sql, millrace, &read, &unordered).await
+}
+
+/// Runs `expected` on PostgreSQL and `actual` on Millrace and compares the answers as
+/// `query` (its types and order) says.
+async fn compare(
+    postgres: &Client,
+    expected: &str,
+    millrace: &Client,
+    actual: &str,
+    query: &Query,
+) -> Outcome {
+    let expected = match run(postgres, expected).await {
         Ok(rows) => rows,
         Err(e) => return Outcome::PostgresError(e.unwrap_or_else(|| "connection lost".into())),
     };
-    let actual = match run(millrace, &query.sql).await {
+    let actual = match run(millrace, actual).await {
         Ok(rows) => rows,
         Err(Some(e)) => return Outcome::MillraceError(e),
         Err(None) => return Outcome::Lost("the connection to millrace broke".into()),

@@ -10,6 +10,7 @@
 //! `tables.rs` makes the data, `query.rs` the queries, `compare.rs` runs and compares.
 
 pub mod compare;
+pub mod dml;
 pub mod query;
 pub mod tables;
 

@@ -1,0 +1,161 @@
+//! The optimizer's rule list: DataFusion's, in its order, with our corrections in place.
+//! Every session's context (server `Engine::session_context`) is built with it, before the
+//! rules that need a session's state (correlated subqueries) are added.
+
+use std::sync::Arc;
+
+use datafusion::optimizer::{Optimizer, OptimizerRule};
+
+use crate::dependencies::SoundDependencies;
+use crate::filter_pushdown::FilterPushDown;
+use crate::subquery_values::PredicateSubqueriesAsValues;
+
+/// DataFusion's optimizer rules with its filter push-down replaced by
+/// [`FilterPushDown`] and [`SoundDependencies`] run before each rule that acts on
+/// functional dependencies, and [`PredicateSubqueriesAsValues`] last.
+pub fn rules() -> Vec<Arc<dyn OptimizerRule + Send + Sync>> {
+    let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = Vec::new();
+    for rule in Optimizer::new().rules {
+        match rule.name() {
+            "push_down_filter" => rules.push(Arc::new(FilterPushDown::new())),
+            "replace_distinct_aggregate"
+            | "eliminate_join"
+            | "eliminate_duplicated_expr"
+            | "optimize_projections" => {
+                if rules.last().map(|r| r.name()) != Some(SoundDependencies.name()) {
+                    rules.push(Arc::new(SoundDependencies));
+                }
+                rules.push(rule);
+            }
+            _ => rules.push(rule),
+        }
+    }
+    rules.push(Arc::new(PredicateSubqueriesAsValues));
+    rules
+}
+
+/// [`FilterPushDown`] in the rule list: filters stay above aggregates without groups.
+#[cfg(test)]
+mod filter_pushdown_tests {
+    use datafusion::execution::session_state::SessionStateBuilder;
+    use datafusion::prelude::SessionContext;
+
+    /// The optimized plan of `sql` over `t(k INT)`, as text.
+    async fn optimized(ctx: &SessionContext, sql: &str) -> String {
+        let plan = ctx.state().create_logical_plan(sql).await.expect("plan");
+        let plan = ctx.state().optimize(&plan).expect("optimize");
+        format!("{}", plan.display_indent())
+    }
+
+    /// The line of `plan` that first holds `node`.
+    fn line_of(plan: &str, node: &str) -> usize {
+        plan.lines()
+            .position(|l| l.contains(node))
+            .unwrap_or_else(|| panic!("no {node} in {plan}"))
+    }
+
+    /// A context with our optimizer rules or DataFusion's.
+    async fn context(ours: bool) -> SessionContext {
+        let mut state = SessionStateBuilder::new().with_default_features();
+        if ours {
+            state = state.with_optimizer_rules(crate::optimizer::rules());
+        }
+        let ctx = SessionContext::new_with_state(state.build());
+        ctx.sql("CREATE TABLE t (k INT) AS VALUES (1), (2)")
+            .await
+            .expect("create");
+        ctx
+    }
+
+    /// The filter of `HAVING (SELECT false)` stays above the aggregate (DataFusion's own rule
+    /// moves it below, which this test shows so that it fails once DataFusion stops doing so).
+    #[tokio::test]
+    async fn keeps_filter_above_global_aggregate() {
+        let sql = "SELECT count(*) FROM t HAVING (SELECT false)";
+        let theirs = optimized(&context(false).await, sql).await;
+        let ours = optimized(&context(true).await, sql).await;
+        let filter_line = |plan: &str| line_of(plan, "Filter:");
+        let aggregate_line = |plan: &str| line_of(plan, "Aggregate:");
+        assert!(filter_line(&theirs) > aggregate_line(&theirs), "{theirs}");
+        assert!(filter_line(&ours) < aggregate_line(&ours), "{ours}");
+        let rows = context(true)
+            .await
+            .sql(sql)
+            .await
+            .expect("sql")
+            .collect()
+            .await
+            .expect("collect");
+        assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    }
+
+    /// Filters over grouping columns still go below an aggregate with groups.
+    #[tokio::test]
+    async fn pushes_below_grouped_aggregate() {
+        let plan = optimized(
+            &context(true).await,
+            "SELECT k, count(*) FROM t GROUP BY k HAVING k > 1",
+        )
+        .await;
+        let filter_line = line_of(&plan, "Filter:");
+        let aggregate_line = line_of(&plan, "Aggregate:");
+        assert!(filter_line > aggregate_line, "{plan}");
+    }
+}
+
+/// [`SoundDependencies`] in the rule list: groups across a join stay apart.
+#[cfg(test)]
+mod dependencies_tests {
+    use datafusion::arrow::array::{Array, Int64Array, RecordBatch};
+    use datafusion::execution::session_state::SessionStateBuilder;
+    use datafusion::prelude::SessionContext;
+
+    async fn run(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {
+        ctx.sql(sql)
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("run")
+    }
+
+    /// Two tables keyed by `k`, crossed, with our optimizer rules or DataFusion's.
+    async fn context(ours: bool) -> SessionContext {
+        let mut state = SessionStateBuilder::new().with_default_features();
+        if ours {
+            state = state.with_optimizer_rules(crate::optimizer::rules());
+        }
+        let ctx = SessionContext::new_with_state(state.build());
+        for sql in [
+            "CREATE TABLE t1 (k INT NOT NULL PRIMARY KEY, c INT)",
+            "CREATE TABLE t2 (k INT NOT NULL PRIMARY KEY, c INT)",
+            "INSERT INTO t1 VALUES (1, 10), (2, 20)",
+            "INSERT INTO t2 VALUES (1, 5), (2, 6), (3, 7)",
+        ] {
+            run(&ctx, sql).await;
+        }
+        ctx
+    }
+
+    /// `GROUP BY r2.k, r1.c` over the cross join has 3 x 2 groups. With DataFusion's
+    /// dependencies the aggregate above groups by `r2.k` alone and answers 3 (shown, so that
+    /// the test says when DataFusion stops doing so); with ours, 6.
+    #[tokio::test]
+    async fn groups_across_a_join_stay_apart() {
+        let nested = "SELECT count(*) FROM (SELECT a, b FROM (SELECT r2.k AS a, r1.c AS b, \
+                      count(*) FROM t1 AS r1, t2 AS r2 GROUP BY r2.k, r1.c) s GROUP BY a, b) u";
+        let distinct = "SELECT avg(DISTINCT r1.k) FROM t1 AS r1, t2 AS r2 GROUP BY r2.k, r1.c";
+        for (ours, groups) in [(false, 3), (true, 6)] {
+            let ctx = context(ours).await;
+            let counted = run(&ctx, nested).await;
+            let column = counted[0].column(0);
+            let counts = column
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("count is BIGINT");
+            assert_eq!((counts.len(), counts.value(0)), (1, groups), "ours: {ours}");
+            let rows: usize = run(&ctx, distinct).await.iter().map(|b| b.num_rows()).sum();
+            assert_eq!(rows, groups as usize, "ours: {ours}");
+        }
+    }
+}
