@@ -198,40 +198,69 @@ fn has_nested_in(conjunct: &Expr) -> bool {
     }
 }
 
-fn rewrite_filter(plan: LogicalPlan) -> datafusion::error::Result<Transformed<LogicalPlan>> {
-    let LogicalPlan::Filter(filter) = &plan else {
-        return Ok(Transformed::no(plan));
+/// The conjuncts of a condition with its NOT IN and nested IN subqueries rewritten (only
+/// those whose probe reads no column, with `constant_only`), or `None` if there are none.
+fn rewrite_conjuncts(
+    predicate: &Expr,
+    outer: &DFSchema,
+    constant_only: bool,
+) -> datafusion::error::Result<Option<Expr>> {
+    let wanted = |probe: &Expr| !constant_only || !probe.any_column_refs();
+    let nested = |c: &Expr| {
+        c.exists(|x| Ok(matches!(x, Expr::InSubquery(i) if is_probe(&i.expr) && wanted(&i.expr))))
+            .unwrap_or(false)
+            && has_nested_in(c)
     };
-    let conjuncts = split_conjunction_owned(filter.predicate.clone());
-    if !conjuncts
-        .iter()
-        .any(|c| not_in(c).is_some() || has_nested_in(c))
-    {
-        return Ok(Transformed::no(plan));
+    let conjuncts = split_conjunction_owned(predicate.clone());
+    let not_in_here = |c: &Expr| not_in(c).is_some_and(|(probe, _)| wanted(probe));
+    if !conjuncts.iter().any(|c| not_in_here(c) || nested(c)) {
+        return Ok(None);
     }
-    let outer = filter.input.schema();
     let mut rewritten = Vec::with_capacity(conjuncts.len());
     for conjunct in conjuncts {
         rewritten.push(match not_in(&conjunct) {
-            Some((probe, subquery)) => rewrite_not_in(probe, subquery, outer)?,
-            None if has_nested_in(&conjunct) => {
+            Some((probe, subquery)) if wanted(probe) => rewrite_not_in(probe, subquery, outer)?,
+            _ if nested(&conjunct) => {
                 conjunct
                     .transform_up(|e| match e {
-                        Expr::InSubquery(i) if is_probe(&i.expr) => {
+                        Expr::InSubquery(i) if is_probe(&i.expr) && wanted(&i.expr) => {
                             Ok(Transformed::yes(in_with_nulls(&i, outer)?))
                         }
                         other => Ok(Transformed::no(other)),
                     })?
                     .data
             }
-            None => conjunct,
+            _ => conjunct,
         });
     }
-    let Some(predicate) = conjunction(rewritten) else {
-        return Ok(Transformed::no(plan));
-    };
-    Ok(Transformed::yes(LogicalPlan::Filter(Filter::try_new(
-        predicate,
-        filter.input.clone(),
-    )?)))
+    Ok(conjunction(rewritten))
+}
+
+/// Rewrites a filter's condition, and a join's (where NULL and false reject a pair alike;
+/// only probes that read no column there, which need no outer reference to either side).
+fn rewrite_filter(plan: LogicalPlan) -> datafusion::error::Result<Transformed<LogicalPlan>> {
+    match plan {
+        LogicalPlan::Filter(filter) => {
+            match rewrite_conjuncts(&filter.predicate, filter.input.schema(), false)? {
+                Some(predicate) => Ok(Transformed::yes(LogicalPlan::Filter(Filter::try_new(
+                    predicate,
+                    filter.input,
+                )?))),
+                None => Ok(Transformed::no(LogicalPlan::Filter(filter))),
+            }
+        }
+        LogicalPlan::Join(mut join) => {
+            let Some(condition) = &join.filter else {
+                return Ok(Transformed::no(LogicalPlan::Join(join)));
+            };
+            match rewrite_conjuncts(condition, &join.schema, true)? {
+                Some(condition) => {
+                    join.filter = Some(condition);
+                    Ok(Transformed::yes(LogicalPlan::Join(join)))
+                }
+                None => Ok(Transformed::no(LogicalPlan::Join(join))),
+            }
+        }
+        other => Ok(Transformed::no(other)),
+    }
 }
