@@ -133,6 +133,7 @@ impl ScalarUDFImpl for PgTypeof {
 
 /// Registers Millrace's extra functions on a session context.
 pub fn register(ctx: &SessionContext) {
+    crate::pg_window::register(ctx);
     ctx.register_udf(ScalarUDF::new_from_impl(PgTypeof {
         signature: Signature::any(1, Volatility::Immutable),
     }));
