@@ -7,25 +7,30 @@
 //! of outer values, with those values substituted as literals: a correlated apply with a
 //! per-batch memo, which gives exactly PostgreSQL's row-by-row semantics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::datatypes::DataType;
+use datafusion::common::JoinType;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DataFusionError, ScalarValue};
+use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
 use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr_rewriter::NamePreserver;
+use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
-    Subquery, Volatility,
+    ColumnarValue, Expr, Filter, Join, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl,
+    Signature, Subquery, Volatility,
 };
-use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
+use datafusion::optimizer::{AnalyzerRule, OptimizerConfig, OptimizerRule};
 use datafusion::prelude::DataFrame;
+
+use crate::subquery_values::{input_scope, predicates_as_values};
 use parking_lot::RwLock;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -84,6 +89,101 @@ impl OptimizerRule for CorrelatedSubqueries {
     }
 }
 
+/// The analyzer rule for subqueries where DataFusion's analyzer or physical planner refuses
+/// them: correlated scalar subqueries in join conditions ("can only be used in Projection,
+/// Filter, Aggregate plan nodes"), and any subquery in an outer join's condition, a window's
+/// PARTITION BY or ORDER BY, or a sort key. Runs after DataFusion's analyzer rules and before
+/// its invariant check. An inner join's conjuncts that hold one move to a filter above the
+/// join (the same rows), where DataFusion decorrelates what it can and
+/// [`CorrelatedSubqueries`] takes the rest. Elsewhere, where moving would change the rows
+/// (which rows an outer join pads with NULLs), EXISTS and IN become scalar subqueries
+/// ([`crate::subquery_values`]) and each correlated one a [`CorrelatedScalar`] call,
+/// evaluated per row as PostgreSQL does.
+#[derive(Debug)]
+pub struct SubqueriesInPlace {
+    calls: CorrelatedSubqueries,
+}
+
+/// Whether `e` is a subquery DataFusion cannot run outside a filter.
+fn needs_rewrite(e: &Expr) -> bool {
+    is_correlated_scalar(e) || matches!(e, Expr::Exists(_) | Expr::InSubquery(_))
+}
+
+fn holds(e: &Expr, test: fn(&Expr) -> bool) -> bool {
+    e.exists(|x| Ok(test(x))).unwrap_or(true)
+}
+
+impl SubqueriesInPlace {
+    /// A rule for the session whose state is `state`.
+    pub fn new(state: &Arc<RwLock<SessionState>>) -> Self {
+        Self {
+            calls: CorrelatedSubqueries::new(state),
+        }
+    }
+
+    fn node(&self, node: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
+        if !node.expressions().iter().any(|e| holds(e, needs_rewrite)) {
+            return Ok(Transformed::no(node));
+        }
+        match node {
+            LogicalPlan::Join(join) if join.join_type == JoinType::Inner => self.inner_join(join),
+            LogicalPlan::Join(_) | LogicalPlan::Window(_) | LogicalPlan::Sort(_) => {
+                self.in_place(node)
+            }
+            other => Ok(Transformed::no(other)),
+        }
+    }
+
+    /// An inner join with its subquery conjuncts in a filter above it.
+    fn inner_join(&self, join: Join) -> Result<Transformed<LogicalPlan>> {
+        let Some(filter) = join.filter.clone() else {
+            return Ok(Transformed::no(LogicalPlan::Join(join)));
+        };
+        let (moved, kept): (Vec<Expr>, Vec<Expr>) = split_conjunction_owned(filter)
+            .into_iter()
+            .partition(|c| holds(c, needs_rewrite));
+        let Some(moved) = conjunction(moved) else {
+            return Ok(Transformed::no(LogicalPlan::Join(join)));
+        };
+        let join = Join {
+            filter: conjunction(kept),
+            ..join
+        };
+        let filter = Filter::try_new(moved, Arc::new(LogicalPlan::Join(join)))?;
+        Ok(Transformed::yes(LogicalPlan::Filter(filter)))
+    }
+
+    /// `node` with its predicate subqueries as values and its correlated ones as calls.
+    fn in_place(&self, node: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
+        let scope = input_scope(&node);
+        let preserver = NamePreserver::new(&node);
+        let rewritten = node.map_expressions(|expr| {
+            let saved = preserver.save(&expr);
+            let values = predicates_as_values(expr, &scope)?;
+            let calls = values.data.transform_up(|e| match e {
+                Expr::ScalarSubquery(sq) if !sq.outer_ref_columns.is_empty() => {
+                    Ok(Transformed::yes(self.calls.call(sq)?))
+                }
+                other => Ok(Transformed::no(other)),
+            })?;
+            Ok(Transformed::yes(saved.restore(calls.data)))
+        })?;
+        rewritten.map_data(|node| node.recompute_schema())
+    }
+}
+
+impl AnalyzerRule for SubqueriesInPlace {
+    fn name(&self) -> &str {
+        "millrace_subqueries_in_place"
+    }
+
+    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
+        Ok(plan
+            .transform_up_with_subqueries(|node| self.node(node))?
+            .data)
+    }
+}
+
 impl CorrelatedSubqueries {
     fn call(&self, sq: Subquery) -> Result<Expr> {
         let mut outer: Vec<(Column, DataType)> = Vec::new();
@@ -100,7 +200,7 @@ impl CorrelatedSubqueries {
             name: format!("correlated_subquery_{}", outer.len()),
             signature: Signature::exact(
                 outer.iter().map(|(_, t)| t.clone()).collect(),
-                Volatility::Volatile,
+                Volatility::Stable,
             ),
             plan: sq.subquery.as_ref().clone(),
             outer: outer.iter().map(|(c, _)| c.clone()).collect(),
@@ -218,13 +318,14 @@ impl ScalarUDFImpl for CorrelatedScalar {
             .collect::<Result<_>>()?;
         let mut keys: Vec<Vec<ScalarValue>> = Vec::with_capacity(n);
         let mut todo: Vec<Vec<ScalarValue>> = Vec::new();
+        let mut seen: HashSet<Vec<ScalarValue>> = HashSet::new();
         let mut memo: HashMap<Vec<ScalarValue>, ScalarValue> = HashMap::new();
         for row in 0..n {
             let key = arrays
                 .iter()
                 .map(|a| ScalarValue::try_from_array(a, row))
                 .collect::<Result<Vec<_>>>()?;
-            if !memo.contains_key(&key) && !todo.contains(&key) {
+            if seen.insert(key.clone()) {
                 todo.push(key.clone());
             }
             keys.push(key);

@@ -23,6 +23,7 @@ pub mod optimizer;
 pub mod pg_casts;
 pub mod pg_functions;
 pub mod pg_intervals;
+pub mod pg_numeric;
 pub mod pg_window;
 pub mod pipeline;
 pub mod rewrite;

@@ -3,7 +3,8 @@
 //!
 //! DataFusion gives `timestamp - timestamp` as a `Duration` and compares `IntervalMonthDayNano`
 //! values field by field, so `interval '36 hours' > interval '1 day'` is false there. This
-//! [`ExprPlanner`] rewrites both while the SQL is planned, for queries and views alike.
+//! [`ExprPlanner`] rewrites both while the SQL is planned, for queries and views alike, and
+//! with them `date ± integer` and the numeric products of [`crate::pg_numeric`].
 
 use std::sync::{Arc, LazyLock};
 
@@ -16,6 +17,8 @@ use datafusion::arrow::datatypes::{DataType, IntervalMonthDayNano, IntervalUnit,
 use datafusion::common::{DFSchema, Result, exec_err};
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawBinaryExpr};
+
+use crate::pg_numeric;
 use datafusion::logical_expr::{
     BinaryExpr, ColumnarValue, Expr, ExprSchemable, Operator, ScalarFunctionArgs, ScalarUDF,
     ScalarUDFImpl, Signature, Volatility,
@@ -38,6 +41,7 @@ impl ExprPlanner for PgIntervals {
             expr.op,
             BinaryOperator::Plus
                 | BinaryOperator::Minus
+                | BinaryOperator::Multiply
                 | BinaryOperator::Lt
                 | BinaryOperator::LtEq
                 | BinaryOperator::Gt
@@ -79,6 +83,20 @@ impl ExprPlanner for PgIntervals {
                     &TIMESTAMP_DIFF,
                     vec![expr.left, expr.right],
                 )));
+            }
+            BinaryOperator::Multiply => {
+                let left = pg_numeric::coerced_type(&expr.left, schema, left);
+                let right = pg_numeric::coerced_type(&expr.right, schema, right);
+                return Ok(
+                    match pg_numeric::multiply(expr.left, &left, expr.right, &right) {
+                        Ok(product) => PlannerResult::Planned(product),
+                        Err((left, right)) => PlannerResult::Original(RawBinaryExpr {
+                            op: expr.op,
+                            left,
+                            right,
+                        }),
+                    },
+                );
             }
             BinaryOperator::Lt => Operator::Lt,
             BinaryOperator::LtEq => Operator::LtEq,

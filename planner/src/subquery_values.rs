@@ -68,26 +68,38 @@ impl OptimizerRule for PredicateSubqueriesAsValues {
             if !found {
                 return Ok(Transformed::no(node));
             }
-            // The schema the node's expressions read: its inputs', side by side.
-            let mut scope = DFSchema::empty();
-            for input in node.inputs() {
-                scope.merge(input.schema());
-            }
+            let scope = input_scope(&node);
             let preserver = NamePreserver::new(&node);
             let rewritten = node.map_expressions(|expr| {
                 let saved = preserver.save(&expr);
-                let t = expr.transform_up(|e| match e {
-                    Expr::Exists(exists) => Ok(Transformed::yes(exists_value(exists)?)),
-                    Expr::InSubquery(in_subquery) => {
-                        Ok(Transformed::yes(in_value(in_subquery, &scope)?))
-                    }
-                    other => Ok(Transformed::no(other)),
-                })?;
+                let t = predicates_as_values(expr, &scope)?;
                 Ok(t.update_data(|e| saved.restore(e)))
             })?;
             rewritten.map_data(|node| node.recompute_schema())
         })
     }
+}
+
+/// The schema `node`'s expressions read: its inputs', side by side.
+pub fn input_scope(node: &LogicalPlan) -> DFSchema {
+    let mut scope = DFSchema::empty();
+    for input in node.inputs() {
+        scope.merge(input.schema());
+    }
+    scope
+}
+
+/// `expr` with each EXISTS and IN subquery in it as a scalar subquery; the columns of an IN's
+/// probe are read from `scope`.
+pub fn predicates_as_values(
+    expr: Expr,
+    scope: &DFSchema,
+) -> datafusion::error::Result<Transformed<Expr>> {
+    expr.transform_up(|e| match e {
+        Expr::Exists(exists) => Ok(Transformed::yes(exists_value(exists)?)),
+        Expr::InSubquery(in_subquery) => Ok(Transformed::yes(in_value(in_subquery, scope)?)),
+        other => Ok(Transformed::no(other)),
+    })
 }
 
 /// `EXISTS (S)` (or `NOT EXISTS`) as a count.

@@ -181,6 +181,9 @@ impl Engine {
         ctx.add_analyzer_rule(Arc::new(millrace_planner::exists_domain::ExistsOverDomain));
         ctx.add_analyzer_rule(Arc::new(millrace_planner::set_ops::MultisetSetOps));
         ctx.add_analyzer_rule(Arc::new(millrace_planner::not_in::NotInOverNulls));
+        ctx.add_analyzer_rule(Arc::new(
+            millrace_planner::correlated::SubqueriesInPlace::new(&ctx.state_ref()),
+        ));
         ctx.add_optimizer_rule(Arc::new(
             millrace_planner::correlated::CorrelatedSubqueries::new(&ctx.state_ref()),
         ));

@@ -1,0 +1,198 @@
+//! Products of numerics whose scales add up past 20 digits, planned by
+//! [`crate::pg_intervals::PgIntervals`] while SQL becomes a plan.
+//!
+//! PostgreSQL's numeric has no scale limit: `a * b` is exact with scale `s1 + s2`. DataFusion's
+//! decimals stop at 38 digits: it refused a product whose scale passed 38 at planning ("Output
+//! scale of Decimal128(38, 20) * Decimal128(38, 20) would exceed max scale of 38"), and one
+//! whose scale came near it left too few integer digits (`(38, 30)` holds values below 10^8),
+//! which a chain of three or four multiplications of unconstrained numerics (scale 10 here)
+//! reaches. Such a product is computed exactly in 256 bits and rounded (half away from zero,
+//! as PostgreSQL rounds) to scale 20, or its operands' larger scale when that is more: 18
+//! integer digits, and exact for any operands with 20 significant decimals between them. A
+//! result that still does not fit 38 digits is "numeric field overflow" (22003).
+
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Decimal128Array};
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, i256};
+use datafusion::common::{DFSchema, DataFusionError, Result, exec_err};
+use datafusion::logical_expr::ExprSchemable;
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+
+/// The widest decimal the product is held in.
+const MAX_DIGITS: u8 = 38;
+
+/// The scale a product is rounded to, unless an operand's is larger.
+const PRODUCT_SCALE: i8 = 20;
+
+static NUMERIC_MUL: LazyLock<Arc<ScalarUDF>> =
+    LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(NumericMul::new())));
+
+/// `left * right` as [`NumericMul`] when both are decimals whose product's scale DataFusion
+/// cannot hold; otherwise the operands back, for DataFusion's own product.
+pub fn multiply(
+    left: Expr,
+    left_type: &DataType,
+    right: Expr,
+    right_type: &DataType,
+) -> std::result::Result<Expr, (Expr, Expr)> {
+    match (left_type, right_type) {
+        (DataType::Decimal128(_, s1), DataType::Decimal128(_, s2))
+            if i16::from(*s1) + i16::from(*s2) > i16::from(PRODUCT_SCALE) =>
+        {
+            Ok(Expr::ScalarFunction(ScalarFunction::new_udf(
+                Arc::clone(&NUMERIC_MUL),
+                vec![left, right],
+            )))
+        }
+        _ => Err((left, right)),
+    }
+}
+
+/// The type `e` has once DataFusion's type coercion has run, where `planned` (the type
+/// `get_type` gave) may differ: a CASE's decimal branches are coerced to their largest scale,
+/// where `get_type` gives the first branch's.
+pub fn coerced_type(e: &Expr, schema: &DFSchema, planned: DataType) -> DataType {
+    let (Expr::Case(case), DataType::Decimal128(p, s)) = (e, &planned) else {
+        return planned;
+    };
+    let branches = case
+        .when_then_expr
+        .iter()
+        .map(|(_, then)| then.as_ref())
+        .chain(case.else_expr.as_deref());
+    let mut scale = *s;
+    for branch in branches {
+        if let Ok(t) = branch.get_type(schema)
+            && let DataType::Decimal128(_, bs) = coerced_type(branch, schema, t)
+        {
+            scale = scale.max(bs);
+        }
+    }
+    DataType::Decimal128(*p, scale)
+}
+
+/// `numeric_mul(a, b)`: the exact product, rounded to [`product_scale`].
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct NumericMul {
+    signature: Signature,
+}
+
+impl NumericMul {
+    fn new() -> Self {
+        Self {
+            signature: Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+/// The scales of two decimal types.
+fn scales(args: &[DataType]) -> Result<(i8, i8)> {
+    match args {
+        [DataType::Decimal128(_, s1), DataType::Decimal128(_, s2)] => Ok((*s1, *s2)),
+        other => exec_err!("numeric_mul of {other:?}"),
+    }
+}
+
+/// The scale of the product of decimals of scales `s1` and `s2`.
+fn product_scale(s1: i8, s2: i8) -> i8 {
+    PRODUCT_SCALE.max(s1).max(s2)
+}
+
+impl ScalarUDFImpl for NumericMul {
+    fn name(&self) -> &str {
+        "numeric_mul"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, args: &[DataType]) -> Result<DataType> {
+        let (s1, s2) = scales(args)?;
+        Ok(DataType::Decimal128(MAX_DIGITS, product_scale(s1, s2)))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        let types: Vec<DataType> = args.args.iter().map(|a| a.data_type()).collect();
+        let (s1, s2) = scales(&types)?;
+        let scale = product_scale(s1, s2);
+        // NOTE: negative only for a decimal of negative scale, whose product is scaled up.
+        let shift = i32::from(s1) + i32::from(s2) - i32::from(scale);
+        let ten = i256::from_i128(10);
+        let (divisor, multiplier) = if shift >= 0 {
+            (ten.wrapping_pow(shift.unsigned_abs()), i256::ONE)
+        } else {
+            (i256::ONE, ten.wrapping_pow(shift.unsigned_abs()))
+        };
+        let limit = i256::from_i128(10).wrapping_pow(u32::from(MAX_DIGITS));
+        let arrays: Vec<ArrayRef> = args
+            .args
+            .iter()
+            .map(|a| a.to_array(n))
+            .collect::<Result<_>>()?;
+        let a = arrays[0].as_primitive::<Decimal128Type>();
+        let b = arrays[1].as_primitive::<Decimal128Type>();
+        let mut out: Vec<Option<i128>> = Vec::with_capacity(n);
+        for row in 0..n {
+            if a.is_null(row) || b.is_null(row) {
+                out.push(None);
+                continue;
+            }
+            let product = i256::from_i128(a.value(row)) * i256::from_i128(b.value(row));
+            let rounded = round_div(product, divisor).wrapping_mul(multiplier);
+            if rounded.wrapping_abs() >= limit {
+                return Err(DataFusionError::Execution("numeric field overflow".into()));
+            }
+            out.push(rounded.to_i128());
+        }
+        let result = Decimal128Array::from(out).with_precision_and_scale(MAX_DIGITS, scale)?;
+        Ok(ColumnarValue::Array(Arc::new(result)))
+    }
+}
+
+/// `value / divisor`, rounded half away from zero.
+fn round_div(value: i256, divisor: i256) -> i256 {
+    if divisor == i256::ONE {
+        return value;
+    }
+    let quotient = value.wrapping_div(divisor);
+    let remainder = value.wrapping_rem(divisor);
+    if remainder.wrapping_abs().wrapping_mul(i256::from_i128(2)) >= divisor {
+        if value.is_negative() {
+            quotient.wrapping_sub(i256::ONE)
+        } else {
+            quotient.wrapping_add(i256::ONE)
+        }
+    } else {
+        quotient
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_half_away_from_zero() {
+        let ten = i256::from_i128(10);
+        assert_eq!(round_div(i256::from_i128(15), ten), i256::from_i128(2));
+        assert_eq!(round_div(i256::from_i128(-15), ten), i256::from_i128(-2));
+        assert_eq!(round_div(i256::from_i128(14), ten), i256::from_i128(1));
+        assert_eq!(round_div(i256::from_i128(-14), ten), i256::from_i128(-1));
+    }
+
+    #[test]
+    fn only_products_past_20_digits_of_scale_are_taken() {
+        let d = |s| DataType::Decimal128(38, s);
+        let x = || Expr::Literal(datafusion::common::ScalarValue::Int32(Some(1)), None);
+        assert!(multiply(x(), &d(10), x(), &d(10)).is_err());
+        assert!(multiply(x(), &d(10), x(), &d(20)).is_ok());
+        assert!(multiply(x(), &d(20), x(), &d(20)).is_ok());
+        assert!(multiply(x(), &DataType::Int64, x(), &d(38)).is_err());
+    }
+}
