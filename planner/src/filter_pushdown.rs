@@ -10,7 +10,8 @@
 //! group. This rule runs DataFusion's for every other plan and keeps a filter whose input
 //! (through other filters) is such an aggregate where it is: above it. It also keeps where
 //! they are the conjuncts of a filter (and the conditions of a join) that hold a correlated
-//! subquery, whose outer columns DataFusion did not see.
+//! subquery, whose outer columns DataFusion did not see, also when they sit in a filter below
+//! another (DataFusion merges the two first: seed 787 query 2571).
 
 use std::sync::Arc;
 
@@ -62,17 +63,30 @@ impl OptimizerRule for FilterPushDown {
                 Ok(Transformed::no(LogicalPlan::Join(join)))
             }
             LogicalPlan::Filter(filter) => {
+                // NOTE: DataFusion merges a chain of filters before it pushes, so the
+                // conjuncts of the filters below this one are sorted here too.
+                let mut conjuncts = split_conjunction_owned(filter.predicate.clone());
+                let mut input = Arc::clone(&filter.input);
+                while let LogicalPlan::Filter(inner) = input.as_ref() {
+                    conjuncts.extend(split_conjunction_owned(inner.predicate.clone()));
+                    input = Arc::clone(&inner.input);
+                }
                 let (kept, pushable): (Vec<Expr>, Vec<Expr>) =
-                    split_conjunction_owned(filter.predicate.clone())
-                        .into_iter()
-                        .partition(has_correlated_subquery);
+                    conjuncts.into_iter().partition(has_correlated_subquery);
                 let Some(kept) = conjunction(kept) else {
                     return self.inner.rewrite(LogicalPlan::Filter(filter), config);
                 };
                 let Some(pushable) = conjunction(pushable) else {
-                    return Ok(Transformed::no(LogicalPlan::Filter(filter)));
+                    let merged = Filter::try_new(kept, input)?;
+                    let changed = merged.predicate != filter.predicate;
+                    let merged = LogicalPlan::Filter(merged);
+                    return Ok(if changed {
+                        Transformed::yes(merged)
+                    } else {
+                        Transformed::no(merged)
+                    });
                 };
-                let below = LogicalPlan::Filter(Filter::try_new(pushable, filter.input)?);
+                let below = LogicalPlan::Filter(Filter::try_new(pushable, input)?);
                 let below = self.inner.rewrite(below, config)?.data;
                 Ok(Transformed::yes(LogicalPlan::Filter(Filter::try_new(
                     kept,

@@ -131,9 +131,47 @@ impl ScalarUDFImpl for PgTypeof {
     }
 }
 
+/// `pg_cast_tag(value, 'type')`: `value`. The SQL rewrite (rewrite.rs) wraps a cast
+/// inside an aggregate's arguments in it, so that the aggregate's name says the type cast to:
+/// DataFusion names a cast after its operand alone, and `min(CAST(x AS TEXT))` beside
+/// `min(x)` or `min(CAST(x AS NUMERIC))` were aggregates of one name, which it refused.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PgCastTag {
+    /// The value and the type's name.
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for PgCastTag {
+    fn name(&self) -> &str {
+        CAST_TAG
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, args: &[DataType]) -> datafusion::error::Result<DataType> {
+        args.first().cloned().ok_or_else(|| {
+            datafusion::error::DataFusionError::Plan(format!("{CAST_TAG} takes a value"))
+        })
+    }
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        args.args.into_iter().next().ok_or_else(|| {
+            datafusion::error::DataFusionError::Execution(format!("{CAST_TAG} takes a value"))
+        })
+    }
+}
+
+/// The name of [`PgCastTag`], for the SQL rewrite.
+pub const CAST_TAG: &str = "pg_cast_tag";
+
 /// Registers Millrace's extra functions on a session context.
 pub fn register(ctx: &SessionContext) {
     crate::pg_window::register(ctx);
+    ctx.register_udf(ScalarUDF::new_from_impl(PgCastTag {
+        signature: Signature::any(2, Volatility::Immutable),
+    }));
     ctx.register_udf(ScalarUDF::new_from_impl(PgTypeof {
         signature: Signature::any(1, Volatility::Immutable),
     }));

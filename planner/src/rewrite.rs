@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr, Ident, Query, SelectItem, SetExpr, Statement, TableAliasColumnDef, TableFactor, VisitMut,
-    VisitorMut,
+    Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments, Ident,
+    ObjectName, Query, SelectItem, SetExpr, Statement, TableAliasColumnDef, TableFactor, Value,
+    VisitMut, VisitorMut,
 };
 
 /// A rewritten statement and the result columns to rename back.
@@ -38,6 +39,7 @@ pub fn rewrite(mut statement: Statement) -> Rewritten {
     }
     let _ = statement.visit(&mut DedupOutputNames);
     let _ = statement.visit(&mut PgTemplates);
+    let _ = statement.visit(&mut CastsInAggregates::default());
     let _ = statement.visit(&mut SetReturningFunctions);
     Rewritten { statement, renames }
 }
@@ -387,6 +389,100 @@ impl VisitorMut for SetReturningFunctions {
 /// DataFusion's takes chrono's (`%Y-%m-%d %H:%M:%S`). A literal PostgreSQL template is
 /// translated; a template that already holds `%` is left alone.
 struct PgTemplates;
+
+/// Aggregate functions whose arguments [`CastsInAggregates`] marks.
+const AGGREGATES: &[&str] = &[
+    "min",
+    "max",
+    "sum",
+    "avg",
+    "count",
+    "string_agg",
+    "array_agg",
+    "bool_and",
+    "bool_or",
+    "every",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+];
+
+fn is_aggregate_call(e: &Expr) -> bool {
+    matches!(e, Expr::Function(f) if AGGREGATES.iter().any(|a| f.name.to_string().eq_ignore_ascii_case(a)))
+}
+
+/// A cast inside an aggregate's arguments, as `pg_cast_tag(CAST(x AS t), 't')`.
+///
+/// DataFusion names a cast after what it casts, so `min(CAST(x AS INT))` and `min(x)` (or
+/// `min(CAST(x AS TEXT))`) in one SELECT were two aggregates of one name, which it refused
+/// ("Schema contains duplicate unqualified field name min(r1.x)"); PostgreSQL runs them. The
+/// tag ([`crate::pg_functions`]) is the value itself, under a name that says the type. Output
+/// columns are named PostgreSQL's way (`min`), so the name is never seen. Subqueries inside
+/// the arguments are their own scope.
+#[derive(Default)]
+struct CastsInAggregates {
+    /// How many aggregate calls enclose the expression being visited, per query level.
+    depth: Vec<usize>,
+}
+
+impl VisitorMut for CastsInAggregates {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _query: &mut Query) -> ControlFlow<Self::Break> {
+        self.depth.push(0);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _query: &mut Query) -> ControlFlow<Self::Break> {
+        self.depth.pop();
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<Self::Break> {
+        if is_aggregate_call(expr)
+            && let Some(d) = self.depth.last_mut()
+        {
+            *d += 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<Self::Break> {
+        let inside = self.depth.last().copied().unwrap_or(0);
+        if is_aggregate_call(expr) {
+            if let Some(d) = self.depth.last_mut() {
+                *d = d.saturating_sub(1);
+            }
+        } else if inside > 0
+            && let Expr::Cast { data_type, .. } = expr
+        {
+            let tag = Expr::value(Value::SingleQuotedString(data_type.to_string()));
+            let cast = std::mem::replace(expr, Expr::value(Value::Null));
+            let arg = |e| FunctionArg::Unnamed(FunctionArgExpr::Expr(e));
+            *expr = Expr::Function(Function {
+                name: ObjectName::from(vec![Ident::new(crate::pg_functions::CAST_TAG)]),
+                uses_odbc_syntax: false,
+                parameters: FunctionArguments::None,
+                args: FunctionArguments::List(FunctionArgumentList {
+                    duplicate_treatment: None,
+                    args: vec![arg(cast), arg(tag)],
+                    clauses: vec![],
+                }),
+                filter: None,
+                null_treatment: None,
+                over: None,
+                within_group: vec![],
+            });
+        }
+        ControlFlow::Continue(())
+    }
+}
 
 impl VisitorMut for PgTemplates {
     type Break = ();

@@ -157,6 +157,7 @@ impl Engine {
         let options = config.options_mut();
         options.sql_parser.map_string_types_to_utf8view = false;
         options.sql_parser.dialect = datafusion::config::Dialect::PostgreSQL;
+        options.sql_parser.parse_float_as_decimal = true;
         options.execution.time_zone = Some("+00:00".to_string());
         // Each session draws from the engine's query pool through a pool of its own, which
         // holds its statements to `statement_mem` (memory/statement.rs).
