@@ -24,6 +24,7 @@ pub mod pg_casts;
 pub mod pg_functions;
 pub mod pg_intervals;
 pub mod pg_numeric;
+pub mod pg_string_agg;
 pub mod pg_window;
 pub mod pipeline;
 pub mod rewrite;

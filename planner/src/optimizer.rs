@@ -1,10 +1,16 @@
-//! The optimizer's rule list: DataFusion's, in its order, with our corrections in place.
-//! Every session's context (server `Engine::session_context`) is built with it, before the
-//! rules that need a session's state (correlated subqueries) are added.
+//! The optimizer's rule lists, logical and physical: DataFusion's, in its order, with our
+//! corrections in place. Every session's context (server `Engine::session_context`) is built
+//! with them, before the rules that need a session's state (correlated subqueries) are added.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
+use datafusion::config::ConfigOptions;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::optimizer::{Optimizer, OptimizerRule};
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
+use datafusion::physical_plan::ExecutionPlan;
 
 use crate::dependencies::SoundDependencies;
 use crate::filter_pushdown::FilterPushDown;
@@ -32,6 +38,92 @@ pub fn rules() -> Vec<Arc<dyn OptimizerRule + Send + Sync>> {
     }
     rules.push(Arc::new(PredicateSubqueriesAsValues));
     rules
+}
+
+/// DataFusion's physical optimizer rules with its filter push-downs guarded by
+/// [`UniqueNames`].
+pub fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
+    PhysicalOptimizer::new()
+        .rules
+        .into_iter()
+        .map(|rule| -> Arc<dyn PhysicalOptimizerRule + Send + Sync> {
+            if rule.name().starts_with("FilterPushdown") {
+                Arc::new(UniqueNames { inner: rule })
+            } else {
+                rule
+            }
+        })
+        .collect()
+}
+
+/// Both rule lists on a session state under construction.
+pub fn with_rules(builder: SessionStateBuilder) -> SessionStateBuilder {
+    builder
+        .with_optimizer_rules(rules())
+        .with_physical_optimizer_rules(physical_rules())
+}
+
+/// A physical rule run only on plans whose every node's columns have distinct names.
+///
+/// DataFusion's physical filter push-down maps a filter's columns through a projection by
+/// name, and a join's output (and the projection that restores a swapped join's column
+/// order) holds two `k` columns when both sides have one: a filter on the right side's `k`
+/// above a RIGHT JOIN was pushed onto the left side's `k`, and rows the filter should have
+/// removed came back (seed 9020 query 4997, a wrong answer). Such plans keep their filters
+/// where the logical optimizer put them.
+#[derive(Debug)]
+struct UniqueNames {
+    inner: Arc<dyn PhysicalOptimizerRule + Send + Sync>,
+}
+
+/// Whether some node of `plan` has two columns of one name.
+fn has_duplicate_names(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut pending = vec![Arc::clone(plan)];
+    while let Some(node) = pending.pop() {
+        let schema = node.schema();
+        let mut seen = HashSet::new();
+        if !schema
+            .fields()
+            .iter()
+            .all(|f| seen.insert(f.name().clone()))
+        {
+            return true;
+        }
+        pending.extend(node.children().into_iter().cloned());
+    }
+    false
+}
+
+impl PhysicalOptimizerRule for UniqueNames {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        config: &ConfigOptions,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        if has_duplicate_names(&plan) {
+            return Ok(plan);
+        }
+        self.inner.optimize(plan, config)
+    }
+
+    fn optimize_with_context(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        context: &dyn datafusion::physical_optimizer::PhysicalOptimizerContext,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        if has_duplicate_names(&plan) {
+            return Ok(plan);
+        }
+        self.inner.optimize_with_context(plan, context)
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn schema_check(&self) -> bool {
+        self.inner.schema_check()
+    }
 }
 
 /// [`FilterPushDown`] in the rule list: filters stay above aggregates without groups.

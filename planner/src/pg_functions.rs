@@ -169,6 +169,7 @@ pub const CAST_TAG: &str = "pg_cast_tag";
 /// Registers Millrace's extra functions on a session context.
 pub fn register(ctx: &SessionContext) {
     crate::pg_window::register(ctx);
+    crate::pg_string_agg::register(ctx);
     ctx.register_udf(ScalarUDF::new_from_impl(PgCastTag {
         signature: Signature::any(2, Volatility::Immutable),
     }));

@@ -169,9 +169,8 @@ impl Engine {
             .with_config(config)
             .with_runtime_env(runtime)
             .with_catalog_list(self.catalog.provider_list())
-            .with_default_features()
-            .with_optimizer_rules(millrace_planner::optimizer::rules())
-            .build();
+            .with_default_features();
+        let state = millrace_planner::optimizer::with_rules(state).build();
         let mut ctx = SessionContext::new_with_state(state);
         ctx.register_expr_planner(Arc::new(millrace_planner::pg_intervals::PgIntervals))
             .map_err(ServerError::DataFusion)?;
