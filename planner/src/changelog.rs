@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
-use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take_record_batch};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
+use millrace_storage::rows::take_rows;
 
 use crate::error::Result;
 
@@ -78,7 +79,7 @@ impl Changelog {
 
     /// The rows at `indices`, in that order.
     pub fn take(&self, indices: &[u32]) -> Result<Self> {
-        let batch = take_record_batch(&self.batch, &UInt32Array::from(indices.to_vec()))?;
+        let batch = take_rows(&self.batch, &UInt32Array::from(indices.to_vec()))?;
         let weights = indices.iter().map(|&i| self.weights[i as usize]).collect();
         Ok(Self::new(batch, weights))
     }
@@ -153,7 +154,7 @@ impl Changelog {
             return Ok(self);
         }
         let indices: Vec<u32> = kept.iter().map(|(r, _)| *r).collect();
-        let batch = take_record_batch(&self.batch, &UInt32Array::from(indices))?;
+        let batch = take_rows(&self.batch, &UInt32Array::from(indices))?;
         Ok(Self::new(batch, kept.into_iter().map(|(_, w)| w).collect()))
     }
 }

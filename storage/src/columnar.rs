@@ -382,7 +382,7 @@ impl ColumnarTable {
                 let picks = arrow::array::UInt32Array::from_iter_values(
                     (start as u32)..((start + len) as u32),
                 );
-                let rows = arrow::compute::take_record_batch(batch, &picks)?;
+                let rows = crate::rows::take_rows(batch, &picks)?;
                 let ids = UInt64Array::from(row_ids.values()[start..start + len].to_vec());
                 self.insert(&ids, &rows)?;
             }

@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 
 use arrow::array::{RecordBatch, UInt32Array, UInt64Array};
-use arrow::compute::take_record_batch;
 use arrow::datatypes::SchemaRef;
 use arrow_row::{RowConverter, Rows, SortField};
 
@@ -20,7 +19,7 @@ use crate::columnar::snapshot::TableSnapshot;
 use crate::error::{Result, StorageError};
 use crate::key_index::KeyIndex;
 use crate::log_entry::LogEntry;
-use crate::rows::RowId;
+use crate::rows::{RowId, take_rows};
 
 /// Encoded rows with their number of copies, as a checkpoint writes them (0: gone).
 pub type RowCounts = Vec<(Box<[u8]>, i64)>;
@@ -288,7 +287,7 @@ impl ViewContents {
                 }
             }
         }
-        let batch = take_record_batch(batch, &UInt32Array::from(picks.clone()))?;
+        let batch = take_rows(batch, &UInt32Array::from(picks.clone()))?;
         let batch = RecordBatch::try_new(self.table.schema(), batch.columns().to_vec())?;
         let ids = self.table.allocate_row_ids(batch.num_rows());
         for (&row, &id) in picks.iter().zip(ids.values()) {
