@@ -87,16 +87,11 @@ impl ExprPlanner for PgIntervals {
             BinaryOperator::Multiply => {
                 let left = pg_numeric::coerced_type(&expr.left, schema, left);
                 let right = pg_numeric::coerced_type(&expr.right, schema, right);
-                return Ok(
-                    match pg_numeric::multiply(expr.left, &left, expr.right, &right) {
-                        Ok(product) => PlannerResult::Planned(product),
-                        Err((left, right)) => PlannerResult::Original(RawBinaryExpr {
-                            op: expr.op,
-                            left,
-                            right,
-                        }),
-                    },
-                );
+                return Ok(if pg_numeric::takes_product(&left, &right) {
+                    PlannerResult::Planned(pg_numeric::multiply(expr.left, expr.right))
+                } else {
+                    PlannerResult::Original(expr)
+                });
             }
             BinaryOperator::Lt => Operator::Lt,
             BinaryOperator::LtEq => Operator::LtEq,

@@ -31,25 +31,22 @@ const PRODUCT_SCALE: i8 = 20;
 static NUMERIC_MUL: LazyLock<Arc<ScalarUDF>> =
     LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(NumericMul::new())));
 
-/// `left * right` as [`NumericMul`] when both are decimals whose product's scale DataFusion
-/// cannot hold; otherwise the operands back, for DataFusion's own product.
-pub fn multiply(
-    left: Expr,
-    left_type: &DataType,
-    right: Expr,
-    right_type: &DataType,
-) -> std::result::Result<Expr, (Expr, Expr)> {
-    match (left_type, right_type) {
+/// Whether the product of decimals of these types is [`NumericMul`]'s: DataFusion cannot
+/// hold its scale.
+pub fn takes_product(left_type: &DataType, right_type: &DataType) -> bool {
+    matches!(
+        (left_type, right_type),
         (DataType::Decimal128(_, s1), DataType::Decimal128(_, s2))
-            if i16::from(*s1) + i16::from(*s2) > i16::from(PRODUCT_SCALE) =>
-        {
-            Ok(Expr::ScalarFunction(ScalarFunction::new_udf(
-                Arc::clone(&NUMERIC_MUL),
-                vec![left, right],
-            )))
-        }
-        _ => Err((left, right)),
-    }
+            if i16::from(*s1) + i16::from(*s2) > i16::from(PRODUCT_SCALE)
+    )
+}
+
+/// `left * right` as [`NumericMul`].
+pub fn multiply(left: Expr, right: Expr) -> Expr {
+    Expr::ScalarFunction(ScalarFunction::new_udf(
+        Arc::clone(&NUMERIC_MUL),
+        vec![left, right],
+    ))
 }
 
 /// The type `e` has once DataFusion's type coercion has run, where `planned` (the type
@@ -189,10 +186,9 @@ mod tests {
     #[test]
     fn only_products_past_20_digits_of_scale_are_taken() {
         let d = |s| DataType::Decimal128(38, s);
-        let x = || Expr::Literal(datafusion::common::ScalarValue::Int32(Some(1)), None);
-        assert!(multiply(x(), &d(10), x(), &d(10)).is_err());
-        assert!(multiply(x(), &d(10), x(), &d(20)).is_ok());
-        assert!(multiply(x(), &d(20), x(), &d(20)).is_ok());
-        assert!(multiply(x(), &DataType::Int64, x(), &d(38)).is_err());
+        assert!(!takes_product(&d(10), &d(10)));
+        assert!(takes_product(&d(10), &d(20)));
+        assert!(takes_product(&d(20), &d(20)));
+        assert!(!takes_product(&DataType::Int64, &d(38)));
     }
 }
