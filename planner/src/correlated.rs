@@ -200,7 +200,11 @@ impl CorrelatedSubqueries {
             name: format!("correlated_subquery_{}", outer.len()),
             signature: Signature::exact(
                 outer.iter().map(|(_, t)| t.clone()).collect(),
-                Volatility::Stable,
+                // NOTE: volatile, though its value is stable within a statement: a stable
+                // call of literals would be folded by the simplifier, running the subquery
+                // while planning, and a view would keep that value (and escape the refusal
+                // of row-by-row subqueries in views).
+                Volatility::Volatile,
             ),
             plan: sq.subquery.as_ref().clone(),
             outer: outer.iter().map(|(c, _)| c.clone()).collect(),

@@ -65,12 +65,19 @@ impl OptimizerRule for FilterPushDown {
             LogicalPlan::Filter(filter) => {
                 // NOTE: DataFusion merges a chain of filters before it pushes, so the
                 // conjuncts of the filters below this one are sorted here too.
-                let mut conjuncts = split_conjunction_owned(filter.predicate.clone());
+                // The lowest filter's conjuncts first, as DataFusion's merge orders them
+                // (a derived table's `x <> 0` stays ahead of the outer `10 / x`).
+                let mut predicates = vec![filter.predicate.clone()];
                 let mut input = Arc::clone(&filter.input);
                 while let LogicalPlan::Filter(inner) = input.as_ref() {
-                    conjuncts.extend(split_conjunction_owned(inner.predicate.clone()));
+                    predicates.push(inner.predicate.clone());
                     input = Arc::clone(&inner.input);
                 }
+                let conjuncts: Vec<Expr> = predicates
+                    .into_iter()
+                    .rev()
+                    .flat_map(split_conjunction_owned)
+                    .collect();
                 let (kept, pushable): (Vec<Expr>, Vec<Expr>) =
                     conjuncts.into_iter().partition(has_correlated_subquery);
                 let Some(kept) = conjunction(kept) else {

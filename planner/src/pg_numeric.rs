@@ -1,4 +1,4 @@
-//! Products of numerics whose scales add up past 20 digits, planned by
+//! Products of unconstrained numerics whose scales add up past 20 digits, planned by
 //! [`crate::pg_intervals::PgIntervals`] while SQL becomes a plan.
 //!
 //! PostgreSQL's numeric has no scale limit: `a * b` is exact with scale `s1 + s2`. DataFusion's
@@ -31,14 +31,19 @@ const PRODUCT_SCALE: i8 = 20;
 static NUMERIC_MUL: LazyLock<Arc<ScalarUDF>> =
     LazyLock::new(|| Arc::new(ScalarUDF::new_from_impl(NumericMul::new())));
 
-/// Whether the product of decimals of these types is [`NumericMul`]'s: DataFusion cannot
-/// hold its scale.
+/// Whether the product of decimals of these types is [`NumericMul`]'s: DataFusion's type for
+/// it, `Decimal128(min(p1 + p2 + 1, 38), s1 + s2)`, cannot hold its scale, or is capped at 38
+/// digits and keeps more than [`PRODUCT_SCALE`] of them for decimals. A product DataFusion
+/// holds exactly (two short literals, say) stays its own.
 pub fn takes_product(left_type: &DataType, right_type: &DataType) -> bool {
-    matches!(
-        (left_type, right_type),
-        (DataType::Decimal128(_, s1), DataType::Decimal128(_, s2))
-            if i16::from(*s1) + i16::from(*s2) > i16::from(PRODUCT_SCALE)
-    )
+    let (DataType::Decimal128(p1, s1), DataType::Decimal128(p2, s2)) = (left_type, right_type)
+    else {
+        return false;
+    };
+    let scale = i16::from(*s1) + i16::from(*s2);
+    let precision = i16::from(*p1) + i16::from(*p2) + 1;
+    let max = i16::from(MAX_DIGITS);
+    scale > max || (precision > max && scale > i16::from(PRODUCT_SCALE))
 }
 
 /// `left * right` as [`NumericMul`].
@@ -141,10 +146,10 @@ impl ScalarUDFImpl for NumericMul {
                 continue;
             }
             let product = i256::from_i128(a.value(row)) * i256::from_i128(b.value(row));
-            let rounded = round_div(product, divisor).wrapping_mul(multiplier);
-            if rounded.wrapping_abs() >= limit {
-                return Err(DataFusionError::Execution("numeric field overflow".into()));
-            }
+            let rounded = round_div(product, divisor)
+                .checked_mul(multiplier)
+                .filter(|r| r.wrapping_abs() < limit)
+                .ok_or_else(|| DataFusionError::Execution("numeric field overflow".into()))?;
             out.push(rounded.to_i128());
         }
         let result = Decimal128Array::from(out).with_precision_and_scale(MAX_DIGITS, scale)?;
@@ -190,5 +195,14 @@ mod tests {
         assert!(takes_product(&d(10), &d(20)));
         assert!(takes_product(&d(20), &d(20)));
         assert!(!takes_product(&DataType::Int64, &d(38)));
+        // Two literals whose product DataFusion holds exactly keep every digit.
+        assert!(!takes_product(
+            &DataType::Decimal128(12, 11),
+            &DataType::Decimal128(13, 13)
+        ));
+        assert!(takes_product(
+            &DataType::Decimal128(30, 25),
+            &DataType::Decimal128(30, 15)
+        ));
     }
 }

@@ -358,26 +358,7 @@ impl VisitorMut for SetReturningFunctions {
                     && f.name.to_string().eq_ignore_ascii_case("generate_series")
                 {
                     let inner = expr.clone();
-                    *expr = Expr::Function(datafusion::sql::sqlparser::ast::Function {
-                        name: datafusion::sql::sqlparser::ast::ObjectName::from(vec![Ident::new(
-                            "unnest",
-                        )]),
-                        uses_odbc_syntax: false,
-                        parameters: datafusion::sql::sqlparser::ast::FunctionArguments::None,
-                        args: datafusion::sql::sqlparser::ast::FunctionArguments::List(
-                            datafusion::sql::sqlparser::ast::FunctionArgumentList {
-                                duplicate_treatment: None,
-                                args: vec![datafusion::sql::sqlparser::ast::FunctionArg::Unnamed(
-                                    datafusion::sql::sqlparser::ast::FunctionArgExpr::Expr(inner),
-                                )],
-                                clauses: vec![],
-                            },
-                        ),
-                        filter: None,
-                        null_treatment: None,
-                        over: None,
-                        within_group: vec![],
-                    });
+                    *expr = call("unnest", vec![inner]);
                 }
             }
         }
@@ -389,6 +370,27 @@ impl VisitorMut for SetReturningFunctions {
 /// DataFusion's takes chrono's (`%Y-%m-%d %H:%M:%S`). A literal PostgreSQL template is
 /// translated; a template that already holds `%` is left alone.
 struct PgTemplates;
+
+/// `name(args)` as a parsed function call.
+fn call(name: &str, args: Vec<Expr>) -> Expr {
+    Expr::Function(Function {
+        name: ObjectName::from(vec![Ident::new(name)]),
+        uses_odbc_syntax: false,
+        parameters: FunctionArguments::None,
+        args: FunctionArguments::List(FunctionArgumentList {
+            duplicate_treatment: None,
+            args: args
+                .into_iter()
+                .map(|e| FunctionArg::Unnamed(FunctionArgExpr::Expr(e)))
+                .collect(),
+            clauses: vec![],
+        }),
+        filter: None,
+        null_treatment: None,
+        over: None,
+        within_group: vec![],
+    })
+}
 
 /// Aggregate functions whose arguments [`CastsInAggregates`] marks.
 const AGGREGATES: &[&str] = &[
@@ -464,21 +466,7 @@ impl VisitorMut for CastsInAggregates {
         {
             let tag = Expr::value(Value::SingleQuotedString(data_type.to_string()));
             let cast = std::mem::replace(expr, Expr::value(Value::Null));
-            let arg = |e| FunctionArg::Unnamed(FunctionArgExpr::Expr(e));
-            *expr = Expr::Function(Function {
-                name: ObjectName::from(vec![Ident::new(crate::pg_functions::CAST_TAG)]),
-                uses_odbc_syntax: false,
-                parameters: FunctionArguments::None,
-                args: FunctionArguments::List(FunctionArgumentList {
-                    duplicate_treatment: None,
-                    args: vec![arg(cast), arg(tag)],
-                    clauses: vec![],
-                }),
-                filter: None,
-                null_treatment: None,
-                over: None,
-                within_group: vec![],
-            });
+            *expr = call(crate::pg_functions::CAST_TAG, vec![cast, tag]);
         }
         ControlFlow::Continue(())
     }

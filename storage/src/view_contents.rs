@@ -288,7 +288,11 @@ impl ViewContents {
             }
         }
         let batch = take_rows(batch, &UInt32Array::from(picks.clone()))?;
-        let batch = RecordBatch::try_new(self.table.schema(), batch.columns().to_vec())?;
+        let batch = RecordBatch::try_new_with_options(
+            self.table.schema(),
+            batch.columns().to_vec(),
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+        )?;
         let ids = self.table.allocate_row_ids(batch.num_rows());
         for (&row, &id) in picks.iter().zip(ids.values()) {
             self.copies.insert(hashes[row as usize], id);
