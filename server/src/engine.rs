@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use datafusion::arrow::array::{Array, RecordBatch};
+use datafusion::arrow::array::{Array, BooleanArray, RecordBatch, UInt64Array};
 
 use datafusion::execution::FunctionRegistry;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
@@ -19,7 +19,7 @@ use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use millrace_planner::{Catalog, MillraceTable};
-use millrace_storage::{LogEntry, RowId, Store, WriteSet};
+use millrace_storage::{ColdFile, LogEntry, RowId, Store, WriteSet};
 use tracing::{info, warn};
 
 use crate::config::ServeConfig;
@@ -57,6 +57,22 @@ pub struct TableChange {
     pub deletes: Vec<RowId>,
     /// Rows to insert, in the table's schema.
     pub inserts: Option<RecordBatch>,
+    /// More rows to insert, staged in cold files by a large COPY (`exec/copy.rs`): the
+    /// commit refers to the files, and the views read their rows a step at a time.
+    pub staged: Vec<Arc<ColdFile>>,
+}
+
+/// One table's part of a commit, between its durable write and its application.
+struct Applied {
+    table: Arc<MillraceTable>,
+    /// Log entries applied to the table's rows once durable.
+    entries: Vec<LogEntry>,
+    /// Staged files with the row ids their rows get.
+    files: Vec<(UInt64Array, Arc<ColdFile>)>,
+    /// What the views are sent.
+    changes: Vec<EpochPart>,
+    /// Whether any view reads the table.
+    watched: bool,
 }
 
 /// State shared by all sessions.
@@ -196,7 +212,8 @@ impl Engine {
     pub fn commit_changes(&self, changes: Vec<TableChange>, mut extra: WriteSet) -> Result<usize> {
         let _room = self.cache.make_room(|| self.bytes_to_read(&changes));
         let mut touched = 0;
-        let mut applied: Vec<(Arc<MillraceTable>, Vec<LogEntry>)> = Vec::new();
+        let mut applied: Vec<Applied> = Vec::new();
+        let mut compacted: Vec<Arc<MillraceTable>> = Vec::new();
         let mut epoch = EpochChanges::new();
         for change in merge_by_table(changes)? {
             let TableChange {
@@ -204,6 +221,7 @@ impl Engine {
                 table_name,
                 deletes,
                 inserts,
+                staged,
             } = change;
             let mut data = table.rows.write().or_poisoned("table")?;
             let deleted: HashSet<RowId> = deletes.iter().copied().collect();
@@ -223,13 +241,24 @@ impl Engine {
                     row_ids: deletes.into(),
                 });
             }
-            if let Some(batch) = inserts.filter(|b| b.num_rows() > 0) {
-                let batch = conform_to_table(&table_name, &table.def.schema, &batch)?;
-                if data.find_duplicate_key(&deleted, &batch)?.is_some() {
-                    return Err(ServerError::UniqueViolation {
-                        constraint: format!("{table_name}_pkey"),
-                    });
+            let inserts = inserts
+                .filter(|b| b.num_rows() > 0)
+                .map(|b| conform_to_table(&table_name, &table.def.schema, &b))
+                .transpose()?;
+            let conflict = if staged.is_empty() {
+                match &inserts {
+                    Some(batch) => data.find_duplicate_key(&deleted, batch)?.is_some(),
+                    None => false,
                 }
+            } else {
+                data.staged_key_conflicts(&deleted, inserts.as_ref(), &staged)?
+            };
+            if conflict {
+                return Err(ServerError::UniqueViolation {
+                    constraint: format!("{table_name}_pkey"),
+                });
+            }
+            if let Some(batch) = inserts {
                 touched += batch.num_rows();
                 if watched {
                     changes.push(Changelog::inserts(batch.clone()).into());
@@ -239,25 +268,64 @@ impl Engine {
                     batch,
                 });
             }
+            let mut files = Vec::with_capacity(staged.len());
+            for file in staged {
+                touched += file.rows;
+                let row_ids = data.allocate_row_ids(file.rows);
+                extra.append(
+                    table.id,
+                    LogEntry::Cold {
+                        path: file.path().to_string(),
+                        row_ids: row_ids.clone(),
+                        live: BooleanArray::from(vec![true; file.rows]),
+                    },
+                );
+                files.push((row_ids, file));
+            }
             for entry in &entries {
                 extra.append(table.id, entry.clone());
             }
             drop(data);
+            applied.push(Applied {
+                table,
+                entries,
+                files,
+                changes,
+                watched,
+            });
+        }
+        self.commit_write_set(extra)?;
+        for Applied {
+            table,
+            entries,
+            files,
+            mut changes,
+            watched,
+        } in applied
+        {
+            let mut data = table.rows.write().or_poisoned("table")?;
+            let mut staged_ids = Vec::new();
+            let logged = entries.len() + files.len();
+            for (row_ids, file) in files {
+                data.add_staged(&row_ids, file)?;
+                staged_ids.extend_from_slice(row_ids.values());
+            }
+            for entry in &entries {
+                data.apply(entry)?;
+            }
+            if watched && !staged_ids.is_empty() {
+                // NOTE: referred to, not read: the views read them a step at a time.
+                changes.push(EpochPart::inserted(data.stored_rows(&staged_ids)));
+            }
+            drop(data);
+            table.log_entries.fetch_add(logged, Ordering::SeqCst);
             // NOTE: neither concatenated nor consolidated: an UPDATE's deleted and inserted
             // rows rarely cancel, operators take unconsolidated changes, and copying or
             // encoding every row doubled the memory a large UPDATE held.
             if !changes.is_empty() {
                 epoch.insert(table.id, changes);
             }
-            applied.push((table, entries));
-        }
-        self.commit_write_set(extra)?;
-        for (table, entries) in &applied {
-            let mut data = table.rows.write().or_poisoned("table")?;
-            for entry in entries {
-                data.apply(entry)?;
-            }
-            table.log_entries.fetch_add(entries.len(), Ordering::SeqCst);
+            compacted.push(table);
         }
         if !epoch.is_empty() {
             self.views.send_epoch(epoch);
@@ -265,7 +333,7 @@ impl Engine {
         // NOTE: with checkpoints on, logs are rewritten by the checkpoint ticker, so that a
         // checkpoint's log position stays valid.
         if self.checkpoint_interval.is_none() {
-            for (table, _) in &applied {
+            for table in &compacted {
                 self.maybe_compact(table)?;
             }
         }
@@ -389,13 +457,20 @@ impl Engine {
 
     /// Checks a change against NOT NULL and the primary key without applying it.
     pub fn validate(&self, change: &TableChange) -> Result<()> {
-        let Some(batch) = change.inserts.as_ref().filter(|b| b.num_rows() > 0) else {
+        let batch = change.inserts.as_ref().filter(|b| b.num_rows() > 0);
+        if batch.is_none() && change.staged.is_empty() {
             return Ok(());
-        };
-        let batch = conform_to_table(&change.table_name, &change.table.def.schema, batch)?;
+        }
+        let batch = batch
+            .map(|b| conform_to_table(&change.table_name, &change.table.def.schema, b))
+            .transpose()?;
         let data = change.table.rows.read().or_poisoned("table")?;
         let deleted: HashSet<RowId> = change.deletes.iter().copied().collect();
-        if data.find_duplicate_key(&deleted, &batch)?.is_some() {
+        let conflict = match (&batch, change.staged.is_empty()) {
+            (Some(batch), true) => data.find_duplicate_key(&deleted, batch)?.is_some(),
+            _ => data.staged_key_conflicts(&deleted, batch.as_ref(), &change.staged)?,
+        };
+        if conflict {
             return Err(ServerError::UniqueViolation {
                 constraint: format!("{}_pkey", change.table_name),
             });
@@ -426,6 +501,7 @@ fn merge_by_table(changes: Vec<TableChange>) -> Result<Vec<TableChange>> {
     for change in changes {
         if let Some(existing) = out.iter_mut().find(|c| c.table.id == change.table.id) {
             existing.deletes.extend(change.deletes);
+            existing.staged.extend(change.staged);
             existing.inserts = match (existing.inserts.take(), change.inserts) {
                 (Some(a), Some(b)) => {
                     // NOTE: each statement's batch carries its own nullability; concatenate

@@ -12,6 +12,7 @@
 
 mod chunk;
 pub mod snapshot;
+mod staged;
 #[cfg(test)]
 mod tests;
 
@@ -322,10 +323,10 @@ impl ColumnarTable {
         let live_count = chunk.live_count;
         let positions = (!chunk.all_live()).then(|| chunk.live_positions());
         let ids = chunk.visible_row_ids()?;
-        if let (Some(cols), Rows::Cold(file)) = (&self.primary_key, &chunk.rows) {
-            let keys = file.read(Some(cols), positions.as_deref())?;
+        if let (Some(_), Rows::Cold(file)) = (&self.primary_key, &chunk.rows) {
+            let keys = self.file_key_columns(file, positions.as_deref())?;
             for (key, &id) in self
-                .encode_key_columns(keys.columns())?
+                .encode_key_columns(&keys)?
                 .into_iter()
                 .zip(ids.values())
             {
@@ -542,25 +543,30 @@ impl ColumnarTable {
         };
         let mut seen = HashSet::with_capacity(keys.len());
         for (row, key) in keys.iter().enumerate() {
-            if !seen.insert(key) {
+            if !seen.insert(key) || self.key_taken(deleted, key)? {
                 return Ok(Some(row));
-            }
-            // NOTE: a row whose key has the same hash is rarely the same key: its key is read
-            // (from a cold file if need be) and compared.
-            for id in self.key_index.candidates(self.key_index.hash(key)) {
-                if deleted.contains(&id) {
-                    continue;
-                }
-                let found = self.fetch(&[id])?;
-                if self
-                    .encode_keys(&found)?
-                    .is_some_and(|k| k.first() == Some(key))
-                {
-                    return Ok(Some(row));
-                }
             }
         }
         Ok(None)
+    }
+
+    /// Whether a live row not in `deleted` has the encoded primary key `key`.
+    fn key_taken(&self, deleted: &HashSet<RowId>, key: &[u8]) -> Result<bool> {
+        // NOTE: a row whose key has the same hash is rarely the same key: its key is read
+        // (from a cold file if need be) and compared.
+        for id in self.key_index.candidates(self.key_index.hash(key)) {
+            if deleted.contains(&id) {
+                continue;
+            }
+            let found = self.fetch(&[id])?;
+            if self
+                .encode_keys(&found)?
+                .is_some_and(|k| k.first().map(|k| k.as_ref()) == Some(key))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Row ids whose primary key may equal the key of each row of `keys` (a batch of the key

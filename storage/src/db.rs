@@ -280,6 +280,25 @@ impl Store {
                 WriteOp::DropViewState(view_id) => {
                     self.drop_view_ranges(batch, view_id)?;
                 }
+                WriteOp::DropViewStateExcept(view_id, keep) => {
+                    let state = self.cf(CF_VIEW_STATE)?;
+                    let start = |op: u32| view_state_key(view_id, op, 0, &[])[..12].to_vec();
+                    batch.delete_range_cf(state, view_id.to_be_bytes().to_vec(), start(keep));
+                    let after = match keep.checked_add(1) {
+                        Some(next) => start(next),
+                        None => view_id.saturating_add(1).to_be_bytes().to_vec(),
+                    };
+                    batch.delete_range_cf(
+                        state,
+                        after,
+                        view_id.saturating_add(1).to_be_bytes().to_vec(),
+                    );
+                    batch.delete_range_cf(
+                        self.cf(CF_VIEW_UNDO)?,
+                        view_id.to_be_bytes(),
+                        view_id.saturating_add(1).to_be_bytes(),
+                    );
+                }
                 WriteOp::KeepViewSpills(view_id) => {
                     batch.delete_range_cf(
                         self.cf(CF_VIEW_UNDO)?,

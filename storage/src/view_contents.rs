@@ -122,6 +122,12 @@ impl ViewContents {
         Ok(out)
     }
 
+    /// Whether more rows changed since the last checkpoint than are tracked: the next one
+    /// writes every row.
+    pub fn overflowed(&self) -> bool {
+        self.dirty_overflow
+    }
+
     /// What the next checkpoint writes of the contents: the changed rows, or every row when
     /// too many changed to track (`true`: the checkpointed rows are to be replaced).
     pub fn take_changes(&mut self) -> Result<(bool, RowCounts)> {
@@ -143,6 +149,29 @@ impl ViewContents {
             }
         }
         Ok(counts.into_iter().collect())
+    }
+
+    /// Every row with its number of copies, a chunk's rows at a time (a full checkpoint,
+    /// which writes them as they come; a cold chunk is read when its turn comes): a row
+    /// with several copies comes once, with its first copy. Forgets what was dirty.
+    pub fn for_each_count(&mut self, mut write: impl FnMut(RowCounts) -> Result<()>) -> Result<()> {
+        self.forget_dirty();
+        self.dirty_overflow = false;
+        for part in self.table.log_parts()? {
+            let LogEntry::Insert { row_ids, batch } = part.read()? else {
+                continue;
+            };
+            let rows = self.converter.convert_columns(batch.columns())?;
+            let mut counts = Vec::new();
+            for (row, &id) in rows.iter().zip(row_ids.values()) {
+                let copies = self.ids_of(row.as_ref())?;
+                if copies.iter().min() == Some(&id) {
+                    counts.push((row.as_ref().into(), copies.len() as i64));
+                }
+            }
+            write(counts)?;
+        }
+        Ok(())
     }
 
     /// Loads checkpointed rows (encoded, with their counts): into empty contents, or a piece

@@ -160,6 +160,7 @@ async fn commit_rows(
         table_name: name.to_string(),
         deletes: vec![],
         inserts: (batch.num_rows() > 0).then_some(batch),
+        staged: Vec::new(),
     };
     engine.commit_changes(vec![change], set)?;
     Ok(())

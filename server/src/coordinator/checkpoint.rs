@@ -30,11 +30,14 @@ use std::time::{Instant, SystemTime};
 use millrace_planner::Catalog;
 use millrace_planner::system_table::SystemTableBuilder;
 use millrace_planner::view_table::ViewStatus;
-use millrace_storage::db::keys::CONTENTS_OP;
+use millrace_storage::db::keys::{CONTENTS_OP, other_contents_op};
+use millrace_storage::error::LockResultExt;
+use millrace_storage::view_contents::RowCounts;
 use millrace_storage::{StateTier, WriteSet};
 use tracing::{info, warn};
 
 use super::Coordinator;
+use crate::coordinator::entry::ViewEntry;
 use crate::coordinator::manifest::{Barrier, CheckpointRecord, MANIFEST_KEY, Manifest};
 use crate::error::{Result, ServerError};
 
@@ -81,6 +84,8 @@ impl Coordinator {
         }
         let mut views = BTreeMap::new();
         let mut layouts = BTreeMap::new();
+        let mut contents_ops = BTreeMap::new();
+        let last = Manifest::load(&self.store)?;
         let mut written = Vec::new();
         let mut skipped = 0;
         let (mut entries, mut bytes) = (0u64, 0u64);
@@ -109,22 +114,6 @@ impl Coordinator {
                 )
             };
             let fresh = view.checkpoint_fresh.load(Ordering::SeqCst);
-            let rows = match view.provider.contents.write() {
-                Ok(mut c) if fresh => c.all_counts().map(|rows| (true, rows)),
-                Ok(mut c) => c.take_changes(),
-                Err(_) => Ok((false, Vec::new())),
-            };
-            let (all_rows, rows) = match rows {
-                Ok(rows) => rows,
-                Err(e) => {
-                    // The rows changed since the last checkpoint are forgotten: leave the
-                    // view out of checkpoints until it is rebuilt.
-                    warn!(view = %view.provider.name, error = %e, "reading the view's changed rows failed");
-                    view.checkpoint_lost.store(true, Ordering::SeqCst);
-                    skipped += 1;
-                    continue;
-                }
-            };
             let state = match state {
                 Ok(Some(state)) if !view.checkpoint_lost.load(Ordering::SeqCst) => state,
                 Ok(_) => {
@@ -138,14 +127,35 @@ impl Coordinator {
                     continue;
                 }
             };
+            let current = last
+                .as_ref()
+                .map_or(CONTENTS_OP, |m| m.contents_op(view.id));
+            let contents = match self.write_contents(&view, fresh, current, tier.as_ref()) {
+                Ok(contents) => contents,
+                Err(e) => {
+                    // The rows changed since the last checkpoint are forgotten: leave the
+                    // view out of checkpoints until it is rebuilt.
+                    warn!(view = %view.provider.name, error = %e, "writing the view's rows failed; left out until rebuilt");
+                    view.checkpoint_lost.store(true, Ordering::SeqCst);
+                    skipped += 1;
+                    continue;
+                }
+            };
+            entries += contents.entries;
+            bytes += contents.bytes;
             // NOTE: operator state evicted since the last checkpoint is already in place (a
             // fresh pipeline's first eviction deleted the earlier pipeline's state); the
             // commit makes it current: it drops the undo records and clears the stale mark.
             let spilled_fresh = tier.as_ref().is_some_and(|t| t.dropped_earlier_state());
+            let ahead = contents.op != current;
             if fresh && !spilled_fresh {
-                set.drop_view_state(view.id);
-            } else if all_rows {
-                set.drop_view_state_op(view.id, CONTENTS_OP);
+                match ahead {
+                    true => set.drop_view_state_except(view.id, contents.op),
+                    false => set.drop_view_state(view.id),
+                }
+            } else if contents.full {
+                // Written ahead: the earlier rows go; in this write: they are replaced.
+                set.drop_view_state_op(view.id, current);
             }
             set.keep_view_spills(view.id);
             set.delete_meta(&StateTier::mark_key(view.id));
@@ -154,12 +164,11 @@ impl Coordinator {
                 bytes += (e.key.len() + e.value.as_ref().map_or(0, |v| v.len())) as u64;
                 set.put_view_state(view.id, e.op, e.partition, e.key, e.value);
             }
-            for (row, n) in rows {
-                entries += 1;
-                bytes += row.len() as u64 + 8;
+            for (row, n) in contents.in_commit {
                 let value = (n > 0).then(|| n.to_le_bytes().to_vec());
-                set.put_view_state(view.id, CONTENTS_OP, 0, row.into_vec(), value);
+                set.put_view_state(view.id, contents.op, 0, row.into_vec(), value);
             }
+            contents_ops.insert(view.id, contents.op);
             views.insert(view.id, workers);
             layouts.insert(view.id, layout);
             written.push((view, tier));
@@ -184,6 +193,7 @@ impl Coordinator {
                 .unwrap_or(0),
             views: views.clone(),
             layouts,
+            contents: contents_ops,
         };
         let encoded = serde_json::to_vec(&manifest)
             .map_err(|e| ServerError::Internal(format!("checkpoint manifest: {e}")))?;
@@ -288,4 +298,97 @@ pub fn register(catalog: &Arc<Catalog>, coordinator: &Arc<Coordinator>) {
                 .unwrap_or_default()
         });
     catalog.register_system_table("millrace_checkpoints", Arc::new(table));
+}
+
+/// How a checkpoint wrote a view's contents.
+struct ContentsWrite {
+    /// The operator number they are under (see `CONTENTS_OP_ALT`).
+    op: u32,
+    /// Whether they replace the checkpointed rows (all rows) or update them (changed rows).
+    full: bool,
+    /// Rows left for the checkpoint's commit (none when they went ahead of it).
+    in_commit: RowCounts,
+    /// Rows written (or left for the commit), and their bytes.
+    entries: u64,
+    bytes: u64,
+}
+
+impl Coordinator {
+    /// Writes a view's rows for a checkpoint ahead of its commit, in bounded batches, so
+    /// that the one atomic write does not hold them (twice, with RocksDB's batch): changed
+    /// rows over the checkpointed ones under `current` (undo records keep those until the
+    /// commit), all rows (a fresh view, or too many changed to track) under the other
+    /// contents number, a chunk at a time, which the commit switches to. Without a warm tier
+    /// the rows are left for the commit.
+    fn write_contents(
+        &self,
+        view: &ViewEntry,
+        fresh: bool,
+        current: u32,
+        tier: Option<&Arc<StateTier>>,
+    ) -> Result<ContentsWrite> {
+        let mut contents = view
+            .provider
+            .contents
+            .write()
+            .or_poisoned("view contents")?;
+        let full = fresh || contents.overflowed();
+        let mut out = ContentsWrite {
+            op: current,
+            full,
+            in_commit: Vec::new(),
+            entries: 0,
+            bytes: 0,
+        };
+        let count = |out: &mut ContentsWrite, rows: &RowCounts| {
+            out.entries += rows.len() as u64;
+            out.bytes += rows
+                .iter()
+                .map(|(row, _)| row.len() as u64 + 8)
+                .sum::<u64>();
+        };
+        match (tier, full) {
+            (Some(tier), false) => {
+                let rows = contents.take_dirty()?;
+                drop(contents);
+                count(&mut out, &rows);
+                let location = tier.location(current, 0);
+                for batch in encoded(rows).chunks(FLUSH_AHEAD_ENTRIES) {
+                    tokio::task::block_in_place(|| location.spill(batch.to_vec()))?;
+                }
+            }
+            (Some(_), true) => {
+                let target = other_contents_op(current);
+                out.op = target;
+                let store = &self.store;
+                let mut clear = WriteSet::new();
+                clear.drop_view_state_op(view.id, target);
+                tokio::task::block_in_place(|| store.commit(clear))?;
+                contents.for_each_count(|rows| {
+                    count(&mut out, &rows);
+                    let mut set = WriteSet::new();
+                    for (row, value) in encoded(rows) {
+                        set.put_view_state(view.id, target, 0, row, value);
+                    }
+                    tokio::task::block_in_place(|| store.commit(set))?;
+                    Ok(())
+                })?;
+            }
+            (None, true) => out.in_commit = contents.all_counts()?,
+            (None, false) => out.in_commit = contents.take_dirty()?,
+        }
+        if tier.is_none() {
+            let rows = std::mem::take(&mut out.in_commit);
+            count(&mut out, &rows);
+            out.in_commit = rows;
+        }
+        Ok(out)
+    }
+}
+
+/// Rows with their counts as view state entries (a count of 0: the row is gone).
+fn encoded(rows: RowCounts) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    rows.into_iter()
+        .map(|(row, n)| (row.into_vec(), (n > 0).then(|| n.to_le_bytes().to_vec())))
+        .collect()
 }

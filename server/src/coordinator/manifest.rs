@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use millrace_storage::Store;
+use millrace_storage::db::keys::CONTENTS_OP;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -32,9 +33,18 @@ pub struct Manifest {
     /// into a plan with the same one.
     #[serde(default)]
     pub layouts: BTreeMap<u64, u64>,
+    /// The operator number each view's contents are checkpointed under (absent:
+    /// `CONTENTS_OP`); a checkpoint writing them in full alternates it.
+    #[serde(default)]
+    pub contents: BTreeMap<u64, u32>,
 }
 
 impl Manifest {
+    /// The operator number view `view_id`'s contents are checkpointed under.
+    pub fn contents_op(&self, view_id: u64) -> u32 {
+        self.contents.get(&view_id).copied().unwrap_or(CONTENTS_OP)
+    }
+
     /// The last committed manifest, if any.
     pub fn load(store: &Store) -> Result<Option<Manifest>> {
         match store.meta(MANIFEST_KEY)? {

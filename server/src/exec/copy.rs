@@ -1,33 +1,27 @@
 //! COPY ... FROM STDIN (text and CSV) and COPY ... TO STDOUT.
 //!
-//! Incoming data is buffered until CopyDone, parsed into one Arrow batch per statement (each
-//! field cast from its text to the column type), and committed like an INSERT: all rows or
-//! none. Outgoing rows use the same text encoding as query results.
+//! Starting a COPY FROM STDIN (its data is parsed, staged and committed by
+//! `exec/copy_from.rs`: all rows or none). Outgoing rows use the same text encoding as
+//! query results.
 
 use std::sync::Arc;
 
 use arrow_pg::datatypes::arrow_schema_to_pg_fields;
-use datafusion::arrow::array::{ArrayRef, BinaryArray, BooleanArray, RecordBatch, StringArray};
-use datafusion::arrow::compute::{CastOptions, cast_with_options};
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::sql::sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget,
 };
 use millrace_planner::PlanError;
 use pgwire::api::portal::Format;
 
-use crate::engine::TableChange;
 use crate::error::{Result, ServerError};
-use crate::exec::ddl::default_column;
+use crate::exec::names;
 use crate::exec::output::Output;
 use crate::exec::query;
-use crate::exec::{names, txn};
 use crate::session::Session;
 use crate::session::copy_in::{CopyFormat, CopyIn};
 use millrace_planner::error::ObjectClass;
-
-/// Largest COPY FROM STDIN payload buffered for one statement.
-const MAX_COPY_BYTES: usize = 1 << 30;
 
 fn parse_format(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> Result<CopyFormat> {
     let mut f = CopyFormat::text();
@@ -83,6 +77,17 @@ fn parse_format(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> Result<C
         f.null = n;
     }
     f.escape = escape.unwrap_or(f.quote);
+    for (what, c) in [
+        ("delimiter", f.delimiter),
+        ("quote", f.quote),
+        ("escape", f.escape),
+    ] {
+        if !c.is_ascii() {
+            return Err(ServerError::NotSupported(format!(
+                "COPY {what} must be a single one-byte character"
+            )));
+        }
+    }
     Ok(f)
 }
 
@@ -170,310 +175,22 @@ pub async fn start(
         v
     };
     let n = column_indices.len();
+    let pool = session.ctx.runtime_env().memory_pool.clone();
     session.copy_in = Some(CopyIn {
         table,
         table_name: name.name,
         columns: column_indices,
         format,
-        buffer: Vec::new(),
+        pending: Vec::new(),
+        lines: 0,
+        ended: false,
+        rows: 0,
+        held: Vec::new(),
+        held_bytes: 0,
+        reservation: MemoryConsumer::new("COPY").register(&pool),
+        staged: Vec::new(),
     });
     Ok(Output::CopyIn { columns: n })
-}
-
-/// Buffers one CopyData message.
-pub fn receive(session: &mut Session, data: &[u8]) -> Result<()> {
-    let Some(copy) = session.copy_in.as_mut() else {
-        return Err(ServerError::Protocol(
-            "COPY data without COPY FROM STDIN".into(),
-        ));
-    };
-    if copy.buffer.len() + data.len() > MAX_COPY_BYTES {
-        session.copy_in = None;
-        return Err(ServerError::BadCopyFormat(
-            "COPY data exceeds 1 GiB; split the load".into(),
-        ));
-    }
-    copy.buffer.extend_from_slice(data);
-    Ok(())
-}
-
-/// Ends COPY FROM STDIN: parses the data and commits it. Returns the row count.
-pub async fn finish(session: &mut Session) -> Result<usize> {
-    let Some(copy) = session.copy_in.take() else {
-        return Err(ServerError::Protocol(
-            "CopyDone without COPY FROM STDIN".into(),
-        ));
-    };
-    let text = std::str::from_utf8(&copy.buffer)
-        .map_err(|e| ServerError::InvalidEncoding(format!("COPY {}: {e}", copy.table_name)))?;
-    let mut records = if copy.format.csv {
-        parse_csv(text, &copy.format)?
-    } else {
-        parse_text(text, &copy.format)?
-    };
-    if copy.format.header && !records.is_empty() {
-        records.remove(0);
-    }
-    let first_line = if copy.format.header { 2 } else { 1 };
-    let schema = copy.table.def.schema.clone();
-    let rows = records.len();
-    for (i, r) in records.iter().enumerate() {
-        if r.len() != copy.columns.len() {
-            let what = if r.len() > copy.columns.len() {
-                "extra data after last expected column"
-            } else {
-                "missing data for column"
-            };
-            return Err(ServerError::BadCopyFormat(format!(
-                "{what} (COPY {}, line {})",
-                copy.table_name,
-                i + first_line
-            )));
-        }
-    }
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-    for (col, field) in schema.fields().iter().enumerate() {
-        match copy.columns.iter().position(|&c| c == col) {
-            Some(pos) => {
-                let values: Vec<Option<&str>> = records.iter().map(|r| r[pos].as_deref()).collect();
-                columns.push(cast_text(&values, field.data_type()).map_err(|bad| {
-                    ServerError::InvalidText(format!(
-                        "invalid input for type {} of column {}: \"{}\" (COPY {}, line {})",
-                        field.data_type(),
-                        field.name(),
-                        values[bad].unwrap_or(""),
-                        copy.table_name,
-                        bad + first_line
-                    ))
-                })?);
-            }
-            None => columns.push(default_column(session, &copy.table.def, field, rows).await?),
-        }
-    }
-    let loose = Arc::new(datafusion::arrow::datatypes::Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<_>>(),
-    ));
-    let batch = RecordBatch::try_new(loose, columns)?;
-    let engine = session.engine.clone();
-    let _write = engine.write_lock.lock().await;
-    txn::apply(
-        session,
-        vec![TableChange {
-            table: copy.table,
-            table_name: copy.table_name,
-            deletes: vec![],
-            inserts: Some(batch),
-        }],
-    )?;
-    Ok(rows)
-}
-
-/// Casts text values to a column type; on failure returns the index of the first bad value.
-fn cast_text(values: &[Option<&str>], target: &DataType) -> std::result::Result<ArrayRef, usize> {
-    match target {
-        DataType::Boolean => {
-            let mut out = Vec::with_capacity(values.len());
-            for (i, v) in values.iter().enumerate() {
-                out.push(match v {
-                    None => None,
-                    Some(s) => Some(parse_bool(s).ok_or(i)?),
-                });
-            }
-            Ok(Arc::new(BooleanArray::from(out)))
-        }
-        DataType::Binary => {
-            let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(values.len());
-            for (i, v) in values.iter().enumerate() {
-                out.push(match v {
-                    None => None,
-                    Some(s) => Some(parse_bytea(s).ok_or(i)?),
-                });
-            }
-            Ok(Arc::new(BinaryArray::from_iter(out)))
-        }
-        _ => {
-            let strings: ArrayRef = Arc::new(StringArray::from(values.to_vec()));
-            if *target == DataType::Utf8 {
-                return Ok(strings);
-            }
-            let options = CastOptions {
-                safe: false,
-                ..Default::default()
-            };
-            match cast_with_options(&strings, target, &options) {
-                Ok(a) => Ok(a),
-                Err(_) => {
-                    for (i, v) in values.iter().enumerate() {
-                        let one: ArrayRef = Arc::new(StringArray::from(vec![*v]));
-                        if cast_with_options(&one, target, &options).is_err() {
-                            return Err(i);
-                        }
-                    }
-                    Err(0)
-                }
-            }
-        }
-    }
-}
-
-/// PostgreSQL's boolean input spellings.
-pub fn parse_bool(s: &str) -> Option<bool> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
-        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
-        _ => None,
-    }
-}
-
-pub use millrace_planner::pg_casts::parse_bytea;
-
-/// Splits PostgreSQL text-format COPY data into records of optional fields.
-fn parse_text(text: &str, format: &CopyFormat) -> Result<Vec<Vec<Option<String>>>> {
-    let mut out = Vec::new();
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line == "\\." {
-            break;
-        }
-        if line.is_empty() {
-            continue;
-        }
-        let mut fields = Vec::new();
-        let mut field = String::new();
-        let mut raw = String::new();
-        let mut chars = line.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == format.delimiter {
-                fields.push(finish_text_field(&raw, &field, format));
-                field.clear();
-                raw.clear();
-                continue;
-            }
-            if c == '\\' {
-                raw.push(c);
-                match chars.next() {
-                    Some(e) => {
-                        raw.push(e);
-                        match e {
-                            'n' => field.push('\n'),
-                            't' => field.push('\t'),
-                            'r' => field.push('\r'),
-                            'b' => field.push('\u{8}'),
-                            'f' => field.push('\u{c}'),
-                            'v' => field.push('\u{b}'),
-                            'N' => field.push_str("\\N"),
-                            d @ '0'..='7' => {
-                                let mut v = d.to_digit(8).unwrap_or(0);
-                                for _ in 0..2 {
-                                    match chars.peek().and_then(|c| c.to_digit(8)) {
-                                        Some(x) => {
-                                            v = v * 8 + x;
-                                            chars.next();
-                                        }
-                                        None => break,
-                                    }
-                                }
-                                field.push(char::from_u32(v).unwrap_or('\u{fffd}'));
-                            }
-                            other => field.push(other),
-                        }
-                    }
-                    None => field.push('\\'),
-                }
-                continue;
-            }
-            raw.push(c);
-            field.push(c);
-        }
-        fields.push(finish_text_field(&raw, &field, format));
-        out.push(fields);
-    }
-    Ok(out)
-}
-
-fn finish_text_field(raw: &str, field: &str, format: &CopyFormat) -> Option<String> {
-    if raw == format.null {
-        None
-    } else {
-        Some(field.to_string())
-    }
-}
-
-/// Splits CSV COPY data into records (quoted fields may span lines; unquoted NULL text is NULL).
-fn parse_csv(text: &str, format: &CopyFormat) -> Result<Vec<Vec<Option<String>>>> {
-    let mut out = Vec::new();
-    let mut record: Vec<Option<String>> = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut in_quotes = false;
-    let mut chars = text.chars().peekable();
-    let mut at_line_start = true;
-    while let Some(c) = chars.next() {
-        if at_line_start && !in_quotes && c == '\\' && chars.peek() == Some(&'.') {
-            break;
-        }
-        at_line_start = false;
-        if in_quotes {
-            if c == format.escape
-                && chars.peek() == Some(&format.quote)
-                && format.escape != format.quote
-            {
-                chars.next();
-                field.push(format.quote);
-            } else if c == format.quote {
-                if format.escape == format.quote && chars.peek() == Some(&format.quote) {
-                    chars.next();
-                    field.push(format.quote);
-                } else {
-                    in_quotes = false;
-                }
-            } else {
-                field.push(c);
-            }
-            continue;
-        }
-        if c == format.quote {
-            in_quotes = true;
-            quoted = true;
-        } else if c == format.delimiter {
-            record.push(csv_field(&field, quoted, format));
-            field.clear();
-            quoted = false;
-        } else if c == '\n' || c == '\r' {
-            if c == '\r' && chars.peek() == Some(&'\n') {
-                chars.next();
-            }
-            record.push(csv_field(&field, quoted, format));
-            field.clear();
-            quoted = false;
-            out.push(std::mem::take(&mut record));
-            at_line_start = true;
-        } else {
-            field.push(c);
-        }
-    }
-    if in_quotes {
-        return Err(ServerError::BadCopyFormat(
-            "unterminated CSV quoted field".into(),
-        ));
-    }
-    if !field.is_empty() || quoted || !record.is_empty() {
-        record.push(csv_field(&field, quoted, format));
-        out.push(record);
-    }
-    Ok(out)
-}
-
-fn csv_field(field: &str, quoted: bool, format: &CopyFormat) -> Option<String> {
-    if !quoted && field == format.null {
-        None
-    } else {
-        Some(field.to_string())
-    }
 }
 
 /// Encodes rows as COPY text or CSV lines, one chunk per row.
@@ -581,48 +298,10 @@ fn format_line(values: &[Option<String>], format: &CopyFormat) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn text_format() -> CopyFormat {
-        CopyFormat::text()
-    }
-
     #[test]
-    fn text_format_escapes_and_nulls() -> Result<()> {
-        let rows = parse_text("1\ta\\tb\t\\N\n2\tx\\\\y\t\n\\.\n", &text_format())?;
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0], vec![Some("1".into()), Some("a\tb".into()), None]);
-        assert_eq!(
-            rows[1],
-            vec![Some("2".into()), Some("x\\y".into()), Some("".into())]
-        );
-        let line = format_line(&rows[0], &text_format());
-        assert_eq!(String::from_utf8_lossy(&line), "1\ta\\tb\t\\N\n");
-        Ok(())
-    }
-
-    #[test]
-    fn csv_quotes_span_lines_and_empty_quoted_is_not_null() -> Result<()> {
-        let mut f = text_format();
-        f.csv = true;
-        f.delimiter = ',';
-        f.null = String::new();
-        let rows = parse_csv("1,\"a,\"\"b\"\"\nc\",\n2,\"\",x\n", &f)?;
-        assert_eq!(
-            rows[0],
-            vec![Some("1".into()), Some("a,\"b\"\nc".into()), None]
-        );
-        assert_eq!(
-            rows[1],
-            vec![Some("2".into()), Some("".into()), Some("x".into())]
-        );
-        assert!(parse_csv("1,\"open\n", &f).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn casts_report_the_bad_row() {
-        let bad = cast_text(&[Some("1"), Some("x"), None], &DataType::Int32);
-        assert_eq!(bad.err(), Some(1));
-        let ok = cast_text(&[Some("t"), Some("no"), None], &DataType::Boolean);
-        assert!(ok.is_ok());
+    fn text_lines_escape_and_write_nulls() {
+        let values = vec![Some("1".into()), Some("a\tb\\".to_string()), None];
+        let line = format_line(&values, &CopyFormat::text());
+        assert_eq!(String::from_utf8_lossy(&line), "1\ta\\tb\\\\\t\\N\n");
     }
 }

@@ -129,6 +129,7 @@ async fn create_table(session: &mut Session, mut create: ast::CreateTable) -> Re
             table_name: name.name.clone(),
             deletes: vec![],
             inserts: Some(batch),
+            staged: Vec::new(),
         };
         session.engine.commit_changes(vec![change], set)?;
         session.write_epoch = session.engine.views.committed_epoch();

@@ -75,6 +75,7 @@ pub async fn run(
                 table_name,
                 deletes: vec![],
                 inserts: Some(batch),
+                staged: Vec::new(),
             };
             (change, "INSERT", rows)
         }
@@ -101,6 +102,7 @@ pub async fn run(
                 table_name,
                 deletes,
                 inserts: None,
+                staged: Vec::new(),
             };
             (change, "DELETE", rows)
         }
@@ -146,6 +148,7 @@ pub async fn run(
                 table_name,
                 deletes,
                 inserts: Some(values),
+                staged: Vec::new(),
             };
             (change, "UPDATE", rows)
         }
@@ -176,6 +179,7 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
             table_name: name.name,
             deletes,
             inserts: None,
+            staged: Vec::new(),
         });
     }
     txn::apply(session, changes)?;

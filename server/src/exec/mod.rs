@@ -2,6 +2,7 @@
 //! or transaction control, and produces an [`Output`] for the wire layer to encode.
 
 pub mod copy;
+pub mod copy_from;
 pub mod ddl;
 pub mod dml;
 pub mod matview;

@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::array::RecordBatch;
 use millrace_planner::Catalog;
 use millrace_planner::ops::StateStats;
 use millrace_planner::table::MillraceTable;
 use millrace_planner::view_table::MaterializedView;
-use millrace_storage::{CacheStats, ColdStore, ColumnarTable};
+use millrace_storage::{CacheStats, ColdFile, ColdStore, ColumnarTable};
 use tracing::{info, warn};
 
 use crate::coordinator::Coordinator;
@@ -245,6 +246,18 @@ impl CacheManager {
             manager: self,
             bytes,
         }
+    }
+
+    /// Writes rows a statement stages before it commits (a large COPY) to a new cold file in
+    /// the directory of table `table_id`; dropping the handle before the commit refers to it
+    /// deletes the file.
+    pub fn stage(&self, table_id: u64, batch: &RecordBatch) -> Result<Arc<ColdFile>> {
+        let write = || self.cold.write(&table_dir(table_id), batch);
+        let file = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(write)?,
+            Err(_) => write()?,
+        };
+        Ok(Arc::new(file))
     }
 
     /// Removes the cold files earlier runs left that no table's log refers to (call once the

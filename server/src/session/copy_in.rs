@@ -1,9 +1,13 @@
 //! The state of a `COPY ... FROM STDIN` in progress on a session: the target table, the
-//! data layout and the bytes received so far (parsed and committed by `exec/copy.rs`).
+//! data layout, the bytes received and not parsed yet, and the rows parsed so far, held in
+//! memory or staged in cold files (parsed, staged and committed by `exec/copy_from.rs`).
 
 use std::sync::Arc;
 
+use datafusion::arrow::array::RecordBatch;
+use datafusion::execution::memory_pool::MemoryReservation;
 use millrace_planner::MillraceTable;
+use millrace_storage::ColdFile;
 
 /// How COPY data is laid out.
 #[derive(Debug, Clone)]
@@ -33,8 +37,22 @@ pub struct CopyIn {
     pub columns: Vec<usize>,
     /// Data layout.
     pub format: CopyFormat,
-    /// Data received so far.
-    pub buffer: Vec<u8>,
+    /// Data received and not parsed yet (at most a part and the record it ends in).
+    pub pending: Vec<u8>,
+    /// Records (lines) parsed so far, the header included: numbers lines in messages.
+    pub lines: usize,
+    /// Whether the end-of-data marker (`\.`) was read; data after it is ignored.
+    pub ended: bool,
+    /// Rows parsed so far.
+    pub rows: usize,
+    /// Parsed rows held in memory, a batch per part, in the table's schema.
+    pub held: Vec<RecordBatch>,
+    /// Their size, reserved in the session's statement memory.
+    pub held_bytes: usize,
+    /// The reservation of `held_bytes`.
+    pub reservation: MemoryReservation,
+    /// Parsed rows written to cold files, committed with the statement.
+    pub staged: Vec<Arc<ColdFile>>,
 }
 
 impl CopyFormat {

@@ -97,8 +97,9 @@ pub fn for_each_contents_piece(
     piece: usize,
     mut f: impl FnMut(ContentsRows) -> Result<()>,
 ) -> Result<()> {
+    let op = Manifest::load(store)?.map_or(CONTENTS_OP, |m| m.contents_op(view_id));
     let mut rows = Vec::with_capacity(piece);
-    store.for_each_view_state_op(view_id, CONTENTS_OP, |_, key, value| {
+    store.for_each_view_state_op(view_id, op, |_, key, value| {
         let n = value
             .get(..8)
             .and_then(|b| b.try_into().ok())

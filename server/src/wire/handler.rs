@@ -34,7 +34,7 @@ use tracing::info;
 use crate::catalog::records::DEFAULT_DATABASE;
 use crate::engine::Engine;
 use crate::error::{Result, ServerError};
-use crate::exec::{self, Output, Prepared, copy, query};
+use crate::exec::{self, Output, Prepared, copy_from, query};
 use crate::session::Session;
 use crate::sql::{self, Parsed};
 use crate::wire::encode::{error_info, pg_error, response};
@@ -478,7 +478,7 @@ impl CopyHandler for Connection {
     {
         let mut guard = self.session.lock().await;
         let session = guard.as_mut().ok_or_else(no_session)?;
-        if let Err(e) = copy::receive(session, &copy_data.data)
+        if let Err(e) = copy_from::receive(session, &copy_data.data).await
             && let Ok(mut slot) = self.copy_error.lock()
             && slot.is_none()
         {
@@ -501,7 +501,7 @@ impl CopyHandler for Connection {
                 session.copy_in = None;
                 Err(e)
             }
-            None => copy::finish(session).await,
+            None => copy_from::finish(session).await,
         };
         match result {
             Ok(rows) => {

@@ -350,3 +350,61 @@ fn rows_are_found_when_inserts_interleave_their_ids() -> Result<()> {
     assert_eq!(t.snapshot()?.num_rows(), 8);
     Ok(())
 }
+
+/// Staged files join the table as cold chunks; their keys are checked against the table,
+/// the rows in memory and each other, for a composite key declared out of column order.
+#[test]
+fn staged_files_are_checked_by_key_and_added_as_cold_chunks() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+    let cold = ColdStore::try_new(Arc::new(fs), "cache", "test")?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("a", DataType::Int64, false),
+        Field::new("b", DataType::Utf8, false),
+    ]));
+    let batch = |a: Vec<i64>, b: Vec<&str>| {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(a)),
+                Arc::new(StringArray::from(b)),
+            ],
+        )
+    };
+    // PRIMARY KEY (b, a).
+    let mut t = ColumnarTable::try_new(schema.clone(), Some(vec![1, 0]))?;
+    let ids = t.allocate_row_ids(2);
+    t.apply(&LogEntry::Insert {
+        row_ids: ids,
+        batch: batch(vec![1, 2], vec!["x", "x"])?,
+    })?;
+    let stage = |a: Vec<i64>, b: Vec<&str>| -> Result<Arc<ColdFile>> {
+        Ok(Arc::new(cold.write("t", &batch(a, b)?)?))
+    };
+    let parts = vec![stage(vec![1, 3], vec!["y", "x"])?, stage(vec![2], vec!["y"])?];
+    let none = HashSet::new();
+    assert!(!t.staged_key_conflicts(&none, None, &parts)?);
+    // A key the table has, another part has, or the rows in memory have.
+    let taken = vec![stage(vec![4, 2], vec!["z", "x"])?];
+    assert!(t.staged_key_conflicts(&none, None, &taken)?);
+    assert!(!t.staged_key_conflicts(&HashSet::from([2]), None, &taken)?);
+    let twice = vec![parts[0].clone(), stage(vec![3], vec!["x"])?];
+    assert!(t.staged_key_conflicts(&none, None, &twice)?);
+    let held = batch(vec![2], vec!["y"])?;
+    assert!(t.staged_key_conflicts(&none, Some(&held), &parts)?);
+    // Added: cold chunks whose keys the table knows.
+    for file in parts {
+        let ids = t.allocate_row_ids(file.rows);
+        t.add_staged(&ids, file)?;
+    }
+    assert_eq!(t.num_rows(), 5);
+    assert_eq!(t.cache_stats().cold_chunks, 2);
+    let in_memory = batch(vec![3], vec!["x"])?;
+    assert_eq!(t.find_duplicate_key(&none, &in_memory)?, Some(0));
+    let found = t.lookup_keys(&[
+        Arc::new(StringArray::from(vec!["y"])),
+        Arc::new(Int64Array::from(vec![2])),
+    ])?;
+    assert_eq!(crate::test_util::first_i64s([&t.fetch(&found)?]), vec![2]);
+    Ok(())
+}

@@ -20,6 +20,18 @@ pub(crate) const COLUMN_FAMILIES: [&str; 5] = [
 ];
 /// Operator number under which a view's contents are checkpointed.
 pub const CONTENTS_OP: u32 = u32::MAX;
+/// The other operator number a view's contents alternate to when a checkpoint writes them
+/// in full (ahead of its commit, which then drops the earlier ones; see the manifest).
+pub const CONTENTS_OP_ALT: u32 = u32::MAX - 1;
+
+/// The contents operator number a full write of contents checkpointed under `op` uses.
+pub fn other_contents_op(op: u32) -> u32 {
+    if op == CONTENTS_OP {
+        CONTENTS_OP_ALT
+    } else {
+        CONTENTS_OP
+    }
+}
 pub(crate) const LOG_REBASED_PREFIX: &[u8] = b"log_rebased/";
 /// Meta keys of table logs being rewritten: the first sequence number of the new log.
 pub(crate) const LOG_REWRITE_PREFIX: &[u8] = b"log_rewrite/";

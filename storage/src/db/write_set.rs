@@ -38,6 +38,7 @@ pub(crate) enum WriteOp {
         value: Option<Vec<u8>>,
     },
     DropViewState(u64),
+    DropViewStateExcept(u64, u32),
     DropViewStateOp(u64, u32),
     KeepViewSpills(u64),
     PutMeta {
@@ -141,6 +142,12 @@ impl WriteSet {
     /// Deletes the checkpointed state of one operator of a view (or of its contents).
     pub fn drop_view_state_op(&mut self, view_id: u64, op: u32) {
         self.ops.push(WriteOp::DropViewStateOp(view_id, op));
+    }
+
+    /// Drops a view's state (and undo records) but that of operator `keep` (contents a
+    /// checkpoint wrote ahead of its commit).
+    pub fn drop_view_state_except(&mut self, view_id: u64, keep: u32) {
+        self.ops.push(WriteOp::DropViewStateExcept(view_id, keep));
     }
 
     /// Sets a metadata value (e.g. the checkpoint manifest).

@@ -1,0 +1,226 @@
+//! Bulk loads under `--memory-limit 256MiB` (the reduced memory matrix of `bench/`): a COPY
+//! too large to hold streams its rows into staged cold files and commits them at once, and
+//! the server's peak resident memory (VmHWM, read from /proc and printed) stays within 1.2 x
+//! the limit plus the idle server's, for wide rows under a primary key and for narrow rows.
+//! The staged COPY keeps COPY's promises: all rows or none (a duplicate key or a bad value
+//! after parts were staged, a rolled-back transaction), views that see them at once, and
+//! rows that survive `kill -9`.
+
+use bytes::Bytes;
+use futures::SinkExt;
+use millrace_sqllogictest::TestServer;
+use millrace_sqllogictest::rows::{exec, number, rows};
+use tokio_postgres::Client;
+
+const LIMIT: &str = "256MiB";
+const LIMIT_BYTES: u64 = 256 << 20;
+/// Rows of a wide COPY: about 170 MB of text, eight times the staging threshold (an eighth
+/// of the cache's share of the limit).
+const WIDE_ROWS: i64 = 1_000_000;
+/// Rows of a narrow COPY.
+const NARROW_ROWS: i64 = 1_000_000;
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
+}
+
+/// COPY text lines for ids `ids`, each `(id, id % 1000, pad of 150 characters)`, with
+/// `extra` appended as its own last line(s).
+fn wide_lines(ids: std::ops::Range<i64>, extra: &str) -> Vec<u8> {
+    let pad = "p".repeat(140);
+    let mut out = Vec::with_capacity((ids.end - ids.start) as usize * 170);
+    for id in ids {
+        out.extend_from_slice(format!("{id}\t{}\t{pad}{id:010}\n", id % 1000).as_bytes());
+    }
+    out.extend_from_slice(extra.as_bytes());
+    out
+}
+
+/// Sends `data` as one COPY in 64 KiB messages; the COPY's row count or error.
+async fn copy(client: &Client, sql: &str, data: &[u8]) -> Result<u64, tokio_postgres::Error> {
+    let sink = client.copy_in(sql).await?;
+    futures::pin_mut!(sink);
+    for piece in data.chunks(64 << 10) {
+        sink.send(Bytes::copy_from_slice(piece)).await?;
+    }
+    sink.finish().await
+}
+
+/// (count, sum of ids, sum of pad lengths) of `t`, and the same from the view `g`.
+async fn totals(client: &Client) -> [i64; 6] {
+    [
+        number(client, "SELECT count(*) FROM t").await,
+        number(client, "SELECT coalesce(sum(id), 0) FROM t").await,
+        number(client, "SELECT coalesce(sum(length(pad)), 0) FROM t").await,
+        number(client, "SELECT coalesce(sum(n), 0) FROM g").await,
+        number(client, "SELECT coalesce(sum(s), 0) FROM g").await,
+        number(client, "SELECT count(*) FROM g").await,
+    ]
+}
+
+/// What `totals` must be after rows `0..n` of `wide_lines`.
+fn expected(n: i64) -> [i64; 6] {
+    [n, n * (n - 1) / 2, n * 150, n, n * (n - 1) / 2, n.min(1000)]
+}
+
+fn peak_within_limit(server: &TestServer, idle: u64, what: &str) {
+    let (_, peak) = server.rss().expect("rss");
+    let bound = LIMIT_BYTES * 6 / 5 + idle;
+    println!(
+        "{what}: peak RSS {} MiB (idle {} MiB, bound {} MiB)",
+        peak >> 20,
+        idle >> 20,
+        bound >> 20
+    );
+    assert!(
+        peak <= bound,
+        "{what}: peak RSS {peak} over 1.2 x {LIMIT} + idle {idle}"
+    );
+}
+
+/// The idle figure, after the paths a load takes were warmed up with a few rows (deleted).
+async fn idle_rss(server: &TestServer, client: &Client, table: &str) -> u64 {
+    let _ = rows(client, "SELECT * FROM millrace_cache").await;
+    exec(client, &format!("DELETE FROM {table}")).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (idle, _) = server.rss().expect("rss");
+    assert!(server.reset_peak(), "resetting VmHWM");
+    idle
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_copy_is_staged_committed_at_once_and_held_to_the_limit() {
+    let mut server = TestServer::start(&["--memory-limit", LIMIT]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    exec(
+        &client,
+        "CREATE TABLE t (id BIGINT PRIMARY KEY, k BIGINT, pad TEXT)",
+    )
+    .await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW g AS SELECT k, count(*) AS n, sum(id) AS s FROM t GROUP BY k",
+    )
+    .await;
+    copy(&client, "COPY t FROM STDIN", &wide_lines(-100..0, ""))
+        .await
+        .expect("warm-up copy");
+    let idle = idle_rss(&server, &client, "t").await;
+
+    let n = WIDE_ROWS;
+    let loaded = copy(&client, "COPY t FROM STDIN", &wide_lines(0..n, ""))
+        .await
+        .expect("wide copy");
+    assert_eq!(loaded, n as u64);
+    assert_eq!(totals(&client).await, expected(n), "after the COPY");
+    let cold = number(
+        &client,
+        "SELECT cold_chunks FROM millrace_cache WHERE name = 't'",
+    )
+    .await;
+    assert!(
+        cold > 0,
+        "the COPY's rows were staged in cold files ({cold} cold chunks)"
+    );
+    peak_within_limit(&server, idle, "COPY of 1M wide rows under a primary key");
+
+    // All or nothing: a key twice in the COPY (its parts staged before the second), a key
+    // the table has, a bad value after the staged parts; none changes anything.
+    let dup_inside = wide_lines(n..2 * n, &format!("{}\t1\tagain\n", n + 7));
+    let e = copy(&client, "COPY t FROM STDIN", &dup_inside)
+        .await
+        .expect_err("a duplicate key inside the COPY");
+    assert_eq!(code(&e), "23505", "{e}");
+    let dup_table = wide_lines(n..2 * n, "42\t1\tthere\n");
+    let e = copy(&client, "COPY t FROM STDIN", &dup_table)
+        .await
+        .expect_err("a key the table has");
+    assert_eq!(code(&e), "23505", "{e}");
+    let bad = wide_lines(n..2 * n, "x\t1\tbad\n");
+    let e = copy(&client, "COPY t FROM STDIN", &bad)
+        .await
+        .expect_err("a bad value at the end");
+    assert_eq!(code(&e), "22P02", "{e}");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains(&format!("line {}", n + 1)),
+        "the bad line is named: {message}"
+    );
+    assert_eq!(
+        totals(&client).await,
+        expected(n),
+        "after the refused COPYs"
+    );
+
+    // In a transaction: rolled back, then committed with a row inserted beside it.
+    exec(&client, "BEGIN").await;
+    copy(&client, "COPY t FROM STDIN", &wide_lines(n..2 * n, ""))
+        .await
+        .expect("copy in a transaction");
+    exec(&client, "ROLLBACK").await;
+    assert_eq!(totals(&client).await, expected(n), "after ROLLBACK");
+    let last = 2 * n - 1;
+    exec(&client, "BEGIN").await;
+    copy(&client, "COPY t FROM STDIN", &wide_lines(n..last, ""))
+        .await
+        .expect("copy in a transaction");
+    exec(
+        &client,
+        &format!(
+            "INSERT INTO t VALUES ({last}, {}, '{}{last:010}')",
+            last % 1000,
+            "p".repeat(140)
+        ),
+    )
+    .await;
+    exec(&client, "COMMIT").await;
+    assert_eq!(totals(&client).await, expected(2 * n), "after COMMIT");
+
+    // The staged rows are in the table's log: they survive kill -9.
+    server.kill();
+    server.restart().expect("restart");
+    let client = server.connect("millrace").await.expect("reconnect");
+    assert_eq!(totals(&client).await, expected(2 * n), "after kill -9");
+    let e = copy(&client, "COPY t FROM STDIN", &wide_lines(5..6, ""))
+        .await
+        .expect_err("the restored key index knows the staged keys");
+    assert_eq!(code(&e), "23505", "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_million_narrow_rows_stays_within_the_limit() {
+    let server = TestServer::start(&["--memory-limit", LIMIT]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    exec(&client, "CREATE TABLE n (id BIGINT, k INT)").await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW nk AS SELECT k % 100 AS b, count(*) AS c, sum(id) AS s FROM n GROUP BY 1",
+    )
+    .await;
+    exec(&client, "INSERT INTO n VALUES (1, 1)").await;
+    let idle = idle_rss(&server, &client, "n").await;
+    let mut data = Vec::with_capacity(NARROW_ROWS as usize * 16);
+    for id in 0..NARROW_ROWS {
+        data.extend_from_slice(format!("{id}\t{}\n", id % 7919).as_bytes());
+    }
+    let loaded = copy(&client, "COPY n FROM STDIN", &data)
+        .await
+        .expect("narrow copy");
+    assert_eq!(loaded, NARROW_ROWS as u64);
+    let n = NARROW_ROWS;
+    assert_eq!(number(&client, "SELECT sum(c) FROM nk").await, n);
+    assert_eq!(
+        number(&client, "SELECT sum(s) FROM nk").await,
+        n * (n - 1) / 2
+    );
+    assert_eq!(
+        number(&client, "SELECT sum(id) FROM n WHERE k = 7918").await,
+        (0..n).filter(|id| id % 7919 == 7918).sum::<i64>()
+    );
+    peak_within_limit(&server, idle, "COPY of 1M narrow rows");
+}
