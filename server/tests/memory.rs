@@ -1,10 +1,10 @@
-//! Bulk loads under `--memory-limit 256MiB` (the reduced memory matrix of `bench/`): a COPY
-//! too large to hold streams its rows into staged cold files and commits them at once, and
-//! the server's peak resident memory (VmHWM, read from /proc and printed) stays within 1.2 x
-//! the limit plus the idle server's, for wide rows under a primary key and for narrow rows.
-//! The staged COPY keeps COPY's promises: all rows or none (a duplicate key or a bad value
-//! after parts were staged, a rolled-back transaction), views that see them at once, and
-//! rows that survive `kill -9`.
+//! Bulk loads under `--memory-limit 256MiB` (the reduced memory matrix of `bench/memory.sh`):
+//! a COPY or an INSERT ... SELECT too large to hold streams its rows into staged cold files
+//! and commits them at once, and the server's peak resident memory (VmHWM, read from /proc and
+//! printed) stays within 1.2 x the limit plus the idle server's, for wide rows under a primary
+//! key and for narrow rows. Staged writes keep their statements' promises: all rows or none (a
+//! duplicate key, a bad value or a NULL after parts were staged, a rolled-back transaction),
+//! views that see them at once, and rows that survive `kill -9`.
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -223,4 +223,62 @@ async fn a_copy_of_a_million_narrow_rows_stays_within_the_limit() {
         (0..n).filter(|id| id % 7919 == 7918).sum::<i64>()
     );
     peak_within_limit(&server, idle, "COPY of 1M narrow rows");
+}
+
+/// INSERT ... SELECT streams its result like a COPY: staged past the threshold, all rows or
+/// none (a NULL into a NOT NULL column in the last part), within the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_insert_select_is_staged_and_held_to_the_limit() {
+    let server = TestServer::start(&["--memory-limit", LIMIT]).expect("start");
+    let client = server.connect("millrace").await.expect("connect");
+    exec(
+        &client,
+        "CREATE TABLE s (id BIGINT NOT NULL, k BIGINT, pad TEXT)",
+    )
+    .await;
+    exec(
+        &client,
+        "CREATE MATERIALIZED VIEW sk AS SELECT k, count(*) AS n, sum(id) AS t FROM s GROUP BY k",
+    )
+    .await;
+    exec(&client, "INSERT INTO s VALUES (1, 1, 'x')").await;
+    let idle = idle_rss(&server, &client, "s").await;
+    let n = 3 * NARROW_ROWS;
+    let refused = client
+        .simple_query(&format!(
+            "INSERT INTO s SELECT CASE WHEN v = {n} THEN NULL ELSE v END, v % 1000, 'row ' || v \
+             FROM generate_series(1, {n}) t(v)"
+        ))
+        .await
+        .expect_err("a NULL id in the last part");
+    assert_eq!(code(&refused), "23502", "{refused}");
+    assert_eq!(number(&client, "SELECT count(*) FROM s").await, 0);
+    exec(
+        &client,
+        &format!("INSERT INTO s SELECT v, v % 1000, 'row ' || v FROM generate_series(1, {n}) t(v)"),
+    )
+    .await;
+    assert_eq!(number(&client, "SELECT count(*) FROM s").await, n);
+    assert_eq!(number(&client, "SELECT sum(n) FROM sk").await, n);
+    assert_eq!(
+        number(&client, "SELECT sum(t) FROM sk").await,
+        n * (n + 1) / 2
+    );
+    assert_eq!(
+        number(&client, "SELECT sum(length(pad)) FROM s WHERE k = 999").await,
+        (1..=n)
+            .filter(|v| v % 1000 == 999)
+            .map(|v| 4 + v.to_string().len() as i64)
+            .sum::<i64>()
+    );
+    let cold = number(
+        &client,
+        "SELECT cold_chunks FROM millrace_cache WHERE name = 's'",
+    )
+    .await;
+    assert!(
+        cold > 0,
+        "the INSERT's rows were staged ({cold} cold chunks)"
+    );
+    peak_within_limit(&server, idle, "INSERT ... SELECT of 3M rows");
 }

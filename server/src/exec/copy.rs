@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use arrow_pg::datatypes::arrow_schema_to_pg_fields;
 use datafusion::arrow::array::RecordBatch;
-use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::sql::sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget,
 };
@@ -19,6 +18,7 @@ use crate::error::{Result, ServerError};
 use crate::exec::names;
 use crate::exec::output::Output;
 use crate::exec::query;
+use crate::memory::staging::Staging;
 use crate::session::Session;
 use crate::session::copy_in::{CopyFormat, CopyIn};
 use millrace_planner::error::ObjectClass;
@@ -176,6 +176,7 @@ pub async fn start(
     };
     let n = column_indices.len();
     let pool = session.ctx.runtime_env().memory_pool.clone();
+    let rows = Staging::new(table.id, session.engine.cache.clone(), &pool);
     session.copy_in = Some(CopyIn {
         table,
         table_name: name.name,
@@ -184,11 +185,7 @@ pub async fn start(
         pending: Vec::new(),
         lines: 0,
         ended: false,
-        rows: 0,
-        held: Vec::new(),
-        held_bytes: 0,
-        reservation: MemoryConsumer::new("COPY").register(&pool),
-        staged: Vec::new(),
+        rows,
     });
     Ok(Output::CopyIn { columns: n })
 }

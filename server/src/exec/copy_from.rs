@@ -1,16 +1,13 @@
 //! COPY ... FROM STDIN, streamed: the data is parsed a part at a time as it arrives, each
 //! part's fields cast from text to the column types into one Arrow batch, so that the
-//! statement never holds the whole text. The parsed parts are held in memory, counted in the
-//! session's statement memory, until they pass the staging threshold (an eighth of the
-//! cache's share of `--memory-limit`, 256 MiB without one) or the pool refuses more; then
-//! they are written to cold files (staged) and the commit refers to the files. All rows
-//! become visible at once, as one statement's, or none (`exec/copy.rs` starts the COPY;
-//! `engine.rs` commits it).
+//! statement never holds the whole text. The parsed parts are held in memory or staged in
+//! cold files (`memory/staging.rs`); all rows become visible at once, as one statement's,
+//! or none (`exec/copy.rs` starts the COPY; `engine.rs` commits it).
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, BinaryArray, BooleanArray, RecordBatch, StringArray};
-use datafusion::arrow::compute::{CastOptions, cast_with_options, concat_batches};
+use datafusion::arrow::compute::{CastOptions, cast_with_options};
 use datafusion::arrow::datatypes::DataType;
 
 use crate::engine::{TableChange, conform_to_table};
@@ -25,12 +22,6 @@ const PART_BYTES: usize = 4 << 20;
 
 /// The longest record: a COPY whose data has no record end for this long is refused.
 const MAX_RECORD_BYTES: usize = 1 << 30;
-
-/// Rows of a staged file at most (a cold chunk of the table).
-const STAGED_FILE_ROWS: usize = 65_536;
-
-/// Held rows before staging when the server has no memory limit.
-const STAGE_BYTES_UNLIMITED: usize = 256 << 20;
 
 /// Records of fields, and whether the end-of-data marker ended them.
 type Records = (Vec<Vec<Option<String>>>, bool);
@@ -49,7 +40,8 @@ pub async fn receive(session: &mut Session, data: &[u8]) -> Result<()> {
         return Ok(());
     }
     copy.pending.extend_from_slice(data);
-    if copy.pending.len() >= PART_BYTES {
+    // NOTE: data without a newline ends no record: no need to look for one again.
+    if copy.pending.len() >= PART_BYTES && data.contains(&b'\n') {
         match record_end(&copy.pending, &copy.format) {
             Some(end) => {
                 let rest = copy.pending.split_off(end);
@@ -82,24 +74,18 @@ pub async fn finish(session: &mut Session) -> Result<usize> {
         let part = std::mem::take(&mut copy.pending);
         parse_part(session, &mut copy, &part).await?;
     }
-    let schema = copy.table.def.schema.clone();
-    let inserts = match copy.held.len() {
-        0 => None,
-        1 => copy.held.pop(),
-        _ => Some(concat_batches(&schema, &copy.held)?),
-    };
-    copy.held.clear();
-    let rows = copy.rows;
+    let rows = copy.rows.rows();
+    let (inserts, staged) = copy.rows.finish(&copy.table.def.schema)?;
     let engine = session.engine.clone();
     let _write = engine.write_lock.lock().await;
     txn::apply(
         session,
         vec![TableChange {
-            table: copy.table.clone(),
-            table_name: copy.table_name.clone(),
+            table: copy.table,
+            table_name: copy.table_name,
             deletes: vec![],
             inserts,
-            staged: std::mem::take(&mut copy.staged),
+            staged,
         }],
     )?;
     Ok(rows)
@@ -204,36 +190,7 @@ async fn parse_part(session: &Session, copy: &mut CopyIn, data: &[u8]) -> Result
     ));
     let batch = RecordBatch::try_new(loose, columns)?;
     let batch = conform_to_table(&copy.table_name, &schema, &batch)?;
-    copy.rows += rows;
-    hold(session, copy, batch)
-}
-
-/// Holds a parsed part in memory, or stages the parts held so far and it in cold files once
-/// they pass the threshold or the session's statement memory refuses them.
-fn hold(session: &Session, copy: &mut CopyIn, batch: RecordBatch) -> Result<()> {
-    let bytes = batch.get_array_memory_size();
-    let threshold = session
-        .engine
-        .cache
-        .budget
-        .cache
-        .map_or(STAGE_BYTES_UNLIMITED, |share| (share / 8) as usize);
-    let fits = copy.held_bytes + bytes <= threshold && copy.reservation.try_grow(bytes).is_ok();
-    copy.held.push(batch);
-    if fits {
-        copy.held_bytes += bytes;
-        return Ok(());
-    }
-    for batch in std::mem::take(&mut copy.held) {
-        for start in (0..batch.num_rows()).step_by(STAGED_FILE_ROWS) {
-            let rows = batch.slice(start, STAGED_FILE_ROWS.min(batch.num_rows() - start));
-            let file = session.engine.cache.stage(copy.table.id, &rows)?;
-            copy.staged.push(file);
-        }
-    }
-    copy.held_bytes = 0;
-    copy.reservation.free();
-    Ok(())
+    copy.rows.add(batch)
 }
 
 /// Casts text values to a column type; on failure returns the index of the first bad value.
@@ -484,14 +441,14 @@ mod tests {
     #[test]
     fn parts_end_after_whole_records() {
         let text = text_format();
-        assert_eq!(record_end(b"1\ta\n2\tb", &text), Some(5));
+        assert_eq!(record_end(b"1\ta\n2\tb", &text), Some(4));
         assert_eq!(record_end(b"1\ta", &text), None);
         let mut csv = text_format();
         csv.csv = true;
         csv.delimiter = ',';
         let data = b"1,\"x\ny\"\n2,\"open\n";
-        assert_eq!(record_end(data, &csv), Some(9));
-        assert_eq!(record_end(b"1,\"a\"\"\nb\"\n", &csv), Some(11));
+        assert_eq!(record_end(data, &csv), Some(8));
+        assert_eq!(record_end(b"1,\"a\"\"\nb\"\n", &csv), Some(10));
         csv.escape = '\\';
         assert_eq!(record_end(b"1,\"a\\\"\nb\"\n", &csv), Some(10));
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, RecordBatch, UInt64Array};
 use datafusion::arrow::compute::{CastOptions, cast_with_options, concat_batches};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ParamValues};
 use datafusion::datasource::{provider_as_source, source_as_provider};
@@ -19,14 +20,16 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::DataFrame;
 use datafusion::sql::sqlparser::ast::{self, Statement};
+use futures::StreamExt;
 use millrace_planner::{MillraceTable, ROW_ID_COLUMN, RowIdTable};
 
-use crate::engine::TableChange;
+use crate::engine::{TableChange, conform_to_table};
 use crate::error::{Result, ServerError};
 use crate::exec::names;
 use crate::exec::output::Output;
 use crate::exec::query::{bind, check_reads, plan_statement};
 use crate::exec::txn;
+use crate::memory::staging::Staging;
 use crate::session::Session;
 use millrace_storage::error::LockResultExt;
 
@@ -68,16 +71,26 @@ pub async fn run(
     check_reads(session, &input)?;
     let (change, tag, rows) = match dml.op {
         WriteOp::Insert(InsertOp::Append) => {
-            let batch = collect(session, input).await?;
-            let rows = batch.num_rows();
+            // NOTE: streamed: a large INSERT ... SELECT stages its rows (memory/staging.rs).
+            let pool = session.ctx.runtime_env().memory_pool.clone();
+            let mut rows = Staging::new(table.id, engine.cache.clone(), &pool);
+            let df = DataFrame::new(session.state(), input);
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            let mut stream = df.execute_stream().await?;
+            while let Some(batch) = stream.next().await {
+                let batch = promised(batch?, &schema)?;
+                rows.add(conform_to_table(&table_name, &table.def.schema, &batch)?)?;
+            }
+            let count = rows.rows();
+            let (inserts, staged) = rows.finish(&table.def.schema)?;
             let change = TableChange {
                 table,
                 table_name,
                 deletes: vec![],
-                inserts: Some(batch),
-                staged: Vec::new(),
+                inserts,
+                staged,
             };
-            (change, "INSERT", rows)
+            (change, "INSERT", count)
         }
         WriteOp::Delete => {
             if session
@@ -190,29 +203,34 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
 async fn collect(session: &Session, plan: LogicalPlan) -> Result<RecordBatch> {
     let df = DataFrame::new(session.state(), plan);
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let mut batches = df.collect().await?;
-    // NOTE: DataFusion can drop an INSERT's cast to the table's types when a UNION's
-    // branches are coerced to a wider type after it was planned (`SELECT int_col UNION ALL
-    // SELECT int_col + 100` yields Int64 under an Int32 schema): cast to the promised types.
-    // An overflow is an error, as in PostgreSQL, not a NULL.
+    let batches = df.collect().await?;
+    let batches = (batches.into_iter())
+        .map(|b| promised(b, &schema))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(concat_batches(&schema, &batches)?)
+}
+
+/// A batch in the types its plan promised: DataFusion can drop an INSERT's cast to the
+/// table's types when a UNION's branches are coerced to a wider type after it was planned
+/// (`SELECT int_col UNION ALL SELECT int_col + 100` yields Int64 under an Int32 schema). An
+/// overflow is an error, as in PostgreSQL, not a NULL.
+fn promised(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let types_differ = (batch.columns().iter().zip(schema.fields()))
+        .any(|(column, field)| column.data_type() != field.data_type());
+    if !types_differ {
+        return Ok(batch);
+    }
     let strict = CastOptions {
         safe: false,
         ..CastOptions::default()
     };
-    for batch in &mut batches {
-        let types_differ = (batch.columns().iter().zip(schema.fields()))
-            .any(|(column, field)| column.data_type() != field.data_type());
-        if types_differ {
-            let columns = batch
-                .columns()
-                .iter()
-                .zip(schema.fields())
-                .map(|(column, field)| cast_with_options(column, field.data_type(), &strict))
-                .collect::<Result<Vec<_>, _>>()?;
-            *batch = RecordBatch::try_new(schema.clone(), columns)?;
-        }
-    }
-    Ok(concat_batches(&schema, &batches)?)
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| cast_with_options(column, field.data_type(), &strict))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// Points every scan of `table` in `plan` at its row-id-carrying twin.

@@ -7,5 +7,6 @@
 pub mod budget;
 pub mod cache;
 pub mod resident;
+pub mod staging;
 pub mod statement;
 pub mod system;

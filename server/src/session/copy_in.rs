@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::execution::memory_pool::MemoryReservation;
 use millrace_planner::MillraceTable;
-use millrace_storage::ColdFile;
+
+use crate::memory::staging::Staging;
 
 /// How COPY data is laid out.
 #[derive(Debug, Clone)]
@@ -43,16 +42,8 @@ pub struct CopyIn {
     pub lines: usize,
     /// Whether the end-of-data marker (`\.`) was read; data after it is ignored.
     pub ended: bool,
-    /// Rows parsed so far.
-    pub rows: usize,
-    /// Parsed rows held in memory, a batch per part, in the table's schema.
-    pub held: Vec<RecordBatch>,
-    /// Their size, reserved in the session's statement memory.
-    pub held_bytes: usize,
-    /// The reservation of `held_bytes`.
-    pub reservation: MemoryReservation,
-    /// Parsed rows written to cold files, committed with the statement.
-    pub staged: Vec<Arc<ColdFile>>,
+    /// The rows parsed so far, held or staged.
+    pub rows: Staging,
 }
 
 impl CopyFormat {

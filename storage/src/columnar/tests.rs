@@ -381,7 +381,10 @@ fn staged_files_are_checked_by_key_and_added_as_cold_chunks() -> Result<()> {
     let stage = |a: Vec<i64>, b: Vec<&str>| -> Result<Arc<ColdFile>> {
         Ok(Arc::new(cold.write("t", &batch(a, b)?)?))
     };
-    let parts = vec![stage(vec![1, 3], vec!["y", "x"])?, stage(vec![2], vec!["y"])?];
+    let parts = vec![
+        stage(vec![1, 3], vec!["y", "x"])?,
+        stage(vec![2], vec!["y"])?,
+    ];
     let none = HashSet::new();
     assert!(!t.staged_key_conflicts(&none, None, &parts)?);
     // A key the table has, another part has, or the rows in memory have.
