@@ -1,6 +1,6 @@
 //! Rows a statement writes, gathered before it commits (a COPY's parsed parts, the result of
 //! an INSERT ... SELECT): held in memory, reserved in the session's statement memory, until
-//! they pass the staging threshold (an eighth of the cache's share of `--memory-limit`,
+//! they pass the staging threshold (an eighth of the cache's share of `--memory-limit`, 4 MiB at least,
 //! 256 MiB without one) or the pool refuses more; then staged, written as cold files that
 //! the commit refers to (`engine.rs`), so that a statement larger than memory streams and
 //! its rows still become visible at once.
@@ -12,12 +12,16 @@ use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use millrace_storage::ColdFile;
+use tracing::warn;
 
 use crate::error::Result;
 use crate::memory::cache::CacheManager;
 
 /// Rows of a staged file at most (a cold chunk of the table).
 const STAGED_FILE_ROWS: usize = 65_536;
+
+/// Held rows before staging at least (a file of fewer rows than this is not worth it).
+const STAGE_BYTES_MIN: usize = 4 << 20;
 
 /// Held rows before staging when the server has no memory limit.
 const STAGE_BYTES_UNLIMITED: usize = 256 << 20;
@@ -34,6 +38,8 @@ pub struct Staging {
     /// Rows written to cold files.
     staged: Vec<Arc<ColdFile>>,
     rows: usize,
+    /// Whether staging failed (the object store refused a write): the rest is held.
+    unstageable: bool,
 }
 
 impl Staging {
@@ -47,6 +53,7 @@ impl Staging {
             reservation: MemoryConsumer::new("staged rows").register(pool),
             staged: Vec::new(),
             rows: 0,
+            unstageable: false,
         }
     }
 
@@ -67,21 +74,57 @@ impl Staging {
             .cache
             .budget
             .cache
-            .map_or(STAGE_BYTES_UNLIMITED, |share| (share / 8) as usize);
-        let fits = self.held_bytes + bytes <= threshold && self.reservation.try_grow(bytes).is_ok();
+            .map_or(STAGE_BYTES_UNLIMITED, |share| (share / 8) as usize)
+            .max(STAGE_BYTES_MIN);
+        let fits = self.unstageable
+            || self.held_bytes + bytes <= threshold && self.reservation.try_grow(bytes).is_ok();
         self.held.push(batch);
         if fits {
+            if self.unstageable {
+                self.reservation.grow(bytes);
+            }
             self.held_bytes += bytes;
             return Ok(());
         }
-        for batch in std::mem::take(&mut self.held) {
+        let mut kept = Vec::new();
+        let mut file: Vec<RecordBatch> = Vec::new();
+        let mut file_rows = 0;
+        let held = std::mem::take(&mut self.held);
+        let count = held.len();
+        for (i, batch) in held.into_iter().enumerate() {
             for start in (0..batch.num_rows()).step_by(STAGED_FILE_ROWS) {
                 let rows = batch.slice(start, STAGED_FILE_ROWS.min(batch.num_rows() - start));
-                self.staged.push(self.cache.stage(self.table_id, &rows)?);
+                if self.unstageable {
+                    kept.push(rows);
+                    continue;
+                }
+                // Slices are gathered into files of up to STAGED_FILE_ROWS rows.
+                file_rows += rows.num_rows();
+                file.push(rows);
+                let last = i + 1 == count && start + STAGED_FILE_ROWS >= batch.num_rows();
+                if file_rows < STAGED_FILE_ROWS && !last {
+                    continue;
+                }
+                let parts = std::mem::take(&mut file);
+                file_rows = 0;
+                let written = concat_batches(&parts[0].schema(), &parts)
+                    .map_err(Into::into)
+                    .and_then(|rows| self.cache.stage(self.table_id, &rows));
+                match written {
+                    Ok(staged) => self.staged.push(staged),
+                    // NOTE: as an eviction that fails: the rows stay in memory, and the
+                    // statement is not refused for the object store's sake.
+                    Err(e) => {
+                        warn!(error = %e, "staging rows in the object store failed; holding them in memory");
+                        self.unstageable = true;
+                        kept.extend(parts);
+                    }
+                }
             }
         }
-        self.held_bytes = 0;
-        self.reservation.free();
+        self.held_bytes = kept.iter().map(|b| b.get_array_memory_size()).sum();
+        self.held = kept;
+        self.reservation.resize(self.held_bytes);
         Ok(())
     }
 
