@@ -62,13 +62,16 @@ pub struct TableChange {
     pub staged: Vec<Arc<ColdFile>>,
 }
 
+/// A staged file of a commit: its rows' ids, and their encoded primary keys.
+type StagedFile = (UInt64Array, Arc<ColdFile>, Option<Vec<Box<[u8]>>>);
+
 /// One table's part of a commit, between its durable write and its application.
 struct Applied {
     table: Arc<MillraceTable>,
     /// Log entries applied to the table's rows once durable.
     entries: Vec<LogEntry>,
-    /// Staged files with the row ids their rows get.
-    files: Vec<(UInt64Array, Arc<ColdFile>)>,
+    /// Staged files with the row ids their rows get and their encoded keys.
+    files: Vec<StagedFile>,
     /// What the views are sent.
     changes: Vec<EpochPart>,
     /// Whether any view reads the table.
@@ -271,6 +274,9 @@ impl Engine {
             let mut files = Vec::with_capacity(staged.len());
             for file in staged {
                 touched += file.rows;
+                // NOTE: read before the commit: a read failing after it would leave a
+                // committed change half applied.
+                let keys = data.staged_keys(&file)?;
                 let row_ids = data.allocate_row_ids(file.rows);
                 extra.append(
                     table.id,
@@ -280,7 +286,7 @@ impl Engine {
                         live: BooleanArray::from(vec![true; file.rows]),
                     },
                 );
-                files.push((row_ids, file));
+                files.push((row_ids, file, keys));
             }
             for entry in &entries {
                 extra.append(table.id, entry.clone());
@@ -306,8 +312,9 @@ impl Engine {
             let mut data = table.rows.write().or_poisoned("table")?;
             let mut staged_ids = Vec::new();
             let logged = entries.len() + files.len();
-            for (row_ids, file) in files {
-                data.add_staged(&row_ids, file)?;
+            data.keep_staged(files.iter().map(|(_, file, _)| file));
+            for (row_ids, file, keys) in files {
+                data.add_staged(&row_ids, file, keys)?;
                 staged_ids.extend_from_slice(row_ids.values());
             }
             for entry in &entries {

@@ -288,7 +288,7 @@ impl ColumnarTable {
                 live,
             } => {
                 let file = Arc::new(cold.open(path, self.schema.clone())?);
-                self.insert_cold(row_ids, live, file)
+                self.insert_cold(row_ids, live, file, None)
             }
             other => self.apply(other),
         }
@@ -302,6 +302,7 @@ impl ColumnarTable {
         row_ids: &UInt64Array,
         live: &BooleanArray,
         file: Arc<ColdFile>,
+        keys: Option<Vec<Box<[u8]>>>,
     ) -> Result<()> {
         if row_ids.len() != file.rows || live.len() != file.rows {
             return Err(corrupt(&format!(
@@ -324,12 +325,13 @@ impl ColumnarTable {
         let positions = (!chunk.all_live()).then(|| chunk.live_positions());
         let ids = chunk.visible_row_ids()?;
         if let (Some(_), Rows::Cold(file)) = (&self.primary_key, &chunk.rows) {
-            let keys = self.file_key_columns(file, positions.as_deref())?;
-            for (key, &id) in self
-                .encode_key_columns(&keys)?
-                .into_iter()
-                .zip(ids.values())
-            {
+            let keys = match keys {
+                Some(keys) => keys,
+                None => {
+                    self.encode_key_columns(&self.file_key_columns(file, positions.as_deref())?)?
+                }
+            };
+            for (key, &id) in keys.into_iter().zip(ids.values()) {
                 self.key_index.insert(self.key_index.hash(&key), id);
             }
         }

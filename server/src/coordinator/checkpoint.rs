@@ -72,6 +72,7 @@ impl Coordinator {
         let started_at = SystemTime::now();
         let epoch = self.published_epoch();
         let mut set = WriteSet::new();
+        let last = Manifest::load(&self.store)?;
         let dropped = self
             .checkpoints
             .dropped
@@ -85,7 +86,6 @@ impl Coordinator {
         let mut views = BTreeMap::new();
         let mut layouts = BTreeMap::new();
         let mut contents_ops = BTreeMap::new();
-        let last = Manifest::load(&self.store)?;
         let mut written = Vec::new();
         let mut skipped = 0;
         let (mut entries, mut bytes) = (0u64, 0u64);

@@ -183,6 +183,7 @@ pub async fn start(
         columns: column_indices,
         format,
         pending: Vec::new(),
+        scan: Default::default(),
         lines: 0,
         ended: false,
         rows,

@@ -15,6 +15,8 @@ use crate::error::{Result, ServerError};
 use crate::exec::ddl::default_column;
 use crate::exec::txn;
 use crate::session::Session;
+#[cfg(test)]
+use crate::session::copy_in::RecordScan;
 use crate::session::copy_in::{CopyFormat, CopyIn};
 
 /// Bytes of COPY text parsed at a time (a part ends at the last whole record in them).
@@ -40,23 +42,20 @@ pub async fn receive(session: &mut Session, data: &[u8]) -> Result<()> {
         return Ok(());
     }
     copy.pending.extend_from_slice(data);
-    // NOTE: data without a newline ends no record: no need to look for one again.
-    if copy.pending.len() >= PART_BYTES && data.contains(&b'\n') {
-        match record_end(&copy.pending, &copy.format) {
-            Some(end) => {
-                let rest = copy.pending.split_off(end);
-                let part = std::mem::replace(&mut copy.pending, rest);
-                parse_part(session, &mut copy, &part).await?;
-            }
-            None if copy.pending.len() > MAX_RECORD_BYTES => {
-                return Err(ServerError::BadCopyFormat(format!(
-                    "COPY {}: a record longer than 1 GiB (line {})",
-                    copy.table_name,
-                    copy.lines + 1
-                )));
-            }
-            None => {}
-        }
+    copy.scan.advance(&copy.pending, &copy.format);
+    if copy.pending.len() >= PART_BYTES
+        && let Some(end) = copy.scan.take_end()
+    {
+        let rest = copy.pending.split_off(end);
+        let part = std::mem::replace(&mut copy.pending, rest);
+        parse_part(session, &mut copy, &part).await?;
+    }
+    if copy.pending.len() > MAX_RECORD_BYTES {
+        return Err(ServerError::BadCopyFormat(format!(
+            "COPY {}: a record longer than 1 GiB (line {})",
+            copy.table_name,
+            copy.lines + 1
+        )));
     }
     session.copy_in = Some(copy);
     Ok(())
@@ -91,34 +90,12 @@ pub async fn finish(session: &mut Session) -> Result<usize> {
     Ok(rows)
 }
 
-/// Where the last whole record of `data` ends (after its newline), if any: in CSV a
-/// newline inside quotes is part of a field.
+/// Where the last whole record of `data` ends (after its newline), if any.
+#[cfg(test)]
 fn record_end(data: &[u8], format: &CopyFormat) -> Option<usize> {
-    if !format.csv {
-        return data.iter().rposition(|&b| b == b'\n').map(|i| i + 1);
-    }
-    // NOTE: quote and escape are one byte (parse_format checks it).
-    let (quote, escape) = (format.quote as u8, format.escape as u8);
-    let mut in_quotes = false;
-    let mut end = None;
-    let mut i = 0;
-    while i < data.len() {
-        let b = data[i];
-        if in_quotes {
-            if b == escape && escape != quote && data.get(i + 1) == Some(&quote) {
-                i += 2;
-                continue;
-            }
-            // A doubled quote closes and reopens: the same state after both.
-            in_quotes = b != quote;
-        } else if b == quote {
-            in_quotes = true;
-        } else if b == b'\n' {
-            end = Some(i + 1);
-        }
-        i += 1;
-    }
-    end
+    let mut scan = RecordScan::default();
+    scan.advance(data, format);
+    scan.take_end()
 }
 
 /// Parses whole records into one batch in the table's schema, and holds or stages it.
@@ -451,6 +428,26 @@ mod tests {
         assert_eq!(record_end(b"1,\"a\"\"\nb\"\n", &csv), Some(10));
         csv.escape = '\\';
         assert_eq!(record_end(b"1,\"a\\\"\nb\"\n", &csv), Some(10));
+    }
+
+    /// Scanned a message at a time, the same ends, with an escape split from its quote.
+    #[test]
+    fn record_scans_carry_over_messages() {
+        let mut csv = text_format();
+        csv.csv = true;
+        csv.delimiter = ',';
+        csv.escape = '\\';
+        let mut scan = RecordScan::default();
+        let mut data = b"1,\"a\\".to_vec();
+        scan.advance(&data, &csv);
+        assert_eq!(scan.take_end(), None);
+        data.extend_from_slice(b"\"\nb\"\n2,x\n3");
+        scan.advance(&data, &csv);
+        assert_eq!(scan.take_end(), Some(14));
+        let mut rest = data.split_off(14);
+        rest.extend_from_slice(b",y\n");
+        scan.advance(&rest, &csv);
+        assert_eq!(scan.take_end(), Some(4));
     }
 
     #[test]

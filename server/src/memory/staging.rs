@@ -80,10 +80,9 @@ impl Staging {
             || self.held_bytes + bytes <= threshold && self.reservation.try_grow(bytes).is_ok();
         self.held.push(batch);
         if fits {
-            if self.unstageable {
-                self.reservation.grow(bytes);
+            if !self.unstageable {
+                self.held_bytes += bytes;
             }
-            self.held_bytes += bytes;
             return Ok(());
         }
         let mut kept = Vec::new();
@@ -122,9 +121,11 @@ impl Staging {
                 }
             }
         }
-        self.held_bytes = kept.iter().map(|b| b.get_array_memory_size()).sum();
+        // NOTE: rows held after a refused write are slices of larger batches, whose sizes
+        // would count their parents' buffers again and again: they are held unreserved.
         self.held = kept;
-        self.reservation.resize(self.held_bytes);
+        self.held_bytes = 0;
+        self.reservation.free();
         Ok(())
     }
 

@@ -27,11 +27,36 @@ impl Parts<'_> {
 }
 
 impl ColumnarTable {
+    /// The encoded primary keys of a staged file's rows (None without a primary key): read
+    /// before the commit, so that adding the file after it reads nothing but its rows for
+    /// secondary indexes.
+    pub fn staged_keys(&self, file: &ColdFile) -> Result<Option<Vec<Box<[u8]>>>> {
+        if self.primary_key.is_none() {
+            return Ok(None);
+        }
+        self.encode_key_columns(&self.file_key_columns(file, None)?)
+            .map(Some)
+    }
+
+    /// Makes staged files the table's own before they are added (their log entries were
+    /// committed): a failure while adding one leaves none to be deleted.
+    pub fn keep_staged<'a>(&mut self, files: impl Iterator<Item = &'a Arc<ColdFile>>) {
+        for file in files {
+            self.log_files.insert(file.path().to_string(), file.clone());
+        }
+    }
+
     /// Adds the rows of a staged file, all live, as a cold chunk whose rows get `row_ids`
-    /// (after the log entry referring to the file was committed).
-    pub fn add_staged(&mut self, row_ids: &UInt64Array, file: Arc<ColdFile>) -> Result<()> {
+    /// (after the log entry referring to the file was committed), with their encoded keys
+    /// from [`ColumnarTable::staged_keys`].
+    pub fn add_staged(
+        &mut self,
+        row_ids: &UInt64Array,
+        file: Arc<ColdFile>,
+        keys: Option<Vec<Box<[u8]>>>,
+    ) -> Result<()> {
         let live = BooleanArray::from(vec![true; row_ids.len()]);
-        self.insert_cold(row_ids, &live, file)
+        self.insert_cold(row_ids, &live, file, keys)
     }
 
     /// Whether inserting `inserted` and the rows of the `staged` files after deleting

@@ -396,9 +396,11 @@ fn staged_files_are_checked_by_key_and_added_as_cold_chunks() -> Result<()> {
     let held = batch(vec![2], vec!["y"])?;
     assert!(t.staged_key_conflicts(&none, Some(&held), &parts)?);
     // Added: cold chunks whose keys the table knows.
+    t.keep_staged(parts.iter());
     for file in parts {
         let ids = t.allocate_row_ids(file.rows);
-        t.add_staged(&ids, file)?;
+        let keys = t.staged_keys(&file)?;
+        t.add_staged(&ids, file, keys)?;
     }
     assert_eq!(t.num_rows(), 5);
     assert_eq!(t.cache_stats().cold_chunks, 2);
