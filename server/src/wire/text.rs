@@ -21,6 +21,7 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
         matches!(
             f.data_type(),
             DataType::Timestamp(_, _)
+                | DataType::Date32
                 | DataType::Float32
                 | DataType::Float64
                 | DataType::Interval(IntervalUnit::MonthDayNano)
@@ -57,6 +58,28 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
                                     (Some(_), None) => with_zone(utc, &Utc),
                                     (None, _) => naive(&utc.naive_utc()),
                                 }
+                            })
+                        })
+                        .collect(),
+                    None => StringArray::new_null(column.len()),
+                };
+                columns.push(Arc::new(rendered) as ArrayRef);
+                out_fields.push(Field::new(field.name(), DataType::Utf8, true));
+            }
+            // NOTE: chrono writes years past 9999 with a sign (`+10033-08-21`).
+            DataType::Date32 if text => {
+                let rendered: StringArray = match column
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::Date32Array>(
+                ) {
+                    Some(a) => a
+                        .iter()
+                        .map(|v| {
+                            v.and_then(|days| {
+                                let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+                                let date = epoch
+                                    .checked_add_signed(chrono::Duration::days(days.into()))?;
+                                Some(unsigned_year(date.format("%Y-%m-%d").to_string()))
                             })
                         })
                         .collect(),
@@ -196,9 +219,17 @@ fn fraction(nanos: u32) -> String {
 fn naive(t: &NaiveDateTime) -> String {
     format!(
         "{}{}",
-        t.format("%Y-%m-%d %H:%M:%S"),
+        unsigned_year(t.format("%Y-%m-%d %H:%M:%S").to_string()),
         fraction(t.and_utc().timestamp_subsec_nanos())
     )
+}
+
+/// A date chrono wrote with a `+` before a year past 9999, as PostgreSQL writes it (without).
+fn unsigned_year(text: String) -> String {
+    match text.strip_prefix('+') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    }
 }
 
 fn with_zone<Z: TimeZone>(utc: DateTime<Utc>, zone: &Z) -> String {
