@@ -57,8 +57,9 @@ pub struct TableChange {
     pub deletes: Vec<RowId>,
     /// Rows to insert, in the table's schema.
     pub inserts: Option<RecordBatch>,
-    /// More rows to insert, staged in cold files by a large COPY (`exec/copy.rs`): the
-    /// commit refers to the files, and the views read their rows a step at a time.
+    /// More rows to insert, staged in cold files by a large COPY or INSERT ... SELECT
+    /// (`memory/staging.rs`): the commit refers to the files, and the views read their rows
+    /// a step at a time.
     pub staged: Vec<Arc<ColdFile>>,
 }
 
@@ -248,15 +249,12 @@ impl Engine {
                 .filter(|b| b.num_rows() > 0)
                 .map(|b| conform_to_table(&table_name, &table.def.schema, &b))
                 .transpose()?;
-            let conflict = if staged.is_empty() {
-                match &inserts {
-                    Some(batch) => data.find_duplicate_key(&deleted, batch)?.is_some(),
-                    None => false,
-                }
-            } else {
-                data.staged_key_conflicts(&deleted, inserts.as_ref(), &staged)?
-            };
-            if conflict {
+            // NOTE: read before the commit: a read failing after it would leave a committed
+            // change half applied.
+            let keys = (staged.iter())
+                .map(|file| data.staged_keys(file))
+                .collect::<millrace_storage::Result<Vec<_>>>()?;
+            if data.key_conflicts(&deleted, inserts.as_ref(), &keys)? {
                 return Err(ServerError::UniqueViolation {
                     constraint: format!("{table_name}_pkey"),
                 });
@@ -272,11 +270,8 @@ impl Engine {
                 });
             }
             let mut files = Vec::with_capacity(staged.len());
-            for file in staged {
+            for (file, keys) in staged.into_iter().zip(keys) {
                 touched += file.rows;
-                // NOTE: read before the commit: a read failing after it would leave a
-                // committed change half applied.
-                let keys = data.staged_keys(&file)?;
                 let row_ids = data.allocate_row_ids(file.rows);
                 extra.append(
                     table.id,
@@ -473,11 +468,10 @@ impl Engine {
             .transpose()?;
         let data = change.table.rows.read().or_poisoned("table")?;
         let deleted: HashSet<RowId> = change.deletes.iter().copied().collect();
-        let conflict = match (&batch, change.staged.is_empty()) {
-            (Some(batch), true) => data.find_duplicate_key(&deleted, batch)?.is_some(),
-            _ => data.staged_key_conflicts(&deleted, batch.as_ref(), &change.staged)?,
-        };
-        if conflict {
+        let keys = (change.staged.iter())
+            .map(|file| data.staged_keys(file))
+            .collect::<millrace_storage::Result<Vec<_>>>()?;
+        if data.key_conflicts(&deleted, batch.as_ref(), &keys)? {
             return Err(ServerError::UniqueViolation {
                 constraint: format!("{}_pkey", change.table_name),
             });

@@ -543,8 +543,18 @@ impl ColumnarTable {
         let Some(keys) = self.encode_keys(inserted)? else {
             return Ok(None);
         };
-        let mut seen = HashSet::with_capacity(keys.len());
-        for (row, key) in keys.iter().enumerate() {
+        self.first_conflict(deleted, keys.iter().map(|k| k.as_ref()))
+    }
+
+    /// The position of the first of `keys` (encoded primary keys of rows to insert after
+    /// deleting `deleted`) that an earlier one or a live row not deleted already has.
+    fn first_conflict<'k>(
+        &self,
+        deleted: &HashSet<RowId>,
+        keys: impl Iterator<Item = &'k [u8]>,
+    ) -> Result<Option<usize>> {
+        let mut seen = HashSet::new();
+        for (row, key) in keys.enumerate() {
             if !seen.insert(key) || self.key_taken(deleted, key)? {
                 return Ok(Some(row));
             }

@@ -128,15 +128,6 @@ impl ViewContents {
         self.dirty_overflow
     }
 
-    /// What the next checkpoint writes of the contents: the changed rows, or every row when
-    /// too many changed to track (`true`: the checkpointed rows are to be replaced).
-    pub fn take_changes(&mut self) -> Result<(bool, RowCounts)> {
-        if self.dirty_overflow {
-            return Ok((true, self.all_counts()?));
-        }
-        Ok((false, self.take_dirty()?))
-    }
-
     /// Every row with its number of copies (a full checkpoint); forgets what was dirty.
     pub fn all_counts(&mut self) -> Result<RowCounts> {
         self.forget_dirty();
@@ -474,16 +465,49 @@ mod tests {
             RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vals))]).unwrap()
         };
         v.apply(&batch(vec![1, 2, 3]), &[1, 1, 1]).unwrap();
-        let (full, rows) = v.take_changes().unwrap();
-        assert!(!full && rows.len() == 3);
+        assert!(!v.overflowed());
+        assert_eq!(v.take_dirty().unwrap().len(), 3);
         v.apply(&batch((10..20).collect()), &[1; 10]).unwrap();
         v.apply(&batch(vec![1]), &[-1]).unwrap();
         assert!(v.dirty.is_empty(), "changes beyond the limit are not kept");
-        let (full, rows) = v.take_changes().unwrap();
-        assert!(full, "the checkpoint replaces the rows");
+        assert!(v.overflowed(), "the checkpoint replaces the rows");
+        let mut rows = Vec::new();
+        v.for_each_count(|part| {
+            rows.extend(part);
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(rows.len(), 12, "every row held, none of the removed");
         assert!(rows.iter().all(|(_, n)| *n == 1));
-        let (full, rows) = v.take_changes().unwrap();
-        assert!(!full && rows.is_empty(), "tracking resumes");
+        assert!(!v.overflowed());
+        assert!(v.take_dirty().unwrap().is_empty(), "tracking resumes");
+    }
+
+    /// A full write comes a chunk at a time and names each distinct row once, with all its
+    /// copies, as the whole count does.
+    #[test]
+    fn full_writes_count_each_row_once() {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut v = ViewContents::try_new(schema.clone()).unwrap();
+        let batch = |vals: Vec<i64>| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vals))]).unwrap()
+        };
+        v.apply(&batch(vec![1, 2, 2, 3]), &[1, 1, 1, 1]).unwrap();
+        v.apply(&batch(vec![2, 3, 4]), &[1, 1, 1]).unwrap();
+        v.apply(&batch(vec![3]), &[-1]).unwrap();
+        let mut streamed = Vec::new();
+        v.for_each_count(|part| {
+            streamed.extend(part);
+            Ok(())
+        })
+        .unwrap();
+        let mut whole = v.all_counts().unwrap();
+        streamed.sort();
+        whole.sort();
+        assert_eq!(streamed, whole);
+        let counts: Vec<i64> = whole.iter().map(|(_, n)| *n).collect();
+        assert_eq!(counts.iter().sum::<i64>(), 6);
+        assert_eq!(counts.len(), 4);
+        assert!(counts.contains(&3), "row 2 has three copies");
     }
 }

@@ -374,13 +374,14 @@ impl Coordinator {
                     Ok(())
                 })?;
             }
-            (None, true) => out.in_commit = contents.all_counts()?,
-            (None, false) => out.in_commit = contents.take_dirty()?,
-        }
-        if tier.is_none() {
-            let rows = std::mem::take(&mut out.in_commit);
-            count(&mut out, &rows);
-            out.in_commit = rows;
+            (None, _) => {
+                let rows = match full {
+                    true => contents.all_counts()?,
+                    false => contents.take_dirty()?,
+                };
+                count(&mut out, &rows);
+                out.in_commit = rows;
+            }
         }
         Ok(out)
     }

@@ -1,9 +1,9 @@
 //! Rows a statement writes, gathered before it commits (a COPY's parsed parts, the result of
 //! an INSERT ... SELECT): held in memory, reserved in the session's statement memory, until
-//! they pass the staging threshold (an eighth of the cache's share of `--memory-limit`, 4 MiB at least,
-//! 256 MiB without one) or the pool refuses more; then staged, written as cold files that
-//! the commit refers to (`engine.rs`), so that a statement larger than memory streams and
-//! its rows still become visible at once.
+//! they pass the staging threshold (an eighth of the cache's share of `--memory-limit`, at
+//! least 4 MiB; 256 MiB without a limit) or the pool refuses more; then staged, written as
+//! cold files that the commit refers to (`engine.rs`), so that a statement larger than
+//! memory streams and its rows still become visible at once.
 
 use std::sync::Arc;
 
@@ -85,41 +85,28 @@ impl Staging {
             }
             return Ok(());
         }
-        let mut kept = Vec::new();
-        let mut file: Vec<RecordBatch> = Vec::new();
-        let mut file_rows = 0;
+        // NOTE: one copy of what is held (at most the threshold), cut into whole files.
         let held = std::mem::take(&mut self.held);
-        let count = held.len();
-        for (i, batch) in held.into_iter().enumerate() {
-            for start in (0..batch.num_rows()).step_by(STAGED_FILE_ROWS) {
-                let rows = batch.slice(start, STAGED_FILE_ROWS.min(batch.num_rows() - start));
-                if self.unstageable {
-                    kept.push(rows);
-                    continue;
-                }
-                // Slices are gathered into files of up to STAGED_FILE_ROWS rows.
-                file_rows += rows.num_rows();
-                file.push(rows);
-                let last = i + 1 == count && start + STAGED_FILE_ROWS >= batch.num_rows();
-                if file_rows < STAGED_FILE_ROWS && !last {
-                    continue;
-                }
-                let parts = std::mem::take(&mut file);
-                file_rows = 0;
-                let written = concat_batches(&parts[0].schema(), &parts)
-                    .map_err(Into::into)
-                    .and_then(|rows| self.cache.stage(self.table_id, &rows));
-                match written {
-                    Ok(staged) => self.staged.push(staged),
+        let all = concat_batches(&held[0].schema(), &held)?;
+        drop(held);
+        let mut kept = Vec::new();
+        for start in (0..all.num_rows()).step_by(STAGED_FILE_ROWS) {
+            let rows = all.slice(start, STAGED_FILE_ROWS.min(all.num_rows() - start));
+            if !self.unstageable {
+                match self.cache.stage(self.table_id, &rows) {
+                    Ok(file) => {
+                        self.staged.push(file);
+                        continue;
+                    }
                     // NOTE: as an eviction that fails: the rows stay in memory, and the
                     // statement is not refused for the object store's sake.
                     Err(e) => {
                         warn!(error = %e, "staging rows in the object store failed; holding them in memory");
                         self.unstageable = true;
-                        kept.extend(parts);
                     }
                 }
             }
+            kept.push(rows);
         }
         // NOTE: rows held after a refused write are slices of larger batches, whose sizes
         // would count their parents' buffers again and again: they are held unreserved.

@@ -1,7 +1,8 @@
-//! Rows staged in cold files before the statement that wrote them commits: a large COPY
-//! streams its rows into Parquet files a part at a time (`server/src/exec/copy.rs`), so that
-//! it never holds them all; its commit checks their primary keys here and adds each file to
-//! the table as a cold chunk, which the log refers to.
+//! Rows staged in cold files before the statement that wrote them commits: a large COPY or
+//! INSERT ... SELECT writes its rows as Parquet files a part at a time
+//! (`server/src/memory/staging.rs`), so that it never holds them all; its commit reads their
+//! primary keys and checks them here, then adds each file to the table as a cold chunk,
+//! which the log refers to.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,19 +13,6 @@ use crate::cold::ColdFile;
 use crate::columnar::ColumnarTable;
 use crate::error::Result;
 use crate::rows::RowId;
-
-/// Rows of one statement that a key check reads a part at a time: the rows it holds in
-/// memory, then each staged file.
-struct Parts<'a> {
-    inserted: Option<&'a RecordBatch>,
-    staged: &'a [Arc<ColdFile>],
-}
-
-impl Parts<'_> {
-    fn len(&self) -> usize {
-        usize::from(self.inserted.is_some()) + self.staged.len()
-    }
-}
 
 impl ColumnarTable {
     /// The encoded primary keys of a staged file's rows (None without a primary key): read
@@ -59,57 +47,23 @@ impl ColumnarTable {
         self.insert_cold(row_ids, &live, file, keys)
     }
 
-    /// Whether inserting `inserted` and the rows of the `staged` files after deleting
-    /// `deleted` would break the primary key: a key twice among them, or a key of a live row
-    /// not deleted. Reads only the key columns, a part at a time, and holds 16 bytes a row
-    /// (a hash and a position); rows whose hashes are equal have their keys compared.
-    pub fn staged_key_conflicts(
+    /// Whether inserting `inserted` and the staged rows whose encoded keys are `staged`
+    /// (from [`ColumnarTable::staged_keys`], a file's each) after deleting `deleted` would
+    /// break the primary key: a key twice among them, or a key of a live row not deleted.
+    pub fn key_conflicts(
         &self,
         deleted: &HashSet<RowId>,
         inserted: Option<&RecordBatch>,
-        staged: &[Arc<ColdFile>],
+        staged: &[Option<Vec<Box<[u8]>>>],
     ) -> Result<bool> {
-        if self.primary_key.is_none() {
-            return Ok(false);
-        }
-        let parts = Parts { inserted, staged };
-        let mut hashes: Vec<(u64, u32, u32)> = Vec::new();
-        for part in 0..parts.len() {
-            for (row, key) in self.part_keys(&parts, part)?.iter().enumerate() {
-                if self.key_taken(deleted, key)? {
-                    return Ok(true);
-                }
-                hashes.push((self.key_index.hash(key), part as u32, row as u32));
-            }
-        }
-        hashes.sort_unstable();
-        for run in hashes.chunk_by(|a, b| a.0 == b.0).filter(|r| r.len() > 1) {
-            let mut keys = HashSet::with_capacity(run.len());
-            for &(_, part, row) in run {
-                let key = self
-                    .part_keys(&parts, part as usize)?
-                    .swap_remove(row as usize);
-                if !keys.insert(key) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
-
-    /// The encoded primary keys of one part's rows.
-    fn part_keys(&self, parts: &Parts<'_>, part: usize) -> Result<Vec<Box<[u8]>>> {
-        let columns = match (parts.inserted, part) {
-            (Some(batch), 0) => match &self.primary_key {
-                Some(cols) => cols.iter().map(|&i| batch.column(i).clone()).collect(),
-                None => Vec::new(),
-            },
-            (inserted, _) => {
-                let file = &parts.staged[part - usize::from(inserted.is_some())];
-                self.file_key_columns(file, None)?
-            }
+        let held = match inserted {
+            Some(batch) => self.encode_keys(batch)?.unwrap_or_default(),
+            None => Vec::new(),
         };
-        self.encode_key_columns(&columns)
+        let keys = held.iter().chain(staged.iter().flatten().flatten());
+        Ok(self
+            .first_conflict(deleted, keys.map(|k| k.as_ref()))?
+            .is_some())
     }
 
     /// The primary-key columns of a cold file's rows at `positions` (all when `None`), in the

@@ -385,16 +385,19 @@ fn staged_files_are_checked_by_key_and_added_as_cold_chunks() -> Result<()> {
         stage(vec![1, 3], vec!["y", "x"])?,
         stage(vec![2], vec!["y"])?,
     ];
+    let keys = |t: &ColumnarTable, files: &[Arc<ColdFile>]| -> Result<Vec<_>> {
+        files.iter().map(|f| t.staged_keys(f)).collect()
+    };
     let none = HashSet::new();
-    assert!(!t.staged_key_conflicts(&none, None, &parts)?);
+    assert!(!t.key_conflicts(&none, None, &keys(&t, &parts)?)?);
     // A key the table has, another part has, or the rows in memory have.
     let taken = vec![stage(vec![4, 2], vec!["z", "x"])?];
-    assert!(t.staged_key_conflicts(&none, None, &taken)?);
-    assert!(!t.staged_key_conflicts(&HashSet::from([2]), None, &taken)?);
+    assert!(t.key_conflicts(&none, None, &keys(&t, &taken)?)?);
+    assert!(!t.key_conflicts(&HashSet::from([2]), None, &keys(&t, &taken)?)?);
     let twice = vec![parts[0].clone(), stage(vec![3], vec!["x"])?];
-    assert!(t.staged_key_conflicts(&none, None, &twice)?);
+    assert!(t.key_conflicts(&none, None, &keys(&t, &twice)?)?);
     let held = batch(vec![2], vec!["y"])?;
-    assert!(t.staged_key_conflicts(&none, Some(&held), &parts)?);
+    assert!(t.key_conflicts(&none, Some(&held), &keys(&t, &parts)?)?);
     // Added: cold chunks whose keys the table knows.
     t.keep_staged(parts.iter());
     for file in parts {
