@@ -134,6 +134,15 @@ impl<'a> Generator<'a> {
                 "INTERSECT ALL",
                 "EXCEPT ALL",
             ]);
+            // NOTE: a set operation compares values exactly, and two float sums equal in
+            // exact arithmetic can differ in their last bits (random SQL seed 796636259 query
+            // 1025, an EXCEPT of window sums): over approximate numbers only UNION ALL is
+            // stable. The pick above is kept so that other queries stay as they were.
+            let op = if types.iter().any(|t| t.is_approximate()) {
+                "UNION ALL"
+            } else {
+                op
+            };
             let (a, b) = (self.select(&types, 1), self.select(&types, 1));
             sql.push_str(&format!("({a}) {op} ({b})"));
         } else {
@@ -172,7 +181,8 @@ impl<'a> Generator<'a> {
     fn select(&mut self, types: &[SqlType], depth: u32) -> String {
         let (from, scope) = self.from(depth);
         let mut sql = String::from("SELECT ");
-        if self.rng.chance(15) {
+        // DISTINCT over approximate numbers is unstable for the reason a set operation is.
+        if self.rng.chance(15) && !types.iter().any(|t| t.is_approximate()) {
             sql.push_str("DISTINCT ");
         }
         let grouped = self.rng.chance(25);
