@@ -97,6 +97,14 @@ impl Changelog {
         self.batch.get_array_memory_size() + self.weights.len() * std::mem::size_of::<i64>()
     }
 
+    /// Bytes of the rows themselves (a slice counts only its part of the buffers).
+    pub fn slice_bytes(&self) -> usize {
+        let columns: usize = (self.batch.columns().iter())
+            .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+            .sum();
+        columns + self.weights.len() * std::mem::size_of::<i64>()
+    }
+
     /// The rows re-labelled with `schema` (same column count), casting columns whose type
     /// differs (a union's inputs may differ in nullability or, rarely, in type).
     pub fn with_schema(&self, schema: &SchemaRef) -> Result<Self> {

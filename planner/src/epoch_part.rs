@@ -5,12 +5,17 @@
 //! reading them at commit; [`Pipeline::step_bounded`](crate::pipeline::Pipeline::step_bounded)
 //! reads them one step's slice at a time. A large change over a spilled table is then never
 //! in memory whole (286k deleted rows of 180 bytes held 51 MB until every view was done).
+//! A view's own change, when it was too large to hold, reaches the views downstream as its
+//! spilled partitions, read the same way ([`crate::spilled_change`]).
+
+use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use millrace_storage::StoredRows;
 
 use crate::changelog::Changelog;
 use crate::error::Result;
+use crate::spilled_change::{SpillFile, ViewChange};
 
 /// A change to one source within an epoch.
 #[derive(Debug, Clone)]
@@ -23,6 +28,16 @@ pub enum EpochPart {
         rows: StoredRows,
         /// The weight of every row.
         weight: i64,
+    },
+    /// Rows `offset..offset + len` of a partition of a view's spilled change, with their
+    /// weights, read when the views take them.
+    Spilled {
+        /// The partition.
+        file: Arc<SpillFile>,
+        /// The first row.
+        offset: usize,
+        /// How many rows.
+        len: usize,
     },
 }
 
@@ -43,11 +58,29 @@ impl EpochPart {
         EpochPart::Stored { rows, weight: 1 }
     }
 
+    /// A view's change as its downstream views take it: one part, or a part for each
+    /// spilled partition.
+    pub fn of_view(change: &ViewChange) -> Vec<Self> {
+        match change {
+            ViewChange::Rows(c) => vec![EpochPart::Rows(c.clone())],
+            ViewChange::Spilled(s) => s
+                .files()
+                .iter()
+                .map(|file| EpochPart::Spilled {
+                    file: file.clone(),
+                    offset: 0,
+                    len: file.len(),
+                })
+                .collect(),
+        }
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         match self {
             EpochPart::Rows(c) => c.len(),
             EpochPart::Stored { rows, .. } => rows.len(),
+            EpochPart::Spilled { len, .. } => *len,
         }
     }
 
@@ -61,6 +94,7 @@ impl EpochPart {
         match self {
             EpochPart::Rows(c) => c.schema(),
             EpochPart::Stored { rows, .. } => rows.schema(),
+            EpochPart::Spilled { file, .. } => file.schema(),
         }
     }
 
@@ -69,6 +103,7 @@ impl EpochPart {
         match self {
             EpochPart::Rows(c) => c.bytes(),
             EpochPart::Stored { rows, .. } => rows.memory_bytes(),
+            EpochPart::Spilled { .. } => 0,
         }
     }
 
@@ -77,6 +112,7 @@ impl EpochPart {
         match self {
             EpochPart::Rows(c) => c.bytes(),
             EpochPart::Stored { rows, .. } => rows.bytes_when_read(),
+            EpochPart::Spilled { file, len, .. } => file.bytes_when_read(*len),
         }
     }
 
@@ -87,6 +123,13 @@ impl EpochPart {
             EpochPart::Stored { rows, weight } => EpochPart::Stored {
                 rows: rows.slice(offset, len),
                 weight: *weight,
+            },
+            EpochPart::Spilled {
+                file, offset: o, ..
+            } => EpochPart::Spilled {
+                file: file.clone(),
+                offset: o + offset,
+                len,
             },
         }
     }
@@ -110,6 +153,7 @@ impl EpochPart {
                     _ => Changelog::concat(&schema, parts),
                 }
             }
+            EpochPart::Spilled { file, offset, len } => file.read(*offset, *len),
         }
     }
 

@@ -31,6 +31,7 @@ pub mod rewrite;
 pub mod row_id;
 pub mod scalar_subquery;
 pub mod set_ops;
+pub mod spilled_change;
 pub mod subquery_values;
 pub mod system_table;
 pub mod table;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::execution::disk_manager::DiskManager;
 use datafusion::physical_plan::PhysicalExpr;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -24,6 +25,7 @@ use crate::epoch_part::EpochPart;
 use crate::error::{PlanError, Result};
 use crate::incremental::PlanNode;
 use crate::ops::{Operator, StateControl, StateEntry, StateStats, evaluate};
+use crate::spilled_change::{SpillWriter, ViewChange};
 use millrace_storage::StateTier;
 
 /// Rows of a bounded step's change below which it is not consolidated between parts.
@@ -32,6 +34,13 @@ const MIN_CONSOLIDATE: usize = 65_536;
 /// The state one step of a bounded epoch should add in memory, in multiples of its input
 /// bound (see [`Pipeline::step_budget`]).
 const GROWTH_PER_STEP: usize = 4;
+
+/// A bounded epoch's change is held in memory up to this many times the step size; past
+/// it, it is spilled to disk.
+const SPILL_STEPS: usize = 4;
+
+/// Rows of a part's first step in a bounded epoch, whose size sizes the part's next steps.
+const PROBE_ROWS: usize = 1024;
 
 /// Jobs a partition instance may have queued before the router waits.
 const WORKER_QUEUE: usize = 2;
@@ -273,11 +282,12 @@ impl Pipeline {
     /// A large epoch (an UPDATE of 300k rows) in one step holds its whole input, every
     /// evicted state entry it reads back and every intermediate change at once (measured:
     /// 1.2 GB under a 256 MiB limit). In steps, state is evicted between them (see
-    /// [`Pipeline::step`]) and only the view's change accumulates, consolidated as it grows.
-    /// Splitting is exact: every operator maps a change to the difference of its results
-    /// before and after it, so steps over consecutive parts add up to the step over the
-    /// whole; each source's rows keep their order, so no relation is ever seen with a row
-    /// deleted before it was inserted.
+    /// [`Pipeline::step`]) and only the view's change accumulates, consolidated as it grows;
+    /// past [`SPILL_STEPS`] x `max_bytes` it goes to files on `disk` instead (see
+    /// [`crate::spilled_change`]). Splitting is exact: every operator maps a change to the
+    /// difference of its results before and after it, so steps over consecutive parts add
+    /// up to the step over the whole; each source's rows keep their order, so no relation is
+    /// ever seen with a row deleted before it was inserted.
     ///
     /// A step's input can bring back far more state than its own size (each changed row of
     /// a join reads its key's evicted rows of the other side), and state is only evicted
@@ -287,7 +297,8 @@ impl Pipeline {
         &mut self,
         sources: &HashMap<u64, Vec<EpochPart>>,
         max_bytes: usize,
-    ) -> Result<Changelog> {
+        disk: Option<&Arc<DiskManager>>,
+    ) -> Result<ViewChange> {
         let bytes = |parts: &[EpochPart]| parts.iter().map(EpochPart::bytes_when_read).sum();
         let total: usize = sources.values().map(|p| bytes(p)).sum();
         let whole = total <= max_bytes
@@ -304,44 +315,86 @@ impl Pipeline {
             if let [(id, parts)] = sources.iter().collect::<Vec<_>>()[..] {
                 self.record_growth(*id, bytes(parts), growth);
             }
-            return Ok(out);
+            return Ok(ViewChange::Rows(out));
         }
         let mut outs: Vec<Changelog> = Vec::new();
+        let mut spill: Option<SpillWriter> = None;
         let mut schema = None;
-        let (mut held, mut consolidated) = (0usize, 0usize);
+        let (mut held, mut held_bytes, mut consolidated) = (0usize, 0usize, 0usize);
+        let spill_bytes = max_bytes.saturating_mul(SPILL_STEPS);
+        let input_rows: usize = sources.values().flatten().map(EpochPart::len).sum();
         for (id, change) in in_order(sources) {
-            let per_row = (change.bytes_when_read() / change.len().max(1)).max(1);
+            // NOTE: a part's size is estimated before it is read (a cold file's by its
+            // encoded size, 30 times too small for a dictionary-encoded text): its first
+            // step reads a few rows, and their size in memory sizes the next steps.
+            let mut per_row = (change.bytes_when_read() / change.len().max(1)).max(1);
+            let mut probed = false;
             let mut offset = 0;
             while offset < change.len() {
                 let budget = self.step_budget(id, max_bytes);
-                let rows = (budget / per_row).clamp(1, change.len() - offset);
+                let mut rows = (budget / per_row).clamp(1, change.len() - offset);
+                if !probed {
+                    rows = rows.min(PROBE_ROWS);
+                }
                 // NOTE: stored rows are read here, one step's slice at a time.
-                let part = HashMap::from([(id, change.slice(offset, rows).read()?)]);
+                let read = change.slice(offset, rows).read()?;
+                if !probed {
+                    probed = true;
+                    per_row = (read.slice_bytes() / rows).max(1);
+                }
+                let part = HashMap::from([(id, read)]);
                 offset += rows;
                 let (out, growth) = self.step_measured(&part).await?;
                 self.record_growth(id, rows * per_row, growth);
-                schema.get_or_insert_with(|| out.schema());
+                let schema = schema.get_or_insert_with(|| out.schema());
                 if out.is_empty() {
                     continue;
                 }
+                if let Some(writer) = spill.as_mut() {
+                    writer.append(&out)?;
+                    continue;
+                }
                 held += out.len();
+                held_bytes += out.bytes();
                 outs.push(out);
-                // NOTE: consolidating when the change doubles keeps the work linear overall.
-                if held > MIN_CONSOLIDATE.max(2 * consolidated)
-                    && let Some(schema) = &schema
+                // The change is far larger than a step: it goes to disk, in partitions of
+                // about what may be held, their number guessed from the epoch's input.
+                if let Some(disk) = disk
+                    && held_bytes > spill_bytes
                 {
+                    // NOTE: few rows (tests split every epoch) need few files.
+                    let partitions = (2 * total.max(held_bytes))
+                        .div_ceil(spill_bytes)
+                        .min(input_rows / 1024)
+                        .clamp(4, 256);
+                    let mut writer =
+                        SpillWriter::new(disk.clone(), schema, partitions, spill_bytes)?;
+                    for out in outs.drain(..) {
+                        writer.append(&out)?;
+                    }
+                    spill = Some(writer);
+                    continue;
+                }
+                // NOTE: consolidating when the change doubles keeps the work linear overall.
+                if held > MIN_CONSOLIDATE.max(2 * consolidated) {
                     let merged =
                         Changelog::concat(schema, std::mem::take(&mut outs))?.consolidate()?;
                     held = merged.len();
+                    held_bytes = merged.bytes();
                     consolidated = held;
                     outs.push(merged);
                 }
             }
         }
+        if let Some(writer) = spill {
+            return Ok(ViewChange::Spilled(Arc::new(writer.finish()?)));
+        }
         let schema = schema.ok_or_else(|| PlanError::Internal("a step without parts".into()))?;
         match outs.len() {
-            1 => Ok(outs.remove(0)),
-            _ => Changelog::concat(&schema, outs)?.consolidate(),
+            1 => Ok(ViewChange::Rows(outs.remove(0))),
+            _ => Ok(ViewChange::Rows(
+                Changelog::concat(&schema, outs)?.consolidate()?,
+            )),
         }
     }
 

@@ -3,7 +3,8 @@
 //! step. Two pipelines of each query get the same seeded epochs (inserts, then updates and
 //! deletes given as separate parts, as the engine sends them); one takes each epoch whole,
 //! the other a few rows, or a single row, per step. Their changes must be equal, epoch by
-//! epoch, as multisets.
+//! epoch, as multisets; the bounded one's change is spilled to files (its threshold is a few
+//! steps), and must also be equal as the views downstream read it, in slices.
 //!
 //! As in the engine, deleted rows are handed over as references into the tables' columnar
 //! cache (`EpochPart::Stored`), some in chunks evicted to Parquet files, and read only when
@@ -17,11 +18,13 @@ use std::sync::Arc;
 use common::{Error, schema, table};
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::execution::disk_manager::DiskManagerBuilder;
 use datafusion::prelude::SessionContext;
 use millrace_planner::EpochPart;
 use millrace_planner::changelog::Changelog;
 use millrace_planner::incremental::compile;
 use millrace_planner::pipeline::Pipeline;
+use millrace_planner::spilled_change::ViewChange;
 use millrace_storage::{ColdStore, ColumnarTable, LogEntry, RowId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -166,15 +169,33 @@ async fn an_epoch_in_parts_makes_the_same_change_as_in_one_step() -> Result<(), 
         .filter(|p| matches!(p, EpochPart::Stored { .. }))
         .count();
     assert!(cold > 10, "deleted rows are handed over as stored rows");
+    let disk = Arc::new(DiskManagerBuilder::default().build()?);
+    let mut spilled = 0;
     for sql in QUERIES {
         let mut changed = 0;
         for (workers, max_bytes) in [(1, 1), (2, 1), (2, 600)] {
             let mut whole = pipeline(sql, workers).await?;
             let mut bounded = pipeline(sql, workers).await?;
             for (n, epoch) in epochs.iter().enumerate() {
-                let one = whole.step_bounded(epoch, usize::MAX).await?;
+                let one = whole.step_bounded(epoch, usize::MAX, None).await?;
+                let one = one.into_rows()?;
                 let rows_before = bounded.stats().rows_in;
-                let parts = bounded.step_bounded(epoch, max_bytes).await?;
+                let change = bounded.step_bounded(epoch, max_bytes, Some(&disk)).await?;
+                spilled += usize::from(matches!(change, ViewChange::Spilled(_)));
+                // As a view downstream reads it: the partitions as written, in slices.
+                let mut read = Vec::new();
+                for part in EpochPart::of_view(&change) {
+                    let half = part.len() / 2;
+                    read.push(part.slice(0, half).read()?);
+                    read.push(part.slice(half, part.len() - half).read()?);
+                }
+                let read = Changelog::concat(&one.schema(), read)?.consolidate()?;
+                assert_eq!(
+                    multiset(&one)?,
+                    multiset(&read)?,
+                    "seed {seed}, {sql}, {workers} workers, {max_bytes} bytes a step: epoch {n} read downstream"
+                );
+                let parts = change.into_rows()?;
                 let rows: u64 = epoch.values().flatten().map(|c| c.len() as u64).sum();
                 assert_eq!(bounded.stats().rows_in - rows_before, rows);
                 changed += usize::from(!one.is_empty());
@@ -190,5 +211,6 @@ async fn an_epoch_in_parts_makes_the_same_change_as_in_one_step() -> Result<(), 
             "{sql}: only {changed} epochs changed the view"
         );
     }
+    assert!(spilled > 100, "bounded changes were spilled: {spilled}");
     Ok(())
 }

@@ -142,9 +142,12 @@ impl Engine {
             // Changes waiting for the views take at most a 64th of the limit.
             config.memory_limit.map(|l| (l / 64).max(1 << 20)),
             config.step_bytes,
+            runtime.disk_manager.clone(),
         );
         let catalog = Arc::new(Catalog::new(store));
         let cache = CacheManager::try_new(cold, budget, catalog.clone(), views.clone())?;
+        let room = Arc::downgrade(&cache);
+        views.set_room(move |bytes| room.upgrade().is_some_and(|c| c.make_room(|| bytes).made()));
         let engine = Arc::new(Engine {
             catalog,
             write_lock: tokio::sync::Mutex::new(()),

@@ -122,6 +122,18 @@ impl ViewContents {
         Ok(out)
     }
 
+    /// Bytes of the changed rows remembered for the next checkpoint.
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_bytes
+    }
+
+    /// Stops tracking changed rows until the next checkpoint, which then writes every row
+    /// (for a view whose next checkpoint writes every row anyway).
+    pub fn drop_dirty(&mut self) {
+        self.forget_dirty();
+        self.dirty_overflow = true;
+    }
+
     /// Whether more rows changed since the last checkpoint than are tracked: the next one
     /// writes every row.
     pub fn overflowed(&self) -> bool {

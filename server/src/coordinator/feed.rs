@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use millrace_planner::Changelog;
+use millrace_planner::spilled_change::ViewChange;
 
 use crate::error::Result;
 
@@ -20,19 +20,21 @@ pub const FEED_CAPACITY: usize = 4096;
 pub struct EpochDelta {
     /// The epoch whose barrier made it visible.
     pub epoch: u64,
-    /// The view's rows with their weights (+n inserted, -n deleted).
-    pub changes: Changelog,
-    /// The delta as COPY text lines, encoded by the first subscriber that read it, with the
-    /// output settings they depend on; subscribers with the same settings reuse them.
+    /// The view's rows with their weights (+n inserted, -n deleted): in memory, or spilled
+    /// to files that each reader reads a consolidated partition at a time.
+    pub change: ViewChange,
+    /// The delta as COPY text lines (of a change in memory), encoded by the first subscriber
+    /// that read it, with the output settings they depend on; subscribers with the same
+    /// settings reuse them.
     pub encoded: Mutex<Option<(String, Arc<Vec<Bytes>>)>>,
 }
 
 impl EpochDelta {
     /// A delta not yet encoded.
-    pub fn new(epoch: u64, changes: Changelog) -> Self {
+    pub fn new(epoch: u64, change: ViewChange) -> Self {
         Self {
             epoch,
-            changes,
+            change,
             encoded: Mutex::new(None),
         }
     }

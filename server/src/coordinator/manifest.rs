@@ -84,6 +84,9 @@ pub struct Checkpoints {
     pub(crate) last: Mutex<Option<(u64, BTreeMap<u64, usize>)>>,
     /// Bytes written since the state was last flushed to disk.
     pub(crate) unflushed: std::sync::atomic::AtomicU64,
+    /// View rows written ahead of the next checkpoint since the last one (entries, bytes),
+    /// counted in its figures.
+    pub(crate) ahead: Mutex<(u64, u64)>,
 }
 
 impl Checkpoints {

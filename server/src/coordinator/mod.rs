@@ -32,7 +32,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use datafusion::execution::disk_manager::DiskManager;
 use millrace_planner::pipeline::PipelineStats;
+use millrace_planner::spilled_change::ViewChange;
 use millrace_planner::view_table::ViewStatus;
 use millrace_planner::{Changelog, EpochPart};
 use millrace_storage::{Store, ViewContents};
@@ -67,6 +69,10 @@ enum Command {
     Checkpoint(Barrier),
 }
 
+/// A view's rows changed since its last checkpoint are written ahead of it past this many
+/// times the step size (see [`Coordinator::flush_changed_rows`]).
+const DIRTY_STEPS: usize = 8;
+
 /// The registry of running views and the epoch coordinator's handle.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -92,6 +98,9 @@ pub struct Coordinator {
     /// Input bytes one pipeline step takes at most; a larger epoch goes through a view in
     /// several steps (`Pipeline::step_bounded`).
     step_bytes: usize,
+    /// Where a view's change too large to hold goes until it is published (the queries'
+    /// temporary files).
+    disk: Arc<DiskManager>,
     /// Failures in a row after which a view is marked failed instead of restarted.
     pub max_restarts: u32,
     /// Failures, restarts and recovery, for `millrace_events`.
@@ -110,6 +119,18 @@ pub struct Coordinator {
     read_floor: AtomicU64,
     /// Checkpoints taken, for `millrace_checkpoints`.
     pub checkpoints: Checkpoints,
+    /// See [`Coordinator::set_room`].
+    room: std::sync::OnceLock<RoomHook>,
+}
+
+/// Makes room in the cache for bytes about to be added to a view's contents; true when it
+/// did (the cache manager's `make_room`, set by the engine).
+pub struct RoomHook(Box<dyn Fn(u64) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for RoomHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoomHook")
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -133,6 +154,7 @@ impl Coordinator {
         store: Arc<Store>,
         max_backlog_bytes: Option<u64>,
         step_bytes: Option<u64>,
+        disk: Arc<DiskManager>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(epoch_queue.max(1));
         let (published, _) = watch::channel(0);
@@ -152,6 +174,8 @@ impl Coordinator {
             step_bytes: step_bytes
                 .or(max_backlog_bytes.map(|b| b / 2))
                 .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX)),
+            disk,
+            room: std::sync::OnceLock::new(),
             max_restarts,
             events: Arc::new(EventLog::default()),
             failed,
@@ -162,6 +186,13 @@ impl Coordinator {
             read_floor: AtomicU64::new(0),
             checkpoints: Checkpoints::default(),
         })
+    }
+
+    /// Sets how the coordinator makes room in the cache before it adds a large change to a
+    /// view's contents (a spilled change is applied a partition at a time, faster than the
+    /// cache manager's ticks evict).
+    pub fn set_room(&self, hook: impl Fn(u64) -> bool + Send + Sync + 'static) {
+        let _ = self.room.set(RoomHook(Box::new(hook)));
     }
 
     /// Notes the epoch holding the changes committed after the checkpoint; no read is
@@ -425,7 +456,8 @@ impl Coordinator {
         // once here, not by each view.
         for (id, parts) in changes.iter_mut() {
             let bytes: usize = parts.iter().map(EpochPart::bytes_when_read).sum();
-            let stored = parts.iter().any(|p| matches!(p, EpochPart::Stored { .. }));
+            let stored = (parts.iter())
+                .any(|p| matches!(p, EpochPart::Stored { .. } | EpochPart::Spilled { .. }));
             if (parts.len() > 1 || stored)
                 && bytes <= self.step_bytes
                 && let Some(schema) = parts.first().map(EpochPart::schema)
@@ -437,7 +469,7 @@ impl Coordinator {
             }
         }
         // (view, its change, whether it is a rebuilt view published now)
-        let mut staged: Vec<(Arc<ViewEntry>, Changelog, bool)> = Vec::new();
+        let mut staged: Vec<(Arc<ViewEntry>, ViewChange, bool)> = Vec::new();
         for view in self.views() {
             let carried = view.carried.lock().ok().and_then(|mut c| c.take());
             match view.status() {
@@ -473,7 +505,7 @@ impl Coordinator {
                 let mut guard = view.pipeline.lock().await;
                 match guard.as_mut() {
                     Some(p) => p
-                        .step_bounded(&inputs, self.step_bytes)
+                        .step_bounded(&inputs, self.step_bytes, Some(&self.disk))
                         .await
                         .map(Some)
                         .map_err(|e| e.to_string()),
@@ -491,28 +523,48 @@ impl Coordinator {
                 view.failures_in_a_row.store(0, Ordering::SeqCst);
             }
             let recovered = carried.is_some();
-            let parts: Vec<Changelog> = carried.into_iter().chain(out).collect();
-            let out = match parts.len() {
-                1 => parts.into_iter().next(),
-                _ => {
+            let out = match (carried, out) {
+                (None, Some(out)) => Ok(out),
+                (Some(carried), None) => Ok(ViewChange::Rows(carried)),
+                // NOTE: rare (a rebuilt view's first epoch): the two are merged in memory.
+                (Some(carried), Some(out)) => out.into_rows().and_then(|out| {
                     let schema = view.provider.schema.clone();
-                    Changelog::concat(&schema, parts)
-                        .and_then(|c| c.consolidate())
-                        .ok()
+                    Ok(ViewChange::Rows(
+                        Changelog::concat(&schema, vec![carried, out])?.consolidate()?,
+                    ))
+                }),
+                (None, None) => continue,
+            };
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    self.task_failed(&view, format!("cannot merge a rebuilt view's change: {e}"))
+                        .await;
+                    continue;
                 }
             };
-            let Some(out) = out else {
-                self.task_failed(&view, "cannot merge a rebuilt view's change".into())
-                    .await;
-                continue;
-            };
             view.record_stats(epoch, &before).await;
-            changes.insert(view.id, vec![out.clone().into()]);
+            changes.insert(view.id, EpochPart::of_view(&out));
             staged.push((view, out, recovered));
         }
         let _guard = self.read_lock.write().await;
         for (view, out, recovered) in staged {
-            if let Err(e) = view.apply(&out) {
+            // NOTE: a spilled change is applied a consolidated partition at a time, the
+            // cache making room as the contents grow.
+            let mut added = 0u64;
+            let applied: Result<()> = out.for_each_consolidated(|part| {
+                if let (ViewChange::Spilled(_), Some(room)) = (&out, self.room.get()) {
+                    added += part.slice_bytes() as u64;
+                    if (room.0)(added) {
+                        added = 0;
+                    }
+                }
+                view.apply(&part)?;
+                // NOTE: the changed rows a checkpoint writes stay within a bound too.
+                self.flush_changed_rows(&view, self.step_bytes.saturating_mul(DIRTY_STEPS));
+                Ok(())
+            });
+            if let Err(e) = applied {
                 self.task_failed(&view, e.to_string()).await;
                 continue;
             }
@@ -567,14 +619,18 @@ impl Coordinator {
                     let mut guard = view.pipeline.lock().await;
                     match guard.as_mut() {
                         Some(p) => p
-                            .step_bounded(&inputs, self.step_bytes)
+                            .step_bounded(&inputs, self.step_bytes, Some(&self.disk))
                             .await
                             .map_err(|e| e.to_string()),
                         None => return,
                     }
                 }
             };
-            if let Err(cause) = result.and_then(|out| view.apply(&out).map_err(|e| e.to_string())) {
+            let applied = |out: ViewChange| {
+                out.for_each_consolidated(|part| view.apply(&part))
+                    .map_err(|e| e.to_string())
+            };
+            if let Err(cause) = result.and_then(applied) {
                 if view.is_rebuilding() {
                     self.task_failed(&view, cause).await;
                 } else {

@@ -575,6 +575,13 @@ pub struct Room<'a> {
     bytes: u64,
 }
 
+impl Room<'_> {
+    /// Whether room was made (a tick ran).
+    pub fn made(&self) -> bool {
+        self.bytes > 0
+    }
+}
+
 impl Drop for Room<'_> {
     fn drop(&mut self) {
         self.manager

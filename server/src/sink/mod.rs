@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use millrace_planner::Changelog;
+use millrace_planner::spilled_change::ViewChange;
 use millrace_storage::{CatalogRecord, WriteSet};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
@@ -252,7 +253,17 @@ impl SinkTask {
                 _ = self.stopped.changed() => return Err(Halt::Stopped),
             };
             match delta {
-                Ok(delta) => self.emit(&mut mirror, delta.changes.clone()).await?,
+                // NOTE: a change spilled to files is delivered a consolidated partition at
+                // a time, each its own numbered change.
+                Ok(delta) => match &delta.change {
+                    ViewChange::Rows(changes) => self.emit(&mut mirror, changes.clone()).await?,
+                    ViewChange::Spilled(spilled) => {
+                        for file in spilled.files() {
+                            let part = file.consolidated().map_err(ServerError::Plan)?;
+                            self.emit(&mut mirror, part).await?;
+                        }
+                    }
+                },
                 Err(RecvError::Lagged(missed)) => {
                     info!(sink = %self.stats.name, missed, "sink fell behind its view; catching up");
                     return Err(Halt::Failed(ServerError::Internal(format!(

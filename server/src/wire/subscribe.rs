@@ -28,6 +28,7 @@ use crate::session::Session;
 use crate::session::copy_in::CopyFormat;
 use crate::sql::SubscribeTarget;
 use millrace_planner::error::ObjectClass;
+use millrace_planner::spilled_change::ViewChange;
 
 /// Streams the changes of a view, or of a query (through a view that lives as long as the
 /// feed), to `client` until the feed ends.
@@ -95,27 +96,56 @@ where
             }
             Err(RecvError::Closed) => break,
         };
-        let lines = delta.lines(&settings, || {
-            let batch = with_epoch_and_diff(
-                &schema,
-                &delta.changes.batch,
-                delta.epoch,
-                &delta.changes.weights,
-            )?;
-            encode(session, &schema, &[batch])
-        })?;
-        // NOTE: a reader that stops reading blocks this write once the socket buffers are
-        // full; the lag watch cuts it off meanwhile instead of queueing epochs for it.
-        tokio::select! {
-            written = write_lines(client, &lines) => written?,
-            behind = lag_passes(&subscription.feed, limit) => {
-                return Err(too_slow(&name.name, behind, limit));
+        match &delta.change {
+            ViewChange::Rows(changes) => {
+                let lines = delta.lines(&settings, || {
+                    let batch = with_epoch_and_diff(
+                        &schema,
+                        &changes.batch,
+                        delta.epoch,
+                        &changes.weights,
+                    )?;
+                    encode(session, &schema, &[batch])
+                })?;
+                write_or_lag(client, &lines, &subscription.feed, limit, &name.name).await?;
+            }
+            // NOTE: a change spilled to files is read and encoded a consolidated partition
+            // at a time, by each subscriber (such a change is large and rare).
+            ViewChange::Spilled(spilled) => {
+                for file in spilled.files() {
+                    let part = file.consolidated()?;
+                    let batch =
+                        with_epoch_and_diff(&schema, &part.batch, delta.epoch, &part.weights)?;
+                    let lines = encode(session, &schema, &[batch])?;
+                    write_or_lag(client, &lines, &subscription.feed, limit, &name.name).await?;
+                }
             }
         }
     }
     info!(view = %name.name, "subscribed view dropped; feed ended");
     send(client, PgWireBackendMessage::CopyDone(CopyDone::new())).await?;
     Ok(Response::Execution(Tag::new("SUBSCRIBE")))
+}
+
+/// Writes `lines`, or fails once more than `limit` epochs wait unread meanwhile: a reader
+/// that stops reading blocks the write once the socket buffers are full, and the lag watch
+/// cuts it off instead of queueing epochs for it.
+async fn write_or_lag<C>(
+    client: &mut C,
+    lines: &[Bytes],
+    feed: &tokio::sync::broadcast::Receiver<std::sync::Arc<crate::coordinator::feed::EpochDelta>>,
+    limit: usize,
+    view: &str,
+) -> Result<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    tokio::select! {
+        written = write_lines(client, lines) => written,
+        behind = lag_passes(feed, limit) => Err(too_slow(view, behind, limit)),
+    }
 }
 
 /// Resolves once more than `limit` epochs wait unread in `feed`, with how many wait.
