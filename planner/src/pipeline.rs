@@ -14,33 +14,18 @@ use std::sync::Arc;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::execution::disk_manager::DiskManager;
 use datafusion::physical_plan::PhysicalExpr;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::changelog::Changelog;
-use crate::epoch_part::EpochPart;
 use crate::error::{PlanError, Result};
 use crate::incremental::PlanNode;
 use crate::ops::{Operator, StateControl, StateEntry, StateStats, evaluate};
-use crate::spilled_change::{SpillWriter, ViewChange};
 use millrace_storage::StateTier;
 
-/// Rows of a bounded step's change below which it is not consolidated between parts.
-const MIN_CONSOLIDATE: usize = 65_536;
-
-/// The state one step of a bounded epoch should add in memory, in multiples of its input
-/// bound (see [`Pipeline::step_budget`]).
-const GROWTH_PER_STEP: usize = 4;
-
-/// A bounded epoch's change is held in memory up to this many times the step size; past
-/// it, it is spilled to disk.
-const SPILL_STEPS: usize = 4;
-
-/// Rows of a part's first step in a bounded epoch, whose size sizes the part's next steps.
-const PROBE_ROWS: usize = 1024;
+mod bounded;
 
 /// Jobs a partition instance may have queued before the router waits.
 const WORKER_QUEUE: usize = 2;
@@ -274,145 +259,6 @@ impl Pipeline {
             }
         }
         Ok((out, growth))
-    }
-
-    /// Pushes one epoch's source changes through the pipeline in steps that each take about
-    /// `max_bytes` of input at most, and returns the view's change for the whole epoch.
-    ///
-    /// A large epoch (an UPDATE of 300k rows) in one step holds its whole input, every
-    /// evicted state entry it reads back and every intermediate change at once (measured:
-    /// 1.2 GB under a 256 MiB limit). In steps, state is evicted between them (see
-    /// [`Pipeline::step`]) and only the view's change accumulates, consolidated as it grows;
-    /// past [`SPILL_STEPS`] x `max_bytes` it goes to files on `disk` instead (see
-    /// [`crate::spilled_change`]). Splitting is exact: every operator maps a change to the
-    /// difference of its results before and after it, so steps over consecutive parts add
-    /// up to the step over the whole; each source's rows keep their order, so no relation is
-    /// ever seen with a row deleted before it was inserted.
-    ///
-    /// A step's input can bring back far more state than its own size (each changed row of
-    /// a join reads its key's evicted rows of the other side), and state is only evicted
-    /// after a step: the steps shrink so that the state a step adds stays near
-    /// [`GROWTH_PER_STEP`] times `max_bytes` (see [`Pipeline::step_budget`]).
-    pub async fn step_bounded(
-        &mut self,
-        sources: &HashMap<u64, Vec<EpochPart>>,
-        max_bytes: usize,
-        disk: Option<&Arc<DiskManager>>,
-    ) -> Result<ViewChange> {
-        let bytes = |parts: &[EpochPart]| parts.iter().map(EpochPart::bytes_when_read).sum();
-        let total: usize = sources.values().map(|p| bytes(p)).sum();
-        let whole = total <= max_bytes
-            && (sources.iter()).all(|(id, p)| bytes(p) <= self.step_budget(*id, max_bytes));
-        if whole {
-            let mut whole = HashMap::with_capacity(sources.len());
-            for (id, parts) in sources {
-                let Some(schema) = parts.first().map(EpochPart::schema) else {
-                    continue;
-                };
-                whole.insert(*id, EpochPart::concat(&schema, parts)?);
-            }
-            let (out, growth) = self.step_measured(&whole).await?;
-            if let [(id, parts)] = sources.iter().collect::<Vec<_>>()[..] {
-                self.record_growth(*id, bytes(parts), growth);
-            }
-            return Ok(ViewChange::Rows(out));
-        }
-        let mut outs: Vec<Changelog> = Vec::new();
-        let mut spill: Option<SpillWriter> = None;
-        let mut schema = None;
-        let (mut held, mut held_bytes, mut consolidated) = (0usize, 0usize, 0usize);
-        let spill_bytes = max_bytes.saturating_mul(SPILL_STEPS);
-        let input_rows: usize = sources.values().flatten().map(EpochPart::len).sum();
-        for (id, change) in in_order(sources) {
-            // NOTE: a part's size is estimated before it is read (a cold file's by its
-            // encoded size, 30 times too small for a dictionary-encoded text): its first
-            // step reads a few rows, and their size in memory sizes the next steps.
-            let mut per_row = (change.bytes_when_read() / change.len().max(1)).max(1);
-            let mut probed = false;
-            let mut offset = 0;
-            while offset < change.len() {
-                let budget = self.step_budget(id, max_bytes);
-                let mut rows = (budget / per_row).clamp(1, change.len() - offset);
-                if !probed {
-                    rows = rows.min(PROBE_ROWS);
-                }
-                // NOTE: stored rows are read here, one step's slice at a time.
-                let read = change.slice(offset, rows).read()?;
-                if !probed {
-                    probed = true;
-                    per_row = (read.slice_bytes() / rows).max(1);
-                }
-                let part = HashMap::from([(id, read)]);
-                offset += rows;
-                let (out, growth) = self.step_measured(&part).await?;
-                self.record_growth(id, rows * per_row, growth);
-                let schema = schema.get_or_insert_with(|| out.schema());
-                if out.is_empty() {
-                    continue;
-                }
-                if let Some(writer) = spill.as_mut() {
-                    writer.append(&out)?;
-                    continue;
-                }
-                held += out.len();
-                held_bytes += out.bytes();
-                outs.push(out);
-                // The change is far larger than a step: it goes to disk, in partitions of
-                // about what may be held, their number guessed from the epoch's input.
-                if let Some(disk) = disk
-                    && held_bytes > spill_bytes
-                {
-                    // NOTE: few rows (tests split every epoch) need few files.
-                    let partitions = (2 * total.max(held_bytes))
-                        .div_ceil(spill_bytes)
-                        .min(input_rows / 1024)
-                        .clamp(4, 256);
-                    let mut writer =
-                        SpillWriter::new(disk.clone(), schema, partitions, spill_bytes)?;
-                    for out in outs.drain(..) {
-                        writer.append(&out)?;
-                    }
-                    spill = Some(writer);
-                    continue;
-                }
-                // NOTE: consolidating when the change doubles keeps the work linear overall.
-                if held > MIN_CONSOLIDATE.max(2 * consolidated) {
-                    let merged =
-                        Changelog::concat(schema, std::mem::take(&mut outs))?.consolidate()?;
-                    held = merged.len();
-                    held_bytes = merged.bytes();
-                    consolidated = held;
-                    outs.push(merged);
-                }
-            }
-        }
-        if let Some(writer) = spill {
-            return Ok(ViewChange::Spilled(Arc::new(writer.finish()?)));
-        }
-        let schema = schema.ok_or_else(|| PlanError::Internal("a step without parts".into()))?;
-        match outs.len() {
-            1 => Ok(ViewChange::Rows(outs.remove(0))),
-            _ => Ok(ViewChange::Rows(
-                Changelog::concat(&schema, outs)?.consolidate()?,
-            )),
-        }
-    }
-
-    /// Input bytes of source `id` that one step of a bounded epoch takes: `max_bytes`, or
-    /// less where the source's last step grew the state in memory by more than
-    /// [`GROWTH_PER_STEP`] x `max_bytes` for that much input.
-    ///
-    /// Measured in `state_spill` (an UPDATE of 286k rows of one side of a spilled 1:1 join
-    /// under `--memory-limit 256MiB`, 2 MiB steps): a step read back 31-58 MB of the other
-    /// side's rows before the eviction after it, 15-25 x its input.
-    fn step_budget(&self, id: u64, max_bytes: usize) -> usize {
-        step_budget(self.growth_per_byte.get(&id).copied(), max_bytes)
-    }
-
-    /// Remembers how much a step of `input` bytes of source `id` grew the state.
-    fn record_growth(&mut self, id: u64, input: usize, growth: i64) {
-        let per_byte = growth.max(0) as f64 / input.max(1) as f64;
-        self.growth_per_byte.insert(id, per_byte);
     }
 
     /// Tells the warm tier how much state the operators hold in memory now, for the cache
@@ -871,29 +717,6 @@ fn run<'a>(
     })
 }
 
-/// Input bytes of a step that would grow the state by about [`GROWTH_PER_STEP`] x
-/// `max_bytes`, if the last step grew it by `per_byte` for each byte of input; at most
-/// `max_bytes`, at least one byte.
-fn step_budget(per_byte: Option<f64>, max_bytes: usize) -> usize {
-    let target = max_bytes.saturating_mul(GROWTH_PER_STEP) as f64;
-    match per_byte {
-        Some(per_byte) if per_byte * max_bytes as f64 > target => {
-            ((target / per_byte) as usize).clamp(1, max_bytes)
-        }
-        _ => max_bytes,
-    }
-}
-
-/// Each source's non-empty parts, sources by id, parts in their order.
-fn in_order(sources: &HashMap<u64, Vec<EpochPart>>) -> impl Iterator<Item = (u64, &EpochPart)> {
-    let mut ids: Vec<u64> = sources.keys().copied().collect();
-    ids.sort_unstable();
-    ids.into_iter()
-        .filter_map(|id| sources.get(&id).map(|parts| (id, parts)))
-        .flat_map(|(id, parts)| parts.iter().map(move |part| (id, part)))
-        .filter(|(_, part)| !part.is_empty())
-}
-
 fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
@@ -901,21 +724,5 @@ fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "unknown panic".into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn steps_shrink_when_they_grow_the_state_more_than_the_target() {
-        let max = 2 << 20;
-        assert_eq!(step_budget(None, max), max, "no step measured yet");
-        assert_eq!(step_budget(Some(0.0), max), max, "a step that freed state");
-        assert_eq!(step_budget(Some(4.0), max), max, "at the target");
-        // A step that read back 25 bytes of state per input byte: the next takes 4/25.
-        assert_eq!(step_budget(Some(25.0), max), max * 4 / 25);
-        assert_eq!(step_budget(Some(1e30), max), 1, "at least a byte");
     }
 }
