@@ -5,6 +5,24 @@
 use millrace_sqllogictest::TestServer;
 use millrace_sqllogictest::rows::{exec, one, rows};
 
+/// Subscribes with `sql` and reads the feed's lines until it ends.
+async fn read_feed(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    use futures::StreamExt;
+    let feed = client.copy_out(sql).await.expect("subscribe");
+    tokio::spawn(async move {
+        let mut feed = Box::pin(feed);
+        let mut lines = Vec::new();
+        while let Some(chunk) = feed.next().await {
+            let chunk = chunk.expect("feed chunk");
+            lines.extend(String::from_utf8_lossy(&chunk).lines().map(str::to_string));
+        }
+        lines
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_are_rebuilt_after_kill_9_and_keep_being_maintained() {
     let mut server = TestServer::start(&[]).expect("start");
@@ -196,7 +214,6 @@ async fn a_backfill_does_not_hold_back_the_running_views() {
 /// the snapshot, then each change with its epoch and diff, ending when the view is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_over_the_extended_protocol() {
-    use futures::StreamExt;
     let server = TestServer::start(&[]).expect("start");
     let client = server.connect("millrace").await.expect("connect");
     let feed_client = server.connect("millrace").await.expect("connect");
@@ -207,19 +224,7 @@ async fn subscribe_over_the_extended_protocol() {
         "CREATE MATERIALIZED VIEW sv AS SELECT k, sum(n) AS total FROM s GROUP BY k",
     )
     .await;
-    let feed = feed_client
-        .copy_out("COPY (SUBSCRIBE TO sv) TO STDOUT")
-        .await
-        .expect("subscribe");
-    let reader = tokio::spawn(async move {
-        let mut feed = Box::pin(feed);
-        let mut lines = Vec::new();
-        while let Some(chunk) = feed.next().await {
-            let chunk = chunk.expect("feed chunk");
-            lines.extend(String::from_utf8_lossy(&chunk).lines().map(str::to_string));
-        }
-        lines
-    });
+    let reader = read_feed(&feed_client, "COPY (SUBSCRIBE TO sv) TO STDOUT").await;
     exec(&client, "INSERT INTO s VALUES ('a', 2), ('b', 5)").await;
     exec(&client, "DELETE FROM s WHERE k = 'b'").await;
     // DROP waits until the writes acknowledged before it reached the view and its
@@ -352,7 +357,6 @@ async fn a_read_sees_writes_acknowledged_to_other_sessions() {
 /// change, consolidated within each epoch, through inserts, updates and deletes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spilled_view_change_is_applied_fed_and_read_downstream() {
-    use futures::StreamExt;
     use std::collections::{BTreeMap, HashMap};
     let server = TestServer::start(&["--step-bytes", "4096"]).expect("start");
     let client = server.connect("millrace").await.expect("connect");
@@ -372,19 +376,7 @@ async fn a_spilled_view_change_is_applied_fed_and_read_downstream() {
         "CREATE MATERIALIZED VIEW h AS SELECT count(*) AS groups, sum(n) AS n FROM g",
     )
     .await;
-    let feed = feed_client
-        .copy_out("COPY (SUBSCRIBE TO g) TO STDOUT")
-        .await
-        .expect("subscribe");
-    let reader = tokio::spawn(async move {
-        let mut feed = Box::pin(feed);
-        let mut lines = Vec::new();
-        while let Some(chunk) = feed.next().await {
-            let chunk = chunk.expect("feed chunk");
-            lines.extend(String::from_utf8_lossy(&chunk).lines().map(str::to_string));
-        }
-        lines
-    });
+    let reader = read_feed(&feed_client, "COPY (SUBSCRIBE TO g) TO STDOUT").await;
     let steps = [
         "INSERT INTO t SELECT value, value % 5000, 'v' || value FROM generate_series(1, 20000)",
         "UPDATE t SET s = s || 'x' WHERE id % 2 = 0",
