@@ -30,6 +30,7 @@ use datafusion::logical_expr::{
 use datafusion::optimizer::{AnalyzerRule, OptimizerConfig, OptimizerRule};
 use datafusion::prelude::DataFrame;
 
+use crate::stop::{CurrentStop, STOPPED};
 use crate::subquery_values::{input_scope, predicates_as_values};
 use parking_lot::RwLock;
 
@@ -340,6 +341,13 @@ impl ScalarUDFImpl for CorrelatedScalar {
             .ok_or_else(|| DataFusionError::Internal("session closed during a subquery".into()))?
             .read()
             .clone();
+        // The statement's stop flag, read between subqueries: a batch's subqueries run in
+        // this one call, out of reach of the task abort that stops the rest of the plan.
+        let stop = state
+            .config()
+            .get_extension::<CurrentStop>()
+            .map(|s| s.current())
+            .unwrap_or_default();
         // NOTE: the subquery runs on a helper thread with its own small runtime, so evaluating
         // it never blocks (or re-enters) the runtime that is executing the outer query.
         let results: Result<Vec<ScalarValue>> = std::thread::scope(|scope| {
@@ -350,7 +358,10 @@ impl ScalarUDFImpl for CorrelatedScalar {
                         .build()
                         .map_err(|e| DataFusionError::External(Box::new(e)))?;
                     todo.iter()
-                        .map(|key| rt.block_on(self.evaluate(&state, key)))
+                        .map(|key| match stop.is_stopped() {
+                            true => Err(DataFusionError::Execution(STOPPED.into())),
+                            false => rt.block_on(self.evaluate(&state, key)),
+                        })
                         .collect()
                 })
                 .join()

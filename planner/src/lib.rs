@@ -32,6 +32,7 @@ pub mod row_id;
 pub mod scalar_subquery;
 pub mod set_ops;
 pub mod spilled_change;
+pub mod stop;
 pub mod subquery_values;
 pub mod system_table;
 pub mod table;

@@ -22,6 +22,7 @@ use millrace_planner::{Catalog, MillraceTable};
 use millrace_storage::{ColdFile, LogEntry, RowId, Store, WriteSet};
 use tracing::{info, warn};
 
+use crate::compute::ComputeRuntime;
 use crate::config::ServeConfig;
 use crate::coordinator::Coordinator;
 use crate::coordinator::entry::EpochChanges;
@@ -103,6 +104,8 @@ pub struct Engine {
     pub checkpoint_interval: Option<std::time::Duration>,
     /// The memory budget and the object store that chunks are evicted to.
     pub cache: Arc<CacheManager>,
+    /// The threads statements' query plans run on, apart from the connections' runtime.
+    pub compute: ComputeRuntime,
 }
 
 impl std::fmt::Debug for Engine {
@@ -161,6 +164,7 @@ impl Engine {
             checkpoint_interval: (config.checkpoint_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(config.checkpoint_interval_ms)),
             cache,
+            compute: ComputeRuntime::new(config.workers())?,
         });
         Ok(engine)
     }
@@ -176,7 +180,9 @@ impl Engine {
             .with_default_catalog_and_schema(database, schema)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true)
-            .with_target_partitions(self.workers);
+            .with_target_partitions(self.workers)
+            // The running statement's stop flag, read by the correlated apply.
+            .with_extension(Arc::new(millrace_planner::stop::CurrentStop::default()));
         let options = config.options_mut();
         options.sql_parser.map_string_types_to_utf8view = false;
         options.sql_parser.dialect = datafusion::config::Dialect::PostgreSQL;

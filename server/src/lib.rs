@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod catalog;
+pub mod compute;
 pub mod config;
 pub mod connector;
 pub mod coordinator;

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use crate::catalog::records::DEFAULT_DATABASE;
 use crate::config::ServeConfig;
 use crate::error::{Result, ServerError};
+use crate::wire::cancel::CancelRegistry;
 use crate::wire::handler::{Connection, Handlers};
 
 /// Runs the server until a shutdown signal arrives.
@@ -31,6 +32,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     tokio::spawn(crate::views::supervisor::restore_all(engine.clone()));
     let manager = Arc::new(ConnectionManager::new());
     let keys = Arc::new(RandomPidSecretKeyGenerator::default());
+    let cancels = Arc::new(CancelRegistry::default());
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -39,7 +41,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
                 match accepted {
                     Ok((socket, _peer)) => {
                         let _ = socket.set_nodelay(true);
-                        let handlers = Handlers(Connection::new(engine.clone(), manager.clone(), keys.clone()));
+                        let handlers = Handlers(Connection::new(engine.clone(), manager.clone(), keys.clone(), cancels.clone()));
                         tokio::spawn(async move {
                             if let Err(e) = process_socket(socket, None, handlers).await {
                                 tracing::debug!(error = %e, "connection ended with an error");

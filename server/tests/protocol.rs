@@ -5,6 +5,8 @@
 // NOTE: its own file, in this test binary (one binary links the server once).
 #[path = "protocol/fuzz.rs"]
 mod fuzz;
+#[path = "protocol/runaway.rs"]
+mod runaway;
 
 use std::io::{Read, Write};
 use std::time::Duration;

@@ -76,7 +76,7 @@ pub async fn run(
             let mut rows = Staging::new(table.id, engine.cache.clone(), &pool);
             let df = DataFrame::new(session.state(), input);
             let schema = Arc::new(df.schema().as_arrow().clone());
-            let mut stream = df.execute_stream().await?;
+            let mut stream = crate::exec::query::execute_stream(session, df).await?;
             while let Some(batch) = stream.next().await {
                 let batch = promised(batch?, &schema)?;
                 rows.add(conform_to_table(&table_name, &table.def.schema, &batch)?)?;
@@ -203,7 +203,11 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
 async fn collect(session: &Session, plan: LogicalPlan) -> Result<RecordBatch> {
     let df = DataFrame::new(session.state(), plan);
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
+    let mut stream = crate::exec::query::execute_stream(session, df).await?;
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch?);
+    }
     let batches = (batches.into_iter())
         .map(|b| promised(b, &schema))
         .collect::<Result<Vec<_>>>()?;

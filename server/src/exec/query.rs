@@ -102,7 +102,7 @@ pub async fn run(
     };
     // A small result is computed in full before it is sent, so that an error fails the
     // statement before any row goes out; a large one streams, holding a batch at a time.
-    let mut stream = datafusion::physical_plan::execute_stream(physical, state.task_ctx())?;
+    let mut stream = engine.compute.execute(physical, state.task_ctx());
     let mut batches = Vec::new();
     let mut bytes = 0;
     while let Some(batch) = futures::StreamExt::next(&mut stream).await {
@@ -118,6 +118,16 @@ pub async fn run(
         }
     }
     Ok(Output::Rows { schema, batches })
+}
+
+/// Runs a DataFrame's plan on the compute runtime (`compute.rs`); its batches.
+pub async fn execute_stream(
+    session: &Session,
+    df: datafusion::prelude::DataFrame,
+) -> Result<datafusion::execution::SendableRecordBatchStream> {
+    let context = Arc::new(df.task_ctx());
+    let physical = df.create_physical_plan().await?;
+    Ok(session.engine.compute.execute(physical, context))
 }
 
 /// Results larger than this are streamed to the client rather than computed in full first.

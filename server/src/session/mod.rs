@@ -2,6 +2,7 @@
 //! context, and its open transaction. One per connection; owned by the wire handler.
 
 pub mod copy_in;
+pub mod interrupt;
 pub mod settings;
 
 use std::collections::HashSet;
@@ -15,6 +16,8 @@ use crate::engine::{Engine, TableChange};
 use crate::error::{Result, ServerError};
 use crate::memory::statement::SessionPool;
 use crate::session::copy_in::CopyIn;
+use crate::session::interrupt::{CancelSignal, Interrupt};
+use millrace_planner::stop::CurrentStop;
 pub use settings::Settings;
 
 /// Writes staged by an open `BEGIN ... COMMIT` block.
@@ -49,6 +52,8 @@ pub struct Session {
     /// Epoch of this session's last committed write: its reads of materialized views wait
     /// until that epoch is published.
     pub write_epoch: u64,
+    /// Cancel requests for this session's statements.
+    pub cancel: Arc<CancelSignal>,
 }
 
 impl std::fmt::Debug for Session {
@@ -76,7 +81,19 @@ impl Session {
             txn: None,
             copy_in: None,
             write_epoch: 0,
+            cancel: Arc::new(CancelSignal::default()),
         })
+    }
+
+    /// What stops the statement that begins now: a cancel request, `statement_timeout`.
+    pub fn interrupt(&self) -> Interrupt {
+        let slot = self
+            .ctx
+            .state_ref()
+            .read()
+            .config()
+            .get_extension::<CurrentStop>();
+        Interrupt::begin(&self.cancel, self.settings.statement_timeout(), slot)
     }
 
     /// A snapshot of the DataFusion state (cheap: reference-counted parts).

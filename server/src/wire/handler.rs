@@ -14,7 +14,6 @@ use pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
     save_startup_parameters_to_metadata,
 };
-use pgwire::api::cancel::DefaultCancelHandler;
 use pgwire::api::copy::CopyHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -37,6 +36,7 @@ use crate::error::{Result, ServerError};
 use crate::exec::{self, Output, Prepared, copy_from, query};
 use crate::session::Session;
 use crate::sql::{self, Parsed};
+use crate::wire::cancel::{CancelRegistry, Canceller, Registration};
 use crate::wire::encode::{error_info, pg_error, response};
 use crate::wire::subscribe;
 
@@ -57,6 +57,8 @@ pub struct Connection {
     copy_error: std::sync::Mutex<Option<ServerError>>,
     /// Pid/secret generator for cancel keys.
     keys: Arc<RandomPidSecretKeyGenerator>,
+    /// Sessions by cancel key.
+    cancels: Arc<CancelRegistry>,
 }
 
 impl Connection {
@@ -65,6 +67,7 @@ impl Connection {
         engine: Arc<Engine>,
         manager: Arc<ConnectionManager>,
         keys: Arc<RandomPidSecretKeyGenerator>,
+        cancels: Arc<CancelRegistry>,
     ) -> Arc<Connection> {
         let session: SessionCell = Arc::new(Mutex::new(None));
         Arc::new(Connection {
@@ -76,6 +79,7 @@ impl Connection {
             session,
             copy_error: std::sync::Mutex::new(None),
             keys,
+            cancels,
         })
     }
 }
@@ -107,7 +111,10 @@ impl PgWireServerHandlers for Handlers {
         self.0.clone()
     }
     fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
-        Arc::new(DefaultCancelHandler::new(self.0.manager.clone()))
+        Arc::new(Canceller {
+            registry: self.0.cancels.clone(),
+            manager: self.0.manager.clone(),
+        })
     }
 }
 
@@ -138,7 +145,7 @@ impl StartupHandler for Connection {
         save_startup_parameters_to_metadata(client, startup);
         let (pid, secret) = self.keys.generate(&*client);
         client.set_pid_and_secret_key(pid, secret.clone());
-        let (handle, guard) = self.manager.register(pid, secret);
+        let (handle, guard) = self.manager.register(pid, secret.clone());
         client
             .session_extensions()
             .insert::<Arc<ConnectionHandle>>(handle);
@@ -155,6 +162,10 @@ impl StartupHandler for Connection {
             .unwrap_or_else(|| user.clone());
         let mut session = Session::new(self.engine.clone(), &database, &user)
             .map_err(|e| fatal(e.sqlstate(), e.to_string()))?;
+        let registration = self.cancels.register(pid, &secret, &session.cancel);
+        client
+            .session_extensions()
+            .insert::<Registration>(registration);
         if let Some(app) = client.metadata().get("application_name") {
             let _ = session.settings.set("application_name", app);
         }
@@ -170,25 +181,29 @@ impl StartupHandler for Connection {
     }
 }
 
-/// Runs one statement under the session's statement_timeout.
+/// Runs one statement until it ends, is cancelled or runs past `statement_timeout`; a
+/// result streamed after it returns stays under the same interrupt.
 async fn run(
     session: &mut Session,
     statement: Statement,
     plan: Option<LogicalPlan>,
     params: Option<datafusion::common::ParamValues>,
 ) -> Result<Output> {
-    match session.settings.statement_timeout() {
-        Some(limit) => {
-            match tokio::time::timeout(limit, exec::execute(session, statement, plan, params)).await
-            {
-                Ok(result) => result,
-                Err(_) => {
-                    session.fail_transaction();
-                    Err(ServerError::StatementTimeout)
-                }
-            }
+    let interrupt = session.interrupt();
+    let result = tokio::select! {
+        result = exec::execute(session, statement, plan, params) => result,
+        e = interrupt.fired() => {
+            session.fail_transaction();
+            return Err(e);
         }
-        None => exec::execute(session, statement, plan, params).await,
+    };
+    match result {
+        Ok(Output::Stream { schema, head, rest }) => Ok(Output::Stream {
+            schema,
+            head,
+            rest: exec::output::RowStream(interrupt.guard(rest.0)),
+        }),
+        other => other,
     }
 }
 
