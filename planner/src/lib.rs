@@ -39,6 +39,7 @@ pub mod table;
 #[cfg(test)]
 mod test_util;
 pub mod tiered_scan;
+pub mod topk_order;
 pub mod using_joins;
 pub mod view_table;
 

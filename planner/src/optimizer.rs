@@ -15,6 +15,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use crate::dependencies::SoundDependencies;
 use crate::filter_pushdown::FilterPushDown;
 use crate::subquery_values::PredicateSubqueriesAsValues;
+use crate::topk_order::TopKMergeOrder;
 
 /// DataFusion's optimizer rules with its filter push-down replaced by
 /// [`FilterPushDown`] and [`SoundDependencies`] run before each rule that acts on
@@ -41,9 +42,9 @@ pub fn rules() -> Vec<Arc<dyn OptimizerRule + Send + Sync>> {
 }
 
 /// DataFusion's physical optimizer rules with its filter push-downs guarded by
-/// [`UniqueNames`].
+/// [`UniqueNames`], and [`TopKMergeOrder`] last.
 pub fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
-    PhysicalOptimizer::new()
+    let mut rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> = PhysicalOptimizer::new()
         .rules
         .into_iter()
         .map(|rule| -> Arc<dyn PhysicalOptimizerRule + Send + Sync> {
@@ -53,7 +54,9 @@ pub fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
                 rule
             }
         })
-        .collect()
+        .collect();
+    rules.push(Arc::new(TopKMergeOrder));
+    rules
 }
 
 /// Both rule lists on a session state under construction.
