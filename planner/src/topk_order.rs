@@ -65,6 +65,7 @@ impl PhysicalOptimizerRule for TopKMergeOrder {
 #[cfg(test)]
 mod tests {
     use super::{Arc, TopKMergeOrder};
+    use datafusion::arrow::array::RecordBatch;
     use datafusion::prelude::SessionContext;
 
     #[tokio::test]
@@ -101,17 +102,15 @@ mod tests {
                 .collect()
                 .await
                 .expect("rows");
-            let c0: Vec<i64> = rows
-                .iter()
-                .flat_map(|b| {
-                    b.column(0)
-                        .as_any()
-                        .downcast_ref::<datafusion::arrow::array::Int64Array>()
-                        .map(|a| a.values().to_vec())
-                        .unwrap_or_default()
-                })
-                .collect();
+            let c0: Vec<i64> = rows.iter().flat_map(first_ints).collect();
             assert_eq!(c0, vec![2, 2], "{shown}");
         }
+    }
+
+    /// The values of a batch's first column, an Int64 one.
+    fn first_ints(batch: &RecordBatch) -> Vec<i64> {
+        datafusion::common::cast::as_int64_array(batch.column(0))
+            .map(|a| a.values().to_vec())
+            .unwrap_or_default()
     }
 }

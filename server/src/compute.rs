@@ -201,16 +201,7 @@ mod tests {
         )
         .await
         .expect("rows");
-        let values: Vec<i64> = batches
-            .iter()
-            .flat_map(|b| {
-                b.column(0)
-                    .as_any()
-                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
-                    .map(|a| a.values().to_vec())
-                    .unwrap_or_default()
-            })
-            .collect();
+        let values: Vec<i64> = batches.iter().flat_map(first_ints).collect();
         assert_eq!(values, (1..=20000).collect::<Vec<i64>>());
     }
 
@@ -226,5 +217,12 @@ mod tests {
         .await
         .expect_err("division by zero");
         assert!(e.to_string().contains("Divide by zero"), "{e}");
+    }
+
+    /// The values of a batch's first column, an Int64 one.
+    fn first_ints(batch: &RecordBatch) -> Vec<i64> {
+        datafusion::common::cast::as_int64_array(batch.column(0))
+            .map(|a| a.values().to_vec())
+            .unwrap_or_default()
     }
 }
