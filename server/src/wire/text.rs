@@ -79,7 +79,7 @@ pub fn render(batch: RecordBatch, fields: &[FieldInfo], time_zone: &str) -> Resu
                                 let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
                                 let date = epoch
                                     .checked_add_signed(chrono::Duration::days(days.into()))?;
-                                Some(unsigned_year(date.format("%Y-%m-%d").to_string()))
+                                Some(pg_date(date))
                             })
                         })
                         .collect(),
@@ -225,6 +225,15 @@ fn naive(t: &NaiveDateTime) -> String {
 }
 
 /// A date chrono wrote with a `+` before a year past 9999, as PostgreSQL writes it (without).
+/// A date as PostgreSQL writes it: years before 1 as `4392-08-24 BC` (year 0 is 1 BC).
+fn pg_date(date: chrono::NaiveDate) -> String {
+    use chrono::Datelike;
+    match date.year() {
+        year if year <= 0 => format!("{:04}-{:02}-{:02} BC", 1 - year, date.month(), date.day()),
+        _ => unsigned_year(date.format("%Y-%m-%d").to_string()),
+    }
+}
+
 fn unsigned_year(text: String) -> String {
     match text.strip_prefix('+') {
         Some(rest) => rest.to_string(),
@@ -249,6 +258,16 @@ fn with_zone<Z: TimeZone>(utc: DateTime<Utc>, zone: &Z) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_before_year_one_print_as_bc() {
+        let d = |y, m, day| pg_date(chrono::NaiveDate::from_ymd_opt(y, m, day).expect("date"));
+        assert_eq!(d(-4391, 8, 24), "4392-08-24 BC");
+        assert_eq!(d(0, 1, 1), "0001-01-01 BC");
+        assert_eq!(d(1, 1, 1), "0001-01-01");
+        assert_eq!(d(2023, 1, 9), "2023-01-09");
+        assert_eq!(d(10033, 8, 21), "10033-08-21");
+    }
 
     #[test]
     fn floats_print_like_postgres() {
