@@ -343,11 +343,7 @@ impl ScalarUDFImpl for CorrelatedScalar {
             .clone();
         // The statement's stop flag, read between subqueries: a batch's subqueries run in
         // this one call, out of reach of the task abort that stops the rest of the plan.
-        let stop = state
-            .config()
-            .get_extension::<CurrentStop>()
-            .map(|s| s.current())
-            .unwrap_or_default();
+        let stop = CurrentStop::of(state.config());
         // NOTE: the subquery runs on a helper thread with its own small runtime, so evaluating
         // it never blocks (or re-enters) the runtime that is executing the outer query.
         let results: Result<Vec<ScalarValue>> = std::thread::scope(|scope| {

@@ -224,19 +224,21 @@ impl Pipeline {
 
     /// Pushes one epoch's source changes through the pipeline and returns the view's change.
     pub async fn step(&mut self, sources: &HashMap<u64, Changelog>) -> Result<Changelog> {
-        Ok(self.step_measured(sources).await?.0)
+        Ok(self.step_measured(sources, false).await?.0)
     }
 
     /// [`Pipeline::step`], also returning by how much the state held in memory grew during
-    /// the step (before the eviction after it).
+    /// the step (before the eviction after it). With `every`, each partition instance of
+    /// each operator steps, also those without input (to release held results).
     async fn step_measured(
         &mut self,
         sources: &HashMap<u64, Changelog>,
+        every: bool,
     ) -> Result<(Changelog, i64)> {
         let before = self.stats().state.bytes;
         self.rows_in += sources.values().map(|c| c.len() as u64).sum::<u64>();
         // NOTE: an operator bug must fail this view, not the server.
-        let out = std::panic::AssertUnwindSafe(run(&mut self.root, sources))
+        let out = std::panic::AssertUnwindSafe(run(&mut self.root, sources, every))
             .catch_unwind()
             .await
             .map_err(|p| PlanError::Internal(format!("operator panicked: {}", panic_message(&p))))??
@@ -609,6 +611,7 @@ fn stage(
 fn run<'a>(
     stage: &'a mut Stage,
     sources: &'a HashMap<u64, Changelog>,
+    every: bool,
 ) -> BoxFuture<'a, Result<Changelog>> {
     Box::pin(async move {
         match stage {
@@ -623,7 +626,7 @@ fn run<'a>(
             } => {
                 let mut outs = Vec::with_capacity(inputs.len());
                 for input in inputs.iter_mut() {
-                    outs.push(run(input, sources).await?);
+                    outs.push(run(input, sources, every).await?);
                 }
                 if let Some(rows) = keyed_rows {
                     *rows += outs.iter().map(|o| o.len() as u64).sum::<u64>();
@@ -640,7 +643,7 @@ fn run<'a>(
             } => {
                 let mut outs = Vec::with_capacity(inputs.len());
                 for input in inputs.iter_mut() {
-                    outs.push(run(input, sources).await?);
+                    outs.push(run(input, sources, every).await?);
                 }
                 let n = workers.len();
                 // per worker, per input: row indices
@@ -680,7 +683,7 @@ fn run<'a>(
                 *started = true;
                 let mut pending = Vec::with_capacity(n);
                 for (w, per_input) in routed.into_iter().enumerate() {
-                    if !first && per_input.iter().all(|r| r.is_empty()) {
+                    if !first && !every && per_input.iter().all(|r| r.is_empty()) {
                         continue;
                     }
                     let mut parts = Vec::with_capacity(outs.len());

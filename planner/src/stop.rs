@@ -76,6 +76,15 @@ impl CurrentStop {
     pub fn current(&self) -> StopFlag {
         self.0.lock().clone()
     }
+
+    /// The flag of the statement running now in the session of `config` (a clear flag
+    /// where the session keeps none).
+    pub fn of(config: &datafusion::prelude::SessionConfig) -> StopFlag {
+        config
+            .get_extension::<CurrentStop>()
+            .map(|s| s.current())
+            .unwrap_or_default()
+    }
 }
 
 /// `plan` with a [`StopExec`] over each of its operators' inputs, reading `flag`.

@@ -31,6 +31,7 @@ const AHEAD: usize = 2;
 pub struct ComputeRuntime {
     /// Owned here; shut down without waiting when the engine goes.
     runtime: Option<Runtime>,
+    handle: Handle,
 }
 
 impl std::fmt::Debug for ComputeRuntime {
@@ -51,12 +52,9 @@ impl ComputeRuntime {
             .build()
             .map_err(|e| ServerError::Internal(format!("cannot start the compute runtime: {e}")))?;
         Ok(ComputeRuntime {
+            handle: runtime.handle().clone(),
             runtime: Some(runtime),
         })
-    }
-
-    fn handle(&self) -> Option<&Handle> {
-        self.runtime.as_ref().map(Runtime::handle)
     }
 
     /// Runs `plan` on the compute runtime; its batches, in order. Dropping the stream stops
@@ -67,23 +65,13 @@ impl ComputeRuntime {
         context: Arc<TaskContext>,
     ) -> SendableRecordBatchStream {
         let schema = plan.schema();
-        let flag = context
-            .session_config()
-            .get_extension::<CurrentStop>()
-            .map(|s| s.current())
-            .unwrap_or_default();
+        let flag = CurrentStop::of(context.session_config());
         let plan = match with_stop_checks(plan, &flag) {
             Ok(plan) => plan,
             Err(e) => return failed(schema, e),
         };
-        let Some(handle) = self.handle() else {
-            return match datafusion::physical_plan::execute_stream(plan, context) {
-                Ok(stream) => stream,
-                Err(e) => failed(schema, e),
-            };
-        };
         let (tx, rx) = mpsc::channel::<datafusion::error::Result<RecordBatch>>(AHEAD);
-        let task = handle.spawn(async move {
+        let task = self.handle.spawn(async move {
             let mut stream = match datafusion::physical_plan::execute_stream(plan, context) {
                 Ok(stream) => stream,
                 Err(e) => {
@@ -182,12 +170,7 @@ mod tests {
         sql: &str,
     ) -> datafusion::error::Result<Vec<RecordBatch>> {
         let plan = ctx.sql(sql).await?.create_physical_plan().await?;
-        let mut stream = compute.execute(plan, ctx.task_ctx());
-        let mut batches = Vec::new();
-        while let Some(batch) = stream.next().await {
-            batches.push(batch?);
-        }
-        Ok(batches)
+        datafusion::physical_plan::common::collect(compute.execute(plan, ctx.task_ctx())).await
     }
 
     #[tokio::test]

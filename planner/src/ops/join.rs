@@ -448,6 +448,7 @@ impl Operator for JoinOp {
                 }
                 Ok(written)
             }
+            StateControl::Hold | StateControl::Release(_) | StateControl::Held => Ok(0),
         }
     }
 

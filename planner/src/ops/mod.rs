@@ -111,6 +111,15 @@ pub enum StateControl {
     /// checkpoint when there are at least this many (so that the checkpoint's own write
     /// stays small).
     FlushChanges(usize),
+    /// A large epoch begins, in many steps: an operator whose output for a key costs as
+    /// much as the key's whole state (string_agg, array_agg) holds back the keys' new
+    /// results instead of emitting them after every step.
+    Hold,
+    /// The epoch's input is all in: the next steps emit the held results, each step those
+    /// of keys holding about this many bytes of state (at least one key).
+    Release(usize),
+    /// How many keys' results are still held (answer).
+    Held,
 }
 
 /// A changed state entry: key, and the encoded entry (None: removed).

@@ -159,6 +159,7 @@ impl Operator for WindowOp {
                 .flush_changes(min, &mut |partition: &mut Partition| {
                     Ok(encode_partition(partition))
                 })?),
+            StateControl::Hold | StateControl::Release(_) | StateControl::Held => Ok(0),
         }
     }
 

@@ -6,12 +6,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::disk_manager::DiskManager;
 
 use super::Pipeline;
 use crate::changelog::Changelog;
 use crate::epoch_part::EpochPart;
 use crate::error::{PlanError, Result};
+use crate::ops::StateControl;
 use crate::spilled_change::{SpillWriter, ViewChange};
 
 /// Rows of a bounded step's change below which it is not consolidated between parts.
@@ -64,91 +66,58 @@ impl Pipeline {
                 };
                 whole.insert(*id, EpochPart::concat(&schema, parts)?);
             }
-            let (out, growth) = self.step_measured(&whole).await?;
+            let (out, growth) = self.step_measured(&whole, false).await?;
             if let [(id, parts)] = sources.iter().collect::<Vec<_>>()[..] {
                 self.record_growth(*id, bytes(parts), growth);
             }
             return Ok(ViewChange::Rows(out));
         }
-        let mut outs: Vec<Changelog> = Vec::new();
-        let mut spill: Option<SpillWriter> = None;
-        let mut schema = None;
-        let (mut held, mut held_bytes, mut consolidated) = (0usize, 0usize, 0usize);
-        let spill_bytes = max_bytes.saturating_mul(SPILL_STEPS);
         let input_rows: usize = sources.values().flatten().map(EpochPart::len).sum();
-        for (id, change) in in_order(sources) {
+        let mut change = EpochChange {
+            outs: Vec::new(),
+            spill: None,
+            schema: None,
+            held: 0,
+            held_bytes: 0,
+            consolidated: 0,
+            spill_bytes: max_bytes.saturating_mul(SPILL_STEPS),
+            partitions_for: 2 * total,
+            input_rows,
+        };
+        self.control(StateControl::Hold).await?;
+        for (id, part) in in_order(sources) {
             // NOTE: a part's size is estimated before it is read (a cold file's by its
             // encoded size, 30 times too small for a dictionary-encoded text): its first
             // step reads a few rows, and their size in memory sizes the next steps.
-            let mut per_row = (change.bytes_when_read() / change.len().max(1)).max(1);
+            let mut per_row = (part.bytes_when_read() / part.len().max(1)).max(1);
             let mut probed = false;
             let mut offset = 0;
-            while offset < change.len() {
+            while offset < part.len() {
                 let budget = self.step_budget(id, max_bytes);
-                let mut rows = (budget / per_row).clamp(1, change.len() - offset);
+                let mut rows = (budget / per_row).clamp(1, part.len() - offset);
                 if !probed {
                     rows = rows.min(PROBE_ROWS);
                 }
                 // NOTE: stored rows are read here, one step's slice at a time.
-                let read = change.slice(offset, rows).read()?;
+                let read = part.slice(offset, rows).read()?;
                 if !probed {
                     probed = true;
                     per_row = (read.slice_bytes() / rows).max(1);
                 }
-                let part = HashMap::from([(id, read)]);
+                let step = HashMap::from([(id, read)]);
                 offset += rows;
-                let (out, growth) = self.step_measured(&part).await?;
+                let (out, growth) = self.step_measured(&step, false).await?;
                 self.record_growth(id, rows * per_row, growth);
-                let schema = schema.get_or_insert_with(|| out.schema());
-                if out.is_empty() {
-                    continue;
-                }
-                if let Some(writer) = spill.as_mut() {
-                    writer.append(&out)?;
-                    continue;
-                }
-                held += out.len();
-                held_bytes += out.bytes();
-                outs.push(out);
-                // The change is far larger than a step: it goes to disk, in partitions of
-                // about what may be held, their number guessed from the epoch's input.
-                if let Some(disk) = disk
-                    && held_bytes > spill_bytes
-                {
-                    // NOTE: few rows (tests split every epoch) need few files.
-                    let partitions = (2 * total.max(held_bytes))
-                        .div_ceil(spill_bytes)
-                        .min(input_rows / 1024)
-                        .clamp(4, 256);
-                    let mut writer =
-                        SpillWriter::new(disk.clone(), schema, partitions, spill_bytes)?;
-                    for out in outs.drain(..) {
-                        writer.append(&out)?;
-                    }
-                    spill = Some(writer);
-                    continue;
-                }
-                // NOTE: consolidating when the change doubles keeps the work linear overall.
-                if held > MIN_CONSOLIDATE.max(2 * consolidated) {
-                    let merged =
-                        Changelog::concat(schema, std::mem::take(&mut outs))?.consolidate()?;
-                    held = merged.len();
-                    held_bytes = merged.bytes();
-                    consolidated = held;
-                    outs.push(merged);
-                }
+                change.add(out, disk)?;
             }
         }
-        if let Some(writer) = spill {
-            return Ok(ViewChange::Spilled(Arc::new(writer.finish()?)));
+        // The held results (see `StateControl::Hold`), a slice of state per step.
+        self.control(StateControl::Release(max_bytes)).await?;
+        while held(&self.control(StateControl::Held).await?) > 0 {
+            let (out, _) = self.step_measured(&HashMap::new(), true).await?;
+            change.add(out, disk)?;
         }
-        let schema = schema.ok_or_else(|| PlanError::Internal("a step without parts".into()))?;
-        match outs.len() {
-            1 => Ok(ViewChange::Rows(outs.remove(0))),
-            _ => Ok(ViewChange::Rows(
-                Changelog::concat(&schema, outs)?.consolidate()?,
-            )),
-        }
+        change.finish()
     }
 
     /// Input bytes of source `id` that one step of a bounded epoch takes: `max_bytes`, or
@@ -180,6 +149,87 @@ fn step_budget(per_byte: Option<f64>, max_bytes: usize) -> usize {
         }
         _ => max_bytes,
     }
+}
+
+/// The view's change for a bounded epoch, as its steps add to it: consolidated in memory
+/// while it is a few steps' worth, then spilled to disk.
+struct EpochChange {
+    outs: Vec<Changelog>,
+    spill: Option<SpillWriter>,
+    schema: Option<SchemaRef>,
+    /// Rows and bytes in `outs`, and rows after the last consolidation.
+    held: usize,
+    held_bytes: usize,
+    consolidated: usize,
+    /// Bytes past which the change goes to disk.
+    spill_bytes: usize,
+    /// Bytes the spill's partitions are sized for (twice the epoch's input), and the
+    /// epoch's input rows.
+    partitions_for: usize,
+    input_rows: usize,
+}
+
+impl EpochChange {
+    /// Adds one step's change.
+    fn add(&mut self, out: Changelog, disk: Option<&Arc<DiskManager>>) -> Result<()> {
+        let schema = self.schema.get_or_insert_with(|| out.schema());
+        if out.is_empty() {
+            return Ok(());
+        }
+        if let Some(writer) = self.spill.as_mut() {
+            return writer.append(&out);
+        }
+        self.held += out.len();
+        self.held_bytes += out.bytes();
+        self.outs.push(out);
+        // The change is far larger than a step: it goes to disk, in partitions of about
+        // what may be held, their number guessed from the epoch's input.
+        if let Some(disk) = disk
+            && self.held_bytes > self.spill_bytes
+        {
+            // NOTE: few rows (tests split every epoch) need few files.
+            let partitions = (self.partitions_for.max(2 * self.held_bytes))
+                .div_ceil(self.spill_bytes)
+                .min(self.input_rows / 1024)
+                .clamp(4, 256);
+            let mut writer = SpillWriter::new(disk.clone(), schema, partitions, self.spill_bytes)?;
+            for out in self.outs.drain(..) {
+                writer.append(&out)?;
+            }
+            self.spill = Some(writer);
+            return Ok(());
+        }
+        // NOTE: consolidating when the change doubles keeps the work linear overall.
+        if self.held > MIN_CONSOLIDATE.max(2 * self.consolidated) {
+            let merged =
+                Changelog::concat(schema, std::mem::take(&mut self.outs))?.consolidate()?;
+            self.held = merged.len();
+            self.held_bytes = merged.bytes();
+            self.consolidated = self.held;
+            self.outs.push(merged);
+        }
+        Ok(())
+    }
+
+    /// The whole change.
+    fn finish(mut self) -> Result<ViewChange> {
+        if let Some(writer) = self.spill {
+            return Ok(ViewChange::Spilled(Arc::new(writer.finish()?)));
+        }
+        let schema =
+            (self.schema).ok_or_else(|| PlanError::Internal("a step without parts".into()))?;
+        match self.outs.len() {
+            1 => Ok(ViewChange::Rows(self.outs.remove(0))),
+            _ => Ok(ViewChange::Rows(
+                Changelog::concat(&schema, self.outs)?.consolidate()?,
+            )),
+        }
+    }
+}
+
+/// The number of results still held, from every operator's answer to `Held`.
+fn held(answers: &[(u32, u64)]) -> u64 {
+    answers.iter().map(|(_, n)| n).sum()
 }
 
 /// Each source's non-empty parts, sources by id, parts in their order.

@@ -203,11 +203,8 @@ pub async fn truncate(session: &mut Session, truncate: ast::Truncate) -> Result<
 async fn collect(session: &Session, plan: LogicalPlan) -> Result<RecordBatch> {
     let df = DataFrame::new(session.state(), plan);
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let mut stream = crate::exec::query::execute_stream(session, df).await?;
-    let mut batches = Vec::new();
-    while let Some(batch) = stream.next().await {
-        batches.push(batch?);
-    }
+    let stream = crate::exec::query::execute_stream(session, df).await?;
+    let batches = datafusion::physical_plan::common::collect(stream).await?;
     let batches = (batches.into_iter())
         .map(|b| promised(b, &schema))
         .collect::<Result<Vec<_>>>()?;
