@@ -150,17 +150,17 @@ impl AggregateOp {
     fn hold_back(&mut self, touched: Vec<Box<[u8]>>) -> Result<Vec<Box<[u8]>>> {
         let budget = match self.holding {
             Holding::Off => return Ok(touched),
-            Holding::On => usize::MAX,
-            Holding::Releasing(budget) => budget,
+            Holding::On => None,
+            Holding::Releasing(budget) => Some(budget),
         };
         for key in touched {
             if self.held_keys.insert(key.clone()) {
                 self.held.push_back(key);
             }
         }
-        if budget == usize::MAX {
+        let Some(budget) = budget else {
             return Ok(Vec::new());
-        }
+        };
         let mut released = Vec::new();
         let mut bytes = 0usize;
         while bytes < budget {

@@ -48,6 +48,11 @@ impl Pipeline {
     /// a join reads its key's evicted rows of the other side), and state is only evicted
     /// after a step: the steps shrink so that the state a step adds stays near
     /// [`GROWTH_PER_STEP`] times `max_bytes` (see [`Pipeline::step_budget`]).
+    ///
+    /// Operators whose results cost as much as their key's state hold them until the input
+    /// is all in, and release them in steps of their own (see `StateControl::Hold`). A
+    /// pipeline whose step fails has taken part of an epoch (and may still hold results):
+    /// it is discarded, never stepped again.
     pub async fn step_bounded(
         &mut self,
         sources: &HashMap<u64, Vec<EpochPart>>,

@@ -13,7 +13,7 @@ use datafusion::physical_expr::aggregate::AggregateExprBuilder;
 use datafusion::physical_expr::expressions::col;
 
 use super::{AggregateCall, AggregateOp, Grouping};
-use crate::ops::Operator;
+use crate::ops::{Operator, StateControl};
 use crate::test_util::{assert_changelog, changelog, raw_rows, schema, step};
 
 /// `udaf(v)` over rows of `input`.
@@ -363,4 +363,57 @@ fn float_avg_after_a_retraction_is_the_average_of_the_rows_left() {
         changelog(&input, "k v | w\n a 0.1 | -1\n c 0.3 | -1"),
     );
     assert_changelog(&out, "mean | w\n 0.19999999999999998 | -1\n 0.2 | +1");
+}
+
+/// `SELECT k, sum(DISTINCT v) s FROM t GROUP BY k`: evaluated from the group's multiset, so
+/// its results are held back during a large epoch (`StateControl::Hold`).
+fn distinct_sum() -> AggregateOp {
+    let input = input();
+    let grouping = Grouping {
+        exprs: vec![col("k", &input).unwrap()],
+        sets: vec![vec![false]],
+        grouping_id: None,
+    };
+    let expr = AggregateExprBuilder::new(sum_udaf(), vec![col("v", &input).unwrap()])
+        .schema(input.clone())
+        .alias("s")
+        .distinct()
+        .build()
+        .unwrap();
+    let call = AggregateCall {
+        expr: Arc::new(expr),
+        filter: None,
+    };
+    AggregateOp::try_new(schema("k:utf8 s:i64"), grouping, vec![call]).unwrap()
+}
+
+#[test]
+fn held_results_are_released_at_the_end_as_the_epochs_net_change() {
+    let empty = || crate::changelog::Changelog::empty(input());
+    for budget in [1, usize::MAX] {
+        let mut op = distinct_sum();
+        let out = feed(&mut op, "k v | w\n a 1 | +1\n b 2 | +1\n c 9 | +1");
+        assert_eq!(out.len(), 3);
+        op.control(StateControl::Hold).unwrap();
+        // The epoch's steps: nothing is emitted, the state follows every row.
+        assert!(feed(&mut op, "k v | w\n a 3 | +1\n b 2 | -1").is_empty());
+        assert!(feed(&mut op, "k v | w\n a 4 | +1\n a 3 | +1").is_empty());
+        assert_eq!(op.control(StateControl::Held).unwrap(), 2);
+        assert_eq!(op.control(StateControl::Release(budget)).unwrap(), 2);
+        let mut released = Vec::new();
+        for _ in 0..3 {
+            released.extend(raw_rows(&step(&mut op, empty())));
+            if op.control(StateControl::Held).unwrap() == 0 {
+                break;
+            }
+        }
+        released.sort();
+        let want = [("a 1", -1), ("a 8", 1), ("b 2", -1)];
+        let want: Vec<(String, i64)> = want.iter().map(|(r, w)| (r.to_string(), *w)).collect();
+        assert_eq!(released, want, "budget {budget}");
+        assert_eq!(op.control(StateControl::Held).unwrap(), 0);
+        // Past the release, results are emitted at every step again.
+        let out = feed(&mut op, "k v | w\n b 5 | +1");
+        assert_changelog(&out, "k s | w\n b 5 | +1");
+    }
 }
