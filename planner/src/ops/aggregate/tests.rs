@@ -42,14 +42,19 @@ fn input() -> SchemaRef {
     schema("k:utf8 v:i64")
 }
 
+/// `GROUP BY k`.
+fn by_k(input: &SchemaRef) -> Grouping {
+    Grouping {
+        exprs: vec![col("k", input).unwrap()],
+        sets: vec![vec![false]],
+        grouping_id: None,
+    }
+}
+
 /// `SELECT k, count(v) n, sum(v) total, min(v) lo, max(v) hi FROM t GROUP BY k`.
 fn grouped() -> AggregateOp {
     let input = input();
-    let grouping = Grouping {
-        exprs: vec![col("k", &input).unwrap()],
-        sets: vec![vec![false]],
-        grouping_id: None,
-    };
+    let grouping = by_k(&input);
     let output = schema("k:utf8 n:i64 total:i64 lo:i64 hi:i64");
     AggregateOp::try_new(output, grouping, calls(&input)).unwrap()
 }
@@ -369,11 +374,7 @@ fn float_avg_after_a_retraction_is_the_average_of_the_rows_left() {
 /// its results are held back during a large epoch (`StateControl::Hold`).
 fn distinct_sum() -> AggregateOp {
     let input = input();
-    let grouping = Grouping {
-        exprs: vec![col("k", &input).unwrap()],
-        sets: vec![vec![false]],
-        grouping_id: None,
-    };
+    let grouping = by_k(&input);
     let expr = AggregateExprBuilder::new(sum_udaf(), vec![col("v", &input).unwrap()])
         .schema(input.clone())
         .alias("s")
