@@ -12,22 +12,24 @@
 
 mod exact_sum;
 mod group;
+mod held;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 
 use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::ScalarValue;
-use millrace_storage::{StateLocation, StateStore, StorageError, TieredState};
+use millrace_storage::{StateCounters, StateLocation, StateStore, StorageError, TieredState};
 
 use self::group::{
     Agg, AggState, Group, GroupCodec, Kind, SlidingRows, VALUE_OVERHEAD, empty_group,
-    evaluate_group, group_overhead, group_size, new_group, take_all,
+    evaluate_group, group_overhead, group_size, merge_delta, new_group, take_all,
 };
 pub use self::group::{AggregateCall, Grouping};
+use self::held::{DELTA_PREFIX, HELD_KEY_BYTES, Held, Holding};
 use super::codec::{Reader, Writer};
 use super::{
     Operator, StateControl, StateEntry, StateStats, evaluate, evaluate_predicate, single_input,
@@ -59,29 +61,8 @@ pub struct AggregateOp {
     always_saved: bool,
     /// Whether a group's evaluation reads its whole multiset (see [`Holding`]).
     costly: bool,
-    holding: Holding,
-    /// Groups whose results are held back, in the order they were first touched.
-    held: VecDeque<Box<[u8]>>,
-    held_keys: HashSet<Box<[u8]>>,
-}
-
-/// Whether the aggregate holds back groups' results during a large epoch.
-///
-/// An aggregate evaluated from its group's whole multiset (string_agg, array_agg, ordered
-/// and DISTINCT aggregates other than count) costs as much per emitted result as the group
-/// holds, and the result itself is as large: emitted after each step of an epoch taken in
-/// many steps, a group of n values touched by every step costs O(n) per step (an INSERT of
-/// 200,000 rows into 100 string_agg groups did not finish in 10 minutes). Held back, each
-/// touched group is evaluated once per epoch, a slice of groups per step at the end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Holding {
-    /// Results are emitted at every step.
-    #[default]
-    Off,
-    /// Touched groups are remembered, not evaluated.
-    On,
-    /// Each step evaluates held groups of about this many bytes of state.
-    Releasing(usize),
+    /// Groups held back during a large epoch, and their deltas.
+    held: Held,
 }
 
 /// Key of the entry holding the operator's own flags (group keys are arrow rows or empty,
@@ -111,9 +92,7 @@ impl AggregateOp {
         let costly = aggs.iter().any(|a| matches!(a.kind, Kind::Generic { .. }));
         Ok(Self {
             costly,
-            holding: Holding::Off,
-            held: VecDeque::new(),
-            held_keys: HashSet::new(),
+            held: Held::default(),
             schema,
             grouping,
             key_converter,
@@ -146,36 +125,46 @@ impl AggregateOp {
     }
 
     /// The touched groups to evaluate in this step: all of them, or while holding none
-    /// (they are remembered), or while releasing a slice of the held ones.
+    /// (they are remembered), or while releasing a slice of the held ones, each brought
+    /// back in memory with its deltas merged (see [`Held`]).
     fn hold_back(&mut self, touched: Vec<Box<[u8]>>) -> Result<Vec<Box<[u8]>>> {
-        let budget = match self.holding {
+        let budget = match self.held.holding {
             Holding::Off => return Ok(touched),
             Holding::On => None,
             Holding::Releasing(budget) => Some(budget),
         };
-        for key in touched {
-            if self.held_keys.insert(key.clone()) {
-                self.held.push_back(key);
-            }
-        }
-        let Some(budget) = budget else {
-            return Ok(Vec::new());
-        };
+        self.held.push(touched);
         let mut released = Vec::new();
         let mut bytes = 0usize;
-        while bytes < budget {
-            let Some(key) = self.held.pop_front() else {
+        loop {
+            let more = match budget {
+                Some(budget) => bytes < budget,
+                None => self.held.key_bytes() > HELD_KEY_BYTES,
+            };
+            if !more {
+                break;
+            }
+            let Some(key) = self.held.pop() else {
                 break;
             };
-            self.held_keys.remove(&key);
             self.fault_in(&key)?;
+            let pieces = self.held.take_pieces(
+                &key,
+                &self.aggs,
+                self.codec.as_ref(),
+                &mut self.bytes,
+                &mut self.spilled,
+            )?;
+            if !pieces.is_empty() {
+                let group = group_entry(&mut *self.groups, &key, &self.aggs, &mut self.bytes)?;
+                for delta in pieces {
+                    merge_delta(&self.aggs, group, delta, &mut self.bytes)?;
+                }
+            }
             if let Some(group) = self.groups.get(&key) {
                 bytes += group_size(&key, group).max(1) as usize;
             }
             released.push(key);
-        }
-        if self.held.is_empty() {
-            self.holding = Holding::Off;
         }
         Ok(released)
     }
@@ -205,6 +194,24 @@ impl AggregateOp {
     }
 }
 
+/// The group under `key` for changing, created with fresh state (its bytes added to
+/// `bytes`) if it is not in memory (the caller read it back first if it was evicted).
+fn group_entry<'a>(
+    groups: &'a mut dyn StateStore<Group>,
+    key: &[u8],
+    aggs: &[Agg],
+    bytes: &mut i64,
+) -> Result<&'a mut Group> {
+    let mut fresh = match groups.get(key) {
+        Some(_) => None,
+        None => {
+            *bytes += key.len() as i64 + group_overhead(aggs.len());
+            Some(new_group(aggs)?)
+        }
+    };
+    Ok(groups.get_or_insert_with(key, &mut || fresh.take().unwrap_or_else(empty_group)))
+}
+
 impl Operator for AggregateOp {
     fn describe(&self) -> String {
         let groups: Vec<String> = self.grouping.exprs.iter().map(|e| e.to_string()).collect();
@@ -230,11 +237,18 @@ impl Operator for AggregateOp {
     }
 
     fn state(&self) -> StateStats {
+        let (pieces, delta) = self.held.stats();
+        let groups = self.groups.counters();
         StateStats {
-            entries: self.groups.len() as u64,
-            bytes: self.bytes.max(0) as u64,
+            entries: self.groups.len() as u64 + pieces,
+            bytes: (self.bytes.max(0) as u64) + self.held.key_bytes() as u64,
             spilled_bytes: self.spilled.max(0) as u64,
-            counters: self.groups.counters(),
+            counters: StateCounters {
+                reads: groups.reads + delta.reads,
+                writes: groups.writes + delta.writes,
+                evicted: groups.evicted + delta.evicted,
+                fetched: groups.fetched + delta.fetched,
+            },
         }
     }
 
@@ -262,6 +276,7 @@ impl Operator for AggregateOp {
             };
             entries.push((state_key, value));
         }
+        entries.extend(self.held.checkpoint(codec)?);
         Ok(Some(entries))
     }
 
@@ -279,6 +294,13 @@ impl Operator for AggregateOp {
                     }
                     continue;
                 }
+                if key.first() == Some(&DELTA_PREFIX) {
+                    // NOTE: every piece is merged by the end of its epoch, and checkpoints
+                    // fall between epochs.
+                    return Err(PlanError::Internal(
+                        "a checkpoint holds a held group's delta".into(),
+                    ));
+                }
                 let group_key = key.get(1..).unwrap_or_default();
                 let (group, held) = codec.decode(&self.aggs, &value)?;
                 self.bytes += group_key.len() as i64 + group_overhead(self.aggs.len()) + held;
@@ -295,6 +317,7 @@ impl Operator for AggregateOp {
     fn attach(&mut self, location: &StateLocation) {
         if self.codec.is_some() {
             self.groups.attach(location.with_prefix(&[0]));
+            self.held.attach(location);
             self.location = Some(location.clone());
         }
     }
@@ -327,35 +350,37 @@ impl Operator for AggregateOp {
                             .map_err(|e| StorageError::StateCodec(e.to_string()))
                     },
                     &group_size,
-                )?;
+                )? + self.held.evict(fraction, codec)?;
                 self.bytes -= freed;
                 self.spilled += freed;
                 Ok(freed.max(0) as u64)
             }
             StateControl::Committed => {
                 self.groups.committed();
+                self.held.committed();
                 Ok(0)
             }
             StateControl::FlushChanges(min) => {
                 let Some(codec) = &self.codec else {
                     return Ok(0);
                 };
-                Ok(self.groups.flush_changes(min, &mut |group: &mut Group| {
+                let groups = self.groups.flush_changes(min, &mut |group: &mut Group| {
                     codec
                         .encode(group)
                         .map_err(|e| StorageError::StateCodec(e.to_string()))
-                })?)
+                })?;
+                Ok(groups + self.held.flush_changes(min, codec)?)
             }
             StateControl::Hold => {
                 if self.costly {
-                    self.holding = Holding::On;
+                    self.held.holding = Holding::On;
                 }
                 Ok(0)
             }
             StateControl::Release(budget) => {
-                self.holding = match self.held.is_empty() {
-                    true => Holding::Off,
-                    false => Holding::Releasing(budget.max(1)),
+                self.held.holding = match self.held.len() {
+                    0 => Holding::Off,
+                    _ => Holding::Releasing(budget.max(1)),
                 };
                 Ok(self.held.len() as u64)
             }
@@ -399,6 +424,7 @@ impl Operator for AggregateOp {
         self.started = true;
         if n > 0 {
             let group_arrays = evaluate(&self.grouping.exprs, &input.batch)?;
+            let takes_deltas = self.held.takes_deltas(self.location.as_ref());
             let mut agg_inputs = Vec::with_capacity(self.aggs.len());
             for agg in &mut self.aggs {
                 let arrays = evaluate(&agg.inputs, &input.batch)?;
@@ -406,7 +432,8 @@ impl Operator for AggregateOp {
                     Some(f) => Some(evaluate_predicate(f, &input.batch)?),
                     None => None,
                 };
-                let rows = if agg.kind == Kind::Sliding {
+                // NOTE: a retractable aggregate's rows are values in a delta (see `Held`).
+                let rows = if agg.kind == Kind::Sliding && !takes_deltas {
                     None
                 } else {
                     if agg.converter.is_none() {
@@ -434,17 +461,12 @@ impl Operator for AggregateOp {
                         None => &[],
                     };
                     let w = input.weights[i];
-                    self.fault_in(key)?;
-                    let mut fresh = match self.groups.get(key) {
-                        Some(_) => None,
-                        None => {
-                            self.bytes += key.len() as i64 + group_overhead(self.aggs.len());
-                            Some(new_group(&self.aggs)?)
-                        }
+                    let group = if takes_deltas && self.groups.peek(key).is_none() {
+                        self.held.delta(key, &self.aggs, &mut self.bytes)
+                    } else {
+                        self.fault_in(key)?;
+                        group_entry(&mut *self.groups, key, &self.aggs, &mut self.bytes)?
                     };
-                    let group = self
-                        .groups
-                        .get_or_insert_with(key, &mut || fresh.take().unwrap_or_else(empty_group));
                     group.rows += w;
                     for (j, agg) in self.aggs.iter().enumerate() {
                         let (arrays, mask, rows) = &agg_inputs[j];
@@ -452,7 +474,7 @@ impl Operator for AggregateOp {
                             continue;
                         }
                         match (&agg.kind, &mut group.states[j]) {
-                            (Kind::Sliding, _) => {
+                            (Kind::Sliding, AggState::Sliding(_)) => {
                                 let slots = sliding.entry(key.into()).or_insert_with(|| {
                                     vec![(Vec::new(), Vec::new()); self.aggs.len()]
                                 });
@@ -518,13 +540,7 @@ impl Operator for AggregateOp {
         for key in &touched {
             self.fault_in(key)?;
             let global = self.always.contains(key);
-            let mut fresh = match self.groups.get(key) {
-                Some(_) => None,
-                None => Some(new_group(&self.aggs)?),
-            };
-            let group = self
-                .groups
-                .get_or_insert_with(key, &mut || fresh.take().unwrap_or_else(empty_group));
+            let group = group_entry(&mut *self.groups, key, &self.aggs, &mut self.bytes)?;
             if group.rows < 0 {
                 return Err(PlanError::Internal(
                     "a group's row count went below zero".into(),

@@ -473,6 +473,69 @@ pub(super) fn new_group(aggs: &[Agg]) -> Result<Group> {
     })
 }
 
+/// Adds a delta (a group of signed multisets, see `held.rs`) to `group`, counting the
+/// values it adds to or removes from `group`'s multisets in `bytes`.
+pub(super) fn merge_delta(
+    aggs: &[Agg],
+    group: &mut Group,
+    delta: Group,
+    bytes: &mut i64,
+) -> Result<()> {
+    group.rows += delta.rows;
+    for ((agg, state), change) in aggs.iter().zip(&mut group.states).zip(delta.states) {
+        let AggState::Values(change) = change else {
+            return Err(PlanError::Internal("a delta holds an accumulator".into()));
+        };
+        match state {
+            AggState::Values(values) => {
+                for (value, weight) in change {
+                    let value_bytes = value.len() as i64 + VALUE_OVERHEAD;
+                    let count = values.entry(value.clone()).or_insert_with(|| {
+                        *bytes += value_bytes;
+                        0
+                    });
+                    *count += weight;
+                    if *count == 0 {
+                        values.remove(&value);
+                        *bytes -= value_bytes;
+                    }
+                }
+            }
+            AggState::Sliding(acc) => {
+                let Some(converter) = &agg.converter else {
+                    if change.is_empty() {
+                        continue;
+                    }
+                    return Err(PlanError::Internal("a delta without its encoder".into()));
+                };
+                let parser = converter.parser();
+                let arrays = converter.convert_rows(change.keys().map(|v| parser.parse(v)))?;
+                let (mut adds, mut retracts) = (Vec::new(), Vec::new());
+                for (i, weight) in change.values().enumerate() {
+                    let list = if *weight > 0 {
+                        &mut adds
+                    } else {
+                        &mut retracts
+                    };
+                    list.extend(std::iter::repeat_n(
+                        i as u32,
+                        weight.unsigned_abs() as usize,
+                    ));
+                }
+                // NOTE: adds first: the group's multiset after the whole delta holds every
+                // retracted row, and DataFusion's counts are unsigned.
+                if !adds.is_empty() {
+                    acc.update_batch(&take_all(&arrays, adds)?)?;
+                }
+                if !retracts.is_empty() {
+                    acc.retract_batch(&take_all(&arrays, retracts)?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A placeholder group (only used where the group is known to exist already).
 pub(super) fn empty_group() -> Group {
     Group {
