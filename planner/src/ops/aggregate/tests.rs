@@ -510,7 +510,11 @@ fn an_epoch_touching_many_groups_releases_the_oldest_past_the_held_key_bytes() {
     let held = op.control(StateControl::Held).unwrap() as usize;
     // The oldest groups came out at once, each with its final result; the rest are held
     // within the bound on their keys.
-    assert!(early.len() > 10_000 && held < n, "{} released, {held} held", early.len());
+    assert!(
+        early.len() > 10_000 && held < n,
+        "{} released, {held} held",
+        early.len()
+    );
     assert_eq!(early.len() + held, n);
     assert!(op.state().bytes as usize >= held * 64);
     let mut rows = raw_rows(&early);
