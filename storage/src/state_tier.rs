@@ -216,6 +216,9 @@ impl StateTier {
     }
 }
 
+/// Top bit of the operator number of a scratch location (see [`StateLocation::scratch`]).
+const SCRATCH_OP: u32 = 1 << 31;
+
 /// Where one operator partition's state lives in its view's warm tier.
 #[derive(Debug, Clone)]
 pub struct StateLocation {
@@ -230,6 +233,18 @@ impl StateLocation {
     /// Counts a failed eviction on the tier.
     pub fn record_failure(&self, error: String) {
         self.tier.record_failure(error);
+    }
+
+    /// The location beside this one for entries that live only within an epoch (the held
+    /// deltas of an aggregate or window): evicted and read back like any state, deleted
+    /// by their operator before the epoch ends, and never among the entries a checkpoint
+    /// restores, which are read by operator number (this one has its top bit set). A
+    /// crash mid-epoch leaves them to the undo records, as any spill after a checkpoint.
+    pub fn scratch(&self) -> Self {
+        Self {
+            op: self.op | SCRATCH_OP,
+            ..self.clone()
+        }
     }
 
     /// The same location for keys starting with `prefix` (after this location's prefix).

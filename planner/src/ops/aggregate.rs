@@ -12,7 +12,6 @@
 
 mod exact_sum;
 mod group;
-mod held;
 #[cfg(test)]
 mod tests;
 
@@ -22,15 +21,15 @@ use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::ScalarValue;
-use millrace_storage::{StateCounters, StateLocation, StateStore, StorageError, TieredState};
+use millrace_storage::{StateLocation, StateStore, StorageError, TieredState};
 
 use self::group::{
-    Agg, AggState, Group, GroupCodec, Kind, SlidingRows, VALUE_OVERHEAD, empty_group,
+    Agg, AggState, Group, GroupCodec, Kind, SlidingRows, VALUE_OVERHEAD, empty_delta, empty_group,
     evaluate_group, group_overhead, group_size, merge_delta, new_group, take_all,
 };
 pub use self::group::{AggregateCall, Grouping};
-use self::held::{DELTA_PREFIX, HELD_KEY_BYTES, Held, Holding};
 use super::codec::{Reader, Writer};
+use super::held::{Held, Holding, add_counters};
 use super::{
     Operator, StateControl, StateEntry, StateStats, evaluate, evaluate_predicate, single_input,
 };
@@ -61,8 +60,10 @@ pub struct AggregateOp {
     always_saved: bool,
     /// Whether a group's evaluation reads its whole multiset (see [`Holding`]).
     costly: bool,
-    /// Groups held back during a large epoch, and their deltas.
-    held: Held,
+    /// Groups held back during a large epoch, and their deltas: a change to a held group
+    /// that is not in memory goes to the group's delta (signed multisets for every
+    /// aggregate, also the retractable ones, whose rows are values until the merge).
+    held: Held<Group>,
 }
 
 /// Key of the entry holding the operator's own flags (group keys are arrow rows or empty,
@@ -128,30 +129,32 @@ impl AggregateOp {
     /// (they are remembered), or while releasing a slice of the held ones, each brought
     /// back in memory with its deltas merged (see [`Held`]).
     fn hold_back(&mut self, touched: Vec<Box<[u8]>>) -> Result<Vec<Box<[u8]>>> {
-        let budget = match self.held.holding {
-            Holding::Off => return Ok(touched),
-            Holding::On => None,
-            Holding::Releasing(budget) => Some(budget),
-        };
+        if self.held.holding == Holding::Off {
+            return Ok(touched);
+        }
         self.held.push(touched);
         let mut released = Vec::new();
         let mut bytes = 0usize;
-        loop {
-            let more = match budget {
-                Some(budget) => bytes < budget,
-                None => self.held.key_bytes() > HELD_KEY_BYTES,
-            };
-            if !more {
-                break;
-            }
+        while self.held.releases_more(bytes) {
             let Some(key) = self.held.pop() else {
                 break;
             };
             self.fault_in(&key)?;
+            let (aggs, codec) = (&self.aggs, &self.codec);
+            let decode = |piece: &[u8], encoded: &[u8]| {
+                let codec = codec
+                    .as_ref()
+                    .ok_or_else(|| PlanError::Internal("evicted delta without a codec".into()))?;
+                let (delta, held) = codec.decode(aggs, encoded)?;
+                Ok((
+                    delta,
+                    piece.len() as i64 + group_overhead(aggs.len()) + held,
+                ))
+            };
             let pieces = self.held.take_pieces(
                 &key,
-                &self.aggs,
-                self.codec.as_ref(),
+                &decode,
+                &group_size,
                 &mut self.bytes,
                 &mut self.spilled,
             )?;
@@ -165,6 +168,16 @@ impl AggregateOp {
                 bytes += group_size(&key, group).max(1) as usize;
             }
             released.push(key);
+        }
+        if !released.is_empty()
+            && self.held.len() == 0
+            && let Some(codec) = &self.codec
+        {
+            self.held.finish(&mut |group: &mut Group| {
+                codec
+                    .encode(group)
+                    .map_err(|e| StorageError::StateCodec(e.to_string()))
+            })?;
         }
         Ok(released)
     }
@@ -243,12 +256,7 @@ impl Operator for AggregateOp {
             entries: self.groups.len() as u64 + pieces,
             bytes: (self.bytes.max(0) as u64) + self.held.key_bytes() as u64,
             spilled_bytes: self.spilled.max(0) as u64,
-            counters: StateCounters {
-                reads: groups.reads + delta.reads,
-                writes: groups.writes + delta.writes,
-                evicted: groups.evicted + delta.evicted,
-                fetched: groups.fetched + delta.fetched,
-            },
+            counters: add_counters(groups, delta),
         }
     }
 
@@ -276,7 +284,6 @@ impl Operator for AggregateOp {
             };
             entries.push((state_key, value));
         }
-        entries.extend(self.held.checkpoint(codec)?);
         Ok(Some(entries))
     }
 
@@ -293,13 +300,6 @@ impl Operator for AggregateOp {
                         self.always.insert(r.bytes()?.into());
                     }
                     continue;
-                }
-                if key.first() == Some(&DELTA_PREFIX) {
-                    // NOTE: every piece is merged by the end of its epoch, and checkpoints
-                    // fall between epochs.
-                    return Err(PlanError::Internal(
-                        "a checkpoint holds a held group's delta".into(),
-                    ));
                 }
                 let group_key = key.get(1..).unwrap_or_default();
                 let (group, held) = codec.decode(&self.aggs, &value)?;
@@ -342,34 +342,30 @@ impl Operator for AggregateOp {
                 let Some(codec) = &self.codec else {
                     return Ok(0);
                 };
-                let freed = self.groups.evict(
-                    fraction,
-                    &mut |group: &mut Group| {
-                        codec
-                            .encode(group)
-                            .map_err(|e| StorageError::StateCodec(e.to_string()))
-                    },
-                    &group_size,
-                )? + self.held.evict(fraction, codec)?;
+                let mut encode = |group: &mut Group| {
+                    codec
+                        .encode(group)
+                        .map_err(|e| StorageError::StateCodec(e.to_string()))
+                };
+                let freed = self.groups.evict(fraction, &mut encode, &group_size)?
+                    + self.held.evict(fraction, &mut encode, &group_size)?;
                 self.bytes -= freed;
                 self.spilled += freed;
                 Ok(freed.max(0) as u64)
             }
             StateControl::Committed => {
                 self.groups.committed();
-                self.held.committed();
                 Ok(0)
             }
             StateControl::FlushChanges(min) => {
                 let Some(codec) = &self.codec else {
                     return Ok(0);
                 };
-                let groups = self.groups.flush_changes(min, &mut |group: &mut Group| {
+                Ok(self.groups.flush_changes(min, &mut |group: &mut Group| {
                     codec
                         .encode(group)
                         .map_err(|e| StorageError::StateCodec(e.to_string()))
-                })?;
-                Ok(groups + self.held.flush_changes(min, codec)?)
+                })?)
             }
             StateControl::Hold => {
                 if self.costly {
@@ -424,7 +420,7 @@ impl Operator for AggregateOp {
         self.started = true;
         if n > 0 {
             let group_arrays = evaluate(&self.grouping.exprs, &input.batch)?;
-            let takes_deltas = self.held.takes_deltas(self.location.as_ref());
+            let takes_deltas = self.held.holding != Holding::Off && self.held.attached();
             let mut agg_inputs = Vec::with_capacity(self.aggs.len());
             for agg in &mut self.aggs {
                 let arrays = evaluate(&agg.inputs, &input.batch)?;
@@ -462,7 +458,9 @@ impl Operator for AggregateOp {
                     };
                     let w = input.weights[i];
                     let group = if takes_deltas && self.groups.peek(key).is_none() {
-                        self.held.delta(key, &self.aggs, &mut self.bytes)
+                        let aggs = &self.aggs;
+                        let fresh = &mut || empty_delta(aggs);
+                        self.held.delta(key, fresh, &group_size, &mut self.bytes)
                     } else {
                         self.fault_in(key)?;
                         group_entry(&mut *self.groups, key, &self.aggs, &mut self.bytes)?

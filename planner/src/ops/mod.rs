@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod bucket;
 pub mod codec;
 pub mod filter;
+mod held;
 pub mod join;
 pub mod project;
 pub mod topn;

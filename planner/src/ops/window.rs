@@ -6,7 +6,7 @@
 //! number changed are emitted. Work is proportional to the partitions touched, never to
 //! the whole input.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, UInt64Array};
@@ -19,6 +19,7 @@ use millrace_storage::{StateLocation, StateStore, TieredState};
 
 use super::codec::{Reader, Writer};
 
+use super::held::{Held, Holding, add_counters};
 use super::{Operator, StateControl, StateStats, evaluate, single_input};
 use crate::changelog::{Changelog, loose, make_batch, row_converter, sort_converter};
 use crate::error::Result;
@@ -36,6 +37,9 @@ pub enum Rank {
 
 type Partition = BTreeMap<(Box<[u8]>, Box<[u8]>), i64>;
 
+/// Every row of a partition with its numbers, as a multiset.
+type Numbering = HashMap<(Box<[u8]>, Vec<u64>), i64>;
+
 /// Bytes an entry of a partition costs beyond its sort key and row: its share of B-tree
 /// nodes and the two allocations' rounding (measured, see `tests/state_bytes.rs`).
 const ENTRY_OVERHEAD: i64 = 130;
@@ -52,6 +56,11 @@ pub struct WindowOp {
     sort_converter: RowConverter,
     rows: RowConverter,
     partitions: Box<dyn StateStore<Partition>>,
+    /// Partitions held back during a large epoch, and their deltas: a partition changed by
+    /// every step of an epoch would be renumbered, and its renumbered rows emitted, after
+    /// each (O(partition) per step); held, all its changes go to its delta, and it is
+    /// renumbered once, when released.
+    held: Held<Partition>,
     /// Approximate bytes in memory, and evicted to the warm tier.
     bytes: i64,
     spilled: i64,
@@ -84,90 +93,73 @@ impl WindowOp {
             partition_converter,
             sort_converter,
             partitions: Box::new(TieredState::default()),
+            held: Held::default(),
             bytes: 0,
             spilled: 0,
         })
     }
-}
 
-impl Operator for WindowOp {
-    fn describe(&self) -> String {
-        let parts: Vec<String> = self.partition_by.iter().map(|e| e.to_string()).collect();
-        let order: Vec<String> = self.order.iter().map(|s| s.to_string()).collect();
-        format!(
-            "Window: {:?} partition=[{}] order=[{}]",
-            self.functions,
-            parts.join(", "),
-            order.join(", ")
-        )
-    }
-
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    fn state(&self) -> StateStats {
-        StateStats {
-            entries: self.partitions.len() as u64,
-            bytes: self.bytes.max(0) as u64,
-            spilled_bytes: self.spilled.max(0) as u64,
-            counters: self.partitions.counters(),
-        }
-    }
-
-    fn checkpoint(&mut self) -> Result<Option<Vec<crate::ops::StateEntry>>> {
-        let mut entries = Vec::new();
-        for key in self.partitions.take_dirty() {
-            let value = self.partitions.peek(&key).map(encode_partition);
-            entries.push((key.to_vec(), value));
-        }
-        Ok(Some(entries))
-    }
-
-    fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
-        for (key, value) in entries {
+    /// Brings the partition under `key` back from the warm tier if it was evicted.
+    fn fault_in(&mut self, key: &[u8]) -> Result<()> {
+        if let Some(value) = self.partitions.fetch(key)? {
             let partition = decode_partition(&value)?;
-            self.bytes += partition_size(&key, &partition);
+            let size = partition_size(key, &partition);
+            self.bytes += size;
+            self.spilled = (self.spilled - size).max(0);
             self.partitions.restore(key.into(), partition);
         }
         Ok(())
     }
 
-    fn attach(&mut self, location: &StateLocation) {
-        self.partitions.attach(location.clone());
-    }
-
-    fn control(&mut self, control: StateControl) -> Result<u64> {
-        match control {
-            StateControl::RestoreLazily => Ok(u64::from(self.partitions.restore_lazily())),
-            StateControl::Evict(fraction) => {
-                let freed = self.partitions.evict(
-                    fraction,
-                    &mut |partition: &mut Partition| Ok(encode_partition(partition)),
-                    &partition_size,
-                )?;
-                self.bytes -= freed;
-                self.spilled += freed;
-                Ok(freed.max(0) as u64)
+    /// The numbering of the partition under `key` (in memory), empty if there is none.
+    fn numbering(&mut self, key: &[u8]) -> Numbering {
+        match self.partitions.get(key) {
+            Some(p) => {
+                let read = p.len() as u64;
+                let numbered = number(&self.functions, p);
+                self.partitions.count_reads(read);
+                numbered
             }
-            StateControl::Committed => {
-                self.partitions.committed();
-                Ok(0)
-            }
-            StateControl::FlushChanges(min) => Ok(self
-                .partitions
-                .flush_changes(min, &mut |partition: &mut Partition| {
-                    Ok(encode_partition(partition))
-                })?),
-            StateControl::Hold | StateControl::Release(_) | StateControl::Held => Ok(0),
+            None => HashMap::new(),
         }
     }
 
-    fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
-        let input = single_input(inputs, "window")?;
-        if input.is_empty() {
-            return Ok(Changelog::empty(self.schema.clone()));
+    /// Adds the changes of the partition under `key` from numbering `before` to its
+    /// numbering now to `changes`; drops the partition if it is empty.
+    fn renumbered(
+        &mut self,
+        key: &[u8],
+        before: Numbering,
+        changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>,
+    ) {
+        let (after, empty) = match self.partitions.get(key) {
+            Some(p) => (number(&self.functions, p), p.is_empty()),
+            None => (HashMap::new(), false),
+        };
+        if empty {
+            self.partitions.remove(key);
         }
+        for (entry, &count) in &after {
+            let old = before.get(entry).copied().unwrap_or(0);
+            if old != count {
+                changes.push((entry.0.clone(), entry.1.clone(), count - old));
+            }
+        }
+        for (entry, &count) in &before {
+            if !after.contains_key(entry) {
+                changes.push((entry.0.clone(), entry.1.clone(), -count));
+            }
+        }
+    }
+
+    /// Applies an epoch's input rows to their partitions, adding the rows whose numbers
+    /// changed to `changes`; while holding, to the partitions' deltas (the partitions are
+    /// renumbered when released).
+    fn apply(
+        &mut self,
+        input: &Changelog,
+        changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>,
+    ) -> Result<()> {
         let n = input.len();
         let part_cols = evaluate(&self.partition_by, &input.batch)?;
         let part_keys = if part_cols.is_empty() {
@@ -196,63 +188,195 @@ impl Operator for WindowOp {
             });
             by_partition[slot].1.push(i);
         }
-        let mut changes: Vec<(Box<[u8]>, Vec<u64>, i64)> = Vec::new();
-        let mut seen = HashSet::new();
+        let holding = self.held.holding != Holding::Off;
         for (key, members) in by_partition {
-            if let Some(value) = self.partitions.fetch(&key)? {
-                let partition = decode_partition(&value)?;
-                let size = partition_size(&key, &partition);
-                self.bytes += size;
-                self.spilled = (self.spilled - size).max(0);
-                self.partitions.restore(key.clone(), partition);
-            }
-            seen.insert(key.clone());
-            let before = match self.partitions.get(&key) {
-                Some(p) => {
-                    let read = p.len() as u64;
-                    let numbered = number(&self.functions, p);
-                    self.partitions.count_reads(read);
-                    numbered
-                }
-                None => HashMap::new(),
+            let before = if holding {
+                None
+            } else {
+                self.fault_in(&key)?;
+                Some(self.numbering(&key))
             };
-            let partition = self
-                .partitions
-                .get_or_insert_with(&key, &mut Partition::new);
+            let partition = match before {
+                None => {
+                    self.held
+                        .delta(&key, &mut Partition::new, &partition_size, &mut self.bytes)
+                }
+                Some(_) => self
+                    .partitions
+                    .get_or_insert_with(&key, &mut Partition::new),
+            };
             for i in members {
                 let sort: Box<[u8]> = match &sort_keys {
                     Some(k) => k.row(i).data().into(),
                     None => Box::from(&[][..]),
                 };
                 let entry = (sort, Box::<[u8]>::from(rows.row(i).data()));
-                let entry_bytes = (entry.0.len() + entry.1.len()) as i64 + ENTRY_OVERHEAD;
-                let count = partition.entry(entry.clone()).or_insert_with(|| {
-                    self.bytes += entry_bytes;
-                    0
-                });
-                *count += input.weights[i];
-                if *count == 0 {
-                    partition.remove(&entry);
-                    self.bytes -= entry_bytes;
-                }
+                add_entry(partition, entry, input.weights[i], &mut self.bytes);
             }
-            let empty = partition.is_empty();
-            let after = number(&self.functions, partition);
-            if empty {
-                self.partitions.remove(&key);
-            }
-            for (entry, &count) in &after {
-                let old = before.get(entry).copied().unwrap_or(0);
-                if old != count {
-                    changes.push((entry.0.clone(), entry.1.clone(), count - old));
-                }
-            }
-            for (entry, &count) in &before {
-                if !after.contains_key(entry) {
-                    changes.push((entry.0.clone(), entry.1.clone(), -count));
-                }
+            match before {
+                Some(before) => self.renumbered(&key, before, changes),
+                None => self.held.push([key]),
             }
         }
+        Ok(())
+    }
+
+    /// While releasing, renumbers held partitions of about the release budget's bytes,
+    /// each with its deltas merged, adding the rows whose numbers changed to `changes`.
+    fn release(&mut self, changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>) -> Result<()> {
+        let mut bytes = 0usize;
+        let mut released = false;
+        while self.held.releases_more(bytes) {
+            let Some(key) = self.held.pop() else {
+                break;
+            };
+            released = true;
+            self.fault_in(&key)?;
+            let before = self.numbering(&key);
+            let decode = |piece: &[u8], encoded: &[u8]| {
+                let delta = decode_partition(encoded)?;
+                let size = partition_size(piece, &delta);
+                Ok((delta, size))
+            };
+            let pieces = self.held.take_pieces(
+                &key,
+                &decode,
+                &partition_size,
+                &mut self.bytes,
+                &mut self.spilled,
+            )?;
+            let partition = self
+                .partitions
+                .get_or_insert_with(&key, &mut Partition::new);
+            for delta in pieces {
+                for (entry, weight) in delta {
+                    add_entry(partition, entry, weight, &mut self.bytes);
+                }
+            }
+            bytes += partition_size(&key, partition).max(1) as usize;
+            self.renumbered(&key, before, changes);
+        }
+        if released && self.held.len() == 0 {
+            self.held
+                .finish(&mut |partition: &mut Partition| Ok(encode_partition(partition)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds `weight` copies of `entry` to `partition` (or to a delta), counting its bytes in
+/// `bytes` while it is there.
+fn add_entry(
+    partition: &mut Partition,
+    entry: (Box<[u8]>, Box<[u8]>),
+    weight: i64,
+    bytes: &mut i64,
+) {
+    let entry_bytes = (entry.0.len() + entry.1.len()) as i64 + ENTRY_OVERHEAD;
+    let count = partition.entry(entry.clone()).or_insert_with(|| {
+        *bytes += entry_bytes;
+        0
+    });
+    *count += weight;
+    if *count == 0 {
+        partition.remove(&entry);
+        *bytes -= entry_bytes;
+    }
+}
+
+impl Operator for WindowOp {
+    fn describe(&self) -> String {
+        let parts: Vec<String> = self.partition_by.iter().map(|e| e.to_string()).collect();
+        let order: Vec<String> = self.order.iter().map(|s| s.to_string()).collect();
+        format!(
+            "Window: {:?} partition=[{}] order=[{}]",
+            self.functions,
+            parts.join(", "),
+            order.join(", ")
+        )
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn state(&self) -> StateStats {
+        let (pieces, delta) = self.held.stats();
+        StateStats {
+            entries: self.partitions.len() as u64 + pieces,
+            bytes: self.bytes.max(0) as u64 + self.held.key_bytes() as u64,
+            spilled_bytes: self.spilled.max(0) as u64,
+            counters: add_counters(self.partitions.counters(), delta),
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<Option<Vec<crate::ops::StateEntry>>> {
+        let mut entries = Vec::new();
+        for key in self.partitions.take_dirty() {
+            let value = self.partitions.peek(&key).map(encode_partition);
+            entries.push((key.to_vec(), value));
+        }
+        Ok(Some(entries))
+    }
+
+    fn restore(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        for (key, value) in entries {
+            let partition = decode_partition(&value)?;
+            self.bytes += partition_size(&key, &partition);
+            self.partitions.restore(key.into(), partition);
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, location: &StateLocation) {
+        self.partitions.attach(location.clone());
+        self.held.attach(location);
+    }
+
+    fn control(&mut self, control: StateControl) -> Result<u64> {
+        match control {
+            StateControl::RestoreLazily => Ok(u64::from(self.partitions.restore_lazily())),
+            StateControl::Evict(fraction) => {
+                let mut encode = |partition: &mut Partition| Ok(encode_partition(partition));
+                let freed = self
+                    .partitions
+                    .evict(fraction, &mut encode, &partition_size)?
+                    + self.held.evict(fraction, &mut encode, &partition_size)?;
+                self.bytes -= freed;
+                self.spilled += freed;
+                Ok(freed.max(0) as u64)
+            }
+            StateControl::Committed => {
+                self.partitions.committed();
+                Ok(0)
+            }
+            StateControl::FlushChanges(min) => Ok(self
+                .partitions
+                .flush_changes(min, &mut |partition: &mut Partition| {
+                    Ok(encode_partition(partition))
+                })?),
+            StateControl::Hold => {
+                self.held.holding = Holding::On;
+                Ok(0)
+            }
+            StateControl::Release(budget) => {
+                self.held.holding = match self.held.len() {
+                    0 => Holding::Off,
+                    _ => Holding::Releasing(budget.max(1)),
+                };
+                Ok(self.held.len() as u64)
+            }
+            StateControl::Held => Ok(self.held.len() as u64),
+        }
+    }
+
+    fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
+        let input = single_input(inputs, "window")?;
+        let mut changes: Vec<(Box<[u8]>, Vec<u64>, i64)> = Vec::new();
+        if !input.is_empty() {
+            self.apply(&input, &mut changes)?;
+        }
+        self.release(&mut changes)?;
         if changes.is_empty() {
             return Ok(Changelog::empty(self.schema.clone()));
         }
@@ -274,8 +398,8 @@ impl Operator for WindowOp {
 }
 
 /// Every row of a partition with its numbers, as a multiset.
-fn number(functions: &[Rank], partition: &Partition) -> HashMap<(Box<[u8]>, Vec<u64>), i64> {
-    let mut out: HashMap<(Box<[u8]>, Vec<u64>), i64> = HashMap::new();
+fn number(functions: &[Rank], partition: &Partition) -> Numbering {
+    let mut out: Numbering = HashMap::new();
     let mut position = 0u64;
     let mut rank = 0u64;
     let mut dense = 0u64;
@@ -392,6 +516,62 @@ mod tests {
             ",
         );
         op
+    }
+
+    /// A large epoch held (`StateControl::Hold`): each touched partition is renumbered once,
+    /// when released, with the epoch's net change, whether its changes stayed in memory or
+    /// went to deltas while the partitions were evicted between steps.
+    #[test]
+    fn a_held_epoch_renumbers_each_partition_once_with_its_net_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(millrace_storage::Store::open(dir.path()).unwrap());
+        let tier = millrace_storage::StateTier::new(store, 7, true);
+        let seed =
+            "p id v | w\n a 1 10 | +1\n a 2 20 | +1\n a 3 20 | +1\n a 4 30 | +1\n b 5 5 | +1";
+        let steps = [
+            "p id v | w\n a 6 15 | +1\n b 7 1 | +1",
+            "p id v | w\n a 1 10 | -1\n a 8 40 | +1\n c 9 3 | +1",
+            "p id v | w\n a 6 15 | -1\n b 5 5 | -1",
+        ];
+        let mut released = Vec::new();
+        for evicting in [false, true] {
+            let mut op = window();
+            if evicting {
+                op.attach(&tier.location(0, 0));
+            }
+            assert_eq!(feed(&mut op, seed).len(), 5);
+            op.control(StateControl::Hold).unwrap();
+            for text in steps {
+                if evicting {
+                    op.control(StateControl::Evict(1.0)).unwrap();
+                }
+                assert!(feed(&mut op, text).is_empty());
+            }
+            if evicting {
+                // Changes to evicted partitions went to deltas: nothing was read back.
+                assert_eq!(op.state().counters.fetched, 0);
+                op.control(StateControl::Evict(1.0)).unwrap();
+            }
+            assert_eq!(op.control(StateControl::Release(1)).unwrap(), 3);
+            let mut out = Vec::new();
+            while op.control(StateControl::Held).unwrap() > 0 {
+                out.extend(raw_rows(&step(&mut op, Changelog::empty(input()))));
+            }
+            out.sort();
+            if evicting {
+                // Partitions a and b once each, and one delta piece per partition and
+                // step that changed it (a 3, b 2, c 1).
+                assert_eq!(op.state().counters.fetched, 2 + 6);
+            }
+            released.push(out);
+        }
+        let mut op = seeded();
+        let net = "p id v | w\n a 1 10 | -1\n a 8 40 | +1\n b 5 5 | -1\n b 7 1 | +1\n c 9 3 | +1";
+        let mut want = raw_rows(&feed(&mut op, net));
+        want.sort();
+        assert!(want.len() >= 8, "{want:?}");
+        assert_eq!(released[0], want, "held in memory");
+        assert_eq!(released[1], want, "held with deltas of evicted partitions");
     }
 
     #[test]

@@ -473,7 +473,19 @@ pub(super) fn new_group(aggs: &[Agg]) -> Result<Group> {
     })
 }
 
-/// Adds a delta (a group of signed multisets, see `held.rs`) to `group`, counting the
+/// A delta with no change yet (see `AggregateOp::held`): a signed multiset per aggregate.
+pub(super) fn empty_delta(aggs: &[Agg]) -> Group {
+    Group {
+        rows: 0,
+        states: aggs
+            .iter()
+            .map(|_| AggState::Values(BTreeMap::new()))
+            .collect(),
+        output: None,
+    }
+}
+
+/// Adds a delta (a group of signed multisets, see `AggregateOp::held`) to `group`, counting the
 /// values it adds to or removes from `group`'s multisets in `bytes`.
 pub(super) fn merge_delta(
     aggs: &[Agg],
