@@ -7,7 +7,7 @@
 # Usage: bench/memory.sh [millrace binary] [case...]; BENCH_LIMIT (256MiB), BENCH_SCALE
 # (1: 1M wide rows, 5M narrow ones; 0.2 for a fifth). Cases: copy-wide copy-narrow
 # issue-shape insert-select update-all delete-all text-aggregates wide-join topn
-# ten-views adhoc-spilled.
+# window ten-views adhoc-spilled.
 set -euo pipefail
 BIN="${1:-${CARGO_TARGET_DIR:-$HOME/.cache/millrace/target}/release/millrace}"
 shift || true
@@ -137,6 +137,14 @@ case_topn() {
   P -c "SELECT count(*) FROM top" >/dev/null; P -c "SELECT count(*) FROM best" >/dev/null
   report "ROW_NUMBER over 200k partitions and a TopN, $(rows 2000000) rows"
 }
+case_window() {
+  P -c "CREATE TABLE t (id BIGINT, k BIGINT, v BIGINT, pad TEXT)"
+  P -c "CREATE MATERIALIZED VIEW w AS SELECT id, pad, k % 10 AS p, row_number() OVER (PARTITION BY k % 10 ORDER BY v, id) AS rn, rank() OVER (PARTITION BY k % 10 ORDER BY v, id) AS rk FROM t"
+  idle
+  P -c "INSERT INTO t SELECT value, value % 1000, (value * 7919) % 1000003, repeat('p', 200) FROM generate_series(1, $(rows 1000000))"
+  P -c "SELECT count(*) FROM w" >/dev/null
+  report "ROW_NUMBER and RANK over 10 partitions, $(rows 1000000) rows of 200 characters"
+}
 case_ten_views() {
   P -c "CREATE TABLE t (id BIGINT, k BIGINT, pad TEXT)"
   for i in $(seq 1 10); do
@@ -156,7 +164,7 @@ case_adhoc_spilled() {
 
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(copy-wide copy-narrow issue-shape insert-select update-all delete-all
-  text-aggregates wide-join topn ten-views adhoc-spilled)
+  text-aggregates wide-join topn window ten-views adhoc-spilled)
 echo "millrace: $("$BIN" --version), --memory-limit $LIMIT, scale $SCALE"
 echo "| case | idle RSS MiB | peak RSS MiB | bound MiB | seconds | |"
 echo "|---|---:|---:|---:|---:|---|"

@@ -169,14 +169,13 @@ impl AggregateOp {
             }
             released.push(key);
         }
-        if !released.is_empty()
-            && self.held.len() == 0
-            && let Some(codec) = &self.codec
-        {
-            self.held.finish(&mut |group: &mut Group| {
-                codec
+        if !released.is_empty() && self.held.len() == 0 {
+            let codec = &self.codec;
+            self.held.finish(&mut |group: &mut Group| match codec {
+                Some(codec) => codec
                     .encode(group)
-                    .map_err(|e| StorageError::StateCodec(e.to_string()))
+                    .map_err(|e| StorageError::StateCodec(e.to_string())),
+                None => Err(StorageError::StateCodec("no codec for a delta".into())),
             })?;
         }
         Ok(released)

@@ -192,12 +192,17 @@ impl<V: Send + std::fmt::Debug> Held<V> {
     }
 
     /// Once nothing is held: writes the removals of evicted pieces, so that none outlives
-    /// its epoch in the scratch location.
+    /// its epoch in the scratch location, and forgets the removed keys.
     pub(super) fn finish(&mut self, encode: &mut EncodeFn<'_, V>) -> Result<()> {
-        if self.queue.is_empty() && self.attached {
-            self.deltas.flush_changes(1, encode)?;
-            self.deltas.committed();
+        if !self.queue.is_empty() {
+            return Ok(());
         }
+        if self.attached {
+            self.deltas.flush_changes(1, encode)?;
+        }
+        // NOTE: the store remembers removed keys until a checkpoint takes them; none does.
+        self.deltas.take_dirty();
+        self.deltas.committed();
         Ok(())
     }
 

@@ -37,9 +37,6 @@ pub enum Rank {
 
 type Partition = BTreeMap<(Box<[u8]>, Box<[u8]>), i64>;
 
-/// Every row of a partition with its numbers, as a multiset.
-type Numbering = HashMap<(Box<[u8]>, Vec<u64>), i64>;
-
 /// Bytes an entry of a partition costs beyond its sort key and row: its share of B-tree
 /// nodes and the two allocations' rounding (measured, see `tests/state_bytes.rs`).
 const ENTRY_OVERHEAD: i64 = 130;
@@ -111,44 +108,31 @@ impl WindowOp {
         Ok(())
     }
 
-    /// The numbering of the partition under `key` (in memory), empty if there is none.
-    fn numbering(&mut self, key: &[u8]) -> Numbering {
-        match self.partitions.get(key) {
-            Some(p) => {
-                let read = p.len() as u64;
-                let numbered = number(&self.functions, p);
-                self.partitions.count_reads(read);
-                numbered
-            }
-            None => HashMap::new(),
-        }
-    }
-
-    /// Adds the changes of the partition under `key` from numbering `before` to its
-    /// numbering now to `changes`; drops the partition if it is empty.
-    fn renumbered(
+    /// Adds `delta` to the partition under `key` (in memory, or none yet), and to
+    /// `changes` the rows whose numbers that changes; drops the partition if it empties.
+    fn change_partition(
         &mut self,
         key: &[u8],
-        before: Numbering,
+        delta: Partition,
         changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>,
     ) {
-        let (after, empty) = match self.partitions.get(key) {
-            Some(p) => (number(&self.functions, p), p.is_empty()),
-            None => (HashMap::new(), false),
+        let read = match self.partitions.get(key) {
+            Some(p) => {
+                renumber(&self.functions, p, &delta, changes);
+                p.len() as u64
+            }
+            None => {
+                renumber(&self.functions, &Partition::new(), &delta, changes);
+                0
+            }
         };
-        if empty {
+        self.partitions.count_reads(read);
+        let partition = self.partitions.get_or_insert_with(key, &mut Partition::new);
+        for (entry, weight) in delta {
+            add_entry(partition, entry, weight, &mut self.bytes);
+        }
+        if partition.is_empty() {
             self.partitions.remove(key);
-        }
-        for (entry, &count) in &after {
-            let old = before.get(entry).copied().unwrap_or(0);
-            if old != count {
-                changes.push((entry.0.clone(), entry.1.clone(), count - old));
-            }
-        }
-        for (entry, &count) in &before {
-            if !after.contains_key(entry) {
-                changes.push((entry.0.clone(), entry.1.clone(), -count));
-            }
         }
     }
 
@@ -190,20 +174,18 @@ impl WindowOp {
         }
         let holding = self.held.holding != Holding::Off;
         for (key, members) in by_partition {
-            let before = if holding {
-                None
-            } else {
-                self.fault_in(&key)?;
-                Some(self.numbering(&key))
-            };
-            let partition = match before {
-                None => {
+            // NOTE: the step's own delta is not counted: it is merged before the step ends.
+            let mut own = (Partition::new(), 0);
+            let delta = match holding {
+                true => {
                     self.held
                         .delta(&key, &mut Partition::new, &partition_size, &mut self.bytes)
                 }
-                Some(_) => self
-                    .partitions
-                    .get_or_insert_with(&key, &mut Partition::new),
+                false => &mut own.0,
+            };
+            let bytes = match holding {
+                true => &mut self.bytes,
+                false => &mut own.1,
             };
             for i in members {
                 let sort: Box<[u8]> = match &sort_keys {
@@ -211,11 +193,13 @@ impl WindowOp {
                     None => Box::from(&[][..]),
                 };
                 let entry = (sort, Box::<[u8]>::from(rows.row(i).data()));
-                add_entry(partition, entry, input.weights[i], &mut self.bytes);
+                add_entry(delta, entry, input.weights[i], bytes);
             }
-            match before {
-                Some(before) => self.renumbered(&key, before, changes),
-                None => self.held.push([key]),
+            if holding {
+                self.held.push([key]);
+            } else {
+                self.fault_in(&key)?;
+                self.change_partition(&key, own.0, changes);
             }
         }
         Ok(())
@@ -232,7 +216,6 @@ impl WindowOp {
             };
             released = true;
             self.fault_in(&key)?;
-            let before = self.numbering(&key);
             let decode = |piece: &[u8], encoded: &[u8]| {
                 let delta = decode_partition(encoded)?;
                 let size = partition_size(piece, &delta);
@@ -245,16 +228,17 @@ impl WindowOp {
                 &mut self.bytes,
                 &mut self.spilled,
             )?;
-            let partition = self
-                .partitions
-                .get_or_insert_with(&key, &mut Partition::new);
-            for delta in pieces {
-                for (entry, weight) in delta {
-                    add_entry(partition, entry, weight, &mut self.bytes);
+            // NOTE: the merged pieces are not counted: they were, and they go at once.
+            let mut delta = Partition::new();
+            for piece in pieces {
+                for (entry, weight) in piece {
+                    add_entry(&mut delta, entry, weight, &mut 0);
                 }
             }
-            bytes += partition_size(&key, partition).max(1) as usize;
-            self.renumbered(&key, before, changes);
+            self.change_partition(&key, delta, changes);
+            if let Some(partition) = self.partitions.get(&key) {
+                bytes += partition_size(&key, partition).max(1) as usize;
+            }
         }
         if released && self.held.len() == 0 {
             self.held
@@ -397,33 +381,101 @@ impl Operator for WindowOp {
     }
 }
 
-/// Every row of a partition with its numbers, as a multiset.
-fn number(functions: &[Rank], partition: &Partition) -> Numbering {
-    let mut out: Numbering = HashMap::new();
-    let mut position = 0u64;
-    let mut rank = 0u64;
-    let mut dense = 0u64;
-    let mut last_key: Option<&[u8]> = None;
-    for ((key, row), &count) in partition {
-        for _ in 0..count.max(0) {
-            position += 1;
-            if last_key != Some(key.as_ref()) {
-                rank = position;
-                dense += 1;
-                last_key = Some(key.as_ref());
+/// The numbers of consecutive copies of rows as a partition is walked in order.
+#[derive(Default)]
+struct Numberer {
+    position: u64,
+    rank: u64,
+    dense: u64,
+    last_key: Option<Box<[u8]>>,
+}
+
+impl Numberer {
+    fn next(&mut self, functions: &[Rank], sort_key: &[u8]) -> Vec<u64> {
+        self.position += 1;
+        if self.last_key.as_deref() != Some(sort_key) {
+            self.rank = self.position;
+            self.dense += 1;
+            self.last_key = Some(sort_key.into());
+        }
+        functions
+            .iter()
+            .map(|f| match f {
+                Rank::RowNumber => self.position,
+                Rank::Rank => self.rank,
+                Rank::DenseRank => self.dense,
+            })
+            .collect()
+    }
+}
+
+/// Adds to `changes` the rows of `partition` whose numbers change when `delta` (signed
+/// counts) is added to it, walking both in order once: the numbering before and after is
+/// never held whole (two copies of a large partition's rows were).
+fn renumber(
+    functions: &[Rank],
+    partition: &Partition,
+    delta: &Partition,
+    changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>,
+) {
+    let (mut old, mut new) = (Numberer::default(), Numberer::default());
+    let mut base = partition.iter().peekable();
+    let mut change = delta.iter().peekable();
+    loop {
+        let (entry, before, weight) = match (base.peek().copied(), change.peek().copied()) {
+            (None, None) => break,
+            (Some((e, &c)), None) => {
+                base.next();
+                (e, c, 0)
             }
-            let numbers = functions
-                .iter()
-                .map(|f| match f {
-                    Rank::RowNumber => position,
-                    Rank::Rank => rank,
-                    Rank::DenseRank => dense,
-                })
-                .collect();
-            *out.entry((row.clone(), numbers)).or_insert(0) += 1;
+            (None, Some((e, &w))) => {
+                change.next();
+                (e, 0, w)
+            }
+            (Some((a, &c)), Some((b, &w))) => match a.cmp(b) {
+                std::cmp::Ordering::Less => {
+                    base.next();
+                    (a, c, 0)
+                }
+                std::cmp::Ordering::Greater => {
+                    change.next();
+                    (b, 0, w)
+                }
+                std::cmp::Ordering::Equal => {
+                    base.next();
+                    change.next();
+                    (a, c, w)
+                }
+            },
+        };
+        let (sort_key, row) = entry;
+        let olds: Vec<Vec<u64>> = (0..before.max(0))
+            .map(|_| old.next(functions, sort_key))
+            .collect();
+        let news: Vec<Vec<u64>> = (0..(before + weight).max(0))
+            .map(|_| new.next(functions, sort_key))
+            .collect();
+        if olds == news {
+            continue;
+        }
+        // The row's copies' numbers before and after, as a multiset change.
+        let mut diff: Vec<(Vec<u64>, i64)> = Vec::new();
+        for (numbers, w) in olds
+            .into_iter()
+            .map(|n| (n, -1))
+            .chain(news.into_iter().map(|n| (n, 1)))
+        {
+            match diff.iter_mut().find(|(n, _)| *n == numbers) {
+                Some((_, total)) => *total += w,
+                None => diff.push((numbers, w)),
+            }
+        }
+        for (numbers, w) in diff {
+            if w != 0 {
+                changes.push((row.clone(), numbers, w));
+            }
         }
     }
-    out
 }
 
 /// A partition as checkpoints and the warm tier hold it: its (sort key, row) entries with
