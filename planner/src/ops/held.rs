@@ -28,6 +28,10 @@ fn key_cost(key: &[u8]) -> usize {
     2 * key.len() + 64
 }
 
+/// Decodes a piece read back (its key, its encoding) into the piece and the bytes it
+/// counted for.
+pub(super) type DecodeFn<'a, V> = dyn Fn(&[u8], &[u8]) -> Result<(V, i64)> + 'a;
+
 /// Whether an operator holds back keys' results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(super) enum Holding {
@@ -162,7 +166,7 @@ impl<V: Send + std::fmt::Debug> Held<V> {
     pub(super) fn take_pieces(
         &mut self,
         key: &[u8],
-        decode: &dyn Fn(&[u8], &[u8]) -> Result<(V, i64)>,
+        decode: &DecodeFn<'_, V>,
         size: &SizeFn<'_, V>,
         bytes: &mut i64,
         spilled: &mut i64,

@@ -37,6 +37,9 @@ pub enum Rank {
 
 type Partition = BTreeMap<(Box<[u8]>, Box<[u8]>), i64>;
 
+/// A row of the output (encoded input row, its numbers) and its weight.
+type RowChange = (Box<[u8]>, Vec<u64>, i64);
+
 /// Bytes an entry of a partition costs beyond its sort key and row: its share of B-tree
 /// nodes and the two allocations' rounding (measured, see `tests/state_bytes.rs`).
 const ENTRY_OVERHEAD: i64 = 130;
@@ -110,12 +113,7 @@ impl WindowOp {
 
     /// Adds `delta` to the partition under `key` (in memory, or none yet), and to
     /// `changes` the rows whose numbers that changes; drops the partition if it empties.
-    fn change_partition(
-        &mut self,
-        key: &[u8],
-        delta: Partition,
-        changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>,
-    ) {
+    fn change_partition(&mut self, key: &[u8], delta: Partition, changes: &mut Vec<RowChange>) {
         let read = match self.partitions.get(key) {
             Some(p) => {
                 renumber(&self.functions, p, &delta, changes);
@@ -139,11 +137,7 @@ impl WindowOp {
     /// Applies an epoch's input rows to their partitions, adding the rows whose numbers
     /// changed to `changes`; while holding, to the partitions' deltas (the partitions are
     /// renumbered when released).
-    fn apply(
-        &mut self,
-        input: &Changelog,
-        changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>,
-    ) -> Result<()> {
+    fn apply(&mut self, input: &Changelog, changes: &mut Vec<RowChange>) -> Result<()> {
         let n = input.len();
         let part_cols = evaluate(&self.partition_by, &input.batch)?;
         let part_keys = if part_cols.is_empty() {
@@ -207,7 +201,7 @@ impl WindowOp {
 
     /// While releasing, renumbers held partitions of about the release budget's bytes,
     /// each with its deltas merged, adding the rows whose numbers changed to `changes`.
-    fn release(&mut self, changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>) -> Result<()> {
+    fn release(&mut self, changes: &mut Vec<RowChange>) -> Result<()> {
         let mut bytes = 0usize;
         let mut released = false;
         while self.held.releases_more(bytes) {
@@ -356,7 +350,7 @@ impl Operator for WindowOp {
 
     fn step(&mut self, inputs: Vec<Changelog>) -> Result<Changelog> {
         let input = single_input(inputs, "window")?;
-        let mut changes: Vec<(Box<[u8]>, Vec<u64>, i64)> = Vec::new();
+        let mut changes: Vec<RowChange> = Vec::new();
         if !input.is_empty() {
             self.apply(&input, &mut changes)?;
         }
@@ -416,7 +410,7 @@ fn renumber(
     functions: &[Rank],
     partition: &Partition,
     delta: &Partition,
-    changes: &mut Vec<(Box<[u8]>, Vec<u64>, i64)>,
+    changes: &mut Vec<RowChange>,
 ) {
     let (mut old, mut new) = (Numberer::default(), Numberer::default());
     let mut base = partition.iter().peekable();
