@@ -219,6 +219,37 @@ pub(crate) fn step(op: &mut dyn Operator, input: Changelog) -> Changelog {
     op.step(vec![input]).unwrap()
 }
 
+/// A large epoch held back (`StateControl::Hold`): `steps` (each must emit nothing), with
+/// all of `op`'s state evicted before each step and before the release when `evicting` (it
+/// must be attached to a warm tier), then released a key per step. Returns the released
+/// rows, sorted, and the state entries read back before the release.
+pub(crate) fn held_epoch(
+    op: &mut dyn Operator,
+    schema: &SchemaRef,
+    steps: &[&str],
+    evicting: bool,
+) -> (Vec<(String, i64)>, u64) {
+    use crate::ops::StateControl;
+    op.control(StateControl::Hold).unwrap();
+    for text in steps {
+        if evicting {
+            op.control(StateControl::Evict(1.0)).unwrap();
+        }
+        assert!(step(op, changelog(schema, text)).is_empty(), "{text}");
+    }
+    let fetched = op.state().counters.fetched;
+    if evicting {
+        op.control(StateControl::Evict(1.0)).unwrap();
+    }
+    op.control(StateControl::Release(1)).unwrap();
+    let mut out = Vec::new();
+    while op.control(StateControl::Held).unwrap() > 0 {
+        out.extend(raw_rows(&step(op, Changelog::empty(schema.clone()))));
+    }
+    out.sort();
+    (out, fetched)
+}
+
 /// One epoch of a two-input operator.
 #[track_caller]
 pub(crate) fn step2(op: &mut dyn Operator, left: Changelog, right: Changelog) -> Changelog {

@@ -366,20 +366,9 @@ impl Operator for AggregateOp {
                         .map_err(|e| StorageError::StateCodec(e.to_string()))
                 })?)
             }
-            StateControl::Hold => {
-                if self.costly {
-                    self.held.holding = Holding::On;
-                }
-                Ok(0)
+            StateControl::Hold | StateControl::Release(_) | StateControl::Held => {
+                Ok(self.held.control(control, self.costly))
             }
-            StateControl::Release(budget) => {
-                self.held.holding = match self.held.len() {
-                    0 => Holding::Off,
-                    _ => Holding::Releasing(budget.max(1)),
-                };
-                Ok(self.held.len() as u64)
-            }
-            StateControl::Held => Ok(self.held.len() as u64),
         }
     }
 

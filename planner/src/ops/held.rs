@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use millrace_storage::{EncodeFn, SizeFn, StateCounters, StateLocation, StateStore, TieredState};
 
+use super::StateControl;
 use crate::error::Result;
 
 /// Bytes of held keys past which the oldest are released while the epoch's input still
@@ -83,6 +84,25 @@ fn piece_key(key: &[u8], n: u32) -> Vec<u8> {
 }
 
 impl<V: Send + std::fmt::Debug> Held<V> {
+    /// Answers a holding control: `Hold` (only if the operator `holds` at all), `Release`
+    /// (the number of keys held) and `Held` (the same); 0 for any other.
+    pub(super) fn control(&mut self, control: StateControl, holds: bool) -> u64 {
+        match control {
+            StateControl::Hold if holds => self.holding = Holding::On,
+            StateControl::Release(budget) => {
+                self.holding = match self.queue.len() {
+                    0 => Holding::Off,
+                    _ => Holding::Releasing(budget.max(1)),
+                };
+            }
+            _ => {}
+        }
+        match control {
+            StateControl::Release(_) | StateControl::Held => self.queue.len() as u64,
+            _ => 0,
+        }
+    }
+
     /// Number of keys held.
     pub(super) fn len(&self) -> usize {
         self.queue.len()

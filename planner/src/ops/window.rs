@@ -333,18 +333,9 @@ impl Operator for WindowOp {
                 .flush_changes(min, &mut |partition: &mut Partition| {
                     Ok(encode_partition(partition))
                 })?),
-            StateControl::Hold => {
-                self.held.holding = Holding::On;
-                Ok(0)
+            StateControl::Hold | StateControl::Release(_) | StateControl::Held => {
+                Ok(self.held.control(control, true))
             }
-            StateControl::Release(budget) => {
-                self.held.holding = match self.held.len() {
-                    0 => Holding::Off,
-                    _ => Holding::Releasing(budget.max(1)),
-                };
-                Ok(self.held.len() as u64)
-            }
-            StateControl::Held => Ok(self.held.len() as u64),
         }
     }
 
@@ -508,7 +499,7 @@ mod tests {
     use datafusion::physical_expr::expressions::col;
 
     use super::*;
-    use crate::test_util::{assert_changelog, changelog, raw_rows, schema, step};
+    use crate::test_util::{assert_changelog, changelog, held_epoch, raw_rows, schema, step};
 
     fn input() -> SchemaRef {
         schema("p:utf8 id:i64 v:i64")
@@ -586,24 +577,9 @@ mod tests {
                 op.attach(&tier.location(0, 0));
             }
             assert_eq!(feed(&mut op, seed).len(), 5);
-            op.control(StateControl::Hold).unwrap();
-            for text in steps {
-                if evicting {
-                    op.control(StateControl::Evict(1.0)).unwrap();
-                }
-                assert!(feed(&mut op, text).is_empty());
-            }
-            if evicting {
-                // Changes to evicted partitions went to deltas: nothing was read back.
-                assert_eq!(op.state().counters.fetched, 0);
-                op.control(StateControl::Evict(1.0)).unwrap();
-            }
-            assert_eq!(op.control(StateControl::Release(1)).unwrap(), 3);
-            let mut out = Vec::new();
-            while op.control(StateControl::Held).unwrap() > 0 {
-                out.extend(raw_rows(&step(&mut op, Changelog::empty(input()))));
-            }
-            out.sort();
+            let (out, fetched) = held_epoch(&mut op, &input(), &steps, evicting);
+            // Changes to evicted partitions went to deltas: nothing was read back.
+            assert_eq!(fetched, 0);
             if evicting {
                 // Partitions a and b once each, and one delta piece per partition and
                 // step that changed it (a 3, b 2, c 1).

@@ -15,7 +15,7 @@ use datafusion::physical_expr::expressions::col;
 use super::{AggregateCall, AggregateOp, Grouping};
 use crate::changelog::Changelog;
 use crate::ops::{Operator, StateControl};
-use crate::test_util::{assert_changelog, changelog, raw_rows, schema, step};
+use crate::test_util::{assert_changelog, changelog, held_epoch, raw_rows, schema, step};
 
 /// `udaf(v)` over rows of `input`.
 fn call(udaf: Arc<AggregateUDF>, name: &str, input: &SchemaRef) -> AggregateCall {
@@ -459,24 +459,9 @@ fn held_groups_evicted_between_steps_take_deltas_and_release_the_same_results() 
             "k v | w\n a 1 | +1\n a 5 | +1\n b 2 | +1\n c 9 | +1",
         );
         assert_eq!(first.len(), 3);
-        op.control(StateControl::Hold).unwrap();
-        for text in steps {
-            if evicting {
-                op.control(StateControl::Evict(1.0)).unwrap();
-            }
-            assert!(feed(&mut op, text).is_empty());
-        }
-        if evicting {
-            // Every group changed after its eviction: none was read back.
-            assert_eq!(op.state().counters.fetched, 0);
-            op.control(StateControl::Evict(1.0)).unwrap();
-        }
-        op.control(StateControl::Release(1)).unwrap();
-        let mut out = Vec::new();
-        while op.control(StateControl::Held).unwrap() > 0 {
-            out.extend(raw_rows(&step(&mut op, Changelog::empty(input()))));
-        }
-        out.sort();
+        let (out, fetched) = held_epoch(&mut op, &input(), &steps, evicting);
+        // Every group changed after its eviction: none was read back.
+        assert_eq!(fetched, 0);
         if evicting {
             // Groups a, b, c once each, and each delta piece once: one per group and step
             // that changed it (a and d 3, b 2, c 1).
