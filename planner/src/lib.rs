@@ -20,6 +20,7 @@ pub mod lookup;
 pub mod not_in;
 pub mod ops;
 pub mod optimizer;
+pub mod outer_join_constants;
 pub mod pg_casts;
 pub mod pg_functions;
 pub mod pg_intervals;

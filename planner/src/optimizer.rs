@@ -14,6 +14,7 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use crate::dependencies::SoundDependencies;
 use crate::filter_pushdown::FilterPushDown;
+use crate::outer_join_constants::OuterJoinConstants;
 use crate::subquery_values::PredicateSubqueriesAsValues;
 use crate::topk_order::TopKMergeOrder;
 
@@ -42,19 +43,23 @@ pub fn rules() -> Vec<Arc<dyn OptimizerRule + Send + Sync>> {
 }
 
 /// DataFusion's physical optimizer rules with its filter push-downs guarded by
-/// [`UniqueNames`], and [`TopKMergeOrder`] last.
+/// [`UniqueNames`], [`OuterJoinConstants`] after the first of them (before the rules that
+/// place sorts and repartitions by what the plan's nodes know of their columns), and
+/// [`TopKMergeOrder`] last.
 pub fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
-    let mut rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> = PhysicalOptimizer::new()
-        .rules
-        .into_iter()
-        .map(|rule| -> Arc<dyn PhysicalOptimizerRule + Send + Sync> {
-            if rule.name().starts_with("FilterPushdown") {
-                Arc::new(UniqueNames { inner: rule })
-            } else {
-                rule
+    let mut rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> = Vec::new();
+    let mut outer_joins_placed = false;
+    for rule in PhysicalOptimizer::new().rules {
+        if rule.name().starts_with("FilterPushdown") {
+            rules.push(Arc::new(UniqueNames { inner: rule }));
+            if !outer_joins_placed {
+                rules.push(Arc::new(OuterJoinConstants));
+                outer_joins_placed = true;
             }
-        })
-        .collect();
+        } else {
+            rules.push(rule);
+        }
+    }
     rules.push(Arc::new(TopKMergeOrder));
     rules
 }
@@ -252,5 +257,70 @@ mod dependencies_tests {
             let rows: usize = run(&ctx, distinct).await.iter().map(|b| b.num_rows()).sum();
             assert_eq!(rows, groups as usize, "ours: {ours}");
         }
+    }
+}
+
+#[cfg(test)]
+mod outer_join_tests {
+    use datafusion::arrow::array::{Array, Int32Array};
+    use datafusion::execution::session_state::SessionStateBuilder;
+    use datafusion::prelude::SessionContext;
+
+    /// [`OuterJoinConstants`](crate::outer_join_constants::OuterJoinConstants): a window over a FULL JOIN whose right side is a literal orders its partitions by
+    /// that column too: the right side's own rows, where the literal is, come first, and
+    /// the left rows padded with NULL after them.
+    #[tokio::test]
+    async fn a_window_orders_by_a_literal_of_a_null_padded_side() {
+        let state = super::with_rules(SessionStateBuilder::new().with_default_features()).build();
+        let ctx = SessionContext::new_with_state(state);
+        for sql in [
+            "CREATE TABLE a (k INT, c0 BOOLEAN, c2 DOUBLE) AS VALUES (0, NULL, 1.0), (1, NULL, 2.0)",
+            "CREATE TABLE b (x BOOLEAN) AS VALUES (true), (true)",
+        ] {
+            ctx.sql(sql)
+                .await
+                .expect("setup")
+                .collect()
+                .await
+                .expect("setup");
+        }
+        let sql = "SELECT min(a.k) OVER (PARTITION BY a.c0 ORDER BY r.c0) AS m, a.k \
+                   FROM a FULL JOIN (SELECT 5.0 AS c0 FROM b WHERE x) AS r ON a.c2 = r.c0";
+        let batches = ctx
+            .sql(sql)
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("rows");
+        let mut rows: Vec<(Option<i32>, Option<i32>)> = Vec::new();
+        for batch in &batches {
+            let m = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .expect("m");
+            let k = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .expect("k");
+            for i in 0..batch.num_rows() {
+                let get = |a: &Int32Array| (!a.is_null(i)).then(|| a.value(i));
+                rows.push((get(m), get(k)));
+            }
+        }
+        rows.sort();
+        // PostgreSQL: the two rows of `r` (k NULL) rank first in the NULL partition and see
+        // no k; the rows of `a` follow, peers of each other.
+        assert_eq!(
+            rows,
+            vec![
+                (None, None),
+                (None, None),
+                (Some(0), Some(0)),
+                (Some(0), Some(1))
+            ]
+        );
     }
 }
