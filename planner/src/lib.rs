@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod changelog;
 pub mod correlated;
 pub mod dependencies;
+pub mod empty_subqueries;
 pub mod epoch_part;
 pub mod error;
 pub mod exists_domain;

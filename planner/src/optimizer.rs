@@ -13,19 +13,25 @@ use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::dependencies::SoundDependencies;
+use crate::empty_subqueries::EmptySubqueries;
 use crate::filter_pushdown::FilterPushDown;
 use crate::outer_join_constants::OuterJoinConstants;
 use crate::subquery_values::PredicateSubqueriesAsValues;
 use crate::topk_order::TopKMergeOrder;
 
 /// DataFusion's optimizer rules with its filter push-down replaced by
-/// [`FilterPushDown`] and [`SoundDependencies`] run before each rule that acts on
-/// functional dependencies, and [`PredicateSubqueriesAsValues`] last.
+/// [`FilterPushDown`], [`SoundDependencies`] run before each rule that acts on
+/// functional dependencies, [`EmptySubqueries`] before its decorrelation of subqueries, and
+/// [`PredicateSubqueriesAsValues`] last.
 pub fn rules() -> Vec<Arc<dyn OptimizerRule + Send + Sync>> {
     let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = Vec::new();
     for rule in Optimizer::new().rules {
         match rule.name() {
             "push_down_filter" => rules.push(Arc::new(FilterPushDown::new())),
+            "decorrelate_predicate_subquery" => {
+                rules.push(Arc::new(EmptySubqueries));
+                rules.push(rule);
+            }
             "replace_distinct_aggregate"
             | "eliminate_join"
             | "eliminate_duplicated_expr"
