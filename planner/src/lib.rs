@@ -18,6 +18,7 @@ pub mod exists_domain;
 pub mod filter_pushdown;
 pub mod incremental;
 pub mod lookup;
+pub mod lost_order;
 pub mod not_in;
 pub mod ops;
 pub mod optimizer;

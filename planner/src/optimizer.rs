@@ -15,6 +15,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use crate::dependencies::SoundDependencies;
 use crate::empty_subqueries::EmptySubqueries;
 use crate::filter_pushdown::FilterPushDown;
+use crate::lost_order::LostOrder;
 use crate::outer_join_constants::OuterJoinConstants;
 use crate::subquery_values::PredicateSubqueriesAsValues;
 use crate::topk_order::TopKMergeOrder;
@@ -50,8 +51,8 @@ pub fn rules() -> Vec<Arc<dyn OptimizerRule + Send + Sync>> {
 
 /// DataFusion's physical optimizer rules with its filter push-downs guarded by
 /// [`UniqueNames`], [`OuterJoinConstants`] after the first of them (before the rules that
-/// place sorts and repartitions by what the plan's nodes know of their columns), and
-/// [`TopKMergeOrder`] last.
+/// place sorts and repartitions by what the plan's nodes know of their columns),
+/// [`LostOrder`] before the sanity check, and [`TopKMergeOrder`] last.
 pub fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> = Vec::new();
     let mut outer_joins_placed = false;
@@ -63,6 +64,9 @@ pub fn physical_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
                 outer_joins_placed = true;
             }
         } else {
+            if rule.name() == "SanityCheckPlan" {
+                rules.push(Arc::new(LostOrder));
+            }
             rules.push(rule);
         }
     }
@@ -328,5 +332,69 @@ mod outer_join_tests {
                 (Some(0), Some(1))
             ]
         );
+    }
+}
+
+/// [`LostOrder`] in the rule list.
+#[cfg(test)]
+mod lost_order_tests {
+    use datafusion::arrow::array::{Array, BooleanArray};
+    use datafusion::execution::session_state::SessionStateBuilder;
+    use datafusion::prelude::SessionContext;
+
+    /// A UNION ALL whose branches meet an ORDER BY in ways the union cannot state (a
+    /// constant column in one, two equal columns in the other) runs, in order.
+    #[tokio::test]
+    async fn a_union_of_branches_ordered_in_unstated_ways_is_sorted() {
+        let state = super::with_rules(SessionStateBuilder::new().with_default_features()).build();
+        let ctx = SessionContext::new_with_state(state);
+        for sql in [
+            "CREATE TABLE a (v BOOLEAN, w BOOLEAN) AS VALUES (true, false), (NULL, true), (false, NULL), (true, true)",
+            "CREATE TABLE b (g INT, v BOOLEAN, x BOOLEAN) AS VALUES (1, true, false), (2, NULL, true), (3, false, true), (1, true, NULL)",
+        ] {
+            ctx.sql(sql)
+                .await
+                .expect("setup")
+                .collect()
+                .await
+                .expect("setup");
+        }
+        let sql = "(SELECT a.v AS c0, TRUE AS c1, a.w AS c2 FROM a) UNION ALL \
+                   (SELECT bool_and(b.v) AS c0, bool_or(b.x) AS c1, bool_or(b.x) AS c2 \
+                    FROM b GROUP BY b.g) ORDER BY 1, 2 DESC, 3";
+        let batches = ctx
+            .sql(sql)
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("runs");
+        let mut rows = Vec::new();
+        for batch in &batches {
+            let column = |i: usize| {
+                let a = batch
+                    .column(i)
+                    .as_any()
+                    .downcast_ref::<BooleanArray>()
+                    .expect("bool");
+                (0..a.len())
+                    .map(|r| (!a.is_null(r)).then(|| a.value(r)))
+                    .collect::<Vec<_>>()
+            };
+            let (c0, c1, c2) = (column(0), column(1), column(2));
+            for r in 0..batch.num_rows() {
+                rows.push((c0[r], c1[r], c2[r]));
+            }
+        }
+        assert_eq!(rows.len(), 7);
+        // PostgreSQL's order: false < true < NULL (ASC puts NULLs last), DESC reverses.
+        let key = |v: Option<bool>| match v {
+            Some(false) => 0,
+            Some(true) => 1,
+            None => 2,
+        };
+        let mut expected = rows.clone();
+        expected.sort_by_key(|&(c0, c1, c2)| (key(c0), 2 - key(c1), key(c2)));
+        assert_eq!(rows, expected);
     }
 }
