@@ -172,9 +172,7 @@ impl AggregateOp {
         if !released.is_empty() && self.held.len() == 0 {
             let codec = &self.codec;
             self.held.finish(&mut |group: &mut Group| match codec {
-                Some(codec) => codec
-                    .encode(group)
-                    .map_err(|e| StorageError::StateCodec(e.to_string())),
+                Some(codec) => codec.encode_stored(group),
                 None => Err(StorageError::StateCodec("no codec for a delta".into())),
             })?;
         }
@@ -341,11 +339,7 @@ impl Operator for AggregateOp {
                 let Some(codec) = &self.codec else {
                     return Ok(0);
                 };
-                let mut encode = |group: &mut Group| {
-                    codec
-                        .encode(group)
-                        .map_err(|e| StorageError::StateCodec(e.to_string()))
-                };
+                let mut encode = |group: &mut Group| codec.encode_stored(group);
                 let freed = self.groups.evict(fraction, &mut encode, &group_size)?
                     + self.held.evict(fraction, &mut encode, &group_size)?;
                 self.bytes -= freed;
@@ -360,11 +354,9 @@ impl Operator for AggregateOp {
                 let Some(codec) = &self.codec else {
                     return Ok(0);
                 };
-                Ok(self.groups.flush_changes(min, &mut |group: &mut Group| {
-                    codec
-                        .encode(group)
-                        .map_err(|e| StorageError::StateCodec(e.to_string()))
-                })?)
+                Ok(self
+                    .groups
+                    .flush_changes(min, &mut |group: &mut Group| codec.encode_stored(group))?)
             }
             StateControl::Hold | StateControl::Release(_) | StateControl::Held => {
                 Ok(self.held.control(control, self.costly))

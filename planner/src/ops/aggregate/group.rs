@@ -260,6 +260,15 @@ impl GroupCodec {
         Ok(Self { output, states })
     }
 
+    /// [`GroupCodec::encode`] for the state store, whose writers take its error type.
+    pub(super) fn encode_stored(
+        &self,
+        group: &mut Group,
+    ) -> std::result::Result<Vec<u8>, millrace_storage::StorageError> {
+        self.encode(group)
+            .map_err(|e| millrace_storage::StorageError::StateCodec(e.to_string()))
+    }
+
     /// A group as checkpoints and the warm tier hold it.
     pub(super) fn encode(&self, group: &mut Group) -> Result<Vec<u8>> {
         let mut w = Writer::new();
