@@ -270,117 +270,74 @@ mod dependencies_tests {
     }
 }
 
+/// Our physical rules in the rule list: [`OuterJoinConstants`] and [`LostOrder`].
 #[cfg(test)]
-mod outer_join_tests {
-    use datafusion::arrow::array::{Array, Int32Array};
+mod physical_rule_tests {
+    use datafusion::arrow::array::{AsArray, RecordBatch};
+    use datafusion::arrow::datatypes::Int32Type;
     use datafusion::execution::session_state::SessionStateBuilder;
     use datafusion::prelude::SessionContext;
 
-    /// [`OuterJoinConstants`](crate::outer_join_constants::OuterJoinConstants): a window over a FULL JOIN whose right side is a literal orders its partitions by
-    /// that column too: the right side's own rows, where the literal is, come first, and
-    /// the left rows padded with NULL after them.
-    #[tokio::test]
-    async fn a_window_orders_by_a_literal_of_a_null_padded_side() {
+    /// The answer to `sql` on a session with our rule lists, over `tables` (CREATE TABLE
+    /// ... AS VALUES statements).
+    async fn answer(tables: &[&str], sql: &str) -> Vec<RecordBatch> {
         let state = super::with_rules(SessionStateBuilder::new().with_default_features()).build();
         let ctx = SessionContext::new_with_state(state);
-        for sql in [
-            "CREATE TABLE a (k INT, c0 BOOLEAN, c2 DOUBLE) AS VALUES (0, NULL, 1.0), (1, NULL, 2.0)",
-            "CREATE TABLE b (x BOOLEAN) AS VALUES (true), (true)",
-        ] {
-            ctx.sql(sql)
-                .await
-                .expect("setup")
-                .collect()
-                .await
-                .expect("setup");
+        for table in tables {
+            let created = ctx.sql(table).await.expect("setup").collect().await;
+            created.expect("setup");
         }
-        let sql = "SELECT min(a.k) OVER (PARTITION BY a.c0 ORDER BY r.c0) AS m, a.k \
-                   FROM a FULL JOIN (SELECT 5.0 AS c0 FROM b WHERE x) AS r ON a.c2 = r.c0";
-        let batches = ctx
-            .sql(sql)
+        ctx.sql(sql)
             .await
             .expect("plan")
             .collect()
             .await
-            .expect("rows");
+            .expect("runs")
+    }
+
+    /// A window over a FULL JOIN whose right side is a literal orders its partitions by
+    /// that column too: the right side's own rows, where the literal is, come first, and
+    /// the left rows padded with NULL after them.
+    #[tokio::test]
+    async fn a_window_orders_by_a_literal_of_a_null_padded_side() {
+        let tables = [
+            "CREATE TABLE a (k INT, c0 BOOLEAN, c2 DOUBLE) AS VALUES (0, NULL, 1.0), (1, NULL, 2.0)",
+            "CREATE TABLE b (x BOOLEAN) AS VALUES (true), (true)",
+        ];
+        let sql = "SELECT min(a.k) OVER (PARTITION BY a.c0 ORDER BY r.c0) AS m, a.k \
+                   FROM a FULL JOIN (SELECT 5.0 AS c0 FROM b WHERE x) AS r ON a.c2 = r.c0";
         let mut rows: Vec<(Option<i32>, Option<i32>)> = Vec::new();
-        for batch in &batches {
-            let m = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<Int32Array>()
-                .expect("m");
-            let k = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<Int32Array>()
-                .expect("k");
-            for i in 0..batch.num_rows() {
-                let get = |a: &Int32Array| (!a.is_null(i)).then(|| a.value(i));
-                rows.push((get(m), get(k)));
-            }
+        for batch in &answer(&tables, sql).await {
+            let m = batch.column(0).as_primitive::<Int32Type>();
+            let k = batch.column(1).as_primitive::<Int32Type>();
+            rows.extend(m.iter().zip(k.iter()));
         }
         rows.sort();
         // PostgreSQL: the two rows of `r` (k NULL) rank first in the NULL partition and see
         // no k; the rows of `a` follow, peers of each other.
-        assert_eq!(
-            rows,
-            vec![
-                (None, None),
-                (None, None),
-                (Some(0), Some(0)),
-                (Some(0), Some(1))
-            ]
-        );
+        let expected = vec![
+            (None, None),
+            (None, None),
+            (Some(0), Some(0)),
+            (Some(0), Some(1)),
+        ];
+        assert_eq!(rows, expected);
     }
-}
-
-/// [`LostOrder`] in the rule list.
-#[cfg(test)]
-mod lost_order_tests {
-    use datafusion::arrow::array::{Array, BooleanArray};
-    use datafusion::execution::session_state::SessionStateBuilder;
-    use datafusion::prelude::SessionContext;
 
     /// A UNION ALL whose branches meet an ORDER BY in ways the union cannot state (a
     /// constant column in one, two equal columns in the other) runs, in order.
     #[tokio::test]
     async fn a_union_of_branches_ordered_in_unstated_ways_is_sorted() {
-        let state = super::with_rules(SessionStateBuilder::new().with_default_features()).build();
-        let ctx = SessionContext::new_with_state(state);
-        for sql in [
+        let tables = [
             "CREATE TABLE a (v BOOLEAN, w BOOLEAN) AS VALUES (true, false), (NULL, true), (false, NULL), (true, true)",
             "CREATE TABLE b (g INT, v BOOLEAN, x BOOLEAN) AS VALUES (1, true, false), (2, NULL, true), (3, false, true), (1, true, NULL)",
-        ] {
-            ctx.sql(sql)
-                .await
-                .expect("setup")
-                .collect()
-                .await
-                .expect("setup");
-        }
+        ];
         let sql = "(SELECT a.v AS c0, TRUE AS c1, a.w AS c2 FROM a) UNION ALL \
                    (SELECT bool_and(b.v) AS c0, bool_or(b.x) AS c1, bool_or(b.x) AS c2 \
                     FROM b GROUP BY b.g) ORDER BY 1, 2 DESC, 3";
-        let batches = ctx
-            .sql(sql)
-            .await
-            .expect("plan")
-            .collect()
-            .await
-            .expect("runs");
         let mut rows = Vec::new();
-        for batch in &batches {
-            let column = |i: usize| {
-                let a = batch
-                    .column(i)
-                    .as_any()
-                    .downcast_ref::<BooleanArray>()
-                    .expect("bool");
-                (0..a.len())
-                    .map(|r| (!a.is_null(r)).then(|| a.value(r)))
-                    .collect::<Vec<_>>()
-            };
+        for batch in &answer(&tables, sql).await {
+            let column = |i: usize| batch.column(i).as_boolean().iter().collect::<Vec<_>>();
             let (c0, c1, c2) = (column(0), column(1), column(2));
             for r in 0..batch.num_rows() {
                 rows.push((c0[r], c1[r], c2[r]));
