@@ -170,6 +170,8 @@ pub const CAST_TAG: &str = "pg_cast_tag";
 pub fn register(ctx: &SessionContext) {
     crate::pg_window::register(ctx);
     crate::pg_string_agg::register(ctx);
+    crate::pg_avg::register(ctx);
+    crate::pg_nullif::register(ctx);
     ctx.register_udf(ScalarUDF::new_from_impl(PgCastTag {
         signature: Signature::any(2, Volatility::Immutable),
     }));
