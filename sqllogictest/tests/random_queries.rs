@@ -136,6 +136,7 @@ async fn main_async(root: PathBuf) -> Result<bool, String> {
 
     let mut saved = Tally::default();
     let mut seeds: Vec<u64> = cases.saved.iter().map(|(s, _)| *s).collect();
+    seeds.sort_unstable();
     seeds.dedup();
     for seed in seeds {
         let indexes = cases
