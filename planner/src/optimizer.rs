@@ -11,7 +11,9 @@ use datafusion::optimizer::{Optimizer, OptimizerRule};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
 
+use crate::correlated::CorrelatedSubqueries;
 use crate::dependencies::SoundDependencies;
 use crate::empty_subqueries::EmptySubqueries;
 use crate::filter_pushdown::FilterPushDown;
@@ -79,6 +81,32 @@ pub fn with_rules(builder: SessionStateBuilder) -> SessionStateBuilder {
     builder
         .with_optimizer_rules(rules())
         .with_physical_optimizer_rules(physical_rules())
+}
+
+/// Adds [`CorrelatedSubqueries`] to `ctx`'s rules (it needs the session's state, so it is
+/// added once the session exists): before each `optimize_projections` as well as last.
+///
+/// `optimize_projections` merges a projection into the one below it by substituting the
+/// lower one's expressions for its columns, and a subquery's outer references are not
+/// columns to it: `(SELECT ... WHERE r1.c0)` over the NULL-padding projection DataFusion
+/// puts in place of an outer join with an empty side (`CAST(NULL AS BOOLEAN) AS r1.c0`)
+/// lost `r1.c0` ("No field named r1.c0", random SQL seed 53 query 2356). Made a call of
+/// its outer columns first, the subquery's reference is a column the merge substitutes.
+pub fn add_correlated_subqueries(ctx: &SessionContext) {
+    let rule: Arc<dyn OptimizerRule + Send + Sync> =
+        Arc::new(CorrelatedSubqueries::new(&ctx.state_ref()));
+    let current = ctx.state_ref().read().optimizers().to_vec();
+    let names: HashSet<String> = current.iter().map(|r| r.name().to_string()).collect();
+    for name in &names {
+        ctx.remove_optimizer_rule(name);
+    }
+    for existing in current {
+        if existing.name() == "optimize_projections" {
+            ctx.add_optimizer_rule(Arc::clone(&rule));
+        }
+        ctx.add_optimizer_rule(existing);
+    }
+    ctx.add_optimizer_rule(rule);
 }
 
 /// A physical rule run only on plans whose every node's columns have distinct names.
@@ -274,7 +302,7 @@ mod dependencies_tests {
 #[cfg(test)]
 mod physical_rule_tests {
     use datafusion::arrow::array::{AsArray, RecordBatch};
-    use datafusion::arrow::datatypes::Int32Type;
+    use datafusion::arrow::datatypes::{Int32Type, Int64Type};
     use datafusion::execution::session_state::SessionStateBuilder;
     use datafusion::prelude::SessionContext;
 
@@ -283,6 +311,7 @@ mod physical_rule_tests {
     async fn answer(tables: &[&str], sql: &str) -> Vec<RecordBatch> {
         let state = super::with_rules(SessionStateBuilder::new().with_default_features()).build();
         let ctx = SessionContext::new_with_state(state);
+        super::add_correlated_subqueries(&ctx);
         for table in tables {
             let created = ctx.sql(table).await.expect("setup").collect().await;
             created.expect("setup");
@@ -322,6 +351,21 @@ mod physical_rule_tests {
             (Some(0), Some(1)),
         ];
         assert_eq!(rows, expected);
+    }
+
+    /// A correlated subquery reading a column of an outer join's side that DataFusion
+    /// proved empty (and replaced by NULLs) reads NULL.
+    #[tokio::test]
+    async fn a_subquery_reads_the_null_padded_column_of_an_empty_side() {
+        let tables = ["CREATE TABLE t (k INT, c BOOLEAN) AS VALUES (1, true), (2, false)"];
+        let sql = "SELECT COALESCE((SELECT sum(s.k) FROM t AS s WHERE r.c), 10 * l.k) AS v \
+                   FROM (SELECT FALSE AS c, 1.5 AS x FROM t WHERE FALSE) AS r \
+                   RIGHT JOIN t AS l ON l.k > r.x ORDER BY v";
+        let mut values: Vec<Option<i64>> = Vec::new();
+        for batch in &answer(&tables, sql).await {
+            values.extend(batch.column(0).as_primitive::<Int64Type>().iter());
+        }
+        assert_eq!(values, vec![Some(10), Some(20)]);
     }
 
     /// A UNION ALL whose branches meet an ORDER BY in ways the union cannot state (a

@@ -224,9 +224,7 @@ impl Engine {
         ctx.add_analyzer_rule(Arc::new(
             millrace_planner::correlated::SubqueriesInPlace::new(&ctx.state_ref()),
         ));
-        ctx.add_optimizer_rule(Arc::new(
-            millrace_planner::correlated::CorrelatedSubqueries::new(&ctx.state_ref()),
-        ));
+        millrace_planner::optimizer::add_correlated_subqueries(&ctx);
 
         Ok(ctx)
     }
