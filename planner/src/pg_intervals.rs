@@ -141,9 +141,8 @@ fn small(e: &Expr) -> bool {
                 }
                 pending.extend(case.else_expr.as_deref());
             }
-            Expr::ScalarSubquery(_) | Expr::InList(_) | Expr::InSubquery(_) => {
-                return false;
-            }
+            // NOTE: a scalar subquery is typed by its plan's one column, without recursing.
+            Expr::InList(_) | Expr::InSubquery(_) => return false,
             _ => {}
         }
     }

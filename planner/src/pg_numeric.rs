@@ -1,4 +1,4 @@
-//! Products of unconstrained numerics whose scales add up past 20 digits, planned by
+//! Products of numerics DataFusion would cap at 38 digits, planned by
 //! [`crate::pg_intervals::PgIntervals`] while SQL becomes a plan.
 //!
 //! PostgreSQL's numeric has no scale limit: `a * b` is exact with scale `s1 + s2`. DataFusion's
@@ -33,8 +33,14 @@ static NUMERIC_MUL: LazyLock<Arc<ScalarUDF>> =
 
 /// Whether the product of decimals of these types is [`NumericMul`]'s: DataFusion's type for
 /// it, `Decimal128(min(p1 + p2 + 1, 38), s1 + s2)`, cannot hold its scale, or is capped at 38
-/// digits and keeps more than [`PRODUCT_SCALE`] of them for decimals. A product DataFusion
-/// holds exactly (two short literals, say) stays its own.
+/// digits. A product DataFusion holds exactly (two short literals, say) stays its own.
+///
+/// NOTE: capped products are all taken, not only those past [`PRODUCT_SCALE`]: the types
+/// seen while SQL is planned can be narrower than those after coercion (a derived table's
+/// `CASE WHEN .. THEN a ELSE a * a END` column is typed by its first branch, scale 10, and
+/// coerced to its second's, 20), and `x * x` of it failed at coercion ("Output scale of
+/// Decimal128(38, 20) * Decimal128(38, 20) would exceed max scale of 38", random SQL seed
+/// 62 query 165). [`NumericMul`] takes its operands' types as coerced.
 pub fn takes_product(left_type: &DataType, right_type: &DataType) -> bool {
     let (DataType::Decimal128(p1, s1), DataType::Decimal128(p2, s2)) = (left_type, right_type)
     else {
@@ -43,7 +49,7 @@ pub fn takes_product(left_type: &DataType, right_type: &DataType) -> bool {
     let scale = i16::from(*s1) + i16::from(*s2);
     let precision = i16::from(*p1) + i16::from(*p2) + 1;
     let max = i16::from(MAX_DIGITS);
-    scale > max || (precision > max && scale > i16::from(PRODUCT_SCALE))
+    scale > max || precision > max
 }
 
 /// `left * right` as [`NumericMul`].
@@ -99,9 +105,12 @@ fn scales(args: &[DataType]) -> Result<(i8, i8)> {
     }
 }
 
-/// The scale of the product of decimals of scales `s1` and `s2`.
+/// The scale of the product of decimals of scales `s1` and `s2`: exact up to
+/// [`PRODUCT_SCALE`], and rounded there (or to the larger operand's scale) past it.
 fn product_scale(s1: i8, s2: i8) -> i8 {
-    PRODUCT_SCALE.max(s1).max(s2)
+    let exact = i16::from(s1) + i16::from(s2);
+    let rounded = PRODUCT_SCALE.max(s1).max(s2);
+    i8::try_from(exact).map_or(rounded, |exact| exact.min(rounded))
 }
 
 impl ScalarUDFImpl for NumericMul {
@@ -189,9 +198,13 @@ mod tests {
     }
 
     #[test]
-    fn only_products_past_20_digits_of_scale_are_taken() {
+    fn capped_products_are_taken() {
         let d = |s| DataType::Decimal128(38, s);
-        assert!(!takes_product(&d(10), &d(10)));
+        assert!(takes_product(&d(10), &d(10)));
+        assert_eq!(product_scale(10, 10), 20);
+        assert_eq!(product_scale(2, 3), 5);
+        assert_eq!(product_scale(20, 20), 20);
+        assert_eq!(product_scale(30, 2), 30);
         assert!(takes_product(&d(10), &d(20)));
         assert!(takes_product(&d(20), &d(20)));
         assert!(!takes_product(&DataType::Int64, &d(38)));
