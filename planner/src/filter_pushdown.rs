@@ -11,7 +11,8 @@
 //! (through other filters) is such an aggregate where it is: above it. It also keeps where
 //! they are the conjuncts of a filter (and the conditions of a join) that hold a correlated
 //! subquery, whose outer columns DataFusion did not see, also when they sit in a filter below
-//! another (DataFusion merges the two first: seed 787 query 2571).
+//! another (DataFusion merges the two first: seed 787 query 2571), and the conjuncts of a
+//! subquery's filter that read the outer query's columns.
 
 use std::sync::Arc;
 
@@ -78,8 +79,9 @@ impl OptimizerRule for FilterPushDown {
                     .rev()
                     .flat_map(split_conjunction_owned)
                     .collect();
-                let (kept, pushable): (Vec<Expr>, Vec<Expr>) =
-                    conjuncts.into_iter().partition(has_correlated_subquery);
+                let (kept, pushable): (Vec<Expr>, Vec<Expr>) = conjuncts
+                    .into_iter()
+                    .partition(|c| has_correlated_subquery(c) || is_correlated(c));
                 let Some(kept) = conjunction(kept) else {
                     return self.inner.rewrite(LogicalPlan::Filter(filter), config);
                 };
@@ -121,6 +123,17 @@ fn has_correlated_subquery(e: &Expr) -> bool {
         })
     })
     .unwrap_or(true)
+}
+
+/// Whether `e` reads a column of an outer query (it is a subquery's correlation). Left where
+/// it is, for DataFusion's decorrelation to pull up: pushed into a scan's filters, where
+/// the decorrelation does not look, it kept a subquery correlated, and an EXISTS pushed
+/// from a derived table's column into a filter after the decorrelation's turn reached the
+/// physical planner (seed 74 query 3449: "Physical plan does not support logical
+/// expression Exists").
+fn is_correlated(e: &Expr) -> bool {
+    e.exists(|x| Ok(matches!(x, Expr::OuterReferenceColumn(..))))
+        .unwrap_or(true)
 }
 
 /// Whether `plan` is a filter whose input, past other filters, is an aggregate that answers
