@@ -141,8 +141,8 @@ fn small(e: &Expr) -> bool {
                 }
                 pending.extend(case.else_expr.as_deref());
             }
-            // NOTE: a scalar subquery is typed by its plan's one column, without recursing.
-            Expr::InList(_) | Expr::InSubquery(_) => return false,
+            // NOTE: leaves here, subqueries and IN lists among them: typed without
+            // recursing (a subquery by its plan's one column, IN by its being boolean).
             _ => {}
         }
     }
